@@ -1,0 +1,61 @@
+"""fastkd: fused, exact knowledge-distillation losses for PyTorch.
+
+Every loss is a PyTorch custom operator (``torch.ops.fastkd.*``) with an optimized CPU kernel and a CUDA
+kernel, under drop-in functions and ``nn.Module`` losses::
+
+    import fastkd
+    loss = fastkd.kd_loss(student_logits, teacher_logits, temperature=4.0)
+    criterion = fastkd.KDLoss(temperature=4.0)          # or fastkd.DistillKL(T) for RepDistiller users
+
+``fastkd.reference`` holds the same losses in plain PyTorch; ``fastkd.build_info()`` says what the
+installed build contains.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+
+from fastkd import _ops_loader
+
+_ops_loader.load()
+if _ops_loader.LOADED:
+    from fastkd import ops  # noqa: F401  (fake kernels + autograd for the compiled ops)
+
+from fastkd import reference  # noqa: E402
+from fastkd.functional import kd_loss  # noqa: E402
+from fastkd.losses import DistillKL, KDLoss  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["kd_loss", "KDLoss", "DistillKL", "reference", "build_info", "__version__"]
+
+
+def build_info() -> Dict[str, Any]:
+    """What this installation of fastkd contains and uses.
+
+    Keys: ``version``; ``compiled`` (the C++ kernels loaded; if not, ``load_error`` says why and the
+    plain-PyTorch reference runs instead); ``cuda`` (CUDA kernels compiled in), ``cuda_archs``,
+    ``cuda_runtime_version``; ``cpu_isa`` (the CPU kernel library in use: avx512, avx2 or default) and
+    ``cpu_isas_compiled``; ``openmp`` and ``num_threads`` (CPU threads used); ``torch`` (running) and
+    ``built_with_torch``.
+    """
+    info: Dict[str, Any] = {
+        "version": __version__,
+        "compiled": _ops_loader.LOADED,
+        "load_error": _ops_loader.LOAD_ERROR,
+        "cpu_isa": _ops_loader.CPU_ISA,
+        "cpu_isas_compiled": list(_ops_loader.COMPILED_CPU_ISAS),
+        "openmp": torch.backends.openmp.is_available(),
+        "num_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": False,
+        "cuda_archs": "",
+        "cuda_runtime_version": None,
+        "built_with_torch": None,
+    }
+    if _ops_loader.LOADED:
+        from fastkd import _C
+
+        info.update(_C.build_info())
+    return info
