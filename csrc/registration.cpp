@@ -28,8 +28,6 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "kd_forward(Tensor student, Tensor teacher, Tensor? labels, float temperature, int ignore_index, "
       "str reduction, bool scale_by_temperature, bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)");
-  // The backward: grad *= scale (0-dim, or one value per row), in place; a no-op when scale is exactly 1.
-  m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
 }
 
 PYBIND11_MODULE(_C, m) {

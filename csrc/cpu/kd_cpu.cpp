@@ -1,4 +1,4 @@
-// CPU implementation of fastkd::kd_forward and fastkd::scale_grad_.
+// CPU implementation of fastkd::kd_forward.
 //
 // This translation unit is compiled once per instruction set (DEFAULT, AVX2, AVX512), each time into its
 // own shared library with the matching -m flags and CPU_CAPABILITY macros, so that at::vec::Vectorized
@@ -11,7 +11,10 @@
 //   3. gradients, written once into fresh memory.
 // The per-element formulas are the FASTKD_HOST_DEVICE templates of kd_math.h, the same ones the CUDA
 // kernels use; here they are instantiated with Vectorized<acc> and, for row tails, with scalars.
+#include <sys/mman.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 
@@ -26,8 +29,11 @@
 // templates in kd_math.h find them by argument-dependent lookup.
 namespace at::vec {
 inline namespace CPU_CAPABILITY {
-template <typename A>
-inline Vectorized<A> fk_exp(const Vectorized<A>& x) {
+// exp_u20: ATen's polynomial exp (the one its softmax kernels use), a few ulp, no Sleef call.
+inline Vectorized<float> fk_exp(const Vectorized<float>& x) {
+  return x.exp_u20();
+}
+inline Vectorized<double> fk_exp(const Vectorized<double>& x) {
   return x.exp();
 }
 template <typename A>
@@ -88,6 +94,9 @@ inline double lane_sum(const Vec<Acc>& v) {
 template <typename S, typename T, typename Acc>
 void kd_rows(const KdParams& p, int64_t counted_rows, int64_t begin, int64_t end) {
   constexpr int64_t W = Vec<Acc>::size();
+  // Parking e_s in the gradient row needs full precision there.
+  constexpr bool kParkEs = std::is_same_v<S, Acc>;
+  constexpr int64_t kSumBlock = 64 * W;
   const int64_t V = p.vocab;
   const int64_t V2 = V - V % (2 * W);  // body handled two vectors at a time
   const Acc inv_t = static_cast<Acc>(p.inv_temperature);
@@ -126,28 +135,45 @@ void kd_rows(const KdParams& p, int64_t counted_rows, int64_t begin, int64_t end
       max_t = kd_nan_max(max_t, static_cast<Acc>(t[i]));
     }
 
-    // Sweep 2: Z_s, Z_t and sum e_t (a - b).
+    // Sweep 2: Z_s, Z_t and sum e_t (a - b). When only the student gradient is wanted and it has the
+    // accumulation type, e_s is parked in the gradient row (first touch of that memory happens here), so
+    // that sweep 3 computes one exponential per entry instead of two.
+    const bool park = kParkEs && gs != nullptr && gt == nullptr;
+    // Sums are blocked: vector lanes accumulate kSumBlock entries, then flush into double, so the
+    // rounding error does not grow with the vocabulary size.
     const Vec<Acc> max_s_v(max_s), max_t_v(max_t);
-    Vec<Acc> zs0(0), zs1(0), zt0(0), zt1(0), d0(0), d1(0);
-    for (int64_t i = 0; i < V2; i += 2 * W) {
-      const Vec<Acc> a0 = kd_shift(load<Acc>(t + i), max_t_v, inv_t_v);
-      const Vec<Acc> a1 = kd_shift(load<Acc>(t + i + W), max_t_v, inv_t_v);
-      const Vec<Acc> b0 = kd_shift(load<Acc>(s + i), max_s_v, inv_t_v);
-      const Vec<Acc> b1 = kd_shift(load<Acc>(s + i + W), max_s_v, inv_t_v);
-      const Vec<Acc> et0 = fk_exp(a0), et1 = fk_exp(a1);
-      zs0 += fk_exp(b0);
-      zs1 += fk_exp(b1);
-      zt0 += et0;
-      zt1 += et1;
-      d0 += kd_dot_term(et0, a0, b0);
-      d1 += kd_dot_term(et1, a1, b1);
+    double z_s = 0.0, z_t = 0.0, dot = 0.0;
+    for (int64_t blk = 0; blk < V2; blk += kSumBlock) {
+      const int64_t blk_end = std::min(V2, blk + kSumBlock);
+      Vec<Acc> zs0(0), zs1(0), zt0(0), zt1(0), d0(0), d1(0);
+      for (int64_t i = blk; i < blk_end; i += 2 * W) {
+        const Vec<Acc> a0 = kd_shift(load<Acc>(t + i), max_t_v, inv_t_v);
+        const Vec<Acc> a1 = kd_shift(load<Acc>(t + i + W), max_t_v, inv_t_v);
+        const Vec<Acc> b0 = kd_shift(load<Acc>(s + i), max_s_v, inv_t_v);
+        const Vec<Acc> b1 = kd_shift(load<Acc>(s + i + W), max_s_v, inv_t_v);
+        const Vec<Acc> et0 = fk_exp(a0), et1 = fk_exp(a1);
+        const Vec<Acc> es0 = fk_exp(b0), es1 = fk_exp(b1);
+        if (park) {
+          store<S>(gs + i, es0);
+          store<S>(gs + i + W, es1);
+        }
+        zs0 += es0;
+        zs1 += es1;
+        zt0 += et0;
+        zt1 += et1;
+        d0 += kd_dot_term(et0, a0, b0);
+        d1 += kd_dot_term(et1, a1, b1);
+      }
+      z_s += lane_sum<Acc>(zs0 + zs1);
+      z_t += lane_sum<Acc>(zt0 + zt1);
+      dot += lane_sum<Acc>(d0 + d1);
     }
-    double z_s = lane_sum<Acc>(zs0 + zs1), z_t = lane_sum<Acc>(zt0 + zt1), dot = lane_sum<Acc>(d0 + d1);
     for (int64_t i = V2; i < V; ++i) {
       const Acc a = kd_shift(static_cast<Acc>(t[i]), max_t, inv_t);
       const Acc b = kd_shift(static_cast<Acc>(s[i]), max_s, inv_t);
-      const Acc et = fk_exp(a);
-      z_s += fk_exp(b);
+      const Acc et = fk_exp(a), es = fk_exp(b);
+      if (park) gs[i] = static_cast<S>(es);
+      z_s += es;
       z_t += et;
       dot += kd_dot_term(et, a, b);
     }
@@ -158,6 +184,19 @@ void kd_rows(const KdParams& p, int64_t counted_rows, int64_t begin, int64_t end
     // Sweep 3: gradients.
     const Acc log_zs = static_cast<Acc>(std::log(z_s)), log_zt = static_cast<Acc>(std::log(z_t));
     const Vec<Acc> log_zs_v(log_zs), log_zt_v(log_zt), kl_v(static_cast<Acc>(kl));
+    if (park) {
+      const Acc inv_zs = static_cast<Acc>(1.0 / z_s);
+      const Vec<Acc> inv_zs_v(inv_zs);
+      for (int64_t i = 0; i + W <= V; i += W) {
+        const Vec<Acc> a = kd_shift(load<Acc>(t + i), max_t_v, inv_t_v);
+        store<S>(gs + i, kd_grad_student_from_es(load<Acc>(gs + i), inv_zs_v, a, log_zt_v, coef_v));
+      }
+      for (int64_t i = V - V % W; i < V; ++i) {
+        const Acc a = kd_shift(static_cast<Acc>(t[i]), max_t, inv_t);
+        gs[i] = static_cast<S>(kd_grad_student_from_es(static_cast<Acc>(gs[i]), inv_zs, a, log_zt, coef));
+      }
+      continue;
+    }
     for (int64_t i = 0; i + W <= V; i += W) {
       const Vec<Acc> a = kd_shift(load<Acc>(t + i), max_t_v, inv_t_v);
       const Vec<Acc> b = kd_shift(load<Acc>(s + i), max_s_v, inv_t_v);
@@ -173,6 +212,22 @@ void kd_rows(const KdParams& p, int64_t counted_rows, int64_t begin, int64_t end
   }
 }
 
+// Gradient buffers are written exactly once into fresh memory, and on Linux the page faults of that first
+// touch (4 KiB each) can cost more than the kernel itself. Large buffers are therefore allocated 2 MiB
+// aligned and marked MADV_HUGEPAGE (a hint: a no-op where transparent huge pages are disabled).
+at::Tensor alloc_grad_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (bytes < 4 * kHuge) return at::empty(sizes, options);
+  const size_t padded = (bytes + kHuge - 1) / kHuge * kHuge;
+  void* ptr = nullptr;
+  if (posix_memalign(&ptr, kHuge, padded) != 0) return at::empty(sizes, options);
+#ifdef MADV_HUGEPAGE
+  madvise(ptr, padded, MADV_HUGEPAGE);
+#endif
+  return at::from_blob(ptr, sizes, [](void* p) { std::free(p); }, options);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                               const std::optional<at::Tensor>& labels,
                                                               double temperature, int64_t ignore_index,
@@ -180,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_forward_cpu(const at::Tensor& 
                                                               bool grad_student, bool grad_teacher) {
   KdCall c = kd_prepare(student, teacher, labels, temperature, ignore_index,
                         std::string_view(reduction.data(), reduction.size()), scale_by_temperature, grad_student,
-                        grad_teacher);
+                        grad_teacher, alloc_grad_cpu);
   const KdParams& p = c.p;
   if (p.rows > 0) {
     const int64_t counted = c.count.defined() ? c.count.item<int64_t>() : p.rows;
@@ -196,25 +251,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_forward_cpu(const at::Tensor& 
   return kd_outputs(c);
 }
 
-// grad *= scale (a scalar, or one value per row), skipped when the scale is exactly 1: the usual
-// `loss.backward()` then costs no pass over the gradient at all.
-void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale) {
-  if (grad.numel() == 0) return;
-  TORCH_CHECK(scale.numel() == 1 || (scale.dim() == 1 && scale.size(0) == grad.size(0)),
-              "fastkd: argument 'scale': expected a scalar or one value per row, got shape ", scale.sizes());
-  if (at::all(scale == 1).item<bool>()) return;
-  if (scale.numel() == 1 && scale.dim() <= 1) {
-    grad.mul_(scale.reshape({}));
-  } else {
-    grad.mul_(scale.reshape({-1, 1}));
-  }
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("kd_forward", &kd_forward_cpu);
-  m.impl("scale_grad_", &scale_grad_cpu);
 }
 
 }  // namespace fastkd

@@ -1,4 +1,4 @@
-// CUDA launch code for fastkd::kd_forward and fastkd::scale_grad_ (kernels: kd_kernels.cuh).
+// CUDA launch code for fastkd::kd_forward (kernels: kd_kernels.cuh).
 #include <algorithm>
 #include <limits>
 #include <type_traits>
@@ -33,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_forward_cuda(const at::Tensor&
   const c10::cuda::CUDAGuard guard(student.device());
   KdCall c = kd_prepare(student, teacher, labels, temperature, ignore_index,
                         std::string_view(reduction.data(), reduction.size()), scale_by_temperature, grad_student,
-                        grad_teacher);
+                        grad_teacher, [](at::IntArrayRef sizes, const at::TensorOptions& o) { return at::empty(sizes, o); });
   const KdParams& p = c.p;
   if (p.rows > 0) {
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -53,31 +53,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_forward_cuda(const at::Tensor&
   return kd_outputs(c);
 }
 
-void scale_grad_cuda(at::Tensor& grad, const at::Tensor& scale) {
-  if (grad.numel() == 0) return;
-  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous(), "fastkd: argument 'grad': expected a contiguous 2-D tensor");
-  TORCH_CHECK(scale.numel() == 1 || (scale.dim() == 1 && scale.size(0) == grad.size(0)),
-              "fastkd: argument 'scale': expected a scalar or one value per row, got shape ", scale.sizes());
-  TORCH_CHECK(scale.device() == grad.device(), "fastkd: argument 'scale': expected device ", grad.device(), ", got ",
-              scale.device());
-  const c10::cuda::CUDAGuard guard(grad.device());
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t rows = grad.size(0), V = grad.size(1);
-  const bool per_row = scale.numel() != 1;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_grad_cuda", [&] {
-    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const at::Tensor sc = scale.to(c10::CppTypeToScalarType<Acc>::value).contiguous();
-    cuda::scale_grad_kernel<scalar_t, Acc><<<static_cast<unsigned>(grid_for_rows(rows)), 256, 0, stream>>>(
-        grad.data_ptr<scalar_t>(), sc.const_data_ptr<Acc>(), rows, V, per_row);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
   m.impl("kd_forward", &kd_forward_cuda);
-  m.impl("scale_grad_", &scale_grad_cuda);
 }
 
 }  // namespace fastkd

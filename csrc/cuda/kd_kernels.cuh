@@ -1,4 +1,4 @@
-// CUDA kernels of fastkd::kd_forward / fastkd::scale_grad_. One block per row (grid-stride over rows),
+// CUDA kernels of fastkd::kd_forward. One block per row (grid-stride over rows),
 // three sweeps per row as in the CPU kernel: row maxima, the sums that give the row's KL, gradients.
 // The per-element math is kd_math.h (FASTKD_HOST_DEVICE), shared with the CPU kernels; block
 // reductions are CUB's (fixed order: deterministic); all indexing is int64.
@@ -144,17 +144,6 @@ __global__ void __launch_bounds__(kBlock) kd_forward_kernel(KdParams p) {
       });
     }
     __syncthreads();  // shared scalars are rewritten by the next row
-  }
-}
-
-// grad[r, :] *= scale[r] (or scale[0]); rows whose scale is exactly 1 are not touched.
-template <typename G, typename Acc>
-__global__ void scale_grad_kernel(G* grad, const Acc* scale, int64_t rows, int64_t V, bool per_row) {
-  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    const Acc sc = scale[per_row ? r : 0];
-    if (sc == Acc(1)) continue;
-    G* g = grad + r * V;
-    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) g[i] = static_cast<G>(static_cast<Acc>(g[i]) * sc);
   }
 }
 

@@ -1,10 +1,11 @@
 """torch.ops.fastkd.kd_forward: fake kernel and autograd.
 
 The fused forward computes the loss and, when an input requires grad, the gradient of the *reduced* loss in
-the same read of the logits (saved for backward). The backward is the op ``scale_grad_``, which multiplies
-the saved gradient by the incoming gradient in place and costs nothing when that is exactly 1 (the usual
-``loss.backward()``). Consequence: the graph can be backpropagated through once; ``retain_graph=True`` with a
-second backward raises PyTorch's "modified by an inplace operation" error instead of a wrong result.
+the same read of the logits; it is saved for backward. The backward multiplies it by the incoming gradient:
+for the usual ``loss.backward()`` (or ``loss + other``) that gradient is exactly 1 and the saved tensor is
+returned as is, so a fused fwd+bwd reads the logits once and writes one gradient. Otherwise (``alpha *
+loss``, ``reduction="none"`` with weights) the product is a new tensor: the saved gradient is never modified,
+so ``retain_graph=True``, ``torch.autograd.grad`` and gradcheck see the right values every time.
 """
 
 from __future__ import annotations
@@ -37,15 +38,19 @@ def _kd_forward_fake(
     return loss, gs, gt
 
 
-@torch.library.register_fake("fastkd::scale_grad_")
-def _scale_grad_fake(grad: torch.Tensor, scale: torch.Tensor) -> None:
-    return None
-
-
 def _setup_context(ctx, inputs, output) -> None:
     _, gs, gt = output
     ctx.mark_non_differentiable(gs, gt)
+    # The gradient outputs are never differentiated; without this autograd would hand the backward two
+    # freshly zeroed [rows, vocab] tensors.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(gs, gt)
+
+
+def _is_eager(x: torch.Tensor) -> bool:
+    """True for a real tensor outside tracing; False under torch.compile / AOT tracing (fake or functional
+    tensors), where the value cannot be inspected and the plain product is traced instead."""
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling()
 
 
 def _grad_from(saved: torch.Tensor, grad_loss: torch.Tensor, which: str) -> torch.Tensor:
@@ -54,12 +59,17 @@ def _grad_from(saved: torch.Tensor, grad_loss: torch.Tensor, which: str) -> torc
             f"fastkd.kd_forward was called with grad_{which}=False but its {which} input needs a gradient; "
             "use fastkd.kd_loss, which sets these flags"
         )
-    torch.ops.fastkd.scale_grad_(saved, grad_loss)
-    return saved
+    if grad_loss.dim() == 1:  # reduction="none": one upstream value per row
+        grad_loss = grad_loss.unsqueeze(-1)
+    if _is_eager(grad_loss) and bool((grad_loss == 1).all()):
+        return saved  # (one host sync on CUDA, the price of skipping a full pass over the gradient)
+    return (saved * grad_loss).to(saved.dtype)
 
 
 def _backward(ctx, grad_loss, _grad_gs, _grad_gt):
     gs, gt = ctx.saved_tensors
+    if grad_loss is None:  # the loss itself was not used; only possible without materialized grads
+        return (None,) * 9
     grad_s = _grad_from(gs, grad_loss, "student") if ctx.needs_input_grad[0] else None
     grad_t = _grad_from(gt, grad_loss, "teacher") if ctx.needs_input_grad[1] else None
     return grad_s, grad_t, None, None, None, None, None, None, None

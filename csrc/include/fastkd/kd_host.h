@@ -63,10 +63,13 @@ struct KdCall {
   KdParams p;
 };
 
-// Validates the arguments of kd_forward and allocates its outputs. Every failure names the argument.
-inline KdCall kd_prepare(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+// Validates the arguments of kd_forward and allocates its outputs (gradients through alloc_grad, which
+// each device picks). Every failure names the argument.
+template <typename GradAlloc>
+KdCall kd_prepare(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
                          double temperature, int64_t ignore_index, std::string_view reduction,
-                         bool scale_by_temperature, bool grad_student, bool grad_teacher) {
+                         bool scale_by_temperature, bool grad_student, bool grad_teacher,
+                  GradAlloc&& alloc_grad) {
   FASTKD_CHECK_ARG(student.dim() == 2, "student_logits", "expected a 2-D [rows, vocab] tensor, got ", student.dim(),
                    "-D");
   FASTKD_CHECK_ARG(teacher.sizes() == student.sizes(), "teacher_logits", "expected shape ", student.sizes(),
@@ -109,8 +112,11 @@ inline KdCall kd_prepare(const at::Tensor& student, const at::Tensor& teacher, c
   const auto acc_dtype = any_double ? at::kDouble : at::kFloat;
   auto opts = student.options();
   c.row_loss = at::empty({rows}, opts.dtype(acc_dtype));
-  c.grad_student = at::empty(grad_student ? at::IntArrayRef{rows, vocab} : at::IntArrayRef{0}, opts.dtype(c.student.scalar_type()));
-  c.grad_teacher = at::empty(grad_teacher ? at::IntArrayRef{rows, vocab} : at::IntArrayRef{0}, opts.dtype(c.teacher.scalar_type()));
+  const auto no_grad = [&](at::ScalarType t) { return at::empty({0}, opts.dtype(t)); };
+  c.grad_student = grad_student ? alloc_grad(at::IntArrayRef{rows, vocab}, opts.dtype(c.student.scalar_type()))
+                                : no_grad(c.student.scalar_type());
+  c.grad_teacher = grad_teacher ? alloc_grad(at::IntArrayRef{rows, vocab}, opts.dtype(c.teacher.scalar_type()))
+                                : no_grad(c.teacher.scalar_type());
 
   KdParams& p = c.p;
   p.student = c.student.data_ptr();

@@ -71,6 +71,12 @@ FASTKD_HOST_DEVICE X kd_grad_student(X a, X b, X log_zt, X log_zs, X coef) {
   return coef * (fk_exp(b - log_zs) - fk_exp(a - log_zt));
 }
 
+// The same from e_s = exp(b) already at hand: coef * (e_s / Z_s - p_j).
+template <typename X>
+FASTKD_HOST_DEVICE X kd_grad_student_from_es(X e_s, X inv_zs, X a, X log_zt, X coef) {
+  return coef * (e_s * inv_zs - fk_exp(a - log_zt));
+}
+
 // d loss / d t_j for one entry: coef * p_j * (log p_j - log q_j - KL); zero where p_j is 0.
 template <typename X>
 FASTKD_HOST_DEVICE X kd_grad_teacher(X a, X b, X log_zt, X log_zs, X kl, X coef) {
