@@ -16,7 +16,7 @@
 
 namespace fastkd {
 #ifdef FASTKD_WITH_CUDA
-int cuda_runtime_version();  // defined in cuda/kd_cuda.cu
+int cuda_compiled_version();  // defined in cuda/kd_cuda.cu
 #endif
 }  // namespace fastkd
 
@@ -36,10 +36,10 @@ PYBIND11_MODULE(_C, m) {
     pybind11::dict d;
 #ifdef FASTKD_WITH_CUDA
     d["cuda"] = true;
-    d["cuda_runtime_version"] = fastkd::cuda_runtime_version();
+    d["cuda_version"] = fastkd::cuda_compiled_version();
 #else
     d["cuda"] = false;
-    d["cuda_runtime_version"] = pybind11::none();
+    d["cuda_version"] = pybind11::none();
 #endif
     d["cuda_archs"] = std::string(FASTKD_CUDA_ARCHS);
     d["built_with_torch"] = std::string(FASTKD_TORCH_VERSION);

@@ -36,7 +36,7 @@ def build_info() -> Dict[str, Any]:
 
     Keys: ``version``; ``compiled`` (the C++ kernels loaded; if not, ``load_error`` says why and the
     plain-PyTorch reference runs instead); ``cuda`` (CUDA kernels compiled in), ``cuda_archs``,
-    ``cuda_runtime_version``; ``cpu_isa`` (the CPU kernel library in use: avx512, avx2 or default) and
+    ``cuda_version`` (CUDA version compiled with); ``cpu_isa`` (the CPU kernel library in use: avx512, avx2 or default) and
     ``cpu_isas_compiled``; ``openmp`` and ``num_threads`` (CPU threads used); ``torch`` (running) and
     ``built_with_torch``.
     """
@@ -51,7 +51,7 @@ def build_info() -> Dict[str, Any]:
         "torch": torch.__version__,
         "cuda": False,
         "cuda_archs": "",
-        "cuda_runtime_version": None,
+        "cuda_version": None,
         "built_with_torch": None,
     }
     if _ops_loader.LOADED:

@@ -13,11 +13,8 @@
 
 namespace fastkd {
 
-int cuda_runtime_version() {
-  int v = 0;
-  C10_CUDA_CHECK(cudaRuntimeGetVersion(&v));
-  return v;
-}
+// The CUDA version the kernels were compiled with (no driver call: works on machines without a GPU).
+int cuda_compiled_version() { return CUDART_VERSION; }
 
 namespace {
 
