@@ -72,6 +72,24 @@ inline void store(X* ptr, const Vec<Acc>& v) {
   }
 }
 
+// Row tails (fewer than a vector's worth of entries) go through the same vector code: missing lanes read
+// as -inf, which every sweep turns into "no mass" (exp(-inf) = 0, dot term 0), and are not written back.
+template <typename Acc, typename X>
+inline Vec<Acc> load_tail(const X* ptr, int64_t n) {
+  alignas(64) Acc buf[Vec<Acc>::size()];
+  for (int64_t k = 0; k < Vec<Acc>::size(); ++k) {
+    buf[k] = k < n ? static_cast<Acc>(ptr[k]) : -std::numeric_limits<Acc>::infinity();
+  }
+  return Vec<Acc>::loadu(buf);
+}
+
+template <typename X, typename Acc>
+inline void store_tail(X* ptr, const Vec<Acc>& v, int64_t n) {
+  alignas(64) Acc buf[Vec<Acc>::size()];
+  v.store(buf);
+  for (int64_t k = 0; k < n; ++k) ptr[k] = static_cast<X>(buf[k]);
+}
+
 template <typename Acc>
 inline Acc lane_max(const Vec<Acc>& v) {
   alignas(64) Acc buf[Vec<Acc>::size()];
@@ -99,9 +117,8 @@ void kd_rows(const KdParams& p, int64_t counted_rows, int64_t begin, int64_t end
   constexpr int64_t kSumBlock = 64 * W;
   const int64_t V = p.vocab;
   const int64_t V2 = V - V % (2 * W);  // body handled two vectors at a time
-  const Acc inv_t = static_cast<Acc>(p.inv_temperature);
-  const Acc coef = static_cast<Acc>(kd_grad_coef(p, counted_rows));
-  const Vec<Acc> inv_t_v(inv_t), coef_v(coef);
+  const Vec<Acc> inv_t_v(static_cast<Acc>(p.inv_temperature));
+  const Vec<Acc> coef_v(static_cast<Acc>(kd_grad_coef(p, counted_rows)));
   auto* S_out = static_cast<S*>(p.grad_student);
   auto* T_out = static_cast<T*>(p.grad_teacher);
   auto* row_loss = static_cast<Acc*>(p.row_loss);
@@ -128,12 +145,12 @@ void kd_rows(const KdParams& p, int64_t counted_rows, int64_t begin, int64_t end
       mt0 = at::vec::maximum(mt0, load<Acc>(t + i));
       mt1 = at::vec::maximum(mt1, load<Acc>(t + i + W));
     }
-    Acc max_s = lane_max<Acc>(at::vec::maximum(ms0, ms1));
-    Acc max_t = lane_max<Acc>(at::vec::maximum(mt0, mt1));
-    for (int64_t i = V2; i < V; ++i) {
-      max_s = kd_nan_max(max_s, static_cast<Acc>(s[i]));
-      max_t = kd_nan_max(max_t, static_cast<Acc>(t[i]));
+    for (int64_t i = V2; i < V; i += W) {
+      ms0 = at::vec::maximum(ms0, load_tail<Acc>(s + i, std::min(W, V - i)));
+      mt0 = at::vec::maximum(mt0, load_tail<Acc>(t + i, std::min(W, V - i)));
     }
+    const Acc max_s = lane_max<Acc>(at::vec::maximum(ms0, ms1));
+    const Acc max_t = lane_max<Acc>(at::vec::maximum(mt0, mt1));
 
     // Sweep 2: Z_s, Z_t and sum e_t (a - b). When only the student gradient is wanted and it has the
     // accumulation type, e_s is parked in the gradient row (first touch of that memory happens here), so
@@ -168,32 +185,33 @@ void kd_rows(const KdParams& p, int64_t counted_rows, int64_t begin, int64_t end
       z_t += lane_sum<Acc>(zt0 + zt1);
       dot += lane_sum<Acc>(d0 + d1);
     }
-    for (int64_t i = V2; i < V; ++i) {
-      const Acc a = kd_shift(static_cast<Acc>(t[i]), max_t, inv_t);
-      const Acc b = kd_shift(static_cast<Acc>(s[i]), max_s, inv_t);
-      const Acc et = fk_exp(a), es = fk_exp(b);
-      if (park) gs[i] = static_cast<S>(es);
-      z_s += es;
-      z_t += et;
-      dot += kd_dot_term(et, a, b);
+    for (int64_t i = V2; i < V; i += W) {
+      const int64_t n = std::min(W, V - i);
+      const Vec<Acc> a = kd_shift(load_tail<Acc>(t + i, n), max_t_v, inv_t_v);
+      const Vec<Acc> b = kd_shift(load_tail<Acc>(s + i, n), max_s_v, inv_t_v);
+      const Vec<Acc> et = fk_exp(a), es = fk_exp(b);
+      if (park) store_tail<S>(gs + i, es, n);
+      z_s += lane_sum<Acc>(es);
+      z_t += lane_sum<Acc>(et);
+      dot += lane_sum<Acc>(kd_dot_term(et, a, b));
     }
     const double kl = kd_row_kl(z_s, z_t, dot);
     row_loss[r] = static_cast<Acc>(p.loss_factor * kl);
     if (!gs && !gt) continue;
 
     // Sweep 3: gradients.
-    const Acc log_zs = static_cast<Acc>(std::log(z_s)), log_zt = static_cast<Acc>(std::log(z_t));
-    const Vec<Acc> log_zs_v(log_zs), log_zt_v(log_zt), kl_v(static_cast<Acc>(kl));
+    const Vec<Acc> log_zs_v(static_cast<Acc>(std::log(z_s))), log_zt_v(static_cast<Acc>(std::log(z_t)));
+    const Vec<Acc> kl_v(static_cast<Acc>(kl));
     if (park) {
-      const Acc inv_zs = static_cast<Acc>(1.0 / z_s);
-      const Vec<Acc> inv_zs_v(inv_zs);
+      const Vec<Acc> inv_zs_v(static_cast<Acc>(1.0 / z_s));
       for (int64_t i = 0; i + W <= V; i += W) {
         const Vec<Acc> a = kd_shift(load<Acc>(t + i), max_t_v, inv_t_v);
         store<S>(gs + i, kd_grad_student_from_es(load<Acc>(gs + i), inv_zs_v, a, log_zt_v, coef_v));
       }
-      for (int64_t i = V - V % W; i < V; ++i) {
-        const Acc a = kd_shift(static_cast<Acc>(t[i]), max_t, inv_t);
-        gs[i] = static_cast<S>(kd_grad_student_from_es(static_cast<Acc>(gs[i]), inv_zs, a, log_zt, coef));
+      for (int64_t i = V - V % W; i < V; i += W) {
+        const int64_t n = V - i;
+        const Vec<Acc> a = kd_shift(load_tail<Acc>(t + i, n), max_t_v, inv_t_v);
+        store_tail<S>(gs + i, kd_grad_student_from_es(load_tail<Acc>(gs + i, n), inv_zs_v, a, log_zt_v, coef_v), n);
       }
       continue;
     }
@@ -203,11 +221,12 @@ void kd_rows(const KdParams& p, int64_t counted_rows, int64_t begin, int64_t end
       if (gs) store<S>(gs + i, kd_grad_student(a, b, log_zt_v, log_zs_v, coef_v));
       if (gt) store<T>(gt + i, kd_grad_teacher(a, b, log_zt_v, log_zs_v, kl_v, coef_v));
     }
-    for (int64_t i = V - V % W; i < V; ++i) {
-      const Acc a = kd_shift(static_cast<Acc>(t[i]), max_t, inv_t);
-      const Acc b = kd_shift(static_cast<Acc>(s[i]), max_s, inv_t);
-      if (gs) gs[i] = static_cast<S>(kd_grad_student(a, b, log_zt, log_zs, coef));
-      if (gt) gt[i] = static_cast<T>(kd_grad_teacher(a, b, log_zt, log_zs, static_cast<Acc>(kl), coef));
+    for (int64_t i = V - V % W; i < V; i += W) {
+      const int64_t n = V - i;
+      const Vec<Acc> a = kd_shift(load_tail<Acc>(t + i, n), max_t_v, inv_t_v);
+      const Vec<Acc> b = kd_shift(load_tail<Acc>(s + i, n), max_s_v, inv_t_v);
+      if (gs) store_tail<S>(gs + i, kd_grad_student(a, b, log_zt_v, log_zs_v, coef_v), n);
+      if (gt) store_tail<T>(gt + i, kd_grad_teacher(a, b, log_zt_v, log_zs_v, kl_v, coef_v), n);
     }
   }
 }
@@ -239,8 +258,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_forward_cpu(const at::Tensor& 
   const KdParams& p = c.p;
   if (p.rows > 0) {
     const int64_t counted = c.count.defined() ? c.count.item<int64_t>() : p.rows;
-    // About 32k elements per task: enough to amortize scheduling, small enough to balance 2..N threads.
-    const int64_t grain = std::max<int64_t>(1, 32768 / p.vocab);
+    // About 8k elements per task: enough to amortize a thread wake-up, small enough that vision-size
+    // batches ([256, 100]) already use every thread.
+    const int64_t grain = std::max<int64_t>(1, 8192 / p.vocab);
     kd_dispatch_pair(c.student.scalar_type(), c.teacher.scalar_type(), [&](auto s_tag, auto t_tag) {
       using S = decltype(s_tag);
       using T = decltype(t_tag);

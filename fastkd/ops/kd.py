@@ -59,10 +59,15 @@ def _grad_from(saved: torch.Tensor, grad_loss: torch.Tensor, which: str) -> torc
             f"fastkd.kd_forward was called with grad_{which}=False but its {which} input needs a gradient; "
             "use fastkd.kd_loss, which sets these flags"
         )
-    if grad_loss.dim() == 1:  # reduction="none": one upstream value per row
+    # Returning the saved gradient as is when the upstream gradient is exactly 1 costs one host sync on
+    # CUDA, the price of skipping a full pass over the gradient.
+    if grad_loss.dim() == 0:
+        if _is_eager(grad_loss) and grad_loss.item() == 1.0:
+            return saved
+    else:  # reduction="none": one upstream value per row
+        if _is_eager(grad_loss) and bool((grad_loss == 1).all()):
+            return saved
         grad_loss = grad_loss.unsqueeze(-1)
-    if _is_eager(grad_loss) and bool((grad_loss == 1).all()):
-        return saved  # (one host sync on CUDA, the price of skipping a full pass over the gradient)
     return (saved * grad_loss).to(saved.dtype)
 
 
