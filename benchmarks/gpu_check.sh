@@ -31,17 +31,32 @@ section "tests (cpu + cuda)"
 section "compute-sanitizer"
 cat > /tmp/fastkd_sanitize.py <<'PYEOF'
 import torch, fastkd
-for shape in [(1, 1), (3, 7), (5, 1003), (2, 4099), (4, 3, 130)]:
+for shape in [(1, 2), (3, 7), (5, 1003), (2, 4099), (4, 3, 130)]:
+    V = shape[-1]
     for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         s = torch.randn(shape, device="cuda", dtype=dt, requires_grad=True)
         t = torch.randn(shape, device="cuda", dtype=dt, requires_grad=True)
-        labels = torch.randint(-1, 3, shape[:-1], device="cuda")
+        labels = torch.randint(-1, min(V, 3), shape[:-1], device="cuda")
         for red in ("batchmean", "none"):
-            l = fastkd.kd_loss(s, t, 2.0, reduction=red, labels=labels, ignore_index=-1)
-            l.sum().backward()
+            losses = [
+                fastkd.kd_loss(s, t, 2.0, reduction=red, labels=labels, ignore_index=-1),
+                fastkd.kd_loss(s, t, 2.0, reduction=red, labels=labels, ignore_index=-1, alpha=0.3),
+                fastkd.reverse_kl_loss(s, t, 2.0, reduction=red, labels=labels, ignore_index=-1),
+                fastkd.jsd_loss(s, t, 0.3, 2.0, reduction=red, labels=labels, ignore_index=-1),
+                fastkd.tvd_loss(s, t, 2.0, reduction=red, labels=labels, ignore_index=-1),
+                fastkd.dkd_loss(s, t, labels, 1.0, 8.0, 4.0, reduction=red, ignore_index=-1),
+            ]
+            k = min(V, 5)
+            vals, idx = t.detach().topk(k, dim=-1)
+            losses.append(fastkd.topk_kd_loss(s, vals, idx, 2.0, reduction=red, labels=labels, ignore_index=-1))
+            lp = torch.log_softmax(t.detach().float(), -1).topk(k, dim=-1)
+            losses.append(fastkd.topk_kd_loss(s, lp.values, lp.indices, values_are="logprobs", tail="bucket",
+                                              reduction=red, labels=labels, ignore_index=-1))
+            sum(l.sum() for l in losses).backward()
     # unaligned rows (odd vocab, sliced view) take the scalar path
     base = torch.randn(6, 133, device="cuda")
     fastkd.kd_loss(base[:, 1:], base[:, :-1].flip(0))
+    fastkd.jsd_loss(base[:, 1:], base[:, :-1].flip(0))
 torch.cuda.synchronize()
 print("sanitizer workload done")
 PYEOF
@@ -52,7 +67,7 @@ done
 
 section "benchmark"
 "$PY" -m fastkd.bench --json "${REPORT%.txt}.json" 2>/dev/null | tee -a "$REPORT" || status=1
-"$PY" -m fastkd.bench --dtype bfloat16 --shapes 8192x128256,4096x32000 --no-compile 2>/dev/null | tee -a "$REPORT" || status=1
+"$PY" -m fastkd.bench --loss kd,jsd,reverse_kl,tvd --dtype bfloat16 --shapes 8192x128256,4096x32000 --no-compile 2>/dev/null | tee -a "$REPORT" || status=1
 
 section "result: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
 exit $status

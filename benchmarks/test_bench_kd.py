@@ -1,6 +1,6 @@
-"""pytest-benchmark suite: the benchmark command's KD cases (fwd+bwd), one group per shape.
+"""pytest-benchmark suite: the benchmark command's cases (fwd+bwd), one group per loss and shape.
 
-    pytest benchmarks --benchmark-enable --benchmark-group-by=param:shape
+    pytest benchmarks --benchmark-enable --benchmark-group-by=param:case
 
 The pytest configuration disables benchmarking by default (each case then runs once, as a smoke test).
 """
@@ -8,26 +8,40 @@ The pytest configuration disables benchmarking by default (each case then runs o
 import pytest
 import torch
 
-from fastkd.bench import eager_kd, fastkd_kd
+from fastkd.bench import DEFAULT_SHAPES, EAGER, _inputs, fastkd_fn
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SHAPES = [(256, 100), (1024, 1000), (2048, 32000)] + ([(16384, 131072)] if DEVICE == "cuda" else [])
-IMPLS = {"eager": eager_kd, "torch.compile": torch.compile(eager_kd, dynamic=False), "fastkd": fastkd_kd}
+CASES = [
+    (loss, tuple(int(x) for x in shape.split("x")))
+    for loss, shapes in DEFAULT_SHAPES[DEVICE].items()
+    for shape in shapes.split(",")
+]
+IMPLS = ("eager", "torch.compile", "fastkd")
+_COMPILED = {}
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_kd_fwd_bwd(benchmark, impl, shape):
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    s = (torch.randn(shape, device=DEVICE, generator=g) * 3).requires_grad_(True)
-    t = torch.randn(shape, device=DEVICE, generator=g) * 3
-    fn = IMPLS[impl]
+def _impl(loss: str, impl: str):
+    if impl == "eager":
+        return EAGER[loss]
+    if impl == "fastkd":
+        return fastkd_fn(loss)
+    if loss not in _COMPILED:
+        _COMPILED[loss] = torch.compile(EAGER[loss], dynamic=False)
+    return _COMPILED[loss]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1][0]}x{c[1][1]}")
+def test_fwd_bwd(benchmark, impl, case):
+    loss, (n, v) = case
+    s, inp = _inputs(loss, n, v, torch.float32, DEVICE)
+    fn = _impl(loss, impl)
 
     def step():
-        fn(s, t, 4.0).backward()
+        fn(s, inp, 4.0).backward()
         s.grad = None
         if DEVICE == "cuda":
             torch.cuda.synchronize()
 
-    benchmark.extra_info["elements"] = shape[0] * shape[1]
+    benchmark.extra_info["elements"] = n * v
     benchmark(step)

@@ -21,13 +21,27 @@ int cuda_compiled_version();  // defined in cuda/kd_cuda.cu
 }  // namespace fastkd
 
 TORCH_LIBRARY(fastkd, m) {
-  // Hinton KD, fused forward: per-row loss terms and (when asked) the gradients of the *reduced* loss
-  // with respect to student and teacher, computed in the same pass over the logits.
-  //   student, teacher: [rows, vocab]; labels: [rows] integer or None; reduction: batchmean|sum|mean|none.
-  // Returns (loss, grad_student, grad_teacher); a gradient not asked for is an empty tensor.
+  // Response-based losses, fused forward: per-row soft loss (divergence "kl" | "reverse_kl" | "jsd" | "tvd" |
+  // "dkd") and, when hard_weight != 0, the student's cross-entropy on the labels at temperature 1, plus
+  // (when asked) the gradients of the reduced loss = soft_weight * soft + hard_weight * hard with respect
+  // to student and teacher, computed in the same pass over the logits.
+  //   student, teacher: [rows, vocab]; labels: [rows] integer or None (rows == ignore_index are not
+  //   counted; class targets of the CE and of "dkd"); num_items: scalar divisor replacing the counted rows
+  //   in batchmean/mean, or None; beta: JSD mixing weight or DKD's NCKD weight; alpha: DKD's TCKD weight.
+  // Returns (loss, soft, hard, grad_student, grad_teacher); soft and hard are the reduced parts; a gradient
+  // not asked for is an empty tensor.
   m.def(
-      "kd_forward(Tensor student, Tensor teacher, Tensor? labels, float temperature, int ignore_index, "
-      "str reduction, bool scale_by_temperature, bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)");
+      "response_forward(Tensor student, Tensor teacher, Tensor? labels, Tensor? num_items, str divergence, "
+      "float temperature, float beta, float alpha, float soft_weight, float hard_weight, int ignore_index, "
+      "str reduction, bool scale_by_temperature, bool grad_student, bool grad_teacher) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // KD against a sparse teacher: k kept entries per row (values: logits, or log-probabilities used as
+  // given; indices into the vocabulary), the student's full row. tail_bucket keeps the teacher's missing
+  // mass as one extra bucket. Returns (loss, grad_student).
+  m.def(
+      "topk_kd_forward(Tensor student, Tensor values, Tensor indices, Tensor? labels, Tensor? num_items, "
+      "float temperature, bool values_are_logprobs, bool tail_bucket, int ignore_index, str reduction, "
+      "bool scale_by_temperature, bool grad_student) -> (Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -6,6 +6,8 @@ kernel, under drop-in functions and ``nn.Module`` losses::
     import fastkd
     loss = fastkd.kd_loss(student_logits, teacher_logits, temperature=4.0)
     criterion = fastkd.KDLoss(temperature=4.0)          # or fastkd.DistillKL(T) for RepDistiller users
+    loss = fastkd.jsd_loss(student_logits, teacher_logits, beta=0.5, labels=labels)   # TRL GKD semantics
+    loss = fastkd.DKDLoss(alpha=1.0, beta=8.0)(student_logits, teacher_logits, target, epoch=epoch)
 
 ``fastkd.reference`` holds the same losses in plain PyTorch; ``fastkd.build_info()`` says what the
 installed build contains.
@@ -24,11 +26,45 @@ if _ops_loader.LOADED:
     from fastkd import ops  # noqa: F401  (fake kernels + autograd for the compiled ops)
 
 from fastkd import reference  # noqa: E402
-from fastkd.functional import kd_loss  # noqa: E402
-from fastkd.losses import DistillKL, KDLoss  # noqa: E402
+from fastkd.functional import (  # noqa: E402
+    dkd_loss,
+    jsd_loss,
+    kd_loss,
+    reverse_kl_loss,
+    topk_kd_loss,
+    tvd_loss,
+)
+from fastkd.losses import (  # noqa: E402
+    DistillKL,
+    DKDLoss,
+    JSDLoss,
+    KDLoss,
+    ReverseKLLoss,
+    TopKKDLoss,
+    TVDLoss,
+)
+from fastkd.outputs import LossParts  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["kd_loss", "KDLoss", "DistillKL", "reference", "build_info", "__version__"]
+__all__ = [
+    "kd_loss",
+    "reverse_kl_loss",
+    "jsd_loss",
+    "tvd_loss",
+    "dkd_loss",
+    "topk_kd_loss",
+    "KDLoss",
+    "DistillKL",
+    "ReverseKLLoss",
+    "JSDLoss",
+    "TVDLoss",
+    "DKDLoss",
+    "TopKKDLoss",
+    "LossParts",
+    "reference",
+    "build_info",
+    "__version__",
+]
 
 
 def build_info() -> Dict[str, Any]:

@@ -4,6 +4,7 @@ messages, each naming the offending argument."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -71,3 +72,223 @@ def check_ignore_index(ignore_index: int) -> int:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     return ignore_index
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checks added for the response-based losses (reverse KL, JSD, TVD, DKD, hard-label mix, top-k KD).
+# --------------------------------------------------------------------------------------------------------
+TOPK_VALUES_ARE = ("logits", "logprobs")
+TOPK_TAILS = ("renormalize", "bucket")
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _inspectable(x: torch.Tensor) -> bool:
+    """True where a tensor's values may be read on the host: not under torch.compile / export tracing and
+    not a meta or fake tensor. Value checks (label and index ranges) are skipped where this is False: they
+    need the data, which tracing does not have."""
+    if torch.compiler.is_compiling() or x.device.type == "meta":
+        return False
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - very old torch
+        return True
+    return not is_fake(x)
+
+
+def _real_number(name: str, value) -> float:
+    """A Python real number (not a bool, not a tensor) as a float; TypeError otherwise."""
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a Python number, not a tensor")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_beta_unit(beta: float) -> float:
+    """The JSD mixing weight: a finite number in [0, 1] (0: forward KL, 1: reverse KL)."""
+    b = _real_number("beta", beta)
+    if not math.isfinite(b) or b < 0.0 or b > 1.0:
+        raise ValueError(f"beta must be finite and in [0, 1], got {beta}")
+    return b
+
+
+def check_nonneg_weight(name: str, value: float) -> float:
+    """A loss weight (alpha, beta of the hard-label mix and of DKD): a finite number >= 0."""
+    w = _real_number(name, value)
+    if not math.isfinite(w) or w < 0.0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return w
+
+
+def check_num_items(num_items_in_batch, reduction: str):
+    """``num_items_in_batch``: None, a Python number > 0 or a 0-dim real tensor (its value is not read: that
+    would cost a device sync every step). It replaces the counted rows as the divisor of "batchmean" and
+    "mean", so it is an error with "sum" or "none". Returns the validated value (None, int, float or the
+    tensor as given)."""
+    if num_items_in_batch is None:
+        return None
+    if reduction not in ("batchmean", "mean"):
+        raise ValueError(
+            "num_items_in_batch replaces the row count of reduction 'batchmean' or 'mean'; it cannot be used "
+            f"with reduction={reduction!r}"
+        )
+    n = num_items_in_batch
+    if isinstance(n, torch.Tensor):
+        if n.dtype == torch.bool or n.dtype.is_complex:
+            raise TypeError(f"num_items_in_batch must be a real (integer or float) tensor, got {n.dtype}")
+        if n.dim() != 0:
+            raise ValueError(f"num_items_in_batch must be a 0-dim tensor, got shape {tuple(n.shape)}")
+        return n
+    if isinstance(n, bool) or not isinstance(n, numbers.Real):
+        raise TypeError(f"num_items_in_batch must be None, a number or a 0-dim tensor, got {type(n).__name__}")
+    if not math.isfinite(float(n)) or n <= 0:
+        raise ValueError(f"num_items_in_batch must be finite and > 0, got {n}")
+    return int(n) if isinstance(n, numbers.Integral) else float(n)
+
+
+def _check_index_tensor(x: torch.Tensor, student_logits: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+    if x.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"{name} must have shape {tuple(student_logits.shape[:-1])} (the logits without the vocabulary "
+            f"dimension), got {tuple(x.shape)}"
+        )
+    if x.device != student_logits.device:
+        raise ValueError(f"{name} must be on the logits' device {student_logits.device}, got {x.device}")
+
+
+def check_target(
+    labels: Optional[torch.Tensor],
+    student_logits: torch.Tensor,
+    ignore_index: int,
+    required: bool = True,
+    name: str = "target",
+) -> Optional[torch.Tensor]:
+    """Class-index targets (the CE target of the hard-label mix, the DKD target): an integer tensor of shape
+    ``student_logits.shape[:-1]`` on the logits' device whose counted entries (!= ignore_index) are in
+    [0, V). ``required=False`` accepts None. Returns ``labels``."""
+    if labels is None:
+        if required:
+            raise ValueError(
+                f"{name} is required: an integer tensor of class indices of shape "
+                f"{tuple(student_logits.shape[:-1])}, got None"
+            )
+        return None
+    _check_index_tensor(labels, student_logits, name)
+    vocab = student_logits.shape[-1]
+    if labels.numel() == 0 or not _inspectable(labels):
+        return labels
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        flat = bad.reshape(-1).nonzero()[0, 0].item()
+        value = labels.reshape(-1)[flat].item()
+        raise ValueError(
+            f"{name} must hold class indices in [0, {vocab}) (or ignore_index={ignore_index} for rows that do "
+            f"not count), got {value} (row {flat})"
+        )
+    return labels
+
+
+def check_num_classes(student_logits: torch.Tensor, minimum: int, what: str) -> None:
+    """At least ``minimum`` classes in the vocabulary (last) dimension (DKD splits off the target: V >= 2)."""
+    vocab = student_logits.shape[-1]
+    if vocab < minimum:
+        raise ValueError(f"{what} needs at least {minimum} classes (V >= {minimum}), got V={vocab}")
+
+
+def check_student_logits(student_logits: torch.Tensor) -> None:
+    """The student logits alone (losses without teacher logits of the same shape, e.g. top-k KD)."""
+    if not isinstance(student_logits, torch.Tensor):
+        raise TypeError(f"student_logits must be a torch.Tensor, got {type(student_logits).__name__}")
+    if student_logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"student_logits must be float32, float16, bfloat16 or float64, got {student_logits.dtype}")
+    if student_logits.dim() == 0:
+        raise ValueError("student_logits must have at least one dimension (the vocabulary), got a 0-dim tensor")
+    if student_logits.shape[-1] == 0:
+        raise ValueError("student_logits: the vocabulary (last) dimension must not be empty")
+
+
+def check_topk(
+    student_logits: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    values_are: str,
+    tail: str,
+) -> None:
+    """Top-k teacher input: ``values`` (float) and ``indices`` (int32/int64) of the same shape ``[..., k]``,
+    with the student's leading dimensions, ``1 <= k <= V``, on the student's device; ``values`` must not
+    require grad (a cached teacher). ``values_are`` in ("logits", "logprobs"), ``tail`` in ("renormalize",
+    "bucket"); "bucket" needs log-probabilities. Index values are checked by
+    :func:`check_topk_indices_range`."""
+    check_student_logits(student_logits)
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"teacher_topk_values must be a torch.Tensor, got {type(values).__name__}")
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"teacher_topk_indices must be a torch.Tensor, got {type(indices).__name__}")
+    if values.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"teacher_topk_values must be float32, float16, bfloat16 or float64, got {values.dtype}")
+    if indices.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"teacher_topk_indices must be int64 or int32, got {indices.dtype}")
+    if values_are not in TOPK_VALUES_ARE:
+        raise ValueError(f"values_are must be one of {TOPK_VALUES_ARE}, got {values_are!r}")
+    if tail not in TOPK_TAILS:
+        raise ValueError(f"tail must be one of {TOPK_TAILS}, got {tail!r}")
+    if tail == "bucket" and values_are != "logprobs":
+        raise ValueError(
+            "tail='bucket' needs values_are='logprobs': the teacher's missing mass 1 - sum(exp(values)) is only "
+            f"defined for log-probabilities, got values_are={values_are!r}"
+        )
+    if values.shape != indices.shape:
+        raise ValueError(
+            f"teacher_topk_values and teacher_topk_indices must have the same shape, got {tuple(values.shape)} "
+            f"and {tuple(indices.shape)}"
+        )
+    lead = tuple(student_logits.shape[:-1])
+    if values.dim() != student_logits.dim() or tuple(values.shape[:-1]) != lead:
+        raise ValueError(
+            f"teacher_topk_values must have shape {lead + ('k',)} (the student's leading dimensions and k), got "
+            f"{tuple(values.shape)}"
+        )
+    k, vocab = values.shape[-1], student_logits.shape[-1]
+    if k < 1 or k > vocab:
+        raise ValueError(f"k (the last dimension of teacher_topk_values) must be in [1, V={vocab}], got {k}")
+    for name, x in (("teacher_topk_values", values), ("teacher_topk_indices", indices)):
+        if x.device != student_logits.device:
+            raise ValueError(f"{name} must be on the student's device {student_logits.device}, got {x.device}")
+    if values.requires_grad:
+        raise ValueError(
+            "teacher_topk_values must not require grad: top-k KD takes a cached (offline) teacher and gives it "
+            "no gradient; pass teacher_topk_values.detach()"
+        )
+
+
+def check_topk_indices_range(
+    indices: torch.Tensor, vocab: int, labels: Optional[torch.Tensor], ignore_index: int
+) -> None:
+    """Every counted row's top-k indices are in [0, V) and distinct (rows whose label is ignore_index are not
+    checked: padding may hold anything). Skipped under tracing (see :func:`_inspectable`)."""
+    if indices.numel() == 0 or not _inspectable(indices):
+        return
+    k = indices.shape[-1]
+    rows = indices.reshape(-1, k)
+    if labels is not None:
+        keep = (labels.reshape(-1) != ignore_index).unsqueeze(-1)
+    else:
+        keep = torch.ones((rows.shape[0], 1), dtype=torch.bool, device=rows.device)
+    out_of_range = keep & ((rows < 0) | (rows >= vocab))
+    srt = rows.sort(dim=-1).values
+    repeated = keep & (srt[:, 1:] == srt[:, :-1])
+    if not bool(out_of_range.any() | repeated.any()):
+        return
+    if bool(out_of_range.any()):
+        r, c = out_of_range.nonzero()[0].tolist()
+        raise ValueError(
+            f"teacher_topk_indices must be in [0, {vocab}) on counted rows, got {rows[r, c].item()} (row {r})"
+        )
+    r, c = repeated.nonzero()[0].tolist()
+    raise ValueError(
+        f"teacher_topk_indices must be distinct within a row, but row {r} repeats index {srt[r, c].item()}"
+    )

@@ -1,16 +1,34 @@
-"""Functional interface of fastkd's losses. Argument order is always (student, teacher[, target])."""
+"""Functional interface of fastkd's response-based losses. Argument order is always (student, teacher[,
+target]). Every function flattens the leading dimensions of ``[..., V]`` logits into rows and runs one fused
+operator (``torch.ops.fastkd.response_forward`` or ``torch.ops.fastkd.topk_kd_forward``) that computes the
+loss and its gradients in one read of the logits.
+
+Conventions shared by every loss here:
+
+* ``labels`` / ``target``: rows whose label equals ``ignore_index`` do not count (value 0, gradient 0); if
+  every row is ignored the loss is 0 and the gradient 0, never NaN.
+* ``reduction``: ``"batchmean"`` (sum / counted rows), ``"sum"``, ``"mean"`` (sum / (counted rows * V), as
+  ``nn.KLDivLoss``) or ``"none"`` (one value per row, shape ``[...]``).
+* ``num_items_in_batch``: replaces the number of counted rows as the divisor of ``"batchmean"`` and
+  ``"mean"`` (gradient accumulation: divide by the global count of items, as Hugging Face / TRL do).
+* Vocabulary entries that are ``-inf`` in both student and teacher (masked tokens) contribute exactly 0.
+* Computed in float32 (float64 for float64 input); the result has the inputs' promoted dtype.
+"""
 
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from fastkd import _ops_loader, reference
 from fastkd import _validation as v
+from fastkd.outputs import LossParts
 
-__all__ = ["kd_loss"]
+__all__ = ["kd_loss", "reverse_kl_loss", "jsd_loss", "tvd_loss", "dkd_loss", "topk_kd_loss"]
+
+NumItems = Union[None, int, float, torch.Tensor]
 
 _warned = False
 
@@ -31,6 +49,64 @@ def _use_kernels() -> bool:
     return False
 
 
+def _num_items_tensor(num_items: NumItems) -> Optional[torch.Tensor]:
+    if num_items is None or isinstance(num_items, torch.Tensor):
+        return num_items
+    return torch.tensor(float(num_items), dtype=torch.float64)
+
+
+def _response(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    num_items: NumItems,
+    divergence: str,
+    temperature: float,
+    *,
+    beta: float = 0.0,
+    alpha: float = 0.0,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    scale_by_temperature: bool = False,
+):
+    """Runs fastkd::response_forward on [..., V] logits; returns (loss, soft, hard) shaped for reduction."""
+    vocab = student_logits.shape[-1]
+    grad_on = torch.is_grad_enabled()
+    loss, soft, hard, _, _ = torch.ops.fastkd.response_forward(
+        student_logits.reshape(-1, vocab),
+        teacher_logits.reshape(-1, vocab),
+        None if labels is None else labels.reshape(-1),
+        _num_items_tensor(num_items),
+        divergence,
+        temperature,
+        beta,
+        alpha,
+        soft_weight,
+        hard_weight,
+        ignore_index,
+        reduction,
+        bool(scale_by_temperature),
+        grad_on and student_logits.requires_grad,
+        grad_on and teacher_logits.requires_grad,
+    )
+    if reduction == "none":
+        lead = student_logits.shape[:-1]
+        loss, soft, hard = loss.reshape(lead), soft.reshape(lead), hard.reshape(lead)
+    return loss, soft, hard
+
+
+def _check_common(student_logits, teacher_logits, labels, temperature, reduction, ignore_index, num_items):
+    v.check_logits(student_logits, teacher_logits)
+    v.check_labels(labels, student_logits)
+    t = v.check_temperature(temperature)
+    v.check_reduction(reduction)
+    v.check_ignore_index(ignore_index)
+    n = v.check_num_items(num_items, reduction)
+    return t, n
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -40,61 +116,265 @@ def kd_loss(
     labels: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     scale_by_temperature: bool = True,
-) -> torch.Tensor:
-    r"""Hinton knowledge-distillation loss, fused.
+    alpha: float = 0.0,
+    beta: Optional[float] = None,
+    num_items_in_batch: NumItems = None,
+    return_parts: bool = False,
+) -> Union[torch.Tensor, LossParts]:
+    r"""Hinton knowledge-distillation loss, fused, optionally mixed with the hard-label cross-entropy.
 
-    .. math:: T^2 \cdot \mathrm{KL}\big(\mathrm{softmax}(t / T) \,\|\, \mathrm{softmax}(s / T)\big)
+    .. math:: \alpha \cdot \mathrm{CE}(s, y) + \beta \cdot T^2 \cdot
+              \mathrm{KL}\big(\mathrm{softmax}(t / T) \,\|\, \mathrm{softmax}(s / T)\big),
+              \qquad \beta = 1 - \alpha \text{ unless given}
 
-    summed over the last (vocabulary) dimension; every leading index is a row.
+    summed over the last (vocabulary) dimension; every leading index is a row. With the default
+    ``alpha=0`` it is plain KD (RepDistiller ``DistillKL``, mdistiller ``kd_loss``).
 
     Args:
         student_logits: raw student logits ``[..., V]`` (float32, float16, bfloat16 or float64).
         teacher_logits: raw teacher logits, same shape and device; its dtype may differ (e.g. a bf16
             teacher with an fp32 student). It receives a gradient only if it requires grad.
-        temperature: softmax temperature ``T > 0``.
-        reduction: ``"batchmean"`` (sum / counted rows: the KD convention), ``"sum"``, ``"mean"``
-            (sum / (counted rows * V), as ``nn.KLDivLoss``) or ``"none"`` (per row, shape ``[...]``).
-        labels: optional integer tensor of shape ``[...]``; rows whose label equals ``ignore_index`` are
-            not counted (token-level LLM distillation). If every row is ignored the loss is 0 and the
-            gradient is 0.
+        temperature: softmax temperature ``T > 0`` of the distillation term.
+        reduction: ``"batchmean"`` (the KD convention), ``"sum"``, ``"mean"`` or ``"none"``. The cross-entropy
+            part is divided by the counted rows for both ``"batchmean"`` and ``"mean"`` (as
+            ``nn.CrossEntropyLoss(reduction="mean")``).
+        labels: integer tensor ``[...]``: rows equal to ``ignore_index`` are not counted, and with
+            ``alpha != 0`` these are the class targets of the cross-entropy (required then).
         ignore_index: label value of ignored rows.
-        scale_by_temperature: multiply by ``T^2`` (Hinton's convention, keeps gradient magnitudes
-            independent of ``T``). ``False`` gives the bare KL.
+        scale_by_temperature: multiply the KL by ``T^2`` (Hinton's convention). ``False`` gives the bare KL.
+        alpha: weight of the hard-label cross-entropy (computed at temperature 1 in the same pass).
+        beta: weight of the distillation term; defaults to ``1 - alpha``.
+        num_items_in_batch: divisor replacing the counted rows (``"batchmean"``/``"mean"`` only).
+        return_parts: also return the reduced parts: a :class:`fastkd.LossParts` ``(loss, soft, hard)``,
+            where ``soft`` (the unweighted KD term) and ``hard`` (the unweighted cross-entropy; 0 when
+            ``alpha == 0``) are detached, for logging.
+
+    torchdistill's ``KDLoss`` returns the bare KL when ``alpha`` is 0/None or no targets are given
+    (``kd_loss(s, t, T, scale_by_temperature=False)``) and ``alpha * CE + beta * T^2 * KL`` otherwise
+    (``kd_loss(s, t, T, labels=targets, alpha=alpha, beta=beta)``).
 
     Returns:
-        The loss, in the promoted dtype of the inputs (computed in float32, or float64 for float64 input).
+        The loss, in the promoted dtype of the inputs (computed in float32, or float64 for float64 input),
+        or a :class:`fastkd.LossParts` with ``return_parts=True``.
 
-    Rows with 0 elements (empty batches) give 0 for every reduction except ``"none"`` (an empty tensor).
     NaN or +inf logits propagate to the loss; -inf logits at the same entries of teacher and student
     (masked tokens) are valid and contribute nothing.
     """
-    v.check_logits(student_logits, teacher_logits)
-    v.check_labels(labels, student_logits)
+    t, n = _check_common(student_logits, teacher_logits, labels, temperature, reduction, ignore_index,
+                         num_items_in_batch)
+    a = v.check_nonneg_weight("alpha", alpha)
+    b = 1.0 - a if beta is None else v.check_nonneg_weight("beta", beta)
+    if a != 0.0:
+        v.check_target(labels, student_logits, ignore_index, required=True, name="labels")
+    if not _use_kernels():
+        return reference.kd_loss(student_logits, teacher_logits, t, reduction=reduction, labels=labels,
+                                 ignore_index=ignore_index, scale_by_temperature=scale_by_temperature, alpha=a,
+                                 beta=beta, num_items_in_batch=n, return_parts=return_parts)
+    loss, soft, hard = _response(student_logits, teacher_logits, labels, n, "kl", t, soft_weight=b, hard_weight=a,
+                                 ignore_index=ignore_index, reduction=reduction,
+                                 scale_by_temperature=scale_by_temperature)
+    return LossParts(loss, soft, hard) if return_parts else loss
+
+
+def reverse_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    reduction: str = "batchmean",
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    scale_by_temperature: bool = True,
+    num_items_in_batch: NumItems = None,
+) -> torch.Tensor:
+    r"""Reverse KL, fused: :math:`T^2 \cdot \mathrm{KL}(\mathrm{softmax}(s/T) \,\|\, \mathrm{softmax}(t/T))`
+    per row (mode-seeking; TRL's generalized JSD with ``beta=1``, MiniLLM's objective).
+
+    Arguments as :func:`fastkd.kd_loss`. Where the teacher gives a vocabulary entry probability 0 but the
+    student does not, the divergence is ``+inf``, as the mathematics says; entries that are -inf on both
+    sides contribute 0.
+    """
+    t, n = _check_common(student_logits, teacher_logits, labels, temperature, reduction, ignore_index,
+                         num_items_in_batch)
+    if not _use_kernels():
+        return reference.reverse_kl_loss(student_logits, teacher_logits, t, reduction=reduction, labels=labels,
+                                         ignore_index=ignore_index, scale_by_temperature=scale_by_temperature,
+                                         num_items_in_batch=n)
+    return _response(student_logits, teacher_logits, labels, n, "reverse_kl", t, ignore_index=ignore_index,
+                     reduction=reduction, scale_by_temperature=scale_by_temperature)[0]
+
+
+def jsd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    *,
+    reduction: str = "batchmean",
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    num_items_in_batch: NumItems = None,
+) -> torch.Tensor:
+    r"""Generalized Jensen-Shannon divergence, fused, with the semantics of TRL's GKD
+    ``generalized_jsd_loss``:
+
+    .. math:: \beta\, \mathrm{KL}(p \,\|\, m) + (1 - \beta)\, \mathrm{KL}(q \,\|\, m), \qquad
+              m = \beta p + (1 - \beta) q,\; p = \mathrm{softmax}(t/T),\; q = \mathrm{softmax}(s/T)
+
+    ``beta=0`` is ``KL(p || q)`` (forward KL) and ``beta=1`` is ``KL(q || p)`` (reverse KL), as in TRL.
+    No ``T^2`` factor.
+
+    Args:
+        beta: mixing weight in ``[0, 1]``.
+        reduction: as :func:`fastkd.kd_loss`, with TRL's convention kept for ``"batchmean"`` without labels:
+            the sum is divided by ``student_logits.shape[0]`` (the batch size ``B`` for ``[B, T, V]`` input,
+            not ``B * T``). With labels it is divided by the number of unmasked rows. ``"none"`` gives one
+            value per row (TRL returns one per vocabulary entry; sum them over ``V`` to compare).
+        labels, ignore_index, num_items_in_batch: as :func:`fastkd.kd_loss`.
+
+    Entries that underflow or are -inf on both sides contribute exactly 0 (TRL's formulation gives NaN
+    for -inf entries).
+    """
+    b = v.check_beta_unit(beta)
+    t, n = _check_common(student_logits, teacher_logits, labels, temperature, reduction, ignore_index,
+                         num_items_in_batch)
+    if not _use_kernels():
+        return reference.jsd_loss(student_logits, teacher_logits, b, t, reduction=reduction, labels=labels,
+                                  ignore_index=ignore_index, num_items_in_batch=n)
+    if reduction == "batchmean" and labels is None and n is None and student_logits.dim() >= 3:
+        n = student_logits.shape[0]  # TRL: jsd.sum() / jsd.size(0)
+    divergence = "kl" if b == 0.0 else "reverse_kl" if b == 1.0 else "jsd"
+    return _response(student_logits, teacher_logits, labels, n, divergence, t, beta=b, ignore_index=ignore_index,
+                     reduction=reduction)[0]
+
+
+def tvd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    reduction: str = "batchmean",
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    num_items_in_batch: NumItems = None,
+) -> torch.Tensor:
+    r"""Total variation distance, fused: :math:`\tfrac12 \sum_j |p_j - q_j|` per row, with
+    ``p = softmax(t/T)``, ``q = softmax(s/T)`` and no ``T^2`` factor. The gradient takes the subgradient
+    ``sign(0) = 0`` where ``p_j == q_j`` (as ``torch.abs``). Arguments as :func:`fastkd.kd_loss`.
+    """
+    t, n = _check_common(student_logits, teacher_logits, labels, temperature, reduction, ignore_index,
+                         num_items_in_batch)
+    if not _use_kernels():
+        return reference.tvd_loss(student_logits, teacher_logits, t, reduction=reduction, labels=labels,
+                                  ignore_index=ignore_index, num_items_in_batch=n)
+    return _response(student_logits, teacher_logits, labels, n, "tvd", t, ignore_index=ignore_index,
+                     reduction=reduction)[0]
+
+
+def dkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+    *,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    num_items_in_batch: NumItems = None,
+) -> torch.Tensor:
+    r"""Decoupled KD (Zhao et al., CVPR 2022), fused: :math:`T^2 (\alpha\,\mathrm{TCKD} + \beta\,\mathrm{NCKD})`
+    per row, with the defaults and value of mdistiller's ``dkd_loss(logits_student, logits_teacher, target,
+    alpha, beta, temperature)``.
+
+    TCKD is the KL between the binary distributions ``[p_y, 1 - p_y]`` and ``[q_y, 1 - q_y]`` of the target
+    class; NCKD the KL between teacher and student softmaxes over the non-target classes only. Both are
+    computed exactly from log-sum-exps (no ``-1000`` masking, no log of a probability), so the result stays
+    finite where mdistiller's formulation overflows (e.g. logit gaps of thousands).
+
+    Args:
+        target: integer class indices ``[...]`` in ``[0, V)``; rows equal to ``ignore_index`` do not count.
+        alpha, beta: weights of TCKD and NCKD (finite, >= 0).
+        temperature: ``T > 0``.
+        reduction: ``"batchmean"`` (mdistiller: sum / batch size), ``"sum"``, ``"mean"``, ``"none"``.
+
+    The warmup factor ``min(epoch / warmup, 1)`` of mdistiller's DKD distiller is applied by
+    :class:`fastkd.DKDLoss`. Needs ``V >= 2`` and finite logits.
+    """
+    t, n = _check_common(student_logits, teacher_logits, None, temperature, reduction, ignore_index,
+                         num_items_in_batch)
+    a = v.check_nonneg_weight("alpha", alpha)
+    b = v.check_nonneg_weight("beta", beta)
+    v.check_target(target, student_logits, ignore_index, required=True, name="target")
+    if student_logits.shape[-1] < 2:
+        raise ValueError(f"dkd_loss needs at least 2 classes, got V={student_logits.shape[-1]}")
+    if not _use_kernels():
+        return reference.dkd_loss(student_logits, teacher_logits, target, a, b, t, reduction=reduction,
+                                  ignore_index=ignore_index, num_items_in_batch=n)
+    return _response(student_logits, teacher_logits, target, n, "dkd", t, beta=b, alpha=a,
+                     ignore_index=ignore_index, reduction=reduction, scale_by_temperature=True)[0]
+
+
+def topk_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_topk_values: torch.Tensor,
+    teacher_topk_indices: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    values_are: str = "logits",
+    tail: str = "renormalize",
+    reduction: str = "batchmean",
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    scale_by_temperature: bool = True,
+    num_items_in_batch: NumItems = None,
+) -> torch.Tensor:
+    r"""KD against a sparse teacher (offline / cached top-k logits), fused:
+    :math:`T^2 \sum_k p_k (\log p_k - \log q_{i_k})` per row, ``q = softmax(s/T)`` over the full vocabulary.
+
+    The teacher costs ``O(rows * k)`` memory. Its distribution over the ``k`` kept entries:
+
+    * ``values_are="logits"``: ``p = softmax(values / T)`` over the kept entries: the missing tail is
+      dropped and the kept mass renormalized to 1 (with ``k = V`` this is exactly :func:`fastkd.kd_loss`).
+    * ``values_are="logprobs"``: the values are log-probabilities of the target distribution, used as
+      given (already at the distillation temperature; no ``/T`` is applied to them). With
+      ``tail="renormalize"`` they are renormalized over the kept entries; with ``tail="bucket"`` the
+      teacher's missing mass ``1 - sum(exp(values))`` is kept as one extra bucket, matched against the
+      student's mass outside the kept set (summed exactly over the non-kept entries): the term
+      ``p_tail * (log p_tail - log q_tail)`` is added.
+
+    Args:
+        teacher_topk_values: ``[..., k]`` float, with the student's leading dimensions; must not require grad.
+        teacher_topk_indices: ``[..., k]`` int64/int32 vocabulary indices, distinct within a row (as
+            ``torch.topk`` returns them) and in ``[0, V)`` on counted rows.
+        Other arguments as :func:`fastkd.kd_loss`.
+    """
     t = v.check_temperature(temperature)
+    v.check_topk(student_logits, teacher_topk_values, teacher_topk_indices, values_are, tail)
+    v.check_labels(labels, student_logits)
     v.check_reduction(reduction)
     v.check_ignore_index(ignore_index)
+    n = v.check_num_items(num_items_in_batch, reduction)
+    v.check_topk_indices_range(teacher_topk_indices, student_logits.shape[-1], labels, ignore_index)
     if not _use_kernels():
-        return reference.kd_loss(
-            student_logits,
-            teacher_logits,
-            t,
-            reduction=reduction,
-            labels=labels,
-            ignore_index=ignore_index,
-            scale_by_temperature=scale_by_temperature,
-        )
-    vocab = student_logits.shape[-1]
-    grad_on = torch.is_grad_enabled()
-    loss, _, _ = torch.ops.fastkd.kd_forward(
+        return reference.topk_kd_loss(student_logits, teacher_topk_values, teacher_topk_indices, t,
+                                      values_are=values_are, tail=tail, reduction=reduction, labels=labels,
+                                      ignore_index=ignore_index, scale_by_temperature=scale_by_temperature,
+                                      num_items_in_batch=n)
+    vocab, k = student_logits.shape[-1], teacher_topk_values.shape[-1]
+    loss, _ = torch.ops.fastkd.topk_kd_forward(
         student_logits.reshape(-1, vocab),
-        teacher_logits.reshape(-1, vocab),
+        teacher_topk_values.reshape(-1, k),
+        teacher_topk_indices.reshape(-1, k),
         None if labels is None else labels.reshape(-1),
+        _num_items_tensor(n),
         t,
+        values_are == "logprobs",
+        tail == "bucket",
         ignore_index,
         reduction,
         bool(scale_by_temperature),
-        grad_on and student_logits.requires_grad,
-        grad_on and teacher_logits.requires_grad,
+        torch.is_grad_enabled() and student_logits.requires_grad,
     )
     if reduction == "none":
         loss = loss.reshape(student_logits.shape[:-1])

@@ -2,65 +2,91 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from fastkd import _validation as v
-from fastkd.functional import kd_loss
+from fastkd.functional import NumItems, dkd_loss, jsd_loss, kd_loss, reverse_kl_loss, topk_kd_loss, tvd_loss
+from fastkd.outputs import LossParts
 
-__all__ = ["KDLoss", "DistillKL"]
+__all__ = ["KDLoss", "DistillKL", "ReverseKLLoss", "JSDLoss", "TVDLoss", "DKDLoss", "TopKKDLoss"]
 
 
 class KDLoss(nn.Module):
-    r"""Hinton knowledge-distillation loss (fused): ``T^2 * KL(softmax(t/T) || softmax(s/T))``.
+    r"""Hinton knowledge-distillation loss (fused), optionally mixed with the hard-label cross-entropy:
+    ``alpha * CE(s, target) + beta * T^2 * KL(softmax(t/T) || softmax(s/T))``, ``beta = 1 - alpha`` by default.
 
     Args:
         temperature: softmax temperature ``T > 0`` (default 4, the CIFAR KD setting).
+        alpha: weight of the cross-entropy on ``target`` (temperature 1, computed in the same pass);
+            0 (default) is plain KD.
+        beta: weight of the KD term; defaults to ``1 - alpha``.
         reduction: ``"batchmean"`` (default), ``"sum"``, ``"mean"`` or ``"none"``; see :func:`fastkd.kd_loss`.
-        ignore_index: rows whose label equals this are not counted.
-        scale_by_temperature: multiply by ``T^2`` (default True).
+        ignore_index: rows whose target equals this are not counted (in either part).
+        scale_by_temperature: multiply the KL by ``T^2`` (default True).
+        return_parts: make ``forward`` return a :class:`fastkd.LossParts` ``(loss, soft, hard)`` whose soft
+            and hard parts are detached (for logging).
 
     Shape:
-        ``forward(student_logits [..., V], teacher_logits [..., V], labels [...] or None)``.
+        ``forward(student_logits [..., V], teacher_logits [..., V], target [...] or None, *,
+        num_items_in_batch=None)``. With ``alpha != 0`` a target is required.
+
+    torchdistill's ``KDLoss(temperature, alpha, beta)``: its soft-only branch (alpha 0/None or no targets) is
+    ``KDLoss(T, scale_by_temperature=False)``; its mixed branch is ``KDLoss(T, alpha=alpha, beta=beta)``.
 
     Example::
 
-        criterion = fastkd.KDLoss(temperature=4.0)
-        loss = criterion(student(x), teacher(x).detach())
+        criterion = fastkd.KDLoss(temperature=4.0, alpha=0.1)
+        loss = criterion(student(x), teacher(x).detach(), y)
     """
 
     def __init__(
         self,
         temperature: float = 4.0,
+        alpha: float = 0.0,
+        beta: Optional[float] = None,
         reduction: str = "batchmean",
         ignore_index: int = -100,
         scale_by_temperature: bool = True,
+        return_parts: bool = False,
     ) -> None:
         super().__init__()
         self.temperature = v.check_temperature(temperature)
+        self.alpha = v.check_nonneg_weight("alpha", alpha)
+        self.beta = None if beta is None else v.check_nonneg_weight("beta", beta)
         self.reduction = v.check_reduction(reduction)
         self.ignore_index = v.check_ignore_index(ignore_index)
         self.scale_by_temperature = bool(scale_by_temperature)
+        self.return_parts = bool(return_parts)
 
     def forward(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        target: Optional[torch.Tensor] = None,
+        *,
+        num_items_in_batch: NumItems = None,
+    ) -> Union[torch.Tensor, LossParts]:
         return kd_loss(
             student_logits,
             teacher_logits,
             self.temperature,
             reduction=self.reduction,
-            labels=labels,
+            labels=target,
             ignore_index=self.ignore_index,
             scale_by_temperature=self.scale_by_temperature,
+            alpha=self.alpha,
+            beta=self.beta,
+            num_items_in_batch=num_items_in_batch,
+            return_parts=self.return_parts,
         )
 
     def extra_repr(self) -> str:
         return (
-            f"temperature={self.temperature}, reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
-            f"scale_by_temperature={self.scale_by_temperature}"
+            f"temperature={self.temperature}, alpha={self.alpha}, beta={self.beta}, reduction={self.reduction!r}, "
+            f"ignore_index={self.ignore_index}, scale_by_temperature={self.scale_by_temperature}"
         )
 
 
@@ -75,3 +101,190 @@ class DistillKL(KDLoss):
 
     def forward(self, y_s: torch.Tensor, y_t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return super().forward(y_s, y_t)
+
+
+class _ResponseLoss(nn.Module):
+    """Shared constructor checks and repr of the label-masked response losses."""
+
+    def __init__(self, temperature: float, reduction: str, ignore_index: int) -> None:
+        super().__init__()
+        self.temperature = v.check_temperature(temperature)
+        self.reduction = v.check_reduction(reduction)
+        self.ignore_index = v.check_ignore_index(ignore_index)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+
+
+class ReverseKLLoss(_ResponseLoss):
+    """Reverse KL ``T^2 * KL(softmax(s/T) || softmax(t/T))``; see :func:`fastkd.reverse_kl_loss`.
+
+    ``forward(student_logits, teacher_logits, labels=None, *, num_items_in_batch=None)``.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        reduction: str = "batchmean",
+        ignore_index: int = -100,
+        scale_by_temperature: bool = True,
+    ) -> None:
+        super().__init__(temperature, reduction, ignore_index)
+        self.scale_by_temperature = bool(scale_by_temperature)
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        *,
+        num_items_in_batch: NumItems = None,
+    ) -> torch.Tensor:
+        return reverse_kl_loss(student_logits, teacher_logits, self.temperature, reduction=self.reduction,
+                               labels=labels, ignore_index=self.ignore_index,
+                               scale_by_temperature=self.scale_by_temperature, num_items_in_batch=num_items_in_batch)
+
+
+class JSDLoss(_ResponseLoss):
+    """Generalized Jensen-Shannon divergence with TRL GKD semantics; see :func:`fastkd.jsd_loss`.
+
+    ``forward(student_logits, teacher_logits, labels=None, *, num_items_in_batch=None)``.
+    """
+
+    def __init__(
+        self, beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100
+    ) -> None:
+        super().__init__(temperature, reduction, ignore_index)
+        self.beta = v.check_beta_unit(beta)
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        *,
+        num_items_in_batch: NumItems = None,
+    ) -> torch.Tensor:
+        return jsd_loss(student_logits, teacher_logits, self.beta, self.temperature, reduction=self.reduction,
+                        labels=labels, ignore_index=self.ignore_index, num_items_in_batch=num_items_in_batch)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, " + super().extra_repr()
+
+
+class TVDLoss(_ResponseLoss):
+    """Total variation distance ``0.5 * sum |p_t - p_s|``; see :func:`fastkd.tvd_loss`.
+
+    ``forward(student_logits, teacher_logits, labels=None, *, num_items_in_batch=None)``.
+    """
+
+    def __init__(self, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100) -> None:
+        super().__init__(temperature, reduction, ignore_index)
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        *,
+        num_items_in_batch: NumItems = None,
+    ) -> torch.Tensor:
+        return tvd_loss(student_logits, teacher_logits, self.temperature, reduction=self.reduction, labels=labels,
+                        ignore_index=self.ignore_index, num_items_in_batch=num_items_in_batch)
+
+
+class DKDLoss(_ResponseLoss):
+    """Decoupled KD with mdistiller's warmup; see :func:`fastkd.dkd_loss`.
+
+    Args:
+        alpha, beta: weights of TCKD and NCKD (mdistiller defaults 1 and 8; CIFAR configs vary beta).
+        temperature: ``T`` (default 4).
+        warmup: epochs over which the loss ramps up linearly: ``forward(..., epoch=e)`` multiplies by
+            ``min(e / warmup, 1)`` (mdistiller's DKD distiller; 0 disables the ramp). Without ``epoch`` the
+            factor is 1.
+
+    ``forward(student_logits, teacher_logits, target, epoch=None, *, num_items_in_batch=None)``.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 8.0,
+        temperature: float = 4.0,
+        warmup: float = 20,
+        reduction: str = "batchmean",
+        ignore_index: int = -100,
+    ) -> None:
+        super().__init__(temperature, reduction, ignore_index)
+        self.alpha = v.check_nonneg_weight("alpha", alpha)
+        self.beta = v.check_nonneg_weight("beta", beta)
+        self.warmup = v.check_nonneg_weight("warmup", warmup)
+
+    def warmup_factor(self, epoch: Optional[float]) -> float:
+        """``min(epoch / warmup, 1)`` (1 without an epoch or with ``warmup=0``)."""
+        if epoch is None or self.warmup == 0:
+            return 1.0
+        e = v.check_nonneg_weight("epoch", epoch)
+        return min(e / self.warmup, 1.0)
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        target: torch.Tensor,
+        epoch: Optional[float] = None,
+        *,
+        num_items_in_batch: NumItems = None,
+    ) -> torch.Tensor:
+        factor = self.warmup_factor(epoch)
+        return dkd_loss(student_logits, teacher_logits, target, self.alpha * factor, self.beta * factor,
+                        self.temperature, reduction=self.reduction, ignore_index=self.ignore_index,
+                        num_items_in_batch=num_items_in_batch)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta}, warmup={self.warmup}, " + super().extra_repr()
+
+
+class TopKKDLoss(_ResponseLoss):
+    """KD against a cached sparse (top-k) teacher; see :func:`fastkd.topk_kd_loss`.
+
+    ``forward(student_logits, teacher_topk_values, teacher_topk_indices, labels=None, *,
+    num_items_in_batch=None)``.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        values_are: str = "logits",
+        tail: str = "renormalize",
+        reduction: str = "batchmean",
+        ignore_index: int = -100,
+        scale_by_temperature: bool = True,
+    ) -> None:
+        super().__init__(temperature, reduction, ignore_index)
+        if values_are not in v.TOPK_VALUES_ARE:
+            raise ValueError(f"values_are must be one of {v.TOPK_VALUES_ARE}, got {values_are!r}")
+        if tail not in v.TOPK_TAILS:
+            raise ValueError(f"tail must be one of {v.TOPK_TAILS}, got {tail!r}")
+        if tail == "bucket" and values_are != "logprobs":
+            raise ValueError("tail='bucket' needs values_are='logprobs' (logits give no tail mass)")
+        self.values_are = values_are
+        self.tail = tail
+        self.scale_by_temperature = bool(scale_by_temperature)
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_topk_values: torch.Tensor,
+        teacher_topk_indices: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        *,
+        num_items_in_batch: NumItems = None,
+    ) -> torch.Tensor:
+        return topk_kd_loss(student_logits, teacher_topk_values, teacher_topk_indices, self.temperature,
+                            values_are=self.values_are, tail=self.tail, reduction=self.reduction, labels=labels,
+                            ignore_index=self.ignore_index, scale_by_temperature=self.scale_by_temperature,
+                            num_items_in_batch=num_items_in_batch)
+
+    def extra_repr(self) -> str:
+        return f"values_are={self.values_are!r}, tail={self.tail!r}, " + super().extra_repr()

@@ -3,36 +3,138 @@
 They are the test oracle (run in float64) and what fastkd runs, with a warning, where the compiled kernels
 are missing. Same signatures, same argument checks and the same conventions as the fused versions:
 masked rows (label == ignore_index) do not count, all-masked input gives 0, and vocabulary entries where
-the teacher has zero probability (e.g. -inf logits on both sides) contribute exactly 0.
+a distribution has zero probability (e.g. -inf logits on both sides) contribute exactly 0, with a finite
+gradient. Half-precision input is computed in float32 (float64 input in float64) and the result is returned
+in the promoted input dtype.
+
+They are written for exactness and differentiability (``torch.autograd.gradcheck`` in float64), not speed:
+every ``0 * log 0`` is a ``torch.where`` on the probability being > 0 whose *both* branches are finite, so
+autograd never multiplies a zero by a NaN; DKD is computed from log-sum-exps, never from logs of
+probabilities.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from fastkd import _validation as v
+from fastkd.outputs import LossParts
 
-__all__ = ["kd_loss", "reduce_rows"]
+__all__ = [
+    "kd_loss",
+    "reverse_kl_loss",
+    "jsd_loss",
+    "tvd_loss",
+    "dkd_loss",
+    "topk_kd_loss",
+    "reduce_rows",
+]
+
+NumItems = Union[None, int, float, torch.Tensor]
 
 
+# --------------------------------------------------------------------------------------------------------
+# building blocks
+# --------------------------------------------------------------------------------------------------------
 def reduce_rows(
-    per_row: torch.Tensor, reduction: str, counted: torch.Tensor | int, vocab: int
+    per_row: torch.Tensor,
+    reduction: str,
+    counted: torch.Tensor | int,
+    vocab: int,
+    num_items: NumItems = None,
 ) -> torch.Tensor:
-    """Applies a fastkd reduction to per-row losses (masked rows already 0)."""
+    """Applies a fastkd reduction to per-row losses (masked rows already 0).
+
+    "batchmean" divides the sum by ``counted`` (at least 1), "mean" by ``counted * vocab``; a given
+    ``num_items`` (``num_items_in_batch``, already validated) replaces ``counted``.
+    """
     if reduction == "none":
         return per_row
     total = per_row.sum()
     if reduction == "sum":
         return total
-    denom = torch.as_tensor(counted, device=per_row.device).clamp_min(1).to(per_row.dtype)
+    if num_items is not None:
+        denom = torch.as_tensor(num_items, device=per_row.device).to(per_row.dtype)
+    else:
+        denom = torch.as_tensor(counted, device=per_row.device).clamp_min(1).to(per_row.dtype)
     if reduction == "mean":
         denom = denom * vocab
     return total / denom
 
 
+def _dtypes(*tensors: torch.Tensor) -> Tuple[torch.dtype, torch.dtype]:
+    """(output dtype = promoted input dtype, compute dtype = float64 for float64 else float32)."""
+    out = tensors[0].dtype
+    for x in tensors[1:]:
+        out = torch.promote_types(out, x.dtype)
+    return out, (torch.float64 if out == torch.float64 else torch.float32)
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=like.dtype, device=like.device)
+
+
+def _plogp_ratio(p: torch.Tensor, log_p: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``p * (log p - log r)``, exactly 0 where ``p == 0`` (whatever log_r is), with finite
+    gradients there: both branches of the final where are finite. Where p > 0 and r == 0 it is +inf."""
+    pos = p > 0
+    zero = _zero(p)
+    diff = torch.where(pos, log_p, zero) - torch.where(pos, log_r, zero)
+    return torch.where(pos, p * diff, zero)
+
+
+def _safe_logsumexp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """logsumexp that returns -inf for an all -inf slice with a zero (not NaN) gradient."""
+    empty = (x == -math.inf).all(dim=dim, keepdim=True)
+    lse = torch.logsumexp(torch.where(empty, _zero(x), x), dim=dim)
+    return torch.where(empty.squeeze(dim), torch.full((), -math.inf, dtype=x.dtype, device=x.device), lse)
+
+
+def _safe_logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """log(exp(a) + exp(b)), -inf where both are -inf, with zero (not NaN) gradients there."""
+    both = (a == -math.inf) & (b == -math.inf)
+    zero = _zero(a)
+    out = torch.logaddexp(torch.where(both, zero, a), torch.where(both, zero, b))
+    return torch.where(both, torch.full((), -math.inf, dtype=a.dtype, device=a.device), out)
+
+
+def _keep_rows(
+    labels: Optional[torch.Tensor], ignore_index: int, per_row_shape: torch.Size, device: torch.device
+) -> Tuple[Optional[torch.Tensor], torch.Tensor | int]:
+    """(mask of counted rows or None, number of counted rows)."""
+    if labels is None:
+        return None, math.prod(per_row_shape)
+    keep = labels != ignore_index
+    return keep, keep.sum()
+
+
+def _mask(per_row: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    return per_row if keep is None else torch.where(keep, per_row, _zero(per_row))
+
+
+def _check_pair(student_logits, teacher_logits, temperature, reduction, labels, ignore_index, num_items_in_batch):
+    v.check_logits(student_logits, teacher_logits)
+    v.check_labels(labels, student_logits)
+    t = v.check_temperature(temperature)
+    v.check_reduction(reduction)
+    v.check_ignore_index(ignore_index)
+    num = v.check_num_items(num_items_in_batch, reduction)
+    return t, num
+
+
+def _log_softmaxes(student_logits, teacher_logits, t, cdtype):
+    log_q = F.log_softmax(student_logits.to(cdtype) / t, dim=-1)
+    log_p = F.log_softmax(teacher_logits.to(cdtype) / t, dim=-1)
+    return log_q, log_p
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hinton KD (+ hard-label mix)
+# --------------------------------------------------------------------------------------------------------
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -42,25 +144,257 @@ def kd_loss(
     labels: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     scale_by_temperature: bool = True,
-) -> torch.Tensor:
-    """Hinton KD in plain PyTorch: ``T^2 * KL(softmax(t/T) || softmax(s/T))`` summed over the last dim.
+    alpha: float = 0.0,
+    beta: Optional[float] = None,
+    num_items_in_batch: NumItems = None,
+    return_parts: bool = False,
+) -> Union[torch.Tensor, LossParts]:
+    """Hinton KD in plain PyTorch: ``T^2 * KL(softmax(t/T) || softmax(s/T))`` summed over the last dim, mixed
+    with the cross-entropy of the student against ``labels`` as ``alpha * CE + (1 - alpha or beta) * KD``.
     See :func:`fastkd.kd_loss` for the arguments."""
+    t, num = _check_pair(
+        student_logits, teacher_logits, temperature, reduction, labels, ignore_index, num_items_in_batch
+    )
+    a = v.check_nonneg_weight("alpha", alpha)
+    w = 1.0 - a if beta is None else v.check_nonneg_weight("beta", beta)
+    if a != 0.0:
+        if labels is None:
+            raise ValueError(
+                "labels are required when alpha != 0: they are the cross-entropy targets of the hard-label term"
+            )
+        v.check_target(labels, student_logits, ignore_index, required=True, name="labels")
+    out_dtype, cdtype = _dtypes(student_logits, teacher_logits)
+    vocab = student_logits.shape[-1]
+    log_q, log_p = _log_softmaxes(student_logits, teacher_logits, t, cdtype)
+    soft_rows = _plogp_ratio(log_p.exp(), log_p, log_q).sum(-1)
+    if scale_by_temperature:
+        soft_rows = soft_rows * (t * t)
+    keep, counted = _keep_rows(labels, ignore_index, soft_rows.shape, soft_rows.device)
+    soft_rows = _mask(soft_rows, keep)
+    soft = reduce_rows(soft_rows, reduction, counted, vocab, num)
+    if a != 0.0:
+        s = student_logits.to(cdtype)
+        y = torch.where(keep, labels, torch.zeros((), dtype=labels.dtype, device=labels.device)).long()
+        s_y = s.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        hard_rows = _mask(torch.logsumexp(s, dim=-1) - s_y, keep)
+        # CE is per row, never per vocabulary entry: "mean" divides it by the counted rows, as "batchmean".
+        hard = reduce_rows(hard_rows, "batchmean" if reduction == "mean" else reduction, counted, vocab, num)
+        loss = a * hard + w * soft
+    else:
+        hard = torch.zeros_like(soft)
+        loss = soft if w == 1.0 else w * soft
+    loss = loss.to(out_dtype)
+    if return_parts:
+        return LossParts(loss, soft.detach().to(out_dtype), hard.detach().to(out_dtype))
+    return loss
+
+
+# --------------------------------------------------------------------------------------------------------
+# reverse KL, generalized JSD, TVD
+# --------------------------------------------------------------------------------------------------------
+def reverse_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    reduction: str = "batchmean",
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    scale_by_temperature: bool = True,
+    num_items_in_batch: NumItems = None,
+) -> torch.Tensor:
+    """Reverse KL in plain PyTorch: ``T^2 * KL(softmax(s/T) || softmax(t/T))`` per row. +inf where the student
+    has mass the teacher lacks. See :func:`fastkd.reverse_kl_loss`."""
+    t, num = _check_pair(
+        student_logits, teacher_logits, temperature, reduction, labels, ignore_index, num_items_in_batch
+    )
+    out_dtype, cdtype = _dtypes(student_logits, teacher_logits)
+    log_q, log_p = _log_softmaxes(student_logits, teacher_logits, t, cdtype)
+    rows = _plogp_ratio(log_q.exp(), log_q, log_p).sum(-1)
+    if scale_by_temperature:
+        rows = rows * (t * t)
+    keep, counted = _keep_rows(labels, ignore_index, rows.shape, rows.device)
+    return reduce_rows(_mask(rows, keep), reduction, counted, student_logits.shape[-1], num).to(out_dtype)
+
+
+def jsd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    *,
+    reduction: str = "batchmean",
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    num_items_in_batch: NumItems = None,
+) -> torch.Tensor:
+    """Generalized JSD in plain PyTorch, with TRL GKD's ``generalized_jsd_loss`` semantics:
+    ``beta * KL(p || m) + (1 - beta) * KL(q || m)``, ``m = beta * p + (1 - beta) * q``; ``beta = 0`` is
+    ``KL(p || q)`` and ``beta = 1`` is ``KL(q || p)``. No T^2 factor. "batchmean" without labels and without
+    ``num_items_in_batch`` divides by ``student_logits.shape[0]`` (TRL's quirk: B, not B*T, for [B, T, V]).
+    See :func:`fastkd.jsd_loss`."""
+    t, num = _check_pair(
+        student_logits, teacher_logits, temperature, reduction, labels, ignore_index, num_items_in_batch
+    )
+    b = v.check_beta_unit(beta)
+    out_dtype, cdtype = _dtypes(student_logits, teacher_logits)
+    log_q, log_p = _log_softmaxes(student_logits, teacher_logits, t, cdtype)
+    p, q = log_p.exp(), log_q.exp()
+    if b == 0.0:
+        elems = _plogp_ratio(p, log_p, log_q)
+    elif b == 1.0:
+        elems = _plogp_ratio(q, log_q, log_p)
+    else:
+        log_m = _safe_logaddexp(log_p + math.log(b), log_q + math.log1p(-b))
+        elems = b * _plogp_ratio(p, log_p, log_m) + (1.0 - b) * _plogp_ratio(q, log_q, log_m)
+    rows = elems.sum(-1)
+    keep, counted = _keep_rows(labels, ignore_index, rows.shape, rows.device)
+    if reduction == "batchmean" and keep is None and student_logits.dim() >= 2:
+        counted = student_logits.shape[0]  # TRL: jsd.sum() / jsd.size(0); "mean" is jsd.mean() over all rows
+    return reduce_rows(_mask(rows, keep), reduction, counted, student_logits.shape[-1], num).to(out_dtype)
+
+
+def tvd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    reduction: str = "batchmean",
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    num_items_in_batch: NumItems = None,
+) -> torch.Tensor:
+    """Total variation distance in plain PyTorch: ``0.5 * sum_j |p_j - q_j|`` per row (no T^2); the
+    gradient at ties is 0 (``torch.abs``). See :func:`fastkd.tvd_loss`."""
+    t, num = _check_pair(
+        student_logits, teacher_logits, temperature, reduction, labels, ignore_index, num_items_in_batch
+    )
+    out_dtype, cdtype = _dtypes(student_logits, teacher_logits)
+    q = F.softmax(student_logits.to(cdtype) / t, dim=-1)
+    p = F.softmax(teacher_logits.to(cdtype) / t, dim=-1)
+    rows = 0.5 * (p - q).abs().sum(-1)
+    keep, counted = _keep_rows(labels, ignore_index, rows.shape, rows.device)
+    return reduce_rows(_mask(rows, keep), reduction, counted, student_logits.shape[-1], num).to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# DKD
+# --------------------------------------------------------------------------------------------------------
+def _dkd_logs(z: torch.Tensor, y: torch.Tensor, is_target: torch.Tensor):
+    """For logits z (already / T) and targets y: (log P(y), log P(not y), log of the softmax over the
+    non-target classes, -inf at the target), all from log-sum-exps."""
+    lse = torch.logsumexp(z, dim=-1)
+    z_y = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    z_nt = torch.where(is_target, torch.full((), -math.inf, dtype=z.dtype, device=z.device), z)
+    lse_nt = _safe_logsumexp(z_nt, dim=-1)
+    log_y = z_y - lse
+    log_nt = lse_nt - lse
+    # softmax over the non-target classes; if they all have -inf logits, every entry is -inf (mass 0)
+    finite_nt = torch.where(torch.isfinite(lse_nt), lse_nt, _zero(lse_nt))
+    log_hat = z_nt - finite_nt.unsqueeze(-1)
+    return log_y, log_nt, log_hat
+
+
+def dkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+    *,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    num_items_in_batch: NumItems = None,
+) -> torch.Tensor:
+    """Decoupled KD (mdistiller ``dkd_loss`` semantics) in plain PyTorch, computed exactly from log-sum-exps:
+    per row ``T^2 * (alpha * TCKD + beta * NCKD)``, TCKD the KL of the binary (target, rest) distributions,
+    NCKD the KL of the softmaxes over the non-target classes. See :func:`fastkd.dkd_loss`."""
     v.check_logits(student_logits, teacher_logits)
+    v.check_num_classes(student_logits, 2, "dkd_loss (it splits the target class from the others)")
+    t = v.check_temperature(temperature)
+    v.check_reduction(reduction)
+    v.check_ignore_index(ignore_index)
+    v.check_target(target, student_logits, ignore_index, required=True, name="target")
+    a = v.check_nonneg_weight("alpha", alpha)
+    b = v.check_nonneg_weight("beta", beta)
+    num = v.check_num_items(num_items_in_batch, reduction)
+    out_dtype, cdtype = _dtypes(student_logits, teacher_logits)
+    keep = target != ignore_index
+    y = torch.where(keep, target, torch.zeros((), dtype=target.dtype, device=target.device)).long()
+    zs = student_logits.to(cdtype) / t
+    zt = teacher_logits.to(cdtype) / t
+    is_target = torch.zeros(zs.shape, dtype=torch.bool, device=zs.device).scatter(-1, y.unsqueeze(-1), True)
+    lq_y, lq_nt, lq_hat = _dkd_logs(zs, y, is_target)
+    lp_y, lp_nt, lp_hat = _dkd_logs(zt, y, is_target)
+    tckd = _plogp_ratio(lp_y.exp(), lp_y, lq_y) + _plogp_ratio(lp_nt.exp(), lp_nt, lq_nt)
+    nckd = _plogp_ratio(lp_hat.exp(), lp_hat, lq_hat).sum(-1)
+    rows = (t * t) * (a * tckd + b * nckd)
+    rows = torch.where(keep, rows, _zero(rows))
+    return reduce_rows(rows, reduction, keep.sum(), student_logits.shape[-1], num).to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# top-k teacher KD
+# --------------------------------------------------------------------------------------------------------
+def topk_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_topk_values: torch.Tensor,
+    teacher_topk_indices: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    values_are: str = "logits",
+    tail: str = "renormalize",
+    reduction: str = "batchmean",
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    scale_by_temperature: bool = True,
+    num_items_in_batch: NumItems = None,
+) -> torch.Tensor:
+    """KD against a sparse (top-k) teacher in plain PyTorch. The teacher distribution over the kept entries is
+    ``softmax(values / T)`` (``values_are="logits"``) or the given log-probabilities (``"logprobs"``, no /T),
+    renormalized over the kept entries (``tail="renormalize"``) or completed by one tail bucket matched
+    against the student's mass outside the kept set (``tail="bucket"``; with ``k == V`` there is no tail
+    and no tail term, whatever rounding residue ``1 - sum(exp(values))`` has). The student is
+    ``softmax(student / T)`` over the full vocabulary. See :func:`fastkd.topk_kd_loss`."""
+    v.check_topk(student_logits, teacher_topk_values, teacher_topk_indices, values_are, tail)
     v.check_labels(labels, student_logits)
     t = v.check_temperature(temperature)
     v.check_reduction(reduction)
     v.check_ignore_index(ignore_index)
-    dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
-    log_q = F.log_softmax(student_logits.to(dtype) / t, dim=-1)
-    log_p = F.log_softmax(teacher_logits.to(dtype) / t, dim=-1)
+    num = v.check_num_items(num_items_in_batch, reduction)
+    vocab, k = student_logits.shape[-1], teacher_topk_values.shape[-1]
+    v.check_topk_indices_range(teacher_topk_indices, vocab, labels, ignore_index)
+    out_dtype, cdtype = _dtypes(student_logits, teacher_topk_values)
+    keep, counted = _keep_rows(labels, ignore_index, student_logits.shape[:-1], student_logits.device)
+    idx = teacher_topk_indices.long()
+    if keep is not None:  # ignored rows may hold any indices: use 0..k-1 there (valid and distinct)
+        fill = torch.arange(k, device=idx.device).expand_as(idx)
+        idx = torch.where(keep.unsqueeze(-1), idx, fill)
+    log_q = F.log_softmax(student_logits.to(cdtype) / t, dim=-1)
+    log_q_k = log_q.gather(-1, idx)
+    vals = teacher_topk_values.to(cdtype)
+    if values_are == "logits":
+        log_p = F.log_softmax(vals / t, dim=-1)
+    elif tail == "renormalize":
+        log_p = vals - torch.logsumexp(vals, dim=-1, keepdim=True)
+    else:
+        log_p = vals
     p = log_p.exp()
-    # p * (log p - log q), with 0 where the teacher has no mass (avoids 0 * (-inf - -inf) = NaN).
-    per_row = torch.where(p > 0, p * (log_p - log_q), torch.zeros((), dtype=dtype, device=p.device)).sum(-1)
+    rows = _plogp_ratio(p, log_p, log_q_k).sum(-1)
+    if tail == "bucket" and k < vocab:  # with k == V the kept set is the vocabulary: there is no tail
+        p_kept = p.sum(-1)
+        p_tail = (1.0 - p_kept).clamp_min(0.0)
+        # log(1 - kept mass) by log1p while the kept mass is small (a tail near 1 would otherwise lose its
+        # digits to cancellation), else by a log-sum-exp over the entries outside the kept set
+        log_p_tail = torch.where(p_kept < 0.5, torch.log1p(-p_kept.clamp(max=0.5)), p_tail.log())
+        q_kept = log_q_k.exp().sum(-1)
+        kept = torch.zeros(log_q.shape, dtype=torch.bool, device=log_q.device).scatter(-1, idx, True)
+        outside = torch.where(kept, torch.full((), -math.inf, dtype=cdtype, device=log_q.device), log_q)
+        log_q_tail = torch.where(
+            q_kept < 0.5, torch.log1p(-q_kept.clamp(max=0.5)), _safe_logsumexp(outside, dim=-1)
+        )
+        rows = rows + _plogp_ratio(p_tail, log_p_tail, log_q_tail)
     if scale_by_temperature:
-        per_row = per_row * (t * t)
-    counted: torch.Tensor | int = per_row.numel()
-    if labels is not None:
-        keep = labels != ignore_index
-        per_row = torch.where(keep, per_row, torch.zeros((), dtype=dtype, device=per_row.device))
-        counted = keep.sum()
-    return reduce_rows(per_row, reduction, counted, student_logits.shape[-1])
+        rows = rows * (t * t)
+    return reduce_rows(_mask(rows, keep), reduction, counted, vocab, num).to(out_dtype)

@@ -264,15 +264,23 @@ def _opcheck_samples(device):
     s = _logits((5, 33), device, seed=26)
     t = _logits((5, 33), device, seed=27)
     labels = torch.tensor([0, -100, 4, 1, 2], device=device)
-    yield (s.clone().requires_grad_(True), t, None, 4.0, -100, "batchmean", True, True, False)
-    yield (s.clone().requires_grad_(True), t.clone().requires_grad_(True), labels, 2.0, -100, "none", False, True, True)
-    yield (s, t, labels, 1.0, -100, "mean", True, False, False)
-    yield (s.double().requires_grad_(True), t.bfloat16(), None, 3.0, -100, "sum", True, True, False)
+    for args in [
+        (s.clone().requires_grad_(True), t, None, 4.0, -100, "batchmean", True, True, False),
+        (s.clone().requires_grad_(True), t.clone().requires_grad_(True), labels, 2.0, -100, "none", False, True, True),
+        (s, t, labels, 1.0, -100, "mean", True, False, False),
+        (s.double().requires_grad_(True), t.bfloat16(), None, 3.0, -100, "sum", True, True, False),
+    ]:
+        yield _kd_op_args(*args)
+
+
+def _kd_op_args(s, t, labels, temperature, ignore_index, reduction, scale, grad_s, grad_t):
+    """Arguments of torch.ops.fastkd.response_forward for plain Hinton KD."""
+    return (s, t, labels, None, "kl", temperature, 0.0, 0.0, 1.0, 0.0, ignore_index, reduction, scale, grad_s, grad_t)
 
 
 def test_opcheck(device):
     for args in _opcheck_samples(device):
-        torch.library.opcheck(torch.ops.fastkd.kd_forward, args)
+        torch.library.opcheck(torch.ops.fastkd.response_forward, args)
 
 
 def test_torch_compile_fullgraph(device):
@@ -430,7 +438,9 @@ def test_bad_input_messages(device):
 
 
 def test_raw_op_checks_name_the_argument(device):
-    op = torch.ops.fastkd.kd_forward
+    def op(*args):
+        return torch.ops.fastkd.response_forward(*_kd_op_args(*args))
+
     s, t = _logits((4, 10), device), _logits((4, 10), device, seed=39)
     with pytest.raises(RuntimeError, match="argument 'student_logits'"):
         op(s.reshape(-1), t.reshape(-1), None, 1.0, -100, "batchmean", True, False, False)

@@ -1,4 +1,5 @@
-// CUDA launch code for fastkd::kd_forward (kernels: kd_kernels.cuh).
+// CUDA entry points of fastkd::response_forward and fastkd::topk_kd_forward (kernels and the response
+// launcher: kd_kernels.cuh). The JSD/TVD kernels are instantiated in kd_cuda_psi.cu, compiled in parallel.
 #include <algorithm>
 #include <limits>
 #include <type_traits>
@@ -12,48 +13,79 @@
 #include "kd_kernels.cuh"
 
 namespace fastkd {
+namespace cuda {
+template void launch_response<Divergence::KL>(const KdCall&, cudaStream_t);
+template void launch_response<Divergence::ReverseKL>(const KdCall&, cudaStream_t);
+template void launch_response<Divergence::DKD>(const KdCall&, cudaStream_t);
+}  // namespace cuda
 
 // The CUDA version the kernels were compiled with (no driver call: works on machines without a GPU).
 int cuda_compiled_version() { return CUDART_VERSION; }
 
 namespace {
 
-int64_t grid_for_rows(int64_t rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(rows, std::numeric_limits<int32_t>::max()));
-}
+at::Tensor alloc_grad_cuda(at::IntArrayRef sizes, const at::TensorOptions& o) { return at::empty(sizes, o); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                               const std::optional<at::Tensor>& labels,
-                                                               double temperature, int64_t ignore_index,
-                                                               c10::string_view reduction, bool scale_by_temperature,
-                                                               bool grad_student, bool grad_teacher) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> response_forward_cuda(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const std::optional<at::Tensor>& num_items, c10::string_view divergence, double temperature, double beta,
+    double alpha, double soft_weight, double hard_weight, int64_t ignore_index, c10::string_view reduction,
+    bool scale_by_temperature, bool grad_student, bool grad_teacher) {
   const c10::cuda::CUDAGuard guard(student.device());
-  KdCall c = kd_prepare(student, teacher, labels, temperature, ignore_index,
+  KdCall c = kd_prepare(student, teacher, labels, num_items, std::string_view(divergence.data(), divergence.size()),
+                        temperature, beta, alpha, soft_weight, hard_weight, ignore_index,
                         std::string_view(reduction.data(), reduction.size()), scale_by_temperature, grad_student,
-                        grad_teacher, [](at::IntArrayRef sizes, const at::TensorOptions& o) { return at::empty(sizes, o); });
+                        grad_teacher, alloc_grad_cuda);
   const KdParams& p = c.p;
   if (p.rows > 0) {
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    const dim3 grid(static_cast<unsigned>(grid_for_rows(p.rows)));
-    kd_dispatch_pair(c.student.scalar_type(), c.teacher.scalar_type(), [&](auto s_tag, auto t_tag) {
-      using S = decltype(s_tag);
-      using T = decltype(t_tag);
-      using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
-      if (p.vocab <= 2048) {
-        cuda::kd_forward_kernel<S, T, Acc, 128><<<grid, 128, 0, stream>>>(p);
-      } else {
-        cuda::kd_forward_kernel<S, T, Acc, 512><<<grid, 512, 0, stream>>>(p);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    switch (p.divergence) {
+      case Divergence::KL: cuda::launch_response<Divergence::KL>(c, stream); break;
+      case Divergence::ReverseKL: cuda::launch_response<Divergence::ReverseKL>(c, stream); break;
+      case Divergence::JSD: cuda::launch_response<Divergence::JSD>(c, stream); break;
+      case Divergence::TVD: cuda::launch_response<Divergence::TVD>(c, stream); break;
+      case Divergence::DKD: cuda::launch_response<Divergence::DKD>(c, stream); break;
+    }
   }
   return kd_outputs(c);
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_kd_forward_cuda(const at::Tensor& student, const at::Tensor& values,
+                                                        const at::Tensor& indices, const std::optional<at::Tensor>& labels,
+                                                        const std::optional<at::Tensor>& num_items, double temperature,
+                                                        bool values_are_logprobs, bool tail_bucket,
+                                                        int64_t ignore_index, c10::string_view reduction,
+                                                        bool scale_by_temperature, bool grad_student) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  TopkCall c = topk_prepare(student, values, indices, labels, num_items, temperature, values_are_logprobs, tail_bucket,
+                            ignore_index, std::string_view(reduction.data(), reduction.size()), scale_by_temperature,
+                            grad_student, alloc_grad_cuda);
+  const TopkParams& p = c.p;
+  if (p.rows > 0) {
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const dim3 grid(cuda::grid_for_rows(p.rows));
+    auto run = [&](auto s_tag) {
+      using S = decltype(s_tag);
+      using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
+      cuda::topk_kernel<S, Acc, 512><<<grid, 512, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    switch (c.student.scalar_type()) {
+      case at::kDouble: run(double{}); break;
+      case at::kFloat: run(float{}); break;
+      case at::kHalf: run(at::Half{}); break;
+      case at::kBFloat16: run(at::BFloat16{}); break;
+      default: TORCH_INTERNAL_ASSERT(false, "unexpected student dtype");
+    }
+  }
+  return topk_outputs(c);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
-  m.impl("kd_forward", &kd_forward_cuda);
+  m.impl("response_forward", &response_forward_cuda);
+  m.impl("topk_kd_forward", &topk_kd_forward_cuda);
 }
 
 }  // namespace fastkd

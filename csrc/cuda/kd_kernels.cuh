@@ -1,20 +1,25 @@
-// CUDA kernels of fastkd::kd_forward. One block per row (grid-stride over rows),
-// three sweeps per row as in the CPU kernel: row maxima, the sums that give the row's KL, gradients.
-// The per-element math is kd_math.h (FASTKD_HOST_DEVICE), shared with the CPU kernels; block
-// reductions are CUB's (fixed order: deterministic); all indexing is int64.
+// CUDA kernels of fastkd::response_forward and fastkd::topk_kd_forward. One block per row (grid-stride
+// over rows), the same sweeps per row as the CPU kernels: row maxima, the sums that give the row's loss
+// (plus, for JSD/TVD, the sums over the normalized distributions), gradients. The per-element and per-row
+// math is kd_math.h (FASTKD_HOST_DEVICE), shared with the CPU kernels; block reductions are CUB's (fixed
+// order: deterministic); all indexing is int64.
 #pragma once
 
 #include <cstdint>
 #include <limits>
 
+#include <algorithm>
+#include <type_traits>
+
+#include <c10/cuda/CUDAException.h>
 #include <cub/block/block_reduce.cuh>
 
-#include "fastkd/kd_params.h"
+#include "fastkd/kd_host.h"
 
 namespace fastkd {
 namespace cuda {
 
-constexpr int kPack = 4;  // elements per vectorized load/store
+constexpr int kPack = 4;  // elements per vectorized load
 
 template <typename X>
 struct alignas(sizeof(X) * kPack) Pack {
@@ -26,29 +31,45 @@ __device__ __forceinline__ bool is_pack_aligned(const void* ptr) {
   return reinterpret_cast<uintptr_t>(ptr) % sizeof(Pack<X>) == 0;
 }
 
-template <typename Acc>
-struct Sums {
-  Acc z_s, z_t, dot;
+// N accumulators reduced together (one CUB reduction per sweep).
+template <typename Acc, int N>
+struct Acc4 {
+  Acc v[N];
 };
 
-template <typename Acc>
-struct SumsOp {
-  __device__ __forceinline__ Sums<Acc> operator()(const Sums<Acc>& x, const Sums<Acc>& y) const {
-    return {x.z_s + y.z_s, x.z_t + y.z_t, x.dot + y.dot};
+template <typename Acc, int N>
+struct SumOp {
+  __device__ __forceinline__ Acc4<Acc, N> operator()(const Acc4<Acc, N>& x, const Acc4<Acc, N>& y) const {
+    Acc4<Acc, N> r;
+#pragma unroll
+    for (int k = 0; k < N; ++k) r.v[k] = x.v[k] + y.v[k];
+    return r;
   }
 };
 
-template <typename Acc>
-struct Maxes {
-  Acc s, t;
-};
-
-template <typename Acc>
-struct MaxesOp {
-  __device__ __forceinline__ Maxes<Acc> operator()(const Maxes<Acc>& x, const Maxes<Acc>& y) const {
-    return {kd_nan_max(x.s, y.s), kd_nan_max(x.t, y.t)};
+template <typename Acc, int N>
+struct MaxOp {
+  __device__ __forceinline__ Acc4<Acc, N> operator()(const Acc4<Acc, N>& x, const Acc4<Acc, N>& y) const {
+    Acc4<Acc, N> r;
+#pragma unroll
+    for (int k = 0; k < N; ++k) r.v[k] = kd_nan_max(x.v[k], y.v[k]);
+    return r;
   }
 };
+
+// Block-wide reduction of N values, result broadcast to every thread.
+template <int kBlock, typename Acc, int N, typename Op>
+__device__ __forceinline__ Acc4<Acc, N> block_reduce(Acc4<Acc, N> x, Op op) {
+  using Reduce = cub::BlockReduce<Acc4<Acc, N>, kBlock>;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ Acc4<Acc, N> result;
+  x = Reduce(tmp).Reduce(x, op);
+  if (threadIdx.x == 0) result = x;
+  __syncthreads();
+  const Acc4<Acc, N> out = result;
+  __syncthreads();  // tmp and result are reused by the next call
+  return out;
+}
 
 // Calls f(i, s_i, t_i) for this thread's share of the row [0, V): packs of kPack when the row pointers
 // allow it, then a scalar tail.
@@ -68,22 +89,20 @@ __device__ __forceinline__ void for_each_in_row(const S* s, const T* t, int64_t 
   for (int64_t i = start + threadIdx.x; i < V; i += kBlock) f(i, static_cast<Acc>(s[i]), static_cast<Acc>(t[i]));
 }
 
-template <typename S, typename T, typename Acc, int kBlock>
-__global__ void __launch_bounds__(kBlock) kd_forward_kernel(KdParams p) {
-  using MaxReduce = cub::BlockReduce<Maxes<Acc>, kBlock>;
-  using SumReduce = cub::BlockReduce<Sums<Acc>, kBlock>;
-  __shared__ union {
-    typename MaxReduce::TempStorage max;
-    typename SumReduce::TempStorage sum;
-  } tmp;
-  __shared__ Acc row_scalars[3];  // max_s, max_t (after sweep 1); z_s, z_t, dot reuse after sweep 2
-  __shared__ Sums<Acc> row_sums;
-
+template <Divergence D, typename S, typename T, typename Acc, int kBlock>
+__global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
+  constexpr bool kKLType = D == Divergence::KL || D == Divergence::ReverseKL || D == Divergence::DKD;
+  constexpr bool kPsi = D == Divergence::JSD || D == Divergence::TVD;
+  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   const int64_t V = p.vocab;
-  const int64_t counted = p.counted_rows ? *p.counted_rows : p.rows;
-  const Acc coef = static_cast<Acc>(kd_grad_coef(p, counted));
+  const double count = kd_count(p.count, p.rows);
+  const double coef = kd_grad_coef(p, count);
+  const Acc ce_coef = static_cast<Acc>(p.hard ? ce_grad_coef(p, count) : 0.0);
   const Acc inv_t = static_cast<Acc>(p.inv_temperature);
-  auto* row_loss = static_cast<Acc*>(p.row_loss);
+  const bool z1_separate = p.hard && p.inv_temperature != 1.0;
+  const Acc beta = static_cast<Acc>(p.beta), one_minus_beta = static_cast<Acc>(1.0 - p.beta);
+  auto* row_soft = static_cast<Acc*>(p.row_soft);
+  auto* row_hard = static_cast<Acc*>(p.row_hard);
 
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
     const S* s = static_cast<const S*>(p.student) + r * p.student_row_stride;
@@ -92,60 +111,244 @@ __global__ void __launch_bounds__(kBlock) kd_forward_kernel(KdParams p) {
     T* gt = p.grad_teacher ? static_cast<T*>(p.grad_teacher) + r * V : nullptr;
 
     if (!kd_row_counted(p.labels, r, p.ignore_index)) {
-      if (threadIdx.x == 0) row_loss[r] = Acc(0);
+      if (threadIdx.x == 0) {
+        row_soft[r] = Acc(0);
+        if (p.hard) row_hard[r] = Acc(0);
+      }
       for (int64_t i = threadIdx.x; i < V; i += kBlock) {
         if (gs) gs[i] = S(0);
         if (gt) gt[i] = T(0);
       }
       continue;
     }
-    const bool packed = is_pack_aligned<S>(s) && is_pack_aligned<T>(t) && (!gs || is_pack_aligned<S>(gs)) &&
-                        (!gt || is_pack_aligned<T>(gt));
+    const int64_t y = p.labels ? p.labels[r] : -1;
+    const int64_t excl = D == Divergence::DKD ? y : -1;
+    const bool packed = is_pack_aligned<S>(s) && is_pack_aligned<T>(t);
 
-    // Sweep 1: row maxima.
-    Maxes<Acc> m{-std::numeric_limits<Acc>::infinity(), -std::numeric_limits<Acc>::infinity()};
-    for_each_in_row<kBlock, Acc>(s, t, V, packed, [&](int64_t, Acc sv, Acc tv) {
-      m.s = kd_nan_max(m.s, sv);
-      m.t = kd_nan_max(m.t, tv);
+    // Sweep 1: row maxima (DKD: over the non-target classes).
+    Acc4<Acc, 2> m{{neg_inf, neg_inf}};
+    for_each_in_row<kBlock, Acc>(s, t, V, packed, [&](int64_t i, Acc sv, Acc tv) {
+      if (i == excl) return;
+      m.v[0] = kd_nan_max(m.v[0], sv);
+      m.v[1] = kd_nan_max(m.v[1], tv);
     });
-    m = MaxReduce(tmp.max).Reduce(m, MaxesOp<Acc>());
-    if (threadIdx.x == 0) {
-      row_scalars[0] = m.s;
-      row_scalars[1] = m.t;
-    }
-    __syncthreads();
-    const Acc max_s = row_scalars[0], max_t = row_scalars[1];
+    m = block_reduce<kBlock>(m, MaxOp<Acc, 2>());
+    const Acc max_s = m.v[0], max_t = m.v[1];
 
-    // Sweep 2: Z_s, Z_t, sum e_t (a - b).
-    Sums<Acc> acc{Acc(0), Acc(0), Acc(0)};
-    for_each_in_row<kBlock, Acc>(s, t, V, packed, [&](int64_t, Acc sv, Acc tv) {
+    // Sweep 2: Z_s, Z_t, the KL-type dot product, Z of the student at T = 1 (CE).
+    Acc4<Acc, 4> z{{Acc(0), Acc(0), Acc(0), Acc(0)}};
+    for_each_in_row<kBlock, Acc>(s, t, V, packed, [&](int64_t i, Acc sv, Acc tv) {
+      if (i == excl) return;
       const Acc a = kd_shift(tv, max_t, inv_t);
       const Acc b = kd_shift(sv, max_s, inv_t);
-      const Acc et = fk_exp(a);
-      acc.z_s += fk_exp(b);
-      acc.z_t += et;
-      acc.dot += kd_dot_term(et, a, b);
+      const Acc et = fk_exp(a), es = fk_exp(b);
+      z.v[0] += es;
+      z.v[1] += et;
+      if constexpr (D == Divergence::ReverseKL) z.v[2] += kd_dot_term(es, b, a);
+      else if constexpr (kKLType) z.v[2] += kd_dot_term(et, a, b);
+      if (z1_separate) z.v[3] += fk_exp(sv - max_s);
     });
-    acc = SumReduce(tmp.sum).Reduce(acc, SumsOp<Acc>());
-    if (threadIdx.x == 0) row_sums = acc;
-    __syncthreads();
-    const Sums<Acc> tot = row_sums;
-    const Acc kl = kd_row_kl(tot.z_s, tot.z_t, tot.dot);
-    if (threadIdx.x == 0) row_loss[r] = static_cast<Acc>(p.loss_factor) * kl;
+    z = block_reduce<kBlock>(z, SumOp<Acc, 4>());
+    const double z_s = z.v[0], z_t = z.v[1], dot = z.v[2];
+    const double log_zs_d = ::log(z_s), log_zt_d = ::log(z_t);
+    const Acc log_zs = static_cast<Acc>(log_zs_d), log_zt = static_cast<Acc>(log_zt_d);
+    const double log_z1_d = z1_separate ? ::log(static_cast<double>(z.v[3])) : log_zs_d;
+    const Acc log_z1 = static_cast<Acc>(log_z1_d);
+    if (p.hard && threadIdx.x == 0) {
+      row_hard[r] = static_cast<Acc>(log_z1_d + static_cast<double>(max_s) - static_cast<double>(static_cast<Acc>(s[y])));
+    }
 
-    // Sweep 3: gradients.
+    // Sweep 3 (JSD, TVD): sums over the normalized distributions.
+    auto psi_terms = [&](Acc sv, Acc tv, Acc& pp, Acc& qq, Acc& psi_p, Acc& psi_q, Acc& phi) {
+      const Acc lp = kd_shift(tv, max_t, inv_t) - log_zt;
+      const Acc lq = kd_shift(sv, max_s, inv_t) - log_zs;
+      pp = fk_exp(lp);
+      qq = fk_exp(lq);
+      if constexpr (D == Divergence::JSD) {
+        jsd_terms(lp, lq, pp, qq, beta, one_minus_beta, psi_p, psi_q);
+        phi = psi_p + psi_q;
+      } else {
+        tvd_terms(pp, qq, psi_p, psi_q, phi);
+      }
+    };
+    double divergence = 0.0, sum_psi_p = 0.0, sum_psi_q = 0.0;
+    if constexpr (kPsi) {
+      Acc4<Acc, 3> acc{{Acc(0), Acc(0), Acc(0)}};
+      for_each_in_row<kBlock, Acc>(s, t, V, packed, [&](int64_t, Acc sv, Acc tv) {
+        Acc pp, qq, psi_p, psi_q, phi;
+        psi_terms(sv, tv, pp, qq, psi_p, psi_q, phi);
+        acc.v[0] += phi;
+        acc.v[1] += psi_p;
+        acc.v[2] += psi_q;
+      });
+      acc = block_reduce<kBlock>(acc, SumOp<Acc, 3>());
+      divergence = acc.v[0];
+      sum_psi_p = acc.v[1];
+      sum_psi_q = acc.v[2];
+    }
+
+    DkdRow dkd{};
+    if constexpr (D == Divergence::KL) divergence = kd_row_kl(z_s, z_t, dot);
+    if constexpr (D == Divergence::ReverseKL) divergence = kd_row_kl(z_t, z_s, dot);
+    if constexpr (D == Divergence::DKD) {
+      dkd = dkd_row(max_s, max_t, z_s, z_t, dot, static_cast<Acc>(s[y]), static_cast<Acc>(t[y]), p.inv_temperature);
+      divergence = p.alpha * dkd.tckd + p.beta * dkd.nckd;
+    }
+    if (threadIdx.x == 0) row_soft[r] = static_cast<Acc>(p.loss_factor * divergence);
+
+    // Sweep 4: gradients.
     if (gs || gt) {
-      const Acc log_zs = fk_log(tot.z_s), log_zt = fk_log(tot.z_t);
+      Acc cq = static_cast<Acc>(coef), cp = cq, ct = cq, kt = static_cast<Acc>(coef * divergence);
+      Acc gs_y = 0, gt_y = 0;
+      if constexpr (D == Divergence::DKD) {
+        cq = static_cast<Acc>(coef * (p.beta + p.alpha * (dkd.p_y - dkd.q_y)));
+        cp = ct = static_cast<Acc>(coef * p.beta);
+        kt = static_cast<Acc>(coef * (p.beta * dkd.nckd + p.alpha * dkd.g * dkd.p_y * (1.0 - dkd.p_y)));
+        gs_y = static_cast<Acc>(coef * p.alpha * (dkd.q_y - dkd.p_y));
+        gt_y = static_cast<Acc>(coef * p.alpha * dkd.g * dkd.p_y * (1.0 - dkd.p_y));
+      }
+      const Acc c = static_cast<Acc>(coef);
+      const Acc spp = static_cast<Acc>(sum_psi_p), spq = static_cast<Acc>(sum_psi_q);
       for_each_in_row<kBlock, Acc>(s, t, V, packed, [&](int64_t i, Acc sv, Acc tv) {
-        const Acc a = kd_shift(tv, max_t, inv_t);
-        const Acc b = kd_shift(sv, max_s, inv_t);
-        if (gs) gs[i] = static_cast<S>(kd_grad_student(a, b, log_zt, log_zs, coef));
-        if (gt) gt[i] = static_cast<T>(kd_grad_teacher(a, b, log_zt, log_zs, kl, coef));
+        Acc g_s = 0, g_t = 0;
+        if constexpr (kPsi) {
+          Acc pp, qq, psi_p, psi_q, phi;
+          psi_terms(sv, tv, pp, qq, psi_p, psi_q, phi);
+          g_s = psi_grad(psi_q, qq, spq, c);
+          g_t = psi_grad(psi_p, pp, spp, c);
+        } else {
+          const Acc a = kd_shift(tv, max_t, inv_t);
+          const Acc b = kd_shift(sv, max_s, inv_t);
+          if constexpr (D == Divergence::ReverseKL) {
+            g_s = kd_grad_teacher2(b, a, log_zs, log_zt, ct, kt);
+            g_t = kd_grad_student2(b, a, log_zs, log_zt, cq, cp);
+          } else {
+            g_s = kd_grad_student2(a, b, log_zt, log_zs, cq, cp);
+            g_t = kd_grad_teacher2(a, b, log_zt, log_zs, ct, kt);
+          }
+        }
+        if constexpr (D == Divergence::DKD) {
+          if (i == y) {
+            g_s = gs_y;
+            g_t = gt_y;
+          }
+        }
+        if (p.hard) g_s += ce_coef * (fk_exp(sv - max_s - log_z1) - (i == y ? Acc(1) : Acc(0)));
+        if (gs) gs[i] = static_cast<S>(g_s);
+        if (gt) gt[i] = static_cast<T>(g_t);
       });
     }
-    __syncthreads();  // shared scalars are rewritten by the next row
+    __syncthreads();  // the next row reuses the shared reduction storage
   }
 }
+
+// Whether x is one of the n sorted values idx[0..n).
+__device__ __forceinline__ bool sorted_contains(const int64_t* idx, int64_t n, int64_t x) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (idx[mid] < x) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo < n && idx[lo] == x;
+}
+
+template <typename S, typename Acc, int kBlock>
+__global__ void __launch_bounds__(kBlock) topk_kernel(TopkParams p) {
+  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  const int64_t V = p.vocab, K = p.k;
+  const double count = kd_count(p.count, p.rows);
+  const double coef = p.loss_factor * p.inv_temperature / kd_denominator(p.reduction, count, V);
+  const Acc inv_t = static_cast<Acc>(p.inv_temperature);
+  const double scale = p.values_are_logprobs ? 1.0 : p.inv_temperature;
+  auto* row_soft = static_cast<Acc*>(p.row_soft);
+
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const S* s = static_cast<const S*>(p.student) + r * p.student_row_stride;
+    const Acc* v = static_cast<const Acc*>(p.values) + r * K;
+    const int64_t* idx = p.indices + r * K;
+    S* gs = p.grad_student ? static_cast<S*>(p.grad_student) + r * V : nullptr;
+    if (!kd_row_counted(p.labels, r, p.ignore_index)) {
+      if (threadIdx.x == 0) row_soft[r] = Acc(0);
+      if (gs) for (int64_t i = threadIdx.x; i < V; i += kBlock) gs[i] = S(0);
+      continue;
+    }
+    // Maxima of the student row and of the teacher's k values.
+    Acc4<Acc, 2> m{{neg_inf, neg_inf}};
+    for (int64_t i = threadIdx.x; i < V; i += kBlock) m.v[0] = kd_nan_max(m.v[0], static_cast<Acc>(s[i]));
+    for (int64_t k = threadIdx.x; k < K; k += kBlock) m.v[1] = kd_nan_max(m.v[1], v[k]);
+    m = block_reduce<kBlock>(m, MaxOp<Acc, 2>());
+    const Acc max_s = m.v[0];
+    const double max_v = m.v[1];
+    // Z_s, the student's mass outside the kept set (tail bucket only), the teacher's Z.
+    Acc4<Acc, 3> z{{Acc(0), Acc(0), Acc(0)}};
+    for (int64_t i = threadIdx.x; i < V; i += kBlock) {
+      const Acc e = fk_exp(kd_shift(static_cast<Acc>(s[i]), max_s, inv_t));
+      z.v[0] += e;
+      if (p.tail_bucket && !sorted_contains(idx, K, i)) z.v[1] += e;
+    }
+    for (int64_t k = threadIdx.x; k < K; k += kBlock) z.v[2] += static_cast<Acc>(::exp((v[k] - max_v) * scale));
+    z = block_reduce<kBlock>(z, SumOp<Acc, 3>());
+    const TopkTeacher tt = topk_teacher(max_v, z.v[2], p.values_are_logprobs, p.tail_bucket, p.inv_temperature);
+    const double log_zs = ::log(static_cast<double>(z.v[0]));
+    // Row loss over the kept entries (+ the tail bucket).
+    auto b_of = [&](int64_t j) { return (static_cast<double>(static_cast<Acc>(s[j])) - max_s) * p.inv_temperature; };
+    Acc4<Acc, 1> kl{{Acc(0)}};
+    for (int64_t k = threadIdx.x; k < K; k += kBlock) {
+      const double lp = static_cast<double>(v[k]) * tt.scale - tt.shift;
+      const double pk = ::exp(lp);
+      if (pk > 0.0) kl.v[0] += static_cast<Acc>(pk * (lp - (b_of(idx[k]) - log_zs)));
+    }
+    kl = block_reduce<kBlock>(kl, SumOp<Acc, 1>());
+    double row = kl.v[0], tail_ratio = 0.0;
+    if (tt.p_tail > 0.0) {
+      const double log_q_tail = ::log(static_cast<double>(z.v[1])) - log_zs;
+      row += tt.p_tail * (tt.log_tail - log_q_tail);
+      tail_ratio = ::exp(tt.log_tail - log_q_tail);
+    }
+    if (threadIdx.x == 0) row_soft[r] = static_cast<Acc>(p.loss_factor * row);
+    if (gs) {
+      const Acc dense = static_cast<Acc>(coef * (1.0 - tail_ratio)), lzs = static_cast<Acc>(log_zs);
+      for (int64_t i = threadIdx.x; i < V; i += kBlock) {
+        gs[i] = static_cast<S>(dense * fk_exp(kd_shift(static_cast<Acc>(s[i]), max_s, inv_t) - lzs));
+      }
+      __syncthreads();  // the kept entries are overwritten after the dense write
+      for (int64_t k = threadIdx.x; k < K; k += kBlock) {
+        const double lp = static_cast<double>(v[k]) * tt.scale - tt.shift;
+        gs[idx[k]] = static_cast<S>(coef * (::exp(b_of(idx[k]) - log_zs) - ::exp(lp)));
+      }
+    }
+    __syncthreads();
+  }
+}
+
+inline unsigned grid_for_rows(int64_t rows) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(rows, std::numeric_limits<int32_t>::max())));
+}
+
+// Launches response_kernel<D> for the (student, teacher) dtypes of the call on `stream`.
+template <Divergence D>
+void launch_response(const KdCall& c, cudaStream_t stream) {
+  const KdParams& p = c.p;
+  const dim3 grid(grid_for_rows(p.rows));
+  kd_dispatch_pair(c.student.scalar_type(), c.teacher.scalar_type(), [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    using T = decltype(t_tag);
+    using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
+    if (p.vocab <= 2048) {
+      response_kernel<D, S, T, Acc, 128><<<grid, 128, 0, stream>>>(p);
+    } else {
+      response_kernel<D, S, T, Acc, 512><<<grid, 512, 0, stream>>>(p);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+extern template void launch_response<Divergence::KL>(const KdCall&, cudaStream_t);
+extern template void launch_response<Divergence::ReverseKL>(const KdCall&, cudaStream_t);
+extern template void launch_response<Divergence::DKD>(const KdCall&, cudaStream_t);
+extern template void launch_response<Divergence::JSD>(const KdCall&, cudaStream_t);
+extern template void launch_response<Divergence::TVD>(const KdCall&, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace fastkd

@@ -1,4 +1,3 @@
-"""Python-side registrations of fastkd's custom operators (fake kernels for torch.compile and autograd
-formulas). Imported by fastkd once the compiled library has been loaded."""
+"""Python-side registrations (fake kernels, autograd) of the compiled operators in torch.ops.fastkd."""
 
-from fastkd.ops import kd  # noqa: F401
+from fastkd.ops import response  # noqa: F401

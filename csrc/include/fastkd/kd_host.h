@@ -1,9 +1,12 @@
-// ATen-side code shared by the CPU and CUDA implementations of fastkd::kd_forward: argument checks,
-// output allocation, dtype dispatch and the final (deterministic) reduction over rows. Header-only so
-// that the per-ISA CPU libraries and the CUDA library each carry the same definitions.
+// ATen-side code shared by the CPU and CUDA implementations of the response-loss operators
+// (fastkd::response_forward, fastkd::topk_kd_forward): argument checks, output allocation, dtype dispatch
+// and the final (deterministic) reduction over rows. Header-only so that the per-ISA CPU libraries and the
+// CUDA library each carry the same definitions.
 #pragma once
 
+#include <optional>
 #include <string_view>
+#include <tuple>
 #include <utility>
 
 #include <ATen/ATen.h>
@@ -24,94 +27,157 @@ inline Reduction parse_reduction(std::string_view r) {
               "'");
 }
 
+inline Divergence parse_divergence(std::string_view d) {
+  if (d == "kl") return Divergence::KL;
+  if (d == "reverse_kl") return Divergence::ReverseKL;
+  if (d == "jsd") return Divergence::JSD;
+  if (d == "tvd") return Divergence::TVD;
+  if (d == "dkd") return Divergence::DKD;
+  TORCH_CHECK(false, "fastkd: argument 'divergence': expected one of 'kl', 'reverse_kl', 'jsd', 'tvd', 'dkd', got '",
+              d, "'");
+}
+
 inline bool is_kd_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
-// Calls f(S{}, T{}) with the C++ element types of student and teacher. fp64 pairs only with fp64
-// (kd_prepare upcasts the other side); fp32/fp16/bf16 combine freely.
+// The (student, teacher) element-type pairs the kernels are compiled for: equal types, and an fp32
+// student with a reduced-precision teacher (a bf16/fp16 teacher distilling into an fp32 student). Other
+// mixes run in a common type: fp64 if either side is fp64, else fp32 (see kd_compute_types).
+inline std::pair<at::ScalarType, at::ScalarType> kd_compute_types(at::ScalarType s, at::ScalarType t) {
+  if (s == at::kDouble || t == at::kDouble) return {at::kDouble, at::kDouble};
+  if (s == t || (s == at::kFloat && (t == at::kHalf || t == at::kBFloat16))) return {s, t};
+  return {at::kFloat, at::kFloat};
+}
+
+// Calls f(S{}, T{}) with the C++ element types of a pair that kd_compute_types returns.
 template <typename F>
 void kd_dispatch_pair(at::ScalarType s, at::ScalarType t, F&& f) {
-  if (s == at::kDouble) {
-    TORCH_INTERNAL_ASSERT(t == at::kDouble);
-    f(double{}, double{});
-    return;
-  }
-  auto inner = [&](auto s_tag) {
-    switch (t) {
-      case at::kFloat: f(s_tag, float{}); break;
-      case at::kHalf: f(s_tag, at::Half{}); break;
-      case at::kBFloat16: f(s_tag, at::BFloat16{}); break;
-      default: TORCH_INTERNAL_ASSERT(false, "unexpected teacher dtype");
-    }
-  };
-  switch (s) {
-    case at::kFloat: inner(float{}); break;
-    case at::kHalf: inner(at::Half{}); break;
-    case at::kBFloat16: inner(at::BFloat16{}); break;
-    default: TORCH_INTERNAL_ASSERT(false, "unexpected student dtype");
+  if (s == at::kDouble && t == at::kDouble) return f(double{}, double{});
+  if (s == at::kFloat && t == at::kFloat) return f(float{}, float{});
+  if (s == at::kHalf && t == at::kHalf) return f(at::Half{}, at::Half{});
+  if (s == at::kBFloat16 && t == at::kBFloat16) return f(at::BFloat16{}, at::BFloat16{});
+  if (s == at::kFloat && t == at::kHalf) return f(float{}, at::Half{});
+  if (s == at::kFloat && t == at::kBFloat16) return f(float{}, at::BFloat16{});
+  TORCH_INTERNAL_ASSERT(false, "fastkd: no kernel for student ", s, " with teacher ", t);
+}
+
+inline void check_logits_arg(const at::Tensor& x, const char* name) {
+  FASTKD_CHECK_ARG(x.dim() == 2, name, "expected a 2-D [rows, vocab] tensor, got ", x.dim(), "-D");
+  FASTKD_CHECK_ARG(is_kd_dtype(x.scalar_type()), name, "expected float32, float16, bfloat16 or float64, got ",
+                   x.scalar_type());
+}
+
+inline at::Tensor rows_with_unit_stride(const at::Tensor& x, at::ScalarType dtype) {
+  at::Tensor y = x.to(dtype);
+  return y.stride(1) == 1 ? y : y.contiguous();
+}
+
+// Labels: int64 [rows] on the device, or undefined.
+inline at::Tensor prepare_labels(const std::optional<at::Tensor>& labels, const at::Tensor& like, int64_t rows) {
+  if (!labels.has_value()) return {};
+  const at::Tensor& l = *labels;
+  FASTKD_CHECK_ARG(l.device() == like.device(), "labels", "expected device ", like.device(), ", got ", l.device());
+  FASTKD_CHECK_ARG(!at::isFloatingType(l.scalar_type()) && !at::isComplexType(l.scalar_type()) &&
+                       l.scalar_type() != at::kBool,
+                   "labels", "expected an integer tensor, got ", l.scalar_type());
+  FASTKD_CHECK_ARG(l.dim() == 1 && l.size(0) == rows, "labels", "expected shape [", rows, "], got ", l.sizes());
+  return l.to(at::kLong).contiguous();
+}
+
+// Labels used as class targets (cross-entropy, DKD): every counted one must index the vocabulary.
+// One host sync on CUDA, as the alternative (a device-side assert) would poison the context.
+inline void check_targets_in_range(const at::Tensor& labels, int64_t ignore_index, int64_t vocab) {
+  if (labels.numel() == 0) return;
+  const at::Tensor bad = labels.ne(ignore_index).logical_and(labels.lt(0).logical_or(labels.ge(vocab)));
+  if (bad.any().item<bool>()) {
+    const int64_t value = labels.masked_select(bad)[0].item<int64_t>();
+    FASTKD_CHECK_ARG(false, "labels", "class targets must be in [0, ", vocab, ") or equal ignore_index (",
+                     ignore_index, "), got ", value);
   }
 }
 
+// The divisor of 'batchmean'/'mean': num_items_in_batch when given, else the number of counted rows
+// (undefined = every row counts). A double scalar on the device.
+inline at::Tensor prepare_count(const std::optional<at::Tensor>& num_items, const at::Tensor& labels,
+                                int64_t ignore_index, const at::Tensor& like) {
+  if (num_items.has_value()) {
+    const at::Tensor& n = *num_items;
+    FASTKD_CHECK_ARG(n.numel() == 1 && !at::isComplexType(n.scalar_type()) && n.scalar_type() != at::kBool,
+                     "num_items", "expected a real scalar tensor, got ", n.scalar_type(), " of shape ", n.sizes());
+    FASTKD_CHECK_ARG(n.is_cpu() || n.device() == like.device(), "num_items", "expected device ", like.device(),
+                     " or cpu, got ", n.device());
+    if (n.is_cpu()) {
+      const double value = n.item<double>();
+      FASTKD_CHECK_ARG(std::isfinite(value) && value > 0.0, "num_items", "expected a finite value > 0, got ", value);
+    }
+    return n.reshape({}).to(like.device(), at::kDouble);
+  }
+  if (labels.defined()) return labels.ne(ignore_index).sum().to(at::kDouble);
+  return {};
+}
+
 struct KdCall {
-  at::Tensor student, teacher;           // 2-D views [rows, vocab], unit stride along vocab
-  at::Tensor labels;                     // int64 [rows] or undefined
-  at::Tensor count;                      // int64 scalar on the device, or undefined (all rows count)
-  at::Tensor row_loss;                   // [rows] accumulation dtype
-  at::Tensor grad_student, grad_teacher; // [rows, vocab] or empty
+  at::Tensor student, teacher;            // 2-D views [rows, vocab], unit stride along vocab
+  at::Tensor labels;                      // int64 [rows] or undefined
+  at::Tensor count;                       // double scalar on the device, or undefined (all rows count)
+  at::Tensor row_soft, row_hard;          // [rows] accumulation dtype (row_hard: [0] unless hard)
+  at::Tensor grad_student, grad_teacher;  // [rows, vocab] or empty
   at::ScalarType student_dtype, teacher_dtype, out_dtype;
   KdParams p;
 };
 
-// Validates the arguments of kd_forward and allocates its outputs (gradients through alloc_grad, which
-// each device picks). Every failure names the argument.
+// Validates the arguments of response_forward and allocates its outputs (gradients through alloc_grad,
+// which each device picks). Every failure names the argument.
 template <typename GradAlloc>
 KdCall kd_prepare(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-                         double temperature, int64_t ignore_index, std::string_view reduction,
-                         bool scale_by_temperature, bool grad_student, bool grad_teacher,
+                  const std::optional<at::Tensor>& num_items, std::string_view divergence, double temperature,
+                  double beta, double alpha, double soft_weight, double hard_weight, int64_t ignore_index,
+                  std::string_view reduction, bool scale_by_temperature, bool grad_student, bool grad_teacher,
                   GradAlloc&& alloc_grad) {
-  FASTKD_CHECK_ARG(student.dim() == 2, "student_logits", "expected a 2-D [rows, vocab] tensor, got ", student.dim(),
-                   "-D");
+  check_logits_arg(student, "student_logits");
+  check_logits_arg(teacher, "teacher_logits");
   FASTKD_CHECK_ARG(teacher.sizes() == student.sizes(), "teacher_logits", "expected shape ", student.sizes(),
                    " (the student's), got ", teacher.sizes());
   FASTKD_CHECK_ARG(teacher.device() == student.device(), "teacher_logits", "expected device ", student.device(),
                    " (the student's), got ", teacher.device());
-  FASTKD_CHECK_ARG(is_kd_dtype(student.scalar_type()), "student_logits",
-                   "expected float32, float16, bfloat16 or float64, got ", student.scalar_type());
-  FASTKD_CHECK_ARG(is_kd_dtype(teacher.scalar_type()), "teacher_logits",
-                   "expected float32, float16, bfloat16 or float64, got ", teacher.scalar_type());
   FASTKD_CHECK_ARG(student.size(1) > 0, "student_logits", "the vocabulary (last) dimension must not be empty");
   FASTKD_CHECK_ARG(std::isfinite(temperature) && temperature > 0.0, "temperature",
                    "expected a finite value > 0, got ", temperature);
+  const Divergence div = parse_divergence(divergence);
+  const Reduction red = parse_reduction(reduction);
+  FASTKD_CHECK_ARG(std::isfinite(beta), "beta", "expected a finite value, got ", beta);
+  FASTKD_CHECK_ARG(div != Divergence::JSD || (beta > 0.0 && beta < 1.0), "beta",
+                   "the 'jsd' kernel expects 0 < beta < 1 (beta 0 and 1 are 'kl' and 'reverse_kl'), got ", beta);
+  FASTKD_CHECK_ARG(std::isfinite(alpha), "alpha", "expected a finite value, got ", alpha);
+  FASTKD_CHECK_ARG(std::isfinite(soft_weight), "soft_weight", "expected a finite value, got ", soft_weight);
+  FASTKD_CHECK_ARG(std::isfinite(hard_weight), "hard_weight", "expected a finite value, got ", hard_weight);
+  const bool hard = hard_weight != 0.0;
+  FASTKD_CHECK_ARG(!hard || div != Divergence::DKD, "hard_weight",
+                   "'dkd' has no fused cross-entropy part; add the cross-entropy separately");
+  const bool needs_target = hard || div == Divergence::DKD;
+  FASTKD_CHECK_ARG(!needs_target || labels.has_value(), "labels",
+                   "class targets are required by the cross-entropy part and by 'dkd'");
+  FASTKD_CHECK_ARG(div != Divergence::DKD || student.size(1) >= 2, "student_logits",
+                   "decoupled KD needs at least 2 classes, got ", student.size(1));
 
   KdCall c;
   c.student_dtype = student.scalar_type();
   c.teacher_dtype = teacher.scalar_type();
   c.out_dtype = at::promote_types(c.student_dtype, c.teacher_dtype);
   const bool any_double = c.out_dtype == at::kDouble;
-  auto as_rows = [&](const at::Tensor& x) {
-    at::Tensor y = any_double ? x.to(at::kDouble) : x;
-    return y.stride(1) == 1 ? y : y.contiguous();
-  };
-  c.student = as_rows(student);
-  c.teacher = as_rows(teacher);
+  const auto [s_type, t_type] = kd_compute_types(c.student_dtype, c.teacher_dtype);
+  c.student = rows_with_unit_stride(student, s_type);
+  c.teacher = rows_with_unit_stride(teacher, t_type);
   const int64_t rows = student.size(0), vocab = student.size(1);
-
-  if (labels.has_value()) {
-    const at::Tensor& l = *labels;
-    FASTKD_CHECK_ARG(l.device() == student.device(), "labels", "expected device ", student.device(), ", got ",
-                     l.device());
-    FASTKD_CHECK_ARG(!at::isFloatingType(l.scalar_type()) && !at::isComplexType(l.scalar_type()) &&
-                         l.scalar_type() != at::kBool,
-                     "labels", "expected an integer tensor, got ", l.scalar_type());
-    FASTKD_CHECK_ARG(l.dim() == 1 && l.size(0) == rows, "labels", "expected shape [", rows, "], got ", l.sizes());
-    c.labels = l.to(at::kLong).contiguous();
-    c.count = c.labels.ne(ignore_index).sum();
-  }
+  c.labels = prepare_labels(labels, student, rows);
+  if (needs_target) check_targets_in_range(c.labels, ignore_index, vocab);
+  c.count = prepare_count(num_items, c.labels, ignore_index, student);
 
   const auto acc_dtype = any_double ? at::kDouble : at::kFloat;
   auto opts = student.options();
-  c.row_loss = at::empty({rows}, opts.dtype(acc_dtype));
+  c.row_soft = at::empty({rows}, opts.dtype(acc_dtype));
+  c.row_hard = at::empty({hard ? rows : 0}, opts.dtype(acc_dtype));
   const auto no_grad = [&](at::ScalarType t) { return at::empty({0}, opts.dtype(t)); };
   c.grad_student = grad_student ? alloc_grad(at::IntArrayRef{rows, vocab}, opts.dtype(c.student.scalar_type()))
                                 : no_grad(c.student.scalar_type());
@@ -122,10 +188,11 @@ KdCall kd_prepare(const at::Tensor& student, const at::Tensor& teacher, const st
   p.student = c.student.data_ptr();
   p.teacher = c.teacher.data_ptr();
   p.labels = c.labels.defined() ? c.labels.data_ptr<int64_t>() : nullptr;
-  p.counted_rows = c.count.defined() ? c.count.data_ptr<int64_t>() : nullptr;
+  p.count = c.count.defined() ? c.count.data_ptr<double>() : nullptr;
   p.grad_student = grad_student ? c.grad_student.data_ptr() : nullptr;
   p.grad_teacher = grad_teacher ? c.grad_teacher.data_ptr() : nullptr;
-  p.row_loss = c.row_loss.data_ptr();
+  p.row_soft = c.row_soft.data_ptr();
+  p.row_hard = hard ? c.row_hard.data_ptr() : nullptr;
   p.rows = rows;
   p.vocab = vocab;
   p.student_row_stride = c.student.stride(0);
@@ -133,41 +200,161 @@ KdCall kd_prepare(const at::Tensor& student, const at::Tensor& teacher, const st
   p.ignore_index = ignore_index;
   p.inv_temperature = 1.0 / temperature;
   p.loss_factor = scale_by_temperature ? temperature * temperature : 1.0;
+  p.beta = beta;
+  p.alpha = alpha;
+  p.soft_weight = soft_weight;
+  p.hard_weight = hard_weight;
+  p.hard = hard;
+  p.divergence = div;
+  p.reduction = red;
+  return c;
+}
+
+// Host value of the divisor count (CPU kernels: one read before the parallel loop).
+inline double host_count(const at::Tensor& count, int64_t rows) {
+  return count.defined() ? count.item<double>() : static_cast<double>(rows);
+}
+
+// (loss, soft, hard) from the per-row values (masked rows are 0). soft and hard are the reduced parts,
+// loss = soft_weight * soft + hard_weight * hard. Deterministic on every device: a serial double sum on
+// the CPU, ATen's (atomic-free) sum on CUDA.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_parts(const at::Tensor& row_soft,
+                                                                  const at::Tensor& row_hard, bool hard,
+                                                                  const at::Tensor& count, Reduction reduction,
+                                                                  int64_t rows, int64_t vocab, double soft_weight,
+                                                                  double hard_weight, at::ScalarType out_dtype) {
+  auto out = row_soft.options().dtype(out_dtype);
+  if (reduction == Reduction::None) {
+    at::Tensor soft = row_soft.to(out_dtype);
+    at::Tensor h = hard ? row_hard.to(out_dtype) : at::zeros_like(soft);
+    at::Tensor loss = hard ? soft * soft_weight + h * hard_weight : soft * soft_weight;
+    return {loss, soft, h};
+  }
+  if (row_soft.is_cpu()) {
+    double s = 0.0, h = 0.0;
+    AT_DISPATCH_FLOATING_TYPES(row_soft.scalar_type(), "finish_parts", [&] {
+      const scalar_t* rs = row_soft.const_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < rows; ++i) s += static_cast<double>(rs[i]);
+      if (hard) {
+        const scalar_t* rh = row_hard.const_data_ptr<scalar_t>();
+        for (int64_t i = 0; i < rows; ++i) h += static_cast<double>(rh[i]);
+      }
+    });
+    const double n = host_count(count, rows);
+    s /= kd_denominator(reduction, n, vocab);
+    h /= ce_denominator(reduction, n);
+    return {at::scalar_tensor(soft_weight * s + hard_weight * h, out), at::scalar_tensor(s, out),
+            at::scalar_tensor(h, out)};
+  }
+  at::Tensor s = row_soft.sum(at::kDouble);
+  at::Tensor h = hard ? row_hard.sum(at::kDouble) : at::zeros({}, s.options());
+  if (reduction != Reduction::Sum) {
+    at::Tensor n = count.defined() ? count : at::scalar_tensor(static_cast<double>(rows), s.options());
+    n = at::where(n > 0, n, at::ones_like(n));
+    h = h / n;
+    s = reduction == Reduction::Mean ? s / (n * static_cast<double>(vocab)) : s / n;
+  }
+  at::Tensor loss = hard ? s * soft_weight + h * hard_weight : s * soft_weight;
+  return {loss.to(out_dtype), s.to(out_dtype), h.to(out_dtype)};
+}
+
+// Gradients leave the kernels in the compute dtypes; an upcast (mixed input dtypes) is undone here.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_outputs(KdCall& c) {
+  const KdParams& p = c.p;
+  auto [loss, soft, hard] = finish_parts(c.row_soft, c.row_hard, p.hard, c.count, p.reduction, p.rows, p.vocab,
+                                         p.soft_weight, p.hard_weight, c.out_dtype);
+  return {loss, soft, hard, c.grad_student.to(c.student_dtype), c.grad_teacher.to(c.teacher_dtype)};
+}
+
+// ---- fastkd::topk_kd_forward ----
+
+struct TopkCall {
+  at::Tensor student, values, indices, labels, count, row_soft, grad_student;
+  at::ScalarType student_dtype, out_dtype;
+  TopkParams p;
+};
+
+// Besides the checks, sorts each row's kept entries by vocabulary index (values follow): the kernels
+// rely on it to find the entries outside the kept set, and it exposes duplicates.
+template <typename GradAlloc>
+TopkCall topk_prepare(const at::Tensor& student, const at::Tensor& values, const at::Tensor& indices,
+                      const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& num_items,
+                      double temperature, bool values_are_logprobs, bool tail_bucket, int64_t ignore_index,
+                      std::string_view reduction, bool scale_by_temperature, bool grad_student,
+                      GradAlloc&& alloc_grad) {
+  check_logits_arg(student, "student_logits");
+  FASTKD_CHECK_ARG(values.dim() == 2 && is_kd_dtype(values.scalar_type()), "teacher_topk_values",
+                   "expected a 2-D [rows, k] float tensor, got ", values.dim(), "-D ", values.scalar_type());
+  FASTKD_CHECK_ARG(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt, "teacher_topk_indices",
+                   "expected int64 or int32, got ", indices.scalar_type());
+  FASTKD_CHECK_ARG(indices.sizes() == values.sizes(), "teacher_topk_indices", "expected shape ", values.sizes(),
+                   " (the values'), got ", indices.sizes());
+  const int64_t rows = student.size(0), vocab = student.size(1), k = values.size(1);
+  FASTKD_CHECK_ARG(values.size(0) == rows, "teacher_topk_values", "expected ", rows, " rows (the student's), got ",
+                   values.size(0));
+  FASTKD_CHECK_ARG(k >= 1 && k <= vocab, "teacher_topk_values", "expected 1 <= k <= vocab size ", vocab, ", got k = ",
+                   k);
+  FASTKD_CHECK_ARG(values.device() == student.device() && indices.device() == student.device(),
+                   "teacher_topk_values", "expected values and indices on the student's device ", student.device());
+  FASTKD_CHECK_ARG(std::isfinite(temperature) && temperature > 0.0, "temperature",
+                   "expected a finite value > 0, got ", temperature);
+  FASTKD_CHECK_ARG(!tail_bucket || values_are_logprobs, "tail",
+                   "a tail bucket needs log-probabilities (values_are='logprobs'): logits give no tail mass");
+
+  TopkCall c;
+  c.student_dtype = student.scalar_type();
+  c.out_dtype = at::promote_types(c.student_dtype, values.scalar_type());
+  const bool any_double = c.out_dtype == at::kDouble;
+  c.student = rows_with_unit_stride(student, any_double ? at::kDouble : c.student_dtype);
+  c.labels = prepare_labels(labels, student, rows);
+  c.count = prepare_count(num_items, c.labels, ignore_index, student);
+
+  auto [sorted, order] = indices.to(at::kLong).sort(-1);
+  c.indices = sorted.contiguous();
+  c.values = values.to(any_double ? at::kDouble : at::kFloat).gather(-1, order).contiguous();
+  if (rows > 0) {
+    at::Tensor counted = c.labels.defined() ? c.labels.ne(ignore_index) : at::ones({rows}, sorted.options().dtype(at::kBool));
+    at::Tensor out_of_range = c.indices.select(1, 0).lt(0).logical_or(c.indices.select(1, k - 1).ge(vocab));
+    FASTKD_CHECK_ARG(!out_of_range.logical_and(counted).any().item<bool>(), "teacher_topk_indices",
+                     "every index must be in [0, ", vocab, ")");
+    if (k > 1) {
+      at::Tensor dup = c.indices.narrow(1, 1, k - 1).eq(c.indices.narrow(1, 0, k - 1)).any(1);
+      FASTKD_CHECK_ARG(!dup.logical_and(counted).any().item<bool>(), "teacher_topk_indices",
+                       "indices must be distinct within a row (as torch.topk returns them)");
+    }
+  }
+
+  auto opts = student.options();
+  c.row_soft = at::empty({rows}, opts.dtype(any_double ? at::kDouble : at::kFloat));
+  c.grad_student = grad_student ? alloc_grad(at::IntArrayRef{rows, vocab}, opts.dtype(c.student.scalar_type()))
+                                : at::empty({0}, opts.dtype(c.student.scalar_type()));
+
+  TopkParams& p = c.p;
+  p.student = c.student.data_ptr();
+  p.values = c.values.data_ptr();
+  p.indices = c.indices.data_ptr<int64_t>();
+  p.labels = c.labels.defined() ? c.labels.data_ptr<int64_t>() : nullptr;
+  p.count = c.count.defined() ? c.count.data_ptr<double>() : nullptr;
+  p.grad_student = grad_student ? c.grad_student.data_ptr() : nullptr;
+  p.row_soft = c.row_soft.data_ptr();
+  p.rows = rows;
+  p.vocab = vocab;
+  p.k = k;
+  p.student_row_stride = c.student.stride(0);
+  p.ignore_index = ignore_index;
+  p.inv_temperature = 1.0 / temperature;
+  p.loss_factor = scale_by_temperature ? temperature * temperature : 1.0;
+  p.values_are_logprobs = values_are_logprobs;
+  p.tail_bucket = tail_bucket && k < vocab;  // with every entry kept there is no tail: renormalize
   p.reduction = parse_reduction(reduction);
   return c;
 }
 
-// The loss from the per-row KL values (already multiplied by loss_factor, 0 for ignored rows).
-// Deterministic on every device: a serial double sum on the CPU, ATen's (atomic-free) sum on CUDA.
-inline at::Tensor kd_finish_loss(const KdCall& c) {
-  const KdParams& p = c.p;
-  if (p.reduction == Reduction::None) return c.row_loss.to(c.out_dtype);
-  if (c.row_loss.is_cpu()) {
-    double total = 0.0;
-    AT_DISPATCH_FLOATING_TYPES(c.row_loss.scalar_type(), "kd_finish_loss", [&] {
-      const scalar_t* r = c.row_loss.const_data_ptr<scalar_t>();
-      for (int64_t i = 0; i < p.rows; ++i) total += static_cast<double>(r[i]);
-    });
-    const int64_t counted = c.count.defined() ? c.count.item<int64_t>() : p.rows;
-    total /= kd_denominator(p.reduction, counted, p.vocab);
-    return at::scalar_tensor(total, c.row_loss.options().dtype(c.out_dtype));
-  }
-  at::Tensor total = c.row_loss.sum(at::kDouble);
-  if (p.reduction != Reduction::Sum) {
-    at::Tensor counted = c.count.defined() ? c.count : at::scalar_tensor(p.rows, total.options().dtype(at::kLong));
-    at::Tensor denom = counted.to(at::kDouble).clamp_min(1.0);
-    if (p.reduction == Reduction::Mean) denom = denom * static_cast<double>(p.vocab);
-    total = total / denom;
-  }
-  return total.to(c.out_dtype);
-}
-
-// Gradients leave the kernels in the input dtypes; fp64 upcasting (mixed fp64 input) is undone here.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_outputs(KdCall& c) {
-  at::Tensor loss = kd_finish_loss(c);
-  at::Tensor gs = c.grad_student.to(c.student_dtype);
-  at::Tensor gt = c.grad_teacher.to(c.teacher_dtype);
-  return {loss, gs, gt};
+inline std::tuple<at::Tensor, at::Tensor> topk_outputs(TopkCall& c) {
+  const TopkParams& p = c.p;
+  auto parts = finish_parts(c.row_soft, at::Tensor(), false, c.count, p.reduction, p.rows, p.vocab, 1.0, 0.0,
+                            c.out_dtype);
+  return {std::get<0>(parts), c.grad_student.to(c.student_dtype)};
 }
 
 }  // namespace fastkd

@@ -64,11 +64,16 @@ FASTKD_HOST_DEVICE X kd_dot_term(X e_t, X a, X b) {
   return fk_select_positive(e_t, e_t * (a - b));
 }
 
-// d loss / d s_j for one entry, given log q_j = b - log Z_s and log p_j = a - log Z_t:
-//   coef * (q_j - p_j), coef = (T^2 if scaled else 1) / T * reduction scale.
+// Student gradient of a KL-type row from its two distributions: c_q * q_j - c_p * p_j, with
+// log q_j = b - log Z_s and log p_j = a - log Z_t. Hinton KD: c_q = c_p = coef (coef * (q_j - p_j)).
+template <typename X>
+FASTKD_HOST_DEVICE X kd_grad_student2(X a, X b, X log_zt, X log_zs, X c_q, X c_p) {
+  return c_q * fk_exp(b - log_zs) - c_p * fk_exp(a - log_zt);
+}
+
 template <typename X>
 FASTKD_HOST_DEVICE X kd_grad_student(X a, X b, X log_zt, X log_zs, X coef) {
-  return coef * (fk_exp(b - log_zs) - fk_exp(a - log_zt));
+  return kd_grad_student2(a, b, log_zt, log_zs, coef, coef);
 }
 
 // The same from e_s = exp(b) already at hand: coef * (e_s / Z_s - p_j).
@@ -77,12 +82,54 @@ FASTKD_HOST_DEVICE X kd_grad_student_from_es(X e_s, X inv_zs, X a, X log_zt, X c
   return coef * (e_s * inv_zs - fk_exp(a - log_zt));
 }
 
-// d loss / d t_j for one entry: coef * p_j * (log p_j - log q_j - KL); zero where p_j is 0.
+// Teacher gradient of a KL-type row: p_j * (c * (log p_j - log q_j) - k); zero where p_j is 0.
+// Hinton KD: c = coef, k = coef * KL, i.e. coef * p_j * (log p_j - log q_j - KL).
 template <typename X>
-FASTKD_HOST_DEVICE X kd_grad_teacher(X a, X b, X log_zt, X log_zs, X kl, X coef) {
+FASTKD_HOST_DEVICE X kd_grad_teacher2(X a, X b, X log_zt, X log_zs, X c, X k) {
   const X log_p = a - log_zt;
   const X p = fk_exp(log_p);
-  return fk_select_positive(p, coef * p * (log_p - (b - log_zs) - kl));
+  return fk_select_positive(p, p * (c * (log_p - (b - log_zs)) - k));
+}
+
+template <typename X>
+FASTKD_HOST_DEVICE X kd_grad_teacher(X a, X b, X log_zt, X log_zs, X kl, X coef) {
+  return kd_grad_teacher2(a, b, log_zt, log_zs, coef, coef * kl);
+}
+
+// ---- divergences that need the normalized distributions (JSD, TVD) ----
+//
+// A row loss of the form L = sum_j phi(p_j, q_j) has, through the softmaxes, the gradients
+//   dL/db_j = psi_q(j) - q_j * sum_k psi_q(k),   psi_q = q * dphi/dq
+//   dL/da_j = psi_p(j) - p_j * sum_k psi_p(k),   psi_p = p * dphi/dp
+// so one sweep gathers sum phi, sum psi_q, sum psi_p and the next writes the gradients.
+//
+// Generalized JSD(beta), m = beta p + (1 - beta) q:
+//   phi = beta p log(p/m) + (1 - beta) q log(q/m),  psi_p = beta p log(p/m),  psi_q = (1 - beta) q log(q/m)
+// (so phi = psi_p + psi_q). Each weighted term is dropped where its weight is 0, and a positive weight w
+// implies m >= w > 0: entries that underflow (or are -inf) on both sides give 0, never 0 * inf.
+template <typename X>
+FASTKD_HOST_DEVICE void jsd_terms(X log_p, X log_q, X p, X q, X beta, X one_minus_beta, X& psi_p, X& psi_q) {
+  const X wp = beta * p;
+  const X wq = one_minus_beta * q;
+  const X log_m = fk_log(wp + wq);
+  psi_p = fk_select_positive(wp, wp * (log_p - log_m));
+  psi_q = fk_select_positive(wq, wq * (log_q - log_m));
+}
+
+// Total variation, phi = |p - q| / 2 with the subgradient sign(0) = 0 at ties:
+//   psi_p = p sign(p - q) / 2,  psi_q = -q sign(p - q) / 2,  phi = (p - q) sign(p - q) / 2.
+template <typename X>
+FASTKD_HOST_DEVICE void tvd_terms(X p, X q, X& psi_p, X& psi_q, X& phi) {
+  const X half_sign = fk_select_positive(p - q, X(0.5f)) - fk_select_positive(q - p, X(0.5f));
+  psi_p = p * half_sign;
+  psi_q = X(0.0f) - q * half_sign;
+  phi = (p - q) * half_sign;
+}
+
+// Gradient of such a row: c * (psi(j) - w_j * sum_psi), w = q (student) or p (teacher).
+template <typename X>
+FASTKD_HOST_DEVICE X psi_grad(X psi, X w, X sum_psi, X c) {
+  return c * (psi - w * sum_psi);
 }
 
 // ---- per-row results ----
@@ -96,23 +143,104 @@ FASTKD_HOST_DEVICE A kd_row_kl(A z_s, A z_t, A dot) {
 // Reductions, in the order of the schema string values.
 enum class Reduction : int32_t { None = 0, Sum = 1, Mean = 2, BatchMean = 3 };
 
-// Scalars every kernel needs to turn a row's KL into its loss and gradient.
-struct KdScalars {
-  double inv_temperature;  // 1 / T
-  double loss_factor;      // T^2 when scale_by_temperature, else 1
-};
+// Response divergences (schema strings "kl", "reverse_kl", "jsd", "tvd", "dkd").
+enum class Divergence : int32_t { KL = 0, ReverseKL = 1, JSD = 2, TVD = 3, DKD = 4 };
 
-// Number that the summed row losses are divided by (the gradient carries the same factor).
-FASTKD_HOST_DEVICE double kd_denominator(Reduction reduction, int64_t counted_rows, int64_t vocab) {
+// log(exp(x) + exp(y)) for row-level scalars; -inf when both are -inf.
+FASTKD_HOST_DEVICE double kd_logaddexp(double x, double y) {
+  const double m = x > y ? x : y;
+  if (m == -INFINITY) return m;
+  return m + ::log1p(::exp(-(x > y ? x - y : y - x)));
+}
+
+// Number that the summed soft (divergence) row losses are divided by; the gradient carries the same
+// factor. `count` is the number of counted rows, or the user's num_items_in_batch.
+FASTKD_HOST_DEVICE double kd_denominator(Reduction reduction, double count, int64_t vocab) {
   double d = 1.0;
-  if (reduction == Reduction::BatchMean) d = static_cast<double>(counted_rows);
-  if (reduction == Reduction::Mean) d = static_cast<double>(counted_rows) * static_cast<double>(vocab);
+  if (reduction == Reduction::BatchMean) d = count;
+  if (reduction == Reduction::Mean) d = count * static_cast<double>(vocab);
   return d > 0.0 ? d : 1.0;  // all rows ignored (or none): loss 0, gradient 0, never NaN
+}
+
+// The same for the hard-label cross-entropy: 'mean' is per counted row (nn.CrossEntropyLoss 'mean').
+FASTKD_HOST_DEVICE double ce_denominator(Reduction reduction, double count) {
+  const double d = (reduction == Reduction::BatchMean || reduction == Reduction::Mean) ? count : 1.0;
+  return d > 0.0 ? d : 1.0;
 }
 
 // Whether a row takes part in the loss (labels may be absent).
 FASTKD_HOST_DEVICE bool kd_row_counted(const int64_t* labels, int64_t row, int64_t ignore_index) {
   return labels == nullptr || labels[row] != ignore_index;
+}
+
+}  // namespace fastkd
+
+namespace fastkd {
+
+// ---- per-row scalars of decoupled KD (DKD), from log-sum-exps only ----
+//
+// Sweeps give, over the non-target classes j != y, the maxima m_s, m_t of the raw logits and, with
+// a_j = (t_j - m_t) / T and b_j = (s_j - m_s) / T, Z_s = sum e^b, Z_t = sum e^a and dot = sum e^a (a - b).
+// Then (LSE = log-sum-exp at temperature T)
+//   LSE'_s = m_s / T + log Z_s,  LSE_s = logaddexp(LSE'_s, s_y / T)
+//   log q_y = s_y / T - LSE_s,   log(1 - q_y) = LSE'_s - LSE_s     (and the same for the teacher)
+//   TCKD = KL([p_y, 1 - p_y] || [q_y, 1 - q_y]),  NCKD = KL(p^ || q^) = dot / Z_t - log Z_t + log Z_s
+// with no log of a probability and no cancellation: finite for any finite logits.
+struct DkdRow {
+  double tckd, nckd;
+  double p_y, q_y;      // target probabilities
+  double g;             // d TCKD / d logit(p_y) = log(p_y / q_y) - log((1 - p_y) / (1 - q_y))
+  double log_zs, log_zt;  // log of the non-target sums (shifted by the non-target maxima)
+};
+
+FASTKD_HOST_DEVICE DkdRow dkd_row(double max_s, double max_t, double z_s, double z_t, double dot, double s_y,
+                                  double t_y, double inv_t) {
+  DkdRow r;
+  r.log_zs = ::log(z_s);
+  r.log_zt = ::log(z_t);
+  const double lse_s_nt = max_s * inv_t + r.log_zs, lse_t_nt = max_t * inv_t + r.log_zt;
+  const double lse_s = kd_logaddexp(lse_s_nt, s_y * inv_t), lse_t = kd_logaddexp(lse_t_nt, t_y * inv_t);
+  const double lqy = s_y * inv_t - lse_s, lqn = lse_s_nt - lse_s;
+  const double lpy = t_y * inv_t - lse_t, lpn = lse_t_nt - lse_t;
+  r.p_y = ::exp(lpy);
+  r.q_y = ::exp(lqy);
+  const double p_n = ::exp(lpn);
+  r.tckd = (r.p_y > 0.0 ? r.p_y * (lpy - lqy) : 0.0) + (p_n > 0.0 ? p_n * (lpn - lqn) : 0.0);
+  r.nckd = dot / z_t - r.log_zt + r.log_zs;
+  r.g = (lpy - lqy) - (lpn - lqn);
+  return r;
+}
+
+// ---- per-row scalars of the sparse (top-k) teacher ----
+// The teacher's kept log-probabilities: log p_k = (v_k - max_v) / T - log Z_v for logits, or, for
+// log-probabilities used as given, v_k - LSE(v) (renormalize) or v_k itself (tail bucket, where
+// p_tail = 1 - sum exp(v_k) = -expm1(LSE(v)) keeps its own bucket).
+struct TopkTeacher {
+  double shift;     // log p_k = v_k * scale - shift
+  double scale;     // 1 / T for logits, 1 for log-probabilities
+  double log_tail;  // log p_tail (bucket), -inf when no tail bucket or no missing mass
+  double p_tail;
+};
+
+FASTKD_HOST_DEVICE TopkTeacher topk_teacher(double max_v, double z_v, bool logprobs, bool bucket, double inv_t) {
+  // z_v = sum_k exp((v_k - max_v) * scale)
+  TopkTeacher r;
+  r.scale = logprobs ? 1.0 : inv_t;
+  const double lse = max_v * r.scale + ::log(z_v);  // LSE(v * scale)
+  r.p_tail = 0.0;
+  r.log_tail = -INFINITY;
+  if (bucket) {
+    // The values already are log-probabilities; if they sum past 1 (rounding in a cached low-precision
+    // teacher) they are renormalized and the tail is empty.
+    r.shift = lse > 0.0 ? lse : 0.0;
+    if (lse < 0.0) {
+      r.p_tail = -::expm1(lse);
+      r.log_tail = ::log(r.p_tail);
+    }
+  } else {
+    r.shift = lse;
+  }
+  return r;
 }
 
 }  // namespace fastkd

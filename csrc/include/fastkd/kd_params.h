@@ -1,4 +1,5 @@
-// The plain-data boundary between ATen code and the KD kernels: pointers, sizes, strides, scalars.
+// The plain-data boundary between ATen code and the response-loss kernels: pointers, sizes, strides,
+// scalars. Kernels never see an at::Tensor.
 #pragma once
 
 #include <cstdint>
@@ -7,14 +8,18 @@
 
 namespace fastkd {
 
+// fastkd::response_forward: one row of student and teacher logits -> a soft (divergence) loss and,
+// optionally, the hard-label cross-entropy of the student, plus the gradients of
+// soft_weight * soft + hard_weight * hard after reduction.
 struct KdParams {
   const void* student = nullptr;        // [rows, vocab], unit stride along vocab
   const void* teacher = nullptr;        // [rows, vocab], unit stride along vocab
-  const int64_t* labels = nullptr;      // [rows] or nullptr
-  const int64_t* counted_rows = nullptr;  // device-side count of rows whose label != ignore_index, or nullptr (= rows)
+  const int64_t* labels = nullptr;      // [rows] or nullptr: masks rows == ignore_index; CE / DKD target
+  const double* count = nullptr;        // device scalar: counted rows or num_items_in_batch; nullptr = rows
   void* grad_student = nullptr;         // [rows, vocab] contiguous, or nullptr when not requested
   void* grad_teacher = nullptr;         // [rows, vocab] contiguous, or nullptr when not requested
-  void* row_loss = nullptr;             // [rows] of the accumulation type (float, or double for fp64)
+  void* row_soft = nullptr;             // [rows] of the accumulation type: loss_factor * divergence
+  void* row_hard = nullptr;             // [rows] of the accumulation type: cross-entropy (when hard)
   int64_t rows = 0;
   int64_t vocab = 0;
   int64_t student_row_stride = 0;
@@ -22,16 +27,49 @@ struct KdParams {
   int64_t ignore_index = -100;
   double inv_temperature = 1.0;
   double loss_factor = 1.0;             // T^2 or 1
+  double beta = 0.5;                    // JSD: mixing weight of the teacher; DKD: NCKD weight
+  double alpha = 1.0;                   // DKD: TCKD weight
+  double soft_weight = 1.0;
+  double hard_weight = 0.0;
+  bool hard = false;                    // compute the cross-entropy part (needs labels)
+  Divergence divergence = Divergence::KL;
   Reduction reduction = Reduction::BatchMean;
 };
 
-// Factor applied to every gradient entry: d(loss)/d(row KL) = loss_factor / denominator, and the
-// chain rule through x / T adds 1 / T.
-FASTKD_HOST_DEVICE double kd_grad_coef(const KdParams& p, int64_t counted_rows) {
-  const double denom = (p.reduction == Reduction::None || p.reduction == Reduction::Sum)
-                           ? 1.0
-                           : kd_denominator(p.reduction, counted_rows, p.vocab);
-  return p.loss_factor * p.inv_temperature / denom;
+FASTKD_HOST_DEVICE double kd_count(const double* count, int64_t rows) {
+  return count ? *count : static_cast<double>(rows);
 }
+
+// d(reduced loss) / d(student logit) factor of the soft part: soft_weight * loss_factor / denominator,
+// and the chain rule through x / T adds 1 / T.
+FASTKD_HOST_DEVICE double kd_grad_coef(const KdParams& p, double count) {
+  return p.soft_weight * p.loss_factor * p.inv_temperature / kd_denominator(p.reduction, count, p.vocab);
+}
+
+// The same for the hard part (cross-entropy at temperature 1).
+FASTKD_HOST_DEVICE double ce_grad_coef(const KdParams& p, double count) {
+  return p.hard_weight / ce_denominator(p.reduction, count);
+}
+
+// fastkd::topk_kd_forward: a sparse teacher (k kept entries per row) against the full student row.
+struct TopkParams {
+  const void* student = nullptr;        // [rows, vocab], unit stride along vocab
+  const void* values = nullptr;         // [rows, k] contiguous: teacher logits or log-probabilities
+  const int64_t* indices = nullptr;     // [rows, k] contiguous, each row sorted ascending and distinct
+  const int64_t* labels = nullptr;
+  const double* count = nullptr;
+  void* grad_student = nullptr;
+  void* row_soft = nullptr;
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  int64_t k = 0;
+  int64_t student_row_stride = 0;
+  int64_t ignore_index = -100;
+  double inv_temperature = 1.0;
+  double loss_factor = 1.0;
+  bool values_are_logprobs = false;
+  bool tail_bucket = false;
+  Reduction reduction = Reduction::BatchMean;
+};
 
 }  // namespace fastkd

@@ -1,0 +1,284 @@
+// The per-row kernel of fastkd::response_forward on the CPU (see kd_cpu.cpp for the sweeps), as a
+// template over the divergence. It is instantiated in two translation units (kd_cpu.cpp: the KL-type
+// divergences, kd_cpu_psi.cpp: JSD and TVD) so that the two compile in parallel.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include <ATen/Parallel.h>
+
+#include "cpu_common.h"
+#include "fastkd/kd_host.h"
+
+namespace fastkd {
+namespace cpu {
+inline namespace CPU_CAPABILITY {  // one copy per instruction-set library
+
+// Whether index x falls in [i, i + n).
+inline bool in_chunk(int64_t x, int64_t i, int64_t n) {
+  return static_cast<uint64_t>(x - i) < static_cast<uint64_t>(n);
+}
+
+template <Divergence D, typename S, typename T, typename Acc>
+void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) {
+  constexpr int64_t W = Vec<Acc>::size();
+  constexpr bool kKLType = D == Divergence::KL || D == Divergence::ReverseKL || D == Divergence::DKD;
+  constexpr bool kPsi = D == Divergence::JSD || D == Divergence::TVD;
+  constexpr int64_t kSumBlock = 64 * W;
+  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  const int64_t V = p.vocab;
+  const int64_t V2 = V - V % (2 * W);  // sweeps 1-2 take two vectors at a time
+  const int64_t V1 = V - V % W;        // full vectors of sweeps 3-4
+  const Vec<Acc> inv_t_v(static_cast<Acc>(p.inv_temperature));
+  const double coef = kd_grad_coef(p, count);
+  const Vec<Acc> coef_v(static_cast<Acc>(coef));
+  const bool hard = p.hard;
+  const bool z1_separate = hard && p.inv_temperature != 1.0;  // at T = 1 the CE's Z is Z_s
+  const Acc ce_coef = static_cast<Acc>(hard ? ce_grad_coef(p, count) : 0.0);
+  auto* S_out = static_cast<S*>(p.grad_student);
+  auto* T_out = static_cast<T*>(p.grad_teacher);
+  auto* row_soft = static_cast<Acc*>(p.row_soft);
+  auto* row_hard = static_cast<Acc*>(p.row_hard);
+
+  for (int64_t r = begin; r < end; ++r) {
+    const S* s = static_cast<const S*>(p.student) + r * p.student_row_stride;
+    const T* t = static_cast<const T*>(p.teacher) + r * p.teacher_row_stride;
+    S* gs = S_out ? S_out + r * V : nullptr;
+    T* gt = T_out ? T_out + r * V : nullptr;
+
+    if (!kd_row_counted(p.labels, r, p.ignore_index)) {
+      row_soft[r] = Acc(0);
+      if (hard) row_hard[r] = Acc(0);
+      if (gs) std::fill(gs, gs + V, S(0));
+      if (gt) std::fill(gt, gt + V, T(0));
+      continue;
+    }
+    const int64_t y = p.labels ? p.labels[r] : -1;           // class target (CE, DKD)
+    const int64_t excl = D == Divergence::DKD ? y : -1;      // DKD: sweeps 1-2 run over non-target classes
+    auto masked = [&](const Vec<Acc>& v, int64_t i) { return in_chunk(excl, i, W) ? with_lane(v, excl - i, neg_inf) : v; };
+
+    // Sweep 1: row maxima.
+    Vec<Acc> ms0(neg_inf), ms1(neg_inf), mt0(neg_inf), mt1(neg_inf);
+    for (int64_t i = 0; i < V2; i += 2 * W) {
+      ms0 = at::vec::maximum(ms0, masked(load<Acc>(s + i), i));
+      ms1 = at::vec::maximum(ms1, masked(load<Acc>(s + i + W), i + W));
+      mt0 = at::vec::maximum(mt0, masked(load<Acc>(t + i), i));
+      mt1 = at::vec::maximum(mt1, masked(load<Acc>(t + i + W), i + W));
+    }
+    for (int64_t i = V2; i < V; i += W) {
+      ms0 = at::vec::maximum(ms0, masked(load_tail<Acc>(s + i, std::min(W, V - i)), i));
+      mt0 = at::vec::maximum(mt0, masked(load_tail<Acc>(t + i, std::min(W, V - i)), i));
+    }
+    const Acc max_s = lane_max<Acc>(at::vec::maximum(ms0, ms1));
+    const Acc max_t = lane_max<Acc>(at::vec::maximum(mt0, mt1));
+    const Vec<Acc> max_s_v(max_s), max_t_v(max_t);
+
+    // Sweep 2: Z_s, Z_t, the KL-type dot product, and Z of the student at T = 1 for the CE.
+    // Hinton KD with only the student gradient asked for (and a full-precision gradient dtype) parks e_s
+    // in the gradient row (its first touch happens here), so sweep 4 needs one exponential, not two.
+    const bool park = D == Divergence::KL && std::is_same_v<S, Acc> && gs != nullptr && gt == nullptr && !hard;
+    double z_s = 0.0, z_t = 0.0, dot = 0.0, z_1 = 0.0;
+    auto sweep2 = [&](const Vec<Acc>& sv, const Vec<Acc>& tv, Vec<Acc>& zs, Vec<Acc>& zt, Vec<Acc>& d, Vec<Acc>& z1,
+                      S* park_at, int64_t n) {
+      const Vec<Acc> a = kd_shift(tv, max_t_v, inv_t_v);
+      const Vec<Acc> b = kd_shift(sv, max_s_v, inv_t_v);
+      const Vec<Acc> et = fk_exp(a), es = fk_exp(b);
+      if (park) {
+        if (n == W) store<S>(park_at, es);
+        else store_tail<S>(park_at, es, n);
+      }
+      zs += es;
+      zt += et;
+      if constexpr (D == Divergence::ReverseKL) d += kd_dot_term(es, b, a);
+      else if constexpr (kKLType) d += kd_dot_term(et, a, b);
+      if (z1_separate) z1 += fk_exp(sv - max_s_v);
+    };
+    for (int64_t blk = 0; blk < V2; blk += kSumBlock) {
+      const int64_t blk_end = std::min(V2, blk + kSumBlock);
+      Vec<Acc> zs0(0), zs1(0), zt0(0), zt1(0), d0(0), d1(0), z10(0), z11(0);
+      for (int64_t i = blk; i < blk_end; i += 2 * W) {
+        sweep2(masked(load<Acc>(s + i), i), masked(load<Acc>(t + i), i), zs0, zt0, d0, z10, gs + i, W);
+        sweep2(masked(load<Acc>(s + i + W), i + W), masked(load<Acc>(t + i + W), i + W), zs1, zt1, d1, z11,
+               gs + i + W, W);
+      }
+      z_s += lane_sum<Acc>(zs0 + zs1);
+      z_t += lane_sum<Acc>(zt0 + zt1);
+      dot += lane_sum<Acc>(d0 + d1);
+      z_1 += lane_sum<Acc>(z10 + z11);
+    }
+    for (int64_t i = V2; i < V; i += W) {
+      const int64_t n = std::min(W, V - i);
+      Vec<Acc> zs(0), zt(0), d(0), z1(0);
+      sweep2(masked(load_tail<Acc>(s + i, n), i), masked(load_tail<Acc>(t + i, n), i), zs, zt, d, z1, gs + i, n);
+      z_s += lane_sum<Acc>(zs);
+      z_t += lane_sum<Acc>(zt);
+      dot += lane_sum<Acc>(d);
+      z_1 += lane_sum<Acc>(z1);
+    }
+    const double log_zs = std::log(z_s), log_zt = std::log(z_t);
+    const Vec<Acc> log_zs_v(static_cast<Acc>(log_zs)), log_zt_v(static_cast<Acc>(log_zt));
+
+    // Hard-label cross-entropy at temperature 1: log Z_1 + max_s - s_y.
+    double log_z1 = 0.0;
+    if (hard) {
+      log_z1 = z1_separate ? std::log(z_1) : log_zs;
+      row_hard[r] = static_cast<Acc>(log_z1 + static_cast<double>(max_s) - static_cast<double>(static_cast<Acc>(s[y])));
+    }
+
+    // Sweep 3 (JSD, TVD): sums over the normalized distributions.
+    double sum_psi_p = 0.0, sum_psi_q = 0.0, divergence = 0.0;
+    const Vec<Acc> beta_v(static_cast<Acc>(p.beta)), one_minus_beta_v(static_cast<Acc>(1.0 - p.beta));
+    auto psi_terms = [&](const Vec<Acc>& sv, const Vec<Acc>& tv, Vec<Acc>& lp, Vec<Acc>& lq, Vec<Acc>& pp,
+                         Vec<Acc>& qq, Vec<Acc>& psi_p, Vec<Acc>& psi_q, Vec<Acc>& phi) {
+      lp = kd_shift(tv, max_t_v, inv_t_v) - log_zt_v;
+      lq = kd_shift(sv, max_s_v, inv_t_v) - log_zs_v;
+      pp = fk_exp(lp);
+      qq = fk_exp(lq);
+      if constexpr (D == Divergence::JSD) {
+        jsd_terms(lp, lq, pp, qq, beta_v, one_minus_beta_v, psi_p, psi_q);
+        phi = psi_p + psi_q;
+      } else {
+        tvd_terms(pp, qq, psi_p, psi_q, phi);
+      }
+    };
+    // With only the student gradient asked for (full-precision dtype), psi_q is parked in the gradient row
+    // so that sweep 4 needs one exponential instead of two and a logarithm.
+    const bool park_psi = kPsi && std::is_same_v<S, Acc> && gs != nullptr && gt == nullptr && !hard;
+    if constexpr (kPsi) {
+      auto body = [&](int64_t i, int64_t n) {
+        Vec<Acc> lp, lq, pp, qq, psi_p, psi_q, phi;
+        const Vec<Acc> sv = n == W ? load<Acc>(s + i) : load_tail<Acc>(s + i, n);
+        const Vec<Acc> tv = n == W ? load<Acc>(t + i) : load_tail<Acc>(t + i, n);
+        psi_terms(sv, tv, lp, lq, pp, qq, psi_p, psi_q, phi);
+        if (park_psi) {
+          if (n == W) store<S>(gs + i, psi_q);
+          else store_tail<S>(gs + i, psi_q, n);
+        }
+        return std::array<Vec<Acc>, 3>{phi, psi_p, psi_q};
+      };
+      const auto sums = blocked_sums<Acc, 3>(0, V1, [&](int64_t i) { return body(i, W); });
+      divergence = sums[0];
+      sum_psi_p = sums[1];
+      sum_psi_q = sums[2];
+      if (V1 < V) {
+        const auto tail = body(V1, V - V1);
+        divergence += lane_sum<Acc>(tail[0]);
+        sum_psi_p += lane_sum<Acc>(tail[1]);
+        sum_psi_q += lane_sum<Acc>(tail[2]);
+      }
+    }
+
+    // The row's soft loss, and the scalars of its gradient.
+    DkdRow dkd{};
+    if constexpr (D == Divergence::KL) divergence = kd_row_kl(z_s, z_t, dot);
+    if constexpr (D == Divergence::ReverseKL) divergence = kd_row_kl(z_t, z_s, dot);
+    if constexpr (D == Divergence::DKD) {
+      dkd = dkd_row(max_s, max_t, z_s, z_t, dot, static_cast<Acc>(s[y]), static_cast<Acc>(t[y]), p.inv_temperature);
+      divergence = p.alpha * dkd.tckd + p.beta * dkd.nckd;
+    }
+    row_soft[r] = static_cast<Acc>(p.loss_factor * divergence);
+    if (!gs && !gt) continue;
+
+    // Sweep 4: gradients.
+    if (park) {
+      const Vec<Acc> inv_zs_v(static_cast<Acc>(1.0 / z_s));
+      for (int64_t i = 0; i < V1; i += W) {
+        const Vec<Acc> a = kd_shift(load<Acc>(t + i), max_t_v, inv_t_v);
+        store<S>(gs + i, kd_grad_student_from_es(load<Acc>(gs + i), inv_zs_v, a, log_zt_v, coef_v));
+      }
+      if (V1 < V) {
+        const int64_t n = V - V1;
+        const Vec<Acc> a = kd_shift(load_tail<Acc>(t + V1, n), max_t_v, inv_t_v);
+        store_tail<S>(gs + V1, kd_grad_student_from_es(load_tail<Acc>(gs + V1, n), inv_zs_v, a, log_zt_v, coef_v), n);
+      }
+      continue;
+    }
+    // Per-divergence coefficients: student c_q * q - c_p * p, teacher p * (c * (log p - log q) - k) (KL type).
+    Vec<Acc> cq_v = coef_v, cp_v = coef_v, ct_v = coef_v, kt_v(static_cast<Acc>(coef * divergence));
+    Acc gs_y = 0, gt_y = 0;  // DKD: the target entry's gradients
+    if constexpr (D == Divergence::DKD) {
+      cq_v = Vec<Acc>(static_cast<Acc>(coef * (p.beta + p.alpha * (dkd.p_y - dkd.q_y))));
+      cp_v = ct_v = Vec<Acc>(static_cast<Acc>(coef * p.beta));
+      kt_v = Vec<Acc>(static_cast<Acc>(coef * (p.beta * dkd.nckd + p.alpha * dkd.g * dkd.p_y * (1.0 - dkd.p_y))));
+      gs_y = static_cast<Acc>(coef * p.alpha * (dkd.q_y - dkd.p_y));
+      gt_y = static_cast<Acc>(coef * p.alpha * dkd.g * dkd.p_y * (1.0 - dkd.p_y));
+    }
+    const Vec<Acc> sum_psi_p_v(static_cast<Acc>(sum_psi_p)), sum_psi_q_v(static_cast<Acc>(sum_psi_q));
+    const Vec<Acc> log_z1_v(static_cast<Acc>(log_z1)), ce_coef_v(ce_coef);
+    auto grad_chunk = [&](int64_t i, int64_t n) {
+      const Vec<Acc> sv = n == W ? load<Acc>(s + i) : load_tail<Acc>(s + i, n);
+      auto load_t = [&] { return n == W ? load<Acc>(t + i) : load_tail<Acc>(t + i, n); };
+      Vec<Acc> g_s, g_t;
+      if constexpr (kPsi) {
+        if (park_psi) {
+          const Vec<Acc> qq = fk_exp(kd_shift(sv, max_s_v, inv_t_v) - log_zs_v);
+          g_s = psi_grad(n == W ? load<Acc>(gs + i) : load_tail<Acc>(gs + i, n, Acc(0)), qq, sum_psi_q_v, coef_v);
+        } else {
+          Vec<Acc> lp, lq, pp, qq, psi_p, psi_q, phi;
+          psi_terms(sv, load_t(), lp, lq, pp, qq, psi_p, psi_q, phi);
+          g_s = psi_grad(psi_q, qq, sum_psi_q_v, coef_v);
+          g_t = psi_grad(psi_p, pp, sum_psi_p_v, coef_v);
+        }
+      } else {
+        const Vec<Acc> a = kd_shift(load_t(), max_t_v, inv_t_v);
+        const Vec<Acc> b = kd_shift(sv, max_s_v, inv_t_v);
+        if constexpr (D == Divergence::ReverseKL) {  // KL(q || p): the roles of the two sides swap
+          if (gs) g_s = kd_grad_teacher2(b, a, log_zs_v, log_zt_v, ct_v, kt_v);
+          if (gt) g_t = kd_grad_student2(b, a, log_zs_v, log_zt_v, cq_v, cp_v);
+        } else {
+          if (gs) g_s = kd_grad_student2(a, b, log_zt_v, log_zs_v, cq_v, cp_v);
+          if (gt) g_t = kd_grad_teacher2(a, b, log_zt_v, log_zs_v, ct_v, kt_v);
+        }
+      }
+      if (gs) {
+        if (hard) g_s = g_s + ce_coef_v * fk_exp(sv - max_s_v - log_z1_v);
+        if (in_chunk(y, i, n) && (hard || D == Divergence::DKD)) {
+          store_fixed<S>(gs + i, g_s, n, y - i, [&](Acc g) {
+            if constexpr (D == Divergence::DKD) g = gs_y;
+            return hard ? g - ce_coef : g;
+          });
+        } else if (n == W) {
+          store<S>(gs + i, g_s);
+        } else {
+          store_tail<S>(gs + i, g_s, n);
+        }
+      }
+      if (gt) {
+        if (D == Divergence::DKD && in_chunk(y, i, n)) store_fixed<T>(gt + i, g_t, n, y - i, [&](Acc) { return gt_y; });
+        else if (n == W) store<T>(gt + i, g_t);
+        else store_tail<T>(gt + i, g_t, n);
+      }
+    };
+    for (int64_t i = 0; i < V1; i += W) grad_chunk(i, W);
+    if (V1 < V) grad_chunk(V1, V - V1);
+  }
+}
+
+// Runs response_rows<D> over every row, for the (student, teacher) dtypes of the call.
+template <Divergence D>
+void run_response_rows(const KdCall& c, double count) {
+  const KdParams& p = c.p;
+  // About 8k elements per task: enough to amortize a thread wake-up, small enough that vision-size
+  // batches ([256, 100]) already use every thread.
+  const int64_t grain = std::max<int64_t>(1, 8192 / p.vocab);
+  kd_dispatch_pair(c.student.scalar_type(), c.teacher.scalar_type(), [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    using T = decltype(t_tag);
+    using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
+    at::parallel_for(0, p.rows, grain, [&](int64_t b, int64_t e) { response_rows<D, S, T, Acc>(p, count, b, e); });
+  });
+}
+
+extern template void run_response_rows<Divergence::KL>(const KdCall&, double);
+extern template void run_response_rows<Divergence::ReverseKL>(const KdCall&, double);
+extern template void run_response_rows<Divergence::DKD>(const KdCall&, double);
+extern template void run_response_rows<Divergence::JSD>(const KdCall&, double);
+extern template void run_response_rows<Divergence::TVD>(const KdCall&, double);
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace fastkd
