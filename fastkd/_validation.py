@@ -166,10 +166,12 @@ def check_target(
     ignore_index: int,
     required: bool = True,
     name: str = "target",
+    check_range: bool = True,
 ) -> Optional[torch.Tensor]:
     """Class-index targets (the CE target of the hard-label mix, the DKD target): an integer tensor of shape
     ``student_logits.shape[:-1]`` on the logits' device whose counted entries (!= ignore_index) are in
-    [0, V). ``required=False`` accepts None. Returns ``labels``."""
+    [0, V). ``required=False`` accepts None; ``check_range=False`` skips the (data-dependent) range check.
+    Returns ``labels``."""
     if labels is None:
         if required:
             raise ValueError(
@@ -179,7 +181,8 @@ def check_target(
         return None
     _check_index_tensor(labels, student_logits, name)
     vocab = student_logits.shape[-1]
-    if labels.numel() == 0 or not _inspectable(labels):
+    # check_range=False: the fused op checks the range itself (one pass in C++, a ValueError as here).
+    if not check_range or labels.numel() == 0 or not _inspectable(labels):
         return labels
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
@@ -292,3 +295,141 @@ def check_topk_indices_range(
     raise ValueError(
         f"teacher_topk_indices must be distinct within a row, but row {r} repeats index {srt[r, c].item()}"
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checks added for the relation- and feature-based losses (RKD, SP, PKT, CC, AT, NST, FitNet hints).
+# Features are [N, ...] tensors, one sample per leading index; the losses flatten the rest per sample.
+# --------------------------------------------------------------------------------------------------------
+CC_KERNELS = ("gaussian", "bilinear")
+AT_MODES = ("code", "paper")
+RELATION_REDUCTIONS = ("batchmean", "sum")
+
+
+def check_feature(x: torch.Tensor, name: str, min_dim: int = 2, what: str = "[N, ...]") -> None:
+    """One feature tensor: a float tensor with at least ``min_dim`` dimensions (the batch first) and a
+    non-empty per-sample part (it flattens to ``[N, D]`` with ``D >= 1``)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(
+            f"{name} must have at least {min_dim} dimensions {what} (the batch first), got shape {tuple(x.shape)}"
+        )
+    if math.prod(x.shape[1:]) == 0:
+        raise ValueError(f"{name}: the per-sample feature part of shape {tuple(x.shape[1:])} must not be empty")
+
+
+def check_feature_pair(
+    f_s: torch.Tensor,
+    f_t: torch.Tensor,
+    min_dim: int = 2,
+    what: str = "[N, ...]",
+    names: tuple = ("f_s", "f_t"),
+) -> None:
+    """Student and teacher features: each as :func:`check_feature`, the same batch size N (their widths may
+    differ) and the same device."""
+    ns, nt = names
+    check_feature(f_s, ns, min_dim, what)
+    check_feature(f_t, nt, min_dim, what)
+    if f_t.shape[0] != f_s.shape[0]:
+        raise ValueError(
+            f"{nt} must have the student's batch size {f_s.shape[0]} ({ns}.shape[0]), got {f_t.shape[0]}"
+        )
+    if f_t.device != f_s.device:
+        raise ValueError(f"{nt} must be on the student's device {f_s.device}, got {f_t.device}")
+
+
+def check_same_shape(f_s: torch.Tensor, f_t: torch.Tensor, names: tuple = ("f_s", "f_t")) -> None:
+    """Losses that compare features elementwise (FitNet's MSE) need identical shapes."""
+    if f_t.shape != f_s.shape:
+        raise ValueError(
+            f"{names[1]} must have the shape of {names[0]} {tuple(f_s.shape)} (use a regressor, e.g. "
+            f"fastkd.HintLoss(student_shape, teacher_shape), to map the student onto the teacher), got "
+            f"{tuple(f_t.shape)}"
+        )
+
+
+def check_spatial_pair(f_s: torch.Tensor, f_t: torch.Tensor, names: tuple = ("f_s", "f_t")) -> bool:
+    """Feature maps ``[N, C, *spatial]`` for attention transfer / NST (channel counts may differ). Returns
+    whether the spatial sizes differ, i.e. whether RepDistiller's pooling applies: it compares the heights
+    (dim 2) only and pools the larger map to a *square* (h, h) of the smaller height, so that case needs
+    4-D maps; after that the flattened spatial sizes must agree."""
+    check_feature_pair(f_s, f_t, min_dim=3, what="[N, C, *spatial]", names=names)
+    if f_s.shape[2] == f_t.shape[2]:
+        if f_s.shape[2:] != f_t.shape[2:]:
+            raise ValueError(
+                f"{names[0]} and {names[1]} have the same height but different spatial shapes "
+                f"{tuple(f_s.shape[2:])} and {tuple(f_t.shape[2:])}; the reference pools on the height only"
+            )
+        return False
+    if f_s.dim() != 4 or f_t.dim() != 4:
+        raise ValueError(
+            f"{names[0]} and {names[1]} have different spatial sizes {tuple(f_s.shape[2:])} and "
+            f"{tuple(f_t.shape[2:])}: pooling them to a common size needs 4-D maps [N, C, H, W]"
+        )
+    return True
+
+
+def check_layers(g_s, g_t, min_dim: int = 2, what: str = "[N, ...]"):
+    """One feature pair (two tensors) or a list of layer pairs (two sequences of tensors of the same,
+    non-zero length). Returns ``(list_s, list_t, is_list)``; every pair is checked by
+    :func:`check_feature_pair` with names like ``g_s[1]``."""
+    s_is_tensor, t_is_tensor = isinstance(g_s, torch.Tensor), isinstance(g_t, torch.Tensor)
+    if s_is_tensor and t_is_tensor:
+        check_feature_pair(g_s, g_t, min_dim, what, names=("g_s", "g_t"))
+        return [g_s], [g_t], False
+    for name, g, is_tensor in (("g_s", g_s, s_is_tensor), ("g_t", g_t, t_is_tensor)):
+        if not is_tensor and not isinstance(g, (list, tuple)):
+            raise TypeError(f"{name} must be a tensor or a list/tuple of tensors, got {type(g).__name__}")
+    if s_is_tensor != t_is_tensor:
+        raise TypeError("g_s and g_t must both be tensors or both be lists/tuples of tensors (one per layer)")
+    if len(g_s) != len(g_t):
+        raise ValueError(f"g_s and g_t must list the same number of layers, got {len(g_s)} and {len(g_t)}")
+    if len(g_s) == 0:
+        raise ValueError("g_s and g_t must list at least one layer, got empty lists")
+    for i, (a, b) in enumerate(zip(g_s, g_t)):
+        check_feature_pair(a, b, min_dim, what, names=(f"g_s[{i}]", f"g_t[{i}]"))
+    return list(g_s), list(g_t), True
+
+
+def check_layer_weights(weights, n_layers: int):
+    """Per-layer weights of a list of layer pairs: None (all 1) or a sequence of ``n_layers`` finite numbers
+    >= 0. Returns a list of floats."""
+    if weights is None:
+        return [1.0] * n_layers
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, (list, tuple)):
+        raise TypeError(f"weights must be None or a list/tuple of numbers, got {type(weights).__name__}")
+    if len(weights) != n_layers:
+        raise ValueError(f"weights must have one entry per layer ({n_layers}), got {len(weights)}")
+    return [check_nonneg_weight(f"weights[{i}]", w) for i, w in enumerate(weights)]
+
+
+def check_positive(name: str, value) -> float:
+    """A finite number > 0 (eps, gamma, p)."""
+    x = _real_number(name, value)
+    if not math.isfinite(x) or x <= 0.0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return x
+
+
+def check_int_at_least(name: str, value, minimum: int) -> int:
+    """A Python int (not a bool) >= ``minimum`` (CC's ``max_p``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_choice(name: str, value, choices: tuple) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_relation_reduction(reduction: str) -> str:
+    """SP / CC: "batchmean" divides by N^2 (the anchors' default), "sum" does not (torchdistill's other
+    branch)."""
+    return check_choice("reduction", reduction, RELATION_REDUCTIONS)

@@ -165,7 +165,7 @@ def kd_loss(
     a = v.check_nonneg_weight("alpha", alpha)
     b = 1.0 - a if beta is None else v.check_nonneg_weight("beta", beta)
     if a != 0.0:
-        v.check_target(labels, student_logits, ignore_index, required=True, name="labels")
+        v.check_target(labels, student_logits, ignore_index, required=True, name="labels", check_range=False)
     if not _use_kernels():
         return reference.kd_loss(student_logits, teacher_logits, t, reduction=reduction, labels=labels,
                                  ignore_index=ignore_index, scale_by_temperature=scale_by_temperature, alpha=a,
@@ -305,7 +305,7 @@ def dkd_loss(
                          num_items_in_batch)
     a = v.check_nonneg_weight("alpha", alpha)
     b = v.check_nonneg_weight("beta", beta)
-    v.check_target(target, student_logits, ignore_index, required=True, name="target")
+    v.check_target(target, student_logits, ignore_index, required=True, name="target", check_range=False)
     if student_logits.shape[-1] < 2:
         raise ValueError(f"dkd_loss needs at least 2 classes, got V={student_logits.shape[-1]}")
     if not _use_kernels():

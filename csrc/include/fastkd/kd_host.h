@@ -82,19 +82,39 @@ inline at::Tensor prepare_labels(const std::optional<at::Tensor>& labels, const 
                        l.scalar_type() != at::kBool,
                    "labels", "expected an integer tensor, got ", l.scalar_type());
   FASTKD_CHECK_ARG(l.dim() == 1 && l.size(0) == rows, "labels", "expected shape [", rows, "], got ", l.sizes());
-  return l.to(at::kLong).contiguous();
+  return l.scalar_type() == at::kLong && l.is_contiguous() ? l : l.to(at::kLong).contiguous();
 }
 
-// Labels used as class targets (cross-entropy, DKD): every counted one must index the vocabulary.
-// One host sync on CUDA, as the alternative (a device-side assert) would poison the context.
+// Labels used as class targets (cross-entropy, DKD): every counted one must index the vocabulary. A
+// ValueError, as for the Python-side checks. On CUDA this costs one host sync (the alternative, a
+// device-side assert, would poison the context); on the CPU it is one pass over the labels.
 inline void check_targets_in_range(const at::Tensor& labels, int64_t ignore_index, int64_t vocab) {
   if (labels.numel() == 0) return;
-  const at::Tensor bad = labels.ne(ignore_index).logical_and(labels.lt(0).logical_or(labels.ge(vocab)));
-  if (bad.any().item<bool>()) {
-    const int64_t value = labels.masked_select(bad)[0].item<int64_t>();
-    FASTKD_CHECK_ARG(false, "labels", "class targets must be in [0, ", vocab, ") or equal ignore_index (",
-                     ignore_index, "), got ", value);
+  int64_t bad_value = 0;
+  bool bad = false;
+  if (labels.is_cpu()) {
+    const int64_t* l = labels.const_data_ptr<int64_t>();
+    for (int64_t i = 0, n = labels.numel(); i < n && !bad; ++i) {
+      if (l[i] != ignore_index && (l[i] < 0 || l[i] >= vocab)) {
+        bad = true;
+        bad_value = l[i];
+      }
+    }
+  } else {
+    const at::Tensor mask = labels.ne(ignore_index).logical_and(labels.lt(0).logical_or(labels.ge(vocab)));
+    if ((bad = mask.any().item<bool>())) bad_value = labels.masked_select(mask)[0].item<int64_t>();
   }
+  TORCH_CHECK_VALUE(!bad, "fastkd: argument 'labels': class targets must be in [0, ", vocab,
+                    ") or equal ignore_index (", ignore_index, "), got ", bad_value);
+}
+
+// Number of labels != ignore_index, as a double scalar on the labels' device.
+inline at::Tensor count_counted(const at::Tensor& labels, int64_t ignore_index) {
+  if (!labels.is_cpu()) return labels.ne(ignore_index).sum().to(at::kDouble);
+  const int64_t* l = labels.const_data_ptr<int64_t>();
+  int64_t n = 0;
+  for (int64_t i = 0, e = labels.numel(); i < e; ++i) n += l[i] != ignore_index;
+  return at::scalar_tensor(static_cast<double>(n), labels.options().dtype(at::kDouble));
 }
 
 // The divisor of 'batchmean'/'mean': num_items_in_batch when given, else the number of counted rows
@@ -113,7 +133,7 @@ inline at::Tensor prepare_count(const std::optional<at::Tensor>& num_items, cons
     }
     return n.reshape({}).to(like.device(), at::kDouble);
   }
-  if (labels.defined()) return labels.ne(ignore_index).sum().to(at::kDouble);
+  if (labels.defined()) return count_counted(labels, ignore_index);
   return {};
 }
 
