@@ -80,7 +80,9 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     // Sweep 2: Z_s, Z_t, the KL-type dot product, and Z of the student at T = 1 for the CE.
     // Hinton KD with only the student gradient asked for (and a full-precision gradient dtype) parks e_s
     // in the gradient row (its first touch happens here), so sweep 4 needs one exponential, not two.
-    const bool park = D == Divergence::KL && std::is_same_v<S, Acc> && gs != nullptr && gt == nullptr && !hard;
+    // JSD and TVD park it the same way, for sweep 3 to read q = e_s / Z_s instead of another exponential.
+    const bool park = (D == Divergence::KL || kPsi) && std::is_same_v<S, Acc> && gs != nullptr && gt == nullptr &&
+                      !hard;
     double z_s = 0.0, z_t = 0.0, dot = 0.0, z_1 = 0.0;
     auto sweep2 = [&](const Vec<Acc>& sv, const Vec<Acc>& tv, Vec<Acc>& zs, Vec<Acc>& zt, Vec<Acc>& d, Vec<Acc>& z1,
                       S* park_at, int64_t n) {
@@ -121,6 +123,7 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     }
     const double log_zs = std::log(z_s), log_zt = std::log(z_t);
     const Vec<Acc> log_zs_v(static_cast<Acc>(log_zs)), log_zt_v(static_cast<Acc>(log_zt));
+    const Vec<Acc> inv_zs_v(static_cast<Acc>(1.0 / z_s)), inv_zt_v(static_cast<Acc>(1.0 / z_t));
 
     // Hard-label cross-entropy at temperature 1: log Z_1 + max_s - s_y.
     double log_z1 = 0.0;
@@ -132,12 +135,18 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     // Sweep 3 (JSD, TVD): sums over the normalized distributions.
     double sum_psi_p = 0.0, sum_psi_q = 0.0, divergence = 0.0;
     const Vec<Acc> beta_v(static_cast<Acc>(p.beta)), one_minus_beta_v(static_cast<Acc>(1.0 - p.beta));
+    // qq may come in already computed (q_given: from the parked e_s).
     auto psi_terms = [&](const Vec<Acc>& sv, const Vec<Acc>& tv, Vec<Acc>& lp, Vec<Acc>& lq, Vec<Acc>& pp,
-                         Vec<Acc>& qq, Vec<Acc>& psi_p, Vec<Acc>& psi_q, Vec<Acc>& phi) {
-      lp = kd_shift(tv, max_t_v, inv_t_v) - log_zt_v;
+                         Vec<Acc>& qq, Vec<Acc>& psi_p, Vec<Acc>& psi_q, Vec<Acc>& phi, bool q_given = false) {
+      const Vec<Acc> a = kd_shift(tv, max_t_v, inv_t_v);
+      lp = a - log_zt_v;
       lq = kd_shift(sv, max_s_v, inv_t_v) - log_zs_v;
-      pp = fk_exp(lp);
-      qq = fk_exp(lq);
+      if (q_given) {
+        pp = fk_exp(a) * inv_zt_v;  // the same form as q = e_s / Z_s: ties (p == q) stay exact
+      } else {
+        pp = fk_exp(lp);
+        qq = fk_exp(lq);
+      }
       if constexpr (D == Divergence::JSD) {
         jsd_terms(lp, lq, pp, qq, beta_v, one_minus_beta_v, psi_p, psi_q);
         phi = psi_p + psi_q;
@@ -147,13 +156,14 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     };
     // With only the student gradient asked for (full-precision dtype), psi_q is parked in the gradient row
     // so that sweep 4 needs one exponential instead of two and a logarithm.
-    const bool park_psi = kPsi && std::is_same_v<S, Acc> && gs != nullptr && gt == nullptr && !hard;
+    const bool park_psi = kPsi && park;
     if constexpr (kPsi) {
       auto body = [&](int64_t i, int64_t n) {
         Vec<Acc> lp, lq, pp, qq, psi_p, psi_q, phi;
         const Vec<Acc> sv = n == W ? load<Acc>(s + i) : load_tail<Acc>(s + i, n);
         const Vec<Acc> tv = n == W ? load<Acc>(t + i) : load_tail<Acc>(t + i, n);
-        psi_terms(sv, tv, lp, lq, pp, qq, psi_p, psi_q, phi);
+        if (park_psi) qq = (n == W ? load<Acc>(gs + i) : load_tail<Acc>(gs + i, n, Acc(0))) * inv_zs_v;
+        psi_terms(sv, tv, lp, lq, pp, qq, psi_p, psi_q, phi, park_psi);
         if (park_psi) {
           if (n == W) store<S>(gs + i, psi_q);
           else store_tail<S>(gs + i, psi_q, n);
@@ -184,8 +194,7 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     if (!gs && !gt) continue;
 
     // Sweep 4: gradients.
-    if (park) {
-      const Vec<Acc> inv_zs_v(static_cast<Acc>(1.0 / z_s));
+    if (park && D == Divergence::KL) {
       for (int64_t i = 0; i < V1; i += W) {
         const Vec<Acc> a = kd_shift(load<Acc>(t + i), max_t_v, inv_t_v);
         store<S>(gs + i, kd_grad_student_from_es(load<Acc>(gs + i), inv_zs_v, a, log_zt_v, coef_v));
