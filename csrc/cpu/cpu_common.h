@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/bit_cast.h>
 
 #include "fastkd/kd_math.h"
 
@@ -31,6 +32,38 @@ inline Vectorized<double> fk_exp(const Vectorized<double>& x) {
 template <typename A>
 inline Vectorized<A> fk_log(const Vectorized<A>& x) {
   return x.log();
+}
+template <typename A>
+inline Vectorized<A> fk_log_prob(const Vectorized<A>& x) {
+  return x.log();
+}
+// log(x) = e ln 2 + log(m), x = 2^e m with m in [sqrt(1/2), sqrt(2)), log(m) = log(1 + f) by the classic
+// degree-8 minimax polynomial in f (Cephes' single-precision coefficients), ln 2 split in two parts so
+// e ln 2 adds no rounding error. About an ulp for normal x; x = 0 and denormals give a finite value near
+// -88 to -104 (the JSD terms select such lanes away). 3x cheaper than Sleef's u10 log on AVX2.
+inline Vectorized<float> fk_log_prob(const Vectorized<float>& x) {
+  using V = Vectorized<float>;
+  const V mant_bits(c10::bit_cast<float>(0x007fffff)), exp_bits(c10::bit_cast<float>(0x7f800000));
+  V m = (x & mant_bits) | V(1.0f);  // [1, 2)
+  V e = convert_to_fp_of_same_size<float>(cast<int32_t>(x & exp_bits)) * V(1.0f / 8388608.0f) - V(127.0f);
+  const V big = m > V(1.41421356237f);
+  m = V::blendv(m, m * V(0.5f), big);
+  e = V::blendv(e, e + V(1.0f), big);
+  const V f = m - V(1.0f);
+  const V z = f * f;
+  V poly(7.0376836292e-2f);
+  poly = fmadd(poly, f, V(-1.1514610310e-1f));
+  poly = fmadd(poly, f, V(1.1676998740e-1f));
+  poly = fmadd(poly, f, V(-1.2420140846e-1f));
+  poly = fmadd(poly, f, V(1.4249322787e-1f));
+  poly = fmadd(poly, f, V(-1.6668057665e-1f));
+  poly = fmadd(poly, f, V(2.0000714765e-1f));
+  poly = fmadd(poly, f, V(-2.4999993993e-1f));
+  poly = fmadd(poly, f, V(3.3333331174e-1f));
+  V y = poly * f * z;
+  y = fmadd(e, V(-2.12194440e-4f), y);
+  y = fmadd(z, V(-0.5f), y);
+  return fmadd(e, V(0.693359375f), f + y);
 }
 template <typename A>
 inline Vectorized<A> fk_select_positive(const Vectorized<A>& cond, const Vectorized<A>& value) {

@@ -40,6 +40,11 @@ FASTKD_HOST_DEVICE float fk_log(float x) {
 #endif
 }
 FASTKD_HOST_DEVICE double fk_log(double x) { return ::log(x); }
+// log(x) for the probability-like x of the JSD terms (0 < x <= 1 where it matters). The CPU overload for
+// float vectors is a range-reduced polynomial that is exact to about an ulp for normal x and returns a
+// finite value for 0 and denormals (callers drop those lanes); scalars use the library log.
+FASTKD_HOST_DEVICE float fk_log_prob(float x) { return fk_log(x); }
+FASTKD_HOST_DEVICE double fk_log_prob(double x) { return fk_log(x); }
 // `cond > 0 ? value : 0`, written so that a NaN `value` is dropped when cond is 0.
 FASTKD_HOST_DEVICE float fk_select_positive(float cond, float value) { return cond > 0.f ? value : 0.f; }
 FASTKD_HOST_DEVICE double fk_select_positive(double cond, double value) { return cond > 0.0 ? value : 0.0; }
@@ -111,7 +116,7 @@ template <typename X>
 FASTKD_HOST_DEVICE void jsd_terms(X log_p, X log_q, X p, X q, X beta, X one_minus_beta, X& psi_p, X& psi_q) {
   const X wp = beta * p;
   const X wq = one_minus_beta * q;
-  const X log_m = fk_log(wp + wq);
+  const X log_m = fk_log_prob(wp + wq);
   psi_p = fk_select_positive(wp, wp * (log_p - log_m));
   psi_q = fk_select_positive(wq, wq * (log_q - log_m));
 }
@@ -172,10 +177,6 @@ FASTKD_HOST_DEVICE double ce_denominator(Reduction reduction, double count) {
 FASTKD_HOST_DEVICE bool kd_row_counted(const int64_t* labels, int64_t row, int64_t ignore_index) {
   return labels == nullptr || labels[row] != ignore_index;
 }
-
-}  // namespace fastkd
-
-namespace fastkd {
 
 // ---- per-row scalars of decoupled KD (DKD), from log-sum-exps only ----
 //
