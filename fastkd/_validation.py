@@ -13,14 +13,19 @@ REDUCTIONS = ("batchmean", "sum", "mean", "none")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def _check_logits_tensor(x: torch.Tensor, name: str) -> None:
+    """One logits tensor: a float tensor with at least one dimension (the vocabulary)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a 0-dim tensor")
+
+
 def check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
-    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
-        if x.dim() == 0:
-            raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a 0-dim tensor")
+    _check_logits_tensor(student_logits, "student_logits")
+    _check_logits_tensor(teacher_logits, "teacher_logits")
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(
             f"teacher_logits must have the student's shape {tuple(student_logits.shape)}, "
@@ -39,15 +44,7 @@ def check_labels(labels: Optional[torch.Tensor], student_logits: torch.Tensor) -
         return
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.shape != student_logits.shape[:-1]:
-        raise ValueError(
-            f"labels must have shape {tuple(student_logits.shape[:-1])} (the logits without the vocabulary "
-            f"dimension), got {tuple(labels.shape)}"
-        )
-    if labels.device != student_logits.device:
-        raise ValueError(f"labels must be on the logits' device {student_logits.device}, got {labels.device}")
+    _check_index_tensor(labels, student_logits, "labels")
 
 
 def check_temperature(temperature: float) -> float:
@@ -204,12 +201,7 @@ def check_num_classes(student_logits: torch.Tensor, minimum: int, what: str) -> 
 
 def check_student_logits(student_logits: torch.Tensor) -> None:
     """The student logits alone (losses without teacher logits of the same shape, e.g. top-k KD)."""
-    if not isinstance(student_logits, torch.Tensor):
-        raise TypeError(f"student_logits must be a torch.Tensor, got {type(student_logits).__name__}")
-    if student_logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"student_logits must be float32, float16, bfloat16 or float64, got {student_logits.dtype}")
-    if student_logits.dim() == 0:
-        raise ValueError("student_logits must have at least one dimension (the vocabulary), got a 0-dim tensor")
+    _check_logits_tensor(student_logits, "student_logits")
     if student_logits.shape[-1] == 0:
         raise ValueError("student_logits: the vocabulary (last) dimension must not be empty")
 

@@ -136,7 +136,7 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     double sum_psi_p = 0.0, sum_psi_q = 0.0, divergence = 0.0;
     const Vec<Acc> beta_v(static_cast<Acc>(p.beta)), one_minus_beta_v(static_cast<Acc>(1.0 - p.beta));
     // qq may come in already computed (q_given: from the parked e_s).
-    auto psi_terms = [&](const Vec<Acc>& sv, const Vec<Acc>& tv, Vec<Acc>& lp, Vec<Acc>& lq, Vec<Acc>& pp,
+    auto entry_terms = [&](const Vec<Acc>& sv, const Vec<Acc>& tv, Vec<Acc>& lp, Vec<Acc>& lq, Vec<Acc>& pp,
                          Vec<Acc>& qq, Vec<Acc>& psi_p, Vec<Acc>& psi_q, Vec<Acc>& phi, bool q_given = false) {
       const Vec<Acc> a = kd_shift(tv, max_t_v, inv_t_v);
       lp = a - log_zt_v;
@@ -147,12 +147,7 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
         pp = fk_exp(lp);
         qq = fk_exp(lq);
       }
-      if constexpr (D == Divergence::JSD) {
-        jsd_terms(lp, lq, pp, qq, beta_v, one_minus_beta_v, psi_p, psi_q);
-        phi = psi_p + psi_q;
-      } else {
-        tvd_terms(pp, qq, psi_p, psi_q, phi);
-      }
+      if constexpr (kPsi) psi_terms<D>(lp, lq, pp, qq, beta_v, one_minus_beta_v, psi_p, psi_q, phi);
     };
     // With only the student gradient asked for (full-precision dtype), psi_q is parked in the gradient row
     // so that sweep 4 needs one exponential instead of two and a logarithm.
@@ -163,7 +158,7 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
         const Vec<Acc> sv = n == W ? load<Acc>(s + i) : load_tail<Acc>(s + i, n);
         const Vec<Acc> tv = n == W ? load<Acc>(t + i) : load_tail<Acc>(t + i, n);
         if (park_psi) qq = (n == W ? load<Acc>(gs + i) : load_tail<Acc>(gs + i, n, Acc(0))) * inv_zs_v;
-        psi_terms(sv, tv, lp, lq, pp, qq, psi_p, psi_q, phi, park_psi);
+        entry_terms(sv, tv, lp, lq, pp, qq, psi_p, psi_q, phi, park_psi);
         if (park_psi) {
           if (n == W) store<S>(gs + i, psi_q);
           else store_tail<S>(gs + i, psi_q, n);
@@ -228,7 +223,7 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
           g_s = psi_grad(n == W ? load<Acc>(gs + i) : load_tail<Acc>(gs + i, n, Acc(0)), qq, sum_psi_q_v, coef_v);
         } else {
           Vec<Acc> lp, lq, pp, qq, psi_p, psi_q, phi;
-          psi_terms(sv, load_t(), lp, lq, pp, qq, psi_p, psi_q, phi);
+          entry_terms(sv, load_t(), lp, lq, pp, qq, psi_p, psi_q, phi);
           g_s = psi_grad(psi_q, qq, sum_psi_q_v, coef_v);
           g_t = psi_grad(psi_p, pp, sum_psi_p_v, coef_v);
         }

@@ -159,24 +159,19 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
     }
 
     // Sweep 3 (JSD, TVD): sums over the normalized distributions.
-    auto psi_terms = [&](Acc sv, Acc tv, Acc& pp, Acc& qq, Acc& psi_p, Acc& psi_q, Acc& phi) {
+    auto entry_terms = [&](Acc sv, Acc tv, Acc& pp, Acc& qq, Acc& psi_p, Acc& psi_q, Acc& phi) {
       const Acc lp = kd_shift(tv, max_t, inv_t) - log_zt;
       const Acc lq = kd_shift(sv, max_s, inv_t) - log_zs;
       pp = fk_exp(lp);
       qq = fk_exp(lq);
-      if constexpr (D == Divergence::JSD) {
-        jsd_terms(lp, lq, pp, qq, beta, one_minus_beta, psi_p, psi_q);
-        phi = psi_p + psi_q;
-      } else {
-        tvd_terms(pp, qq, psi_p, psi_q, phi);
-      }
+      if constexpr (kPsi) psi_terms<D>(lp, lq, pp, qq, beta, one_minus_beta, psi_p, psi_q, phi);
     };
     double divergence = 0.0, sum_psi_p = 0.0, sum_psi_q = 0.0;
     if constexpr (kPsi) {
       Acc4<Acc, 3> acc{{Acc(0), Acc(0), Acc(0)}};
       for_each_in_row<kBlock, Acc>(s, t, V, packed, [&](int64_t, Acc sv, Acc tv) {
         Acc pp, qq, psi_p, psi_q, phi;
-        psi_terms(sv, tv, pp, qq, psi_p, psi_q, phi);
+        entry_terms(sv, tv, pp, qq, psi_p, psi_q, phi);
         acc.v[0] += phi;
         acc.v[1] += psi_p;
         acc.v[2] += psi_q;
@@ -213,7 +208,7 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
         Acc g_s = 0, g_t = 0;
         if constexpr (kPsi) {
           Acc pp, qq, psi_p, psi_q, phi;
-          psi_terms(sv, tv, pp, qq, psi_p, psi_q, phi);
+          entry_terms(sv, tv, pp, qq, psi_p, psi_q, phi);
           g_s = psi_grad(psi_q, qq, spq, c);
           g_t = psi_grad(psi_p, pp, spp, c);
         } else {

@@ -333,14 +333,16 @@ TopkCall topk_prepare(const at::Tensor& student, const at::Tensor& values, const
   c.indices = sorted.contiguous();
   c.values = values.to(any_double ? at::kDouble : at::kFloat).gather(-1, order).contiguous();
   if (rows > 0) {
+    // Counted rows only (padding rows may hold anything). One host sync on CUDA, and a second one only to
+    // say which check failed.
     at::Tensor counted = c.labels.defined() ? c.labels.ne(ignore_index) : at::ones({rows}, sorted.options().dtype(at::kBool));
     at::Tensor out_of_range = c.indices.select(1, 0).lt(0).logical_or(c.indices.select(1, k - 1).ge(vocab));
-    FASTKD_CHECK_ARG(!out_of_range.logical_and(counted).any().item<bool>(), "teacher_topk_indices",
-                     "every index must be in [0, ", vocab, ")");
-    if (k > 1) {
-      at::Tensor dup = c.indices.narrow(1, 1, k - 1).eq(c.indices.narrow(1, 0, k - 1)).any(1);
-      FASTKD_CHECK_ARG(!dup.logical_and(counted).any().item<bool>(), "teacher_topk_indices",
-                       "indices must be distinct within a row (as torch.topk returns them)");
+    at::Tensor repeated = k > 1 ? c.indices.narrow(1, 1, k - 1).eq(c.indices.narrow(1, 0, k - 1)).any(1)
+                                : at::zeros_like(out_of_range);
+    if (out_of_range.logical_or(repeated).logical_and(counted).any().item<bool>()) {
+      TORCH_CHECK_VALUE(!out_of_range.logical_and(counted).any().item<bool>(),
+                        "fastkd: teacher_topk_indices must be in [0, ", vocab, ") on counted rows");
+      TORCH_CHECK_VALUE(false, "fastkd: teacher_topk_indices must be distinct within a row (as torch.topk returns them)");
     }
   }
 

@@ -151,6 +151,19 @@ enum class Reduction : int32_t { None = 0, Sum = 1, Mean = 2, BatchMean = 3 };
 // Response divergences (schema strings "kl", "reverse_kl", "jsd", "tvd", "dkd").
 enum class Divergence : int32_t { KL = 0, ReverseKL = 1, JSD = 2, TVD = 3, DKD = 4 };
 
+// The per-entry terms of the divergences that need the normalized distributions (see jsd_terms above):
+// psi_p, psi_q and phi from log p, log q, p and q.
+template <Divergence D, typename X>
+FASTKD_HOST_DEVICE void psi_terms(X log_p, X log_q, X p, X q, X beta, X one_minus_beta, X& psi_p, X& psi_q, X& phi) {
+  static_assert(D == Divergence::JSD || D == Divergence::TVD, "psi_terms: JSD or TVD");
+  if constexpr (D == Divergence::JSD) {
+    jsd_terms(log_p, log_q, p, q, beta, one_minus_beta, psi_p, psi_q);
+    phi = psi_p + psi_q;
+  } else {
+    tvd_terms(p, q, psi_p, psi_q, phi);
+  }
+}
+
 // log(exp(x) + exp(y)) for row-level scalars; -inf when both are -inf.
 FASTKD_HOST_DEVICE double kd_logaddexp(double x, double y) {
   const double m = x > y ? x : y;
