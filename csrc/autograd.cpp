@@ -129,11 +129,116 @@ Two topk_kd_forward_autograd(const at::Tensor& student, const at::Tensor& values
   return {r[0], r[1]};
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Relation- and feature-based losses: (loss, grad_student, grad_teacher) = op(student, teacher, args...),
+// RKD: (loss, distance, angle, grad_student) with no teacher gradient.
+// ---------------------------------------------------------------------------------------------------------
+using Three = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Four = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// Op: a struct with `static constexpr const char* name` and `using Sig = Three(const at::Tensor&, ...)`.
+template <typename Op>
+class RelationForward : public torch::autograd::Function<RelationForward<Op>> {
+ public:
+  template <typename... Args>
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
+                               Args... args) {
+    static auto op = typed_op<typename Op::Sig>(Op::name);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, gs, gt] = op.call(student, teacher, args...);
+    ctx->mark_non_differentiable({gs, gt});
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({gs, gt});
+    ctx->saved_data["inputs"] = static_cast<int64_t>(2 + sizeof...(Args));
+    return {loss, gs, gt};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(ctx->saved_data["inputs"].toInt());
+    if (!grads[0].defined()) return out;
+    const auto saved = ctx->get_saved_variables();
+    if (ctx->needs_input_grad(0)) out[0] = grad_from(saved[0], grads[0], "student");
+    if (ctx->needs_input_grad(1)) out[1] = grad_from(saved[1], grads[0], "teacher");
+    return out;
+  }
+};
+
+class RkdForward : public torch::autograd::Function<RkdForward> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
+                               double distance_weight, double angle_weight, bool grad_student) {
+    static auto op = typed_op<Four(const at::Tensor&, const at::Tensor&, double, double, bool)>("fastkd::rkd_forward");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, distance, angle, gs] = op.call(student, teacher, distance_weight, angle_weight, grad_student);
+    ctx->mark_non_differentiable({distance, angle, gs});
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({gs});
+    return {loss, distance, angle, gs};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(5);  // the teacher never gets a gradient (the reference computes it under no_grad)
+    if (grads[0].defined() && ctx->needs_input_grad(0)) {
+      out[0] = grad_from(ctx->get_saved_variables()[0], grads[0], "student");
+    }
+    return out;
+  }
+};
+
+struct SpOp {
+  static constexpr const char* name = "fastkd::sp_forward";
+  using Sig = Three(const at::Tensor&, const at::Tensor&, c10::string_view, bool, bool);
+};
+struct PktOp {
+  static constexpr const char* name = "fastkd::pkt_forward";
+  using Sig = Three(const at::Tensor&, const at::Tensor&, double, bool, bool);
+};
+struct CcOp {
+  static constexpr const char* name = "fastkd::cc_forward";
+  using Sig = Three(const at::Tensor&, const at::Tensor&, c10::string_view, double, int64_t, c10::string_view, bool,
+                    bool);
+};
+struct AtOp {
+  static constexpr const char* name = "fastkd::at_forward";
+  using Sig = Three(const at::Tensor&, const at::Tensor&, double, c10::string_view, bool, bool);
+};
+
+Three three(const variable_list& r) { return {r[0], r[1], r[2]}; }
+
+Four rkd_forward_autograd(const at::Tensor& s, const at::Tensor& t, double distance_weight, double angle_weight,
+                          bool grad_student) {
+  auto r = RkdForward::apply(s, t, distance_weight, angle_weight, grad_student);
+  return {r[0], r[1], r[2], r[3]};
+}
+Three sp_forward_autograd(const at::Tensor& s, const at::Tensor& t, c10::string_view reduction, bool gs, bool gt) {
+  return three(RelationForward<SpOp>::apply(s, t, reduction, gs, gt));
+}
+Three pkt_forward_autograd(const at::Tensor& s, const at::Tensor& t, double eps, bool gs, bool gt) {
+  return three(RelationForward<PktOp>::apply(s, t, eps, gs, gt));
+}
+Three cc_forward_autograd(const at::Tensor& s, const at::Tensor& t, c10::string_view kernel, double gamma,
+                          int64_t max_p, c10::string_view reduction, bool gs, bool gt) {
+  return three(RelationForward<CcOp>::apply(s, t, kernel, gamma, max_p, reduction, gs, gt));
+}
+Three at_forward_autograd(const at::Tensor& s, const at::Tensor& t, double p, c10::string_view mode, bool gs, bool gt) {
+  return three(RelationForward<AtOp>::apply(s, t, p, mode, gs, gt));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastkd, Autograd, m) {
   m.impl("response_forward", &response_forward_autograd);
   m.impl("topk_kd_forward", &topk_kd_forward_autograd);
+  m.impl("rkd_forward", &rkd_forward_autograd);
+  m.impl("sp_forward", &sp_forward_autograd);
+  m.impl("pkt_forward", &pkt_forward_autograd);
+  m.impl("cc_forward", &cc_forward_autograd);
+  m.impl("at_forward", &at_forward_autograd);
 }
 
 }  // namespace fastkd

@@ -42,6 +42,28 @@ TORCH_LIBRARY(fastkd, m) {
       "topk_kd_forward(Tensor student, Tensor values, Tensor indices, Tensor? labels, Tensor? num_items, "
       "float temperature, bool values_are_logprobs, bool tail_bucket, int ignore_index, str reduction, "
       "bool scale_by_temperature, bool grad_student) -> (Tensor, Tensor)");
+
+  // Relation- and feature-based losses (fused: the loss and, when asked, the gradients of the loss with
+  // respect to the inputs, from Gram matrices; nothing of size N x N x D or N x N x N is allocated). Inputs are
+  // [N, D] features (flattened per sample by the Python layer), AT's are [N, C, S] maps. Losses are 0-dim in
+  // the promoted input type; a gradient not asked for is an empty tensor.
+  // RKD: loss = distance_weight * distance + angle_weight * angle, also returned as detached parts; the
+  // teacher never gets a gradient (the reference computes it under no_grad).
+  m.def(
+      "rkd_forward(Tensor student, Tensor teacher, float distance_weight, float angle_weight, bool grad_student) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "sp_forward(Tensor student, Tensor teacher, str reduction, bool grad_student, bool grad_teacher) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "pkt_forward(Tensor student, Tensor teacher, float eps, bool grad_student, bool grad_teacher) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cc_forward(Tensor student, Tensor teacher, str kernel, float gamma, int max_p, str reduction, "
+      "bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "at_forward(Tensor student, Tensor teacher, float p, str mode, bool grad_student, bool grad_teacher) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(_C, m) {

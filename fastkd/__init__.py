@@ -9,6 +9,12 @@ kernel, under drop-in functions and ``nn.Module`` losses::
     loss = fastkd.jsd_loss(student_logits, teacher_logits, beta=0.5, labels=labels)   # TRL GKD semantics
     loss = fastkd.DKDLoss(alpha=1.0, beta=8.0)(student_logits, teacher_logits, target, epoch=epoch)
 
+and the relation- and feature-based losses (RepDistiller / mdistiller / torchdistill semantics)::
+
+    loss = fastkd.rkd_loss(feat_s, feat_t)                  # or fastkd.RKDLoss(25.0, 50.0)
+    loss = fastkd.at_loss(maps_s, maps_t, p=2)              # lists of layer maps: the sum over layers
+    losses = fastkd.Attention(p=2)(maps_s, maps_t)          # RepDistiller's per-layer list
+
 ``fastkd.reference`` holds the same losses in plain PyTorch; ``fastkd.build_info()`` says what the
 installed build contains.
 """
@@ -27,19 +33,39 @@ if _ops_loader.LOADED:
 
 from fastkd import reference  # noqa: E402
 from fastkd.functional import (  # noqa: E402
+    at_loss,
+    cc_loss,
     dkd_loss,
+    hint_loss,
     jsd_loss,
     kd_loss,
+    nst_loss,
+    pkt_loss,
     reverse_kl_loss,
+    rkd_angle_loss,
+    rkd_distance_loss,
+    rkd_loss,
+    sp_loss,
     topk_kd_loss,
     tvd_loss,
 )
 from fastkd.losses import (  # noqa: E402
+    PKT,
+    ATLoss,
+    Attention,
+    CCLoss,
+    ConvReg,
     DistillKL,
     DKDLoss,
+    HintLoss,
     JSDLoss,
     KDLoss,
+    NSTLoss,
+    PKTLoss,
     ReverseKLLoss,
+    RKDLoss,
+    Similarity,
+    SPLoss,
     TopKKDLoss,
     TVDLoss,
 )
@@ -60,6 +86,26 @@ __all__ = [
     "TVDLoss",
     "DKDLoss",
     "TopKKDLoss",
+    "rkd_loss",
+    "rkd_distance_loss",
+    "rkd_angle_loss",
+    "sp_loss",
+    "pkt_loss",
+    "cc_loss",
+    "at_loss",
+    "nst_loss",
+    "hint_loss",
+    "RKDLoss",
+    "SPLoss",
+    "Similarity",
+    "PKTLoss",
+    "PKT",
+    "CCLoss",
+    "ATLoss",
+    "Attention",
+    "NSTLoss",
+    "HintLoss",
+    "ConvReg",
     "LossParts",
     "reference",
     "build_info",

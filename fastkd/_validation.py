@@ -364,6 +364,15 @@ def check_spatial_pair(f_s: torch.Tensor, f_t: torch.Tensor, names: tuple = ("f_
     return True
 
 
+def check_pooled_spatial(f_s: torch.Tensor, f_t: torch.Tensor, names: tuple = ("f_s", "f_t")) -> None:
+    """After RepDistiller's pooling (see :func:`check_spatial_pair`) the spatial shapes must agree."""
+    if f_s.shape[2:] != f_t.shape[2:]:
+        raise ValueError(
+            f"{names[0]} and {names[1]}: after pooling to a common height the spatial shapes still differ: "
+            f"{tuple(f_s.shape[2:])} and {tuple(f_t.shape[2:])} (the reference pools to a square (h, h))"
+        )
+
+
 def check_layers(g_s, g_t, min_dim: int = 2, what: str = "[N, ...]"):
     """One feature pair (two tensors) or a list of layer pairs (two sequences of tensors of the same,
     non-zero length). Returns ``(list_s, list_t, is_list)``; every pair is checked by

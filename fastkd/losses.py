@@ -2,16 +2,52 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from fastkd import _validation as v
-from fastkd.functional import NumItems, dkd_loss, jsd_loss, kd_loss, reverse_kl_loss, topk_kd_loss, tvd_loss
+from fastkd import functional as _fn
+from fastkd import reference as _reference
+from fastkd.functional import (
+    Features,
+    NumItems,
+    cc_loss,
+    dkd_loss,
+    hint_loss,
+    jsd_loss,
+    kd_loss,
+    pkt_loss,
+    reverse_kl_loss,
+    rkd_loss,
+    topk_kd_loss,
+    tvd_loss,
+)
 from fastkd.outputs import LossParts
 
-__all__ = ["KDLoss", "DistillKL", "ReverseKLLoss", "JSDLoss", "TVDLoss", "DKDLoss", "TopKKDLoss"]
+__all__ = [
+    "KDLoss",
+    "DistillKL",
+    "ReverseKLLoss",
+    "JSDLoss",
+    "TVDLoss",
+    "DKDLoss",
+    "TopKKDLoss",
+    "RKDLoss",
+    "SPLoss",
+    "Similarity",
+    "PKTLoss",
+    "PKT",
+    "CCLoss",
+    "ATLoss",
+    "Attention",
+    "NSTLoss",
+    "HintLoss",
+    "ConvReg",
+]
+
+LayerLosses = Union[torch.Tensor, List[torch.Tensor]]
 
 
 class KDLoss(nn.Module):
@@ -288,3 +324,330 @@ class TopKKDLoss(_ResponseLoss):
 
     def extra_repr(self) -> str:
         return f"values_are={self.values_are!r}, tail={self.tail!r}, " + super().extra_repr()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Relation- and feature-based losses. Rule for the multi-layer ones (SP, AT, NST): a pair of tensors gives
+# a 0-dim loss, a pair of lists gives a *list* of per-layer losses (RepDistiller's convention:
+# ``loss_kd = sum(criterion_kd(g_s, g_t))``); the weighted sum over layers is the functional's ``weights=``.
+# --------------------------------------------------------------------------------------------------------
+class RKDLoss(nn.Module):
+    """Relational KD: ``distance_weight * L_dist + angle_weight * L_angle``; see :func:`fastkd.rkd_loss`.
+
+    Drop-in for RepDistiller's ``RKDLoss(w_d=25, w_a=50)``, mdistiller's ``rkd_loss`` and torchdistill's
+    ``RKDLoss(dist_factor, angle_factor)`` (a 0 factor skips its term). The teacher never gets a gradient.
+
+    Args:
+        distance_weight: weight of the distance term (finite, >= 0; default 25).
+        angle_weight: weight of the angle term (finite, >= 0; default 50).
+
+    ``forward(f_s [N, ...], f_t [N, ...])`` -> 0-dim loss (features flattened per sample, widths may differ).
+
+    Example::
+
+        criterion = fastkd.RKDLoss()                       # RepDistiller's defaults (25, 50)
+        loss = criterion(feat_s[-1], feat_t[-1].detach())  # penultimate (pooled) features
+    """
+
+    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:
+        super().__init__()
+        self.distance_weight = v.check_nonneg_weight("distance_weight", distance_weight)
+        self.angle_weight = v.check_nonneg_weight("angle_weight", angle_weight)
+
+    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+        return rkd_loss(f_s, f_t, self.distance_weight, self.angle_weight)
+
+    def extra_repr(self) -> str:
+        return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}"
+
+
+class SPLoss(nn.Module):
+    """Similarity-preserving KD; see :func:`fastkd.sp_loss`.
+
+    Args:
+        reduction: ``"batchmean"`` (divide by N^2; RepDistiller, mdistiller, torchdistill's default) or
+            ``"sum"`` (torchdistill ``SPKDLoss`` with another reduction).
+
+    ``forward(g_s, g_t)``: two tensors ``[N, ...]`` -> a 0-dim loss; two equal-length lists of layer features
+    -> a list of per-layer 0-dim losses. The teacher gets a gradient iff it requires grad.
+
+    Example::
+
+        criterion = fastkd.SPLoss()
+        loss = 3000.0 * criterion(feat_s[-2], feat_t[-2].detach())             # RepDistiller's beta
+        losses = criterion([feat_s[-2]], [feat_t[-2].detach()])                 # a list, one per layer
+    """
+
+    def __init__(self, reduction: str = "batchmean") -> None:
+        super().__init__()
+        self.reduction = v.check_relation_reduction(reduction)
+
+    def forward(self, g_s: Features, g_t: Features) -> LayerLosses:
+        losses, is_list = _fn._sp_layers(g_s, g_t, self.reduction)
+        return losses if is_list else losses[0]
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}"
+
+
+class Similarity(SPLoss):
+    """Drop-in for RepDistiller's ``Similarity()``: ``forward(g_s, g_t)`` over lists of layer features returns
+    a list with one loss **of shape (1,)** per layer (RepDistiller's ``.view(-1, 1).sum(0)``), batchmean
+    reduction; a tensor pair gives one loss of shape (1,). Same value and gradient; see :func:`fastkd.sp_loss`.
+
+    Example::
+
+        criterion = fastkd.Similarity()
+        loss_kd = 3000.0 * sum(criterion([feat_s[-2]], [feat_t[-2].detach()]))
+    """
+
+    def __init__(self) -> None:
+        super().__init__("batchmean")
+
+    def forward(self, g_s: Features, g_t: Features) -> LayerLosses:
+        losses, is_list = _fn._sp_layers(g_s, g_t, self.reduction)
+        losses = [loss.reshape(1) for loss in losses]
+        return losses if is_list else losses[0]
+
+    def extra_repr(self) -> str:
+        return ""
+
+
+class PKTLoss(nn.Module):
+    """Probabilistic knowledge transfer; see :func:`fastkd.pkt_loss`. ``PKT`` is an alias (RepDistiller's
+    ``PKT()`` is ``PKTLoss()``; torchdistill's ``PKTLoss(eps)`` and mdistiller's ``pkt_loss`` have the same
+    value).
+
+    Args:
+        eps: the anchors' eps (finite, > 0; default 1e-7).
+
+    ``forward(f_s [N, ...], f_t [N, ...])`` -> 0-dim loss.
+
+    Example::
+
+        criterion = fastkd.PKT()
+        loss = 30000.0 * criterion(feat_s[-1], feat_t[-1].detach())   # RepDistiller's beta
+    """
+
+    def __init__(self, eps: float = 1e-7) -> None:
+        super().__init__()
+        self.eps = v.check_positive("eps", eps)
+
+    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+        return pkt_loss(f_s, f_t, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
+PKT = PKTLoss
+
+
+class CCLoss(nn.Module):
+    """Correlation congruence with torchdistill ``CCKDLoss`` semantics (the Frobenius norm, not squared); see
+    :func:`fastkd.cc_loss`.
+
+    Args:
+        kernel: ``"gaussian"`` (default; the order-``max_p`` Taylor expansion of the RBF) or ``"bilinear"``.
+        gamma: finite, > 0 (default 0.4); max_p: int >= 1 (default 2). Validated for "bilinear" too.
+        reduction: ``"batchmean"`` (default) or ``"sum"``.
+
+    ``forward(f_s [N, ...], f_t [N, ...])`` -> 0-dim loss. The teacher gets a gradient iff it requires grad.
+
+    Example::
+
+        criterion = fastkd.CCLoss(kernel="gaussian", gamma=0.4, max_p=2)   # torchdistill's shipped config
+        loss = criterion(embed_s(feat_s), embed_t(feat_t).detach())
+    """
+
+    def __init__(
+        self, kernel: str = "gaussian", gamma: float = 0.4, max_p: int = 2, reduction: str = "batchmean"
+    ) -> None:
+        super().__init__()
+        self.kernel = v.check_choice("kernel", kernel, v.CC_KERNELS)
+        self.gamma = v.check_positive("gamma", gamma)
+        self.max_p = v.check_int_at_least("max_p", max_p, 1)
+        self.reduction = v.check_relation_reduction(reduction)
+
+    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+        return cc_loss(f_s, f_t, self.kernel, self.gamma, self.max_p, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel!r}, gamma={self.gamma}, max_p={self.max_p}, reduction={self.reduction!r}"
+
+
+class ATLoss(nn.Module):
+    """Attention transfer; see :func:`fastkd.at_loss`. ``Attention`` is an alias: RepDistiller's
+    ``Attention(p=2)`` returns the per-layer list, as this module does for lists.
+
+    Args:
+        p: the power of the attention map (finite, > 0; default 2).
+        mode: ``"code"`` (default; channel mean, mean squared difference) or ``"paper"`` (torchdistill's:
+            channel sum, L2 norm per sample, divided by N).
+
+    ``forward(g_s, g_t)``: two maps ``[N, C, *spatial]`` -> a 0-dim loss; two equal-length lists of layer maps
+    -> a list of per-layer 0-dim losses. Maps of different heights are pooled as RepDistiller does.
+
+    Example::
+
+        criterion = fastkd.Attention(p=2)
+        loss_kd = 1000.0 * sum(criterion(feat_s[1:-1], [f.detach() for f in feat_t[1:-1]]))
+    """
+
+    def __init__(self, p: float = 2, mode: str = "code") -> None:
+        super().__init__()
+        self.p = v.check_positive("p", p)
+        self.mode = v.check_choice("mode", mode, v.AT_MODES)
+
+    def forward(self, g_s: Features, g_t: Features) -> LayerLosses:
+        losses, is_list = _fn._at_layers(g_s, g_t, self.p, self.mode)
+        return losses if is_list else losses[0]
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, mode={self.mode!r}"
+
+
+Attention = ATLoss
+
+
+class NSTLoss(nn.Module):
+    """Neuron selectivity transfer, RepDistiller's ``NSTLoss()``; see :func:`fastkd.nst_loss`.
+
+    ``forward(g_s, g_t)``: two maps ``[N, C, *spatial]`` -> a 0-dim loss; two equal-length lists of layer maps
+    -> a list of per-layer 0-dim losses (RepDistiller's convention). Maps of different heights are pooled as
+    RepDistiller does.
+
+    Example::
+
+        criterion = fastkd.NSTLoss()
+        loss_kd = 50.0 * sum(criterion(feat_s[1:-1], [f.detach() for f in feat_t[1:-1]]))
+    """
+
+    def forward(self, g_s: Features, g_t: Features) -> LayerLosses:
+        losses, is_list = _fn._nst_layers(g_s, g_t)
+        return losses if is_list else losses[0]
+
+
+class ConvReg(nn.Module):
+    """RepDistiller's FitNet regressor (``models/util.py`` ``ConvReg``), mapping a student feature map of shape
+    ``s_shape`` onto the teacher's ``t_shape`` (both ``(N, C, H, W)``, N ignored):
+
+    * ``s_H == 2 t_H``: ``Conv2d(s_C, t_C, 3, stride=2, padding=1)``;
+    * ``2 s_H == t_H``: ``ConvTranspose2d(s_C, t_C, 4, stride=2, padding=1)``;
+    * ``s_H >= t_H``: ``Conv2d(s_C, t_C, kernel_size=(1 + s_H - t_H, 1 + s_W - t_W))``;
+
+    tested in that order, then ``BatchNorm2d(t_C)`` and, if ``use_relu``, ReLU. The attributes are named
+    ``conv``, ``bn`` and ``relu`` as RepDistiller's, so its state dicts load. Any other pair of heights is a
+    ValueError (RepDistiller raises ``NotImplemented(...)``, a TypeError), as is a width that the third case
+    cannot map (``s_W < t_W``).
+
+    Example::
+
+        reg = fastkd.ConvReg(feat_s[2].shape, feat_t[2].shape)
+        loss = fastkd.hint_loss(reg(feat_s[2]), feat_t[2].detach())   # or fastkd.HintLoss(s_shape, t_shape)
+    """
+
+    def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int], use_relu: bool = True) -> None:
+        super().__init__()
+        s_shape, t_shape = _shape4("s_shape", s_shape), _shape4("t_shape", t_shape)
+        _, s_c, s_h, s_w = s_shape
+        _, t_c, t_h, t_w = t_shape
+        self.use_relu = bool(use_relu)
+        if s_h == 2 * t_h:
+            self.conv = nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
+        elif 2 * s_h == t_h:
+            self.conv = nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1)
+        elif s_h >= t_h:
+            if s_w < t_w:
+                raise ValueError(
+                    f"ConvReg: student width {s_w} is smaller than teacher width {t_w} with student height {s_h} "
+                    f">= teacher height {t_h}: a (1 + s_H - t_H, 1 + s_W - t_W) convolution cannot map it"
+                )
+            self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
+        else:
+            raise ValueError(
+                f"ConvReg: no regressor for student height {s_h} and teacher height {t_h} (supported: the student "
+                "twice or half as tall as the teacher, or at least as tall)"
+            )
+        self.bn = nn.BatchNorm2d(t_c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.conv(x))
+        return self.relu(x) if self.use_relu else x
+
+    def extra_repr(self) -> str:
+        return f"use_relu={self.use_relu}"
+
+
+def _shape4(name: str, shape: Sequence[int]) -> tuple:
+    """A 4-D shape ``(N, C, H, W)`` of ints (a torch.Size works)."""
+    try:
+        dims = tuple(int(d) for d in shape)
+    except TypeError:
+        raise TypeError(f"{name} must be a shape (N, C, H, W), got {type(shape).__name__}") from None
+    if len(dims) != 4:
+        raise ValueError(f"{name} must be a 4-D shape (N, C, H, W) for a ConvReg regressor, got {dims}")
+    return dims
+
+
+HINT_REGRESSORS = ("auto", "always", "none")
+
+
+class HintLoss(nn.Module):
+    """FitNets hint loss: ``MSE(regressor(f_s), f_t)``; see :func:`fastkd.hint_loss`.
+
+    Args:
+        student_shape, teacher_shape: the shapes ``(N, C, H, W)`` of the hinted student feature and the
+            teacher's hint (N ignored), e.g. from one probe forward as RepDistiller does. Give both or neither.
+        use_relu: end the regressor with a ReLU (RepDistiller's ``ConvReg`` default).
+        regressor: ``"auto"`` (default): a :class:`ConvReg` when both shapes are given and differ beyond the
+            batch size, else none (plain MSE: RepDistiller ``HintLoss()``); ``"always"``: a ConvReg whenever
+            the shapes are given (RepDistiller's and mdistiller's FitNet build one even for equal shapes);
+            ``"none"``: never (the shapes must then match).
+        reduction: ``"mean"`` (``nn.MSELoss()``, RepDistiller/mdistiller) or ``"sum"`` (torchdistill configs).
+
+    The regressor (``self.regressor``, None or a ConvReg) is a submodule with trainable parameters: pass
+    ``HintLoss.parameters()`` (or the module itself) to the optimizer along with the student's, and move the
+    loss to the student's device (``.to(device)``).
+
+    ``forward(f_s, f_t)`` -> 0-dim loss.
+
+    Example::
+
+        criterion = fastkd.HintLoss(feat_s[2].shape, feat_t[2].shape).to(device)
+        optimizer = torch.optim.SGD(list(student.parameters()) + list(criterion.parameters()), lr=0.05)
+        loss = 100.0 * criterion(feat_s[2], feat_t[2].detach())   # RepDistiller's beta for FitNet
+    """
+
+    def __init__(
+        self,
+        student_shape: Optional[Sequence[int]] = None,
+        teacher_shape: Optional[Sequence[int]] = None,
+        *,
+        use_relu: bool = True,
+        regressor: str = "auto",
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        v.check_choice("regressor", regressor, HINT_REGRESSORS)
+        self.reduction = v.check_choice("reduction", reduction, _reference.HINT_REDUCTIONS)
+        if (student_shape is None) != (teacher_shape is None):
+            raise ValueError(
+                "student_shape and teacher_shape must be given together (or neither), got "
+                f"student_shape={student_shape} and teacher_shape={teacher_shape}"
+            )
+        reg: Optional[ConvReg] = None
+        if student_shape is not None and regressor != "none":
+            differ = tuple(student_shape)[1:] != tuple(teacher_shape)[1:]
+            if regressor == "always" or differ:
+                reg = ConvReg(student_shape, teacher_shape, use_relu=use_relu)
+        self.regressor = reg
+
+    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+        if self.regressor is not None:
+            f_s = self.regressor(f_s)
+        return hint_loss(f_s, f_t, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}"

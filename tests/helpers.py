@@ -116,3 +116,238 @@ def eager_tvd(student_logits, teacher_logits, temperature=1.0):
     p = F.softmax(teacher_logits / temperature, dim=-1)
     q = F.softmax(student_logits / temperature, dim=-1)
     return 0.5 * (p - q).abs().sum(-1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Relation- and feature-based anchors (issue 5), re-written from RepDistiller (distiller_zoo/RKD.py, SP.py,
+# PKT.py, AT.py, NST.py, FitNet.py, models/util.py ConvReg), mdistiller (distillers/RKD.py rkd_loss) and
+# torchdistill (losses/mid_level.py RKDLoss, SPKDLoss, PKTLoss, CCKDLoss, ATLoss). Same arithmetic as the
+# originals, including their numerically weak steps (Gram-identity pdist, N x N x D differences, the Python
+# loop over rows in CCKD), so they are run in float64 to serve as value/gradient anchors.
+# --------------------------------------------------------------------------------------------------------
+def anchor_pdist(e, squared=False, eps=1e-12):
+    """RepDistiller / mdistiller / torchdistill pdist: |e_i|^2 + |e_j|^2 - 2 <e_i, e_j>, clamped below at eps,
+    square-rooted unless squared, then the diagonal overwritten with 0 (on a copy)."""
+    sq_norms = (e * e).sum(dim=1)
+    d2 = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * (e @ e.t())).clamp(min=eps)
+    d = d2 if squared else d2.sqrt()
+    d = d.clone()
+    idx = torch.arange(e.shape[0], device=e.device)
+    d[idx, idx] = 0
+    return d
+
+
+def _anchor_rkd_distance(student, teacher, squared=False, eps=1e-12):
+    with torch.no_grad():
+        t_d = anchor_pdist(teacher, squared, eps)
+        t_d = t_d / t_d[t_d > 0].mean()
+    d = anchor_pdist(student, squared, eps)
+    d = d / d[d > 0].mean()
+    return F.smooth_l1_loss(d, t_d)
+
+
+def _anchor_rkd_angle(student, teacher):
+    # difference[a, b] = x_b - x_a: an N x N x D tensor, normalized along D, then a batched Gram (N^3)
+    with torch.no_grad():
+        t_e = F.normalize(teacher.unsqueeze(0) - teacher.unsqueeze(1), p=2, dim=2)
+        t_angle = torch.bmm(t_e, t_e.transpose(1, 2)).reshape(-1)
+    s_e = F.normalize(student.unsqueeze(0) - student.unsqueeze(1), p=2, dim=2)
+    s_angle = torch.bmm(s_e, s_e.transpose(1, 2)).reshape(-1)
+    return F.smooth_l1_loss(s_angle, t_angle)
+
+
+def repdistiller_rkd(f_s, f_t, w_d=25, w_a=50):
+    """RepDistiller RKDLoss(w_d, w_a).forward: features viewed as [N, -1]; distance term from pdist with each
+    side divided by the mean of its positive entries; angle term from N x N x D normalized differences;
+    SmoothL1 (mean) each; teacher under no_grad."""
+    student = f_s.reshape(f_s.shape[0], -1)
+    teacher = f_t.reshape(f_t.shape[0], -1)
+    return w_d * _anchor_rkd_distance(student, teacher) + w_a * _anchor_rkd_angle(student, teacher)
+
+
+def mdistiller_rkd(f_s, f_t, squared=False, eps=1e-12, distance_weight=25, angle_weight=50):
+    """mdistiller rkd_loss: RepDistiller's RKD with the pdist ``squared`` / ``eps`` exposed."""
+    stu = f_s.reshape(f_s.shape[0], -1)
+    tea = f_t.reshape(f_t.shape[0], -1)
+    return distance_weight * _anchor_rkd_distance(stu, tea, squared, eps) + angle_weight * _anchor_rkd_angle(stu, tea)
+
+
+def torchdistill_rkd(f_s, f_t, dist_factor, angle_factor, reduction="mean"):
+    """torchdistill RKDLoss: flatten(1); a term whose factor is None or 0 is skipped (contributes 0);
+    SmoothL1Loss(reduction) for both terms."""
+    student, teacher = f_s.flatten(1), f_t.flatten(1)
+    total = 0
+    if dist_factor:
+        with torch.no_grad():
+            t_d = anchor_pdist(teacher)
+            t_d = t_d / t_d[t_d > 0].mean()
+        d = anchor_pdist(student)
+        d = d / d[d > 0].mean()
+        total = total + dist_factor * F.smooth_l1_loss(d, t_d, reduction=reduction)
+    if angle_factor:
+        with torch.no_grad():
+            t_e = F.normalize(teacher.unsqueeze(0) - teacher.unsqueeze(1), p=2, dim=2)
+            t_angle = torch.bmm(t_e, t_e.transpose(1, 2)).reshape(-1)
+        s_e = F.normalize(student.unsqueeze(0) - student.unsqueeze(1), p=2, dim=2)
+        s_angle = torch.bmm(s_e, s_e.transpose(1, 2)).reshape(-1)
+        total = total + angle_factor * F.smooth_l1_loss(s_angle, t_angle, reduction=reduction)
+    return total
+
+
+def _anchor_similarity(f_s, f_t):
+    bsz = f_s.shape[0]
+    a, b = f_s.reshape(bsz, -1), f_t.reshape(bsz, -1)
+    g_s = F.normalize(a @ a.t())
+    g_t = F.normalize(b @ b.t())
+    diff = g_t - g_s
+    return (diff * diff).reshape(-1, 1).sum(0) / (bsz * bsz)  # shape (1,), RepDistiller's quirk
+
+
+def repdistiller_similarity(g_s, g_t):
+    """RepDistiller Similarity.forward: one loss of shape (1,) per layer pair (a list)."""
+    return [_anchor_similarity(a, b) for a, b in zip(g_s, g_t)]
+
+
+def mdistiller_sp(g_s, g_t):
+    """mdistiller sp_loss: the sum of RepDistiller's per-layer similarity losses (shape (1,))."""
+    return sum(_anchor_similarity(a, b) for a, b in zip(g_s, g_t))
+
+
+def torchdistill_spkd(f_s, f_t, reduction="batchmean"):
+    """torchdistill SPKDLoss: row-normalized flatten(1) Gram matrices, squared Frobenius norm of the
+    difference; / N^2 for 'batchmean', else as is."""
+    def gram(z):
+        z = torch.flatten(z, 1)
+        return F.normalize(z @ z.t(), dim=1)
+
+    loss = (torch.norm(gram(f_t) - gram(f_s)) ** 2).sum()
+    n = f_t.shape[0]
+    return loss / (n * n) if reduction == "batchmean" else loss
+
+
+def repdistiller_pkt(f_s, f_t, eps=1e-7):
+    """RepDistiller PKT / torchdistill PKTLoss cosine_similarity_loss on [N, D] features: x / (||x|| + eps)
+    (sqrt of the sum of squares: NaN gradient for a zero row), NaN entries zeroed, (cos + 1) / 2, row
+    normalized, mean of P_t * log((P_t + eps) / (P_s + eps)) over N^2."""
+    def probs(x):
+        x = x / (torch.sqrt(torch.sum(x**2, dim=1, keepdim=True)) + eps)
+        x = torch.where(x != x, torch.zeros_like(x), x)
+        sim = (x @ x.t() + 1.0) / 2.0
+        return sim / sim.sum(dim=1, keepdim=True)
+
+    p_s, p_t = probs(f_s), probs(f_t)
+    return torch.mean(p_t * torch.log((p_t + eps) / (p_s + eps)))
+
+
+def torchdistill_cckd(f_s, f_t, kernel="gaussian", gamma=0.4, max_p=2, reduction="batchmean"):
+    """torchdistill CCKDLoss: bilinear x x^T, or the Gaussian RBF's Taylor expansion built one row at a time in
+    a Python loop, exp(-2 gamma) * (1 + sum_p (2 gamma)^p / p! * (x_i . x)^p); torch.dist (the Frobenius norm,
+    not squared) between the matrices, / N^2 for 'batchmean'."""
+    import math
+
+    def cc(x):
+        if kernel == "bilinear":
+            return x @ x.t()
+        rows = []
+        for x_i in x:
+            right = x_i @ x.t()
+            row = 1
+            for p in range(1, max_p + 1):
+                row = row + ((2 * gamma) ** p) / math.factorial(p) * right**p
+            rows.append(row * math.exp(-2 * gamma))
+        return torch.stack(rows)
+
+    loss = torch.dist(cc(f_s), cc(f_t), 2)
+    n = f_t.shape[0]
+    return loss / (n**2) if reduction == "batchmean" else loss
+
+
+def _anchor_pool_square(f_s, f_t):
+    s_h, t_h = f_s.shape[2], f_t.shape[2]
+    if s_h > t_h:
+        f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
+    elif s_h < t_h:
+        f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+    return f_s, f_t
+
+
+def repdistiller_attention(g_s, g_t, p=2):
+    """RepDistiller Attention(p).forward: per layer, the taller map pooled to a square of the shorter height,
+    a = normalize(mean_c f^p) flattened, loss mean((a_s - a_t)^2) (0-dim); a list over layers."""
+    def at(f):
+        return F.normalize(f.pow(p).mean(1).reshape(f.shape[0], -1))
+
+    out = []
+    for f_s, f_t in zip(g_s, g_t):
+        f_s, f_t = _anchor_pool_square(f_s, f_t)
+        out.append((at(f_s) - at(f_t)).pow(2).mean())
+    return out
+
+
+def torchdistill_at(pairs, mode="code"):
+    """torchdistill ATLoss over ``pairs`` = [(student_map, teacher_map, weight), ...] (no pooling).
+    'code': sum_w w * mean((a_s - a_t)^2), a from the channel mean of f^2; 'paper': sum_w w * sum_n
+    ||a_s - a_t||_2 with a from the channel sum of f^2, divided by the batch size."""
+    total, batch = 0, None
+    for f_s, f_t, w in pairs:
+        if mode == "paper":
+            a_s = F.normalize(f_s.pow(2).sum(1).flatten(1))
+            a_t = F.normalize(f_t.pow(2).sum(1).flatten(1))
+            total = total + w * torch.norm(a_s - a_t, dim=1).sum()
+        else:
+            a_s = F.normalize(f_s.pow(2).mean(1).flatten(1))
+            a_t = F.normalize(f_t.pow(2).mean(1).flatten(1))
+            total = total + w * (a_s - a_t).pow(2).mean()
+        if batch is None:
+            batch = len(f_s)
+    return total / batch if mode == "paper" else total
+
+
+def repdistiller_nst(g_s, g_t):
+    """RepDistiller NSTLoss.forward: per layer, pooled as Attention, channel-wise normalized [N, C, HW] maps,
+    poly kernel through the [N, C, C, HW] broadcast, mean K(t,t) (detached) + mean K(s,s) - 2 mean K(s,t);
+    a list over layers."""
+    def poly(a, b):
+        return (a.unsqueeze(1) * b.unsqueeze(2)).sum(-1).pow(2)
+
+    out = []
+    for f_s, f_t in zip(g_s, g_t):
+        f_s, f_t = _anchor_pool_square(f_s, f_t)
+        s = F.normalize(f_s.reshape(f_s.shape[0], f_s.shape[1], -1), dim=2)
+        t = F.normalize(f_t.reshape(f_t.shape[0], f_t.shape[1], -1), dim=2)
+        out.append(poly(t, t).mean().detach() + poly(s, s).mean() - 2 * poly(s, t).mean())
+    return out
+
+
+class RepDistillerConvReg(torch.nn.Module):
+    """RepDistiller models/util.py ConvReg(s_shape, t_shape, use_relu=True): a stride-2 3x3 conv when the
+    student is twice as tall, a stride-2 4x4 transposed conv when half as tall, else (s_H >= t_H) a conv with
+    kernel (1 + s_H - t_H, 1 + s_W - t_W); then BatchNorm2d(t_C) and, if use_relu, ReLU. (RepDistiller raises
+    ``NotImplemented(...)``, itself a TypeError, for the remaining case.)"""
+
+    def __init__(self, s_shape, t_shape, use_relu=True):
+        super().__init__()
+        from torch import nn
+
+        self.use_relu = use_relu
+        _, s_c, s_h, s_w = s_shape
+        _, t_c, t_h, t_w = t_shape
+        if s_h == 2 * t_h:
+            self.conv = nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
+        elif s_h * 2 == t_h:
+            self.conv = nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1)
+        elif s_h >= t_h:
+            self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
+        else:
+            raise TypeError(f"student size {s_h}, teacher size {t_h}")
+        self.bn = nn.BatchNorm2d(t_c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        return self.relu(x) if self.use_relu else x
+
+
+def repdistiller_hint(f_s, f_t):
+    """RepDistiller HintLoss: nn.MSELoss() (mean)."""
+    return F.mse_loss(f_s, f_t)

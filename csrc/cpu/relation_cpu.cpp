@@ -1,0 +1,179 @@
+// CPU implementation of the relation- and feature-based loss operators (rkd_forward, sp_forward,
+// pkt_forward, cc_forward, at_forward). The drivers are the device-independent ones of relation_host.h;
+// this file supplies the CPU backend: row functors under at::parallel_for, the RKD triplet pass vectorized
+// with at::vec::Vectorized<double>, and attention transfer one sample per task.
+//
+// RKD triplet pass: the thread owning leg j walks every apex i and, vectorized over the other leg k, forms
+// the angles of both sides from rows i and j of the Gram matrices. Everything the gradient needs (T_ij, U_ij
+// and row j of H) belongs to j alone, so no two threads ever write the same value and the result does not
+// depend on the thread count. Work: N^3 angle entries, memory: a few N x N float64 matrices.
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu_common.h"
+#include "fastkd/relation_host.h"
+
+namespace fastkd {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+using VecD = at::vec::Vectorized<double>;
+
+// Legs are owned in fixed blocks of kLegBlock (independent of the thread count): the block walks the apexes
+// i once, so rows i of the four N x N matrices are read from memory once per block rather than once per leg
+// (at N = 1024 they no longer fit in the last-level cache).
+constexpr int64_t kLegBlock = 16;
+
+template <bool kGrad>
+void rkd_triplets_impl(const RkdTriplets& a) {
+  constexpr int64_t W = VecD::size();
+  const int64_t n = a.n;
+  const int64_t blocks = (n + kLegBlock - 1) / kLegBlock;
+  const auto clamp = [](const VecD& x) { return at::vec::clamp(x, VecD(-1.0), VecD(1.0)); };
+  auto load = [](const double* p, int64_t count) { return count == W ? VecD::loadu(p) : VecD::loadu(p, count); };
+  at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+    std::array<VecD, kLegBlock> loss;
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const int64_t j0 = b * kLegBlock, j1 = std::min(n, j0 + kLegBlock);
+      for (int64_t j = j0; j < j1; ++j) {
+        loss[j - j0] = VecD(0.0);
+        if (kGrad) std::fill(a.H + j * n, a.H + (j + 1) * n, 0.0);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const double* gs_i = a.gram_s + i * n;
+        const double* gt_i = a.gram_t + i * n;
+        const double* s_i = a.inv_s + i * n;
+        const double* t_i = a.inv_t + i * n;
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t ij = i * n + j;
+          const double s_ij = a.inv_s[ij], t_ij = a.inv_t[ij];
+          if (s_ij == 0.0 && t_ij == 0.0) {  // i == j, or a duplicate on both sides: every angle is 0 on both
+            if (kGrad) a.T[ij] = a.U[ij] = 0.0;
+            continue;
+          }
+          const double* gs_j = a.gram_s + j * n;
+          const double* gt_j = a.gram_t + j * n;
+          double* h_row = kGrad ? a.H + j * n : nullptr;
+          const VecD gs_ij_ii(gs_i[j] - gs_i[i]), gt_ij_ii(gt_i[j] - gt_i[i]), vs_ij(s_ij), vt_ij(t_ij);
+          VecD acc(0.0), t_acc(0.0), u_acc(0.0);
+          for (int64_t k = 0; k < n; k += W) {
+            const int64_t cnt = std::min<int64_t>(W, n - k);  // zero-filled lanes have s_ik = t_ik = 0: no term
+            const VecD s_ik = load(s_i + k, cnt), t_ik = load(t_i + k, cnt);
+            VecD a_s, gamma;
+            acc += rkd_angle_entry(load(gs_j + k, cnt), load(gs_i + k, cnt), gs_ij_ii, vs_ij * s_ik,
+                                   load(gt_j + k, cnt), load(gt_i + k, cnt), gt_ij_ii, vt_ij * t_ik, a_s, gamma, clamp);
+            if (kGrad) {
+              const VecD w = gamma * s_ik;
+              t_acc += w;
+              u_acc += gamma * a_s;
+              const VecD h = load(h_row + k, cnt) + w * vs_ij;
+              if (cnt == W) h.store(h_row + k); else h.store(h_row + k, cnt);
+            }
+          }
+          loss[j - j0] += acc;
+          if (kGrad) {
+            a.T[ij] = lane_sum<double>(t_acc);
+            a.U[ij] = lane_sum<double>(u_acc);
+          }
+        }
+      }
+      for (int64_t j = j0; j < j1; ++j) a.loss_rows[j] = lane_sum<double>(loss[j - j0]);
+    }
+  });
+}
+
+struct CpuBackend {
+  // f(i) for i in [0, count): rows in parallel, each row by one thread.
+  template <typename F>
+  static void rows(int64_t count, int64_t cost, const F& f) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cost, 1));
+    at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) f(i);
+    });
+  }
+
+  static void rkd_triplets(const RkdTriplets& a) {
+    if (a.T) rkd_triplets_impl<true>(a); else rkd_triplets_impl<false>(a);
+  }
+
+  // One sample per task: the channel sums of f^p over contiguous spatial rows (vectorizable), the loss and
+  // dL/dA (AtSample), then the input gradient.
+  template <typename A>
+  static void at_pass(const AtPass<A>& a) {
+    const int64_t S = a.spatial;
+    at::parallel_for(0, a.n, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> map_s(S), map_t(S);
+      auto channel_map = [&](const A* f, int64_t channels, double scale, double* m) {
+        std::fill(m, m + S, 0.0);
+        for (int64_t c = 0; c < channels; ++c) {
+          const A* x = f + c * S;
+          for (int64_t s = 0; s < S; ++s) m[s] += static_cast<double>(at_pow(x[s], a.p));
+        }
+        for (int64_t s = 0; s < S; ++s) m[s] *= scale;
+      };
+      auto input_grad = [&](const A* f, int64_t channels, double scale, const double* dm, A* g) {
+        for (int64_t c = 0; c < channels; ++c) {
+          for (int64_t s = 0; s < S; ++s) {
+            g[c * S + s] = static_cast<A>(dm[s] * scale * static_cast<double>(at_pow_slope(f[c * S + s], a.p)));
+          }
+        }
+      };
+      for (int64_t n = begin; n < end; ++n) {
+        const A* f_s = a.f_s + n * a.channels_s * S;
+        const A* f_t = a.f_t + n * a.channels_t * S;
+        channel_map(f_s, a.channels_s, a.scale_s, map_s.data());
+        channel_map(f_t, a.channels_t, a.scale_t, map_t.data());
+        a.loss_rows[n] = a.sample(map_s.data(), map_t.data(), a.grad_s != nullptr, a.grad_t != nullptr);
+        if (a.grad_s) input_grad(f_s, a.channels_s, a.scale_s, map_s.data(), a.grad_s + n * a.channels_s * S);
+        if (a.grad_t) input_grad(f_t, a.channels_t, a.scale_t, map_t.data(), a.grad_t + n * a.channels_t * S);
+      }
+    });
+  }
+};
+
+Tensor4 rkd_forward_cpu(const at::Tensor& student, const at::Tensor& teacher, double distance_weight,
+                        double angle_weight, bool grad_student) {
+  return rkd_forward_impl<CpuBackend>(student, teacher, distance_weight, angle_weight, grad_student);
+}
+
+Tensor3 sp_forward_cpu(const at::Tensor& student, const at::Tensor& teacher, c10::string_view reduction,
+                       bool grad_student, bool grad_teacher) {
+  return sp_forward_impl<CpuBackend>(student, teacher, std::string_view(reduction.data(), reduction.size()),
+                                     grad_student, grad_teacher);
+}
+
+Tensor3 pkt_forward_cpu(const at::Tensor& student, const at::Tensor& teacher, double eps, bool grad_student,
+                        bool grad_teacher) {
+  return pkt_forward_impl<CpuBackend>(student, teacher, eps, grad_student, grad_teacher);
+}
+
+Tensor3 cc_forward_cpu(const at::Tensor& student, const at::Tensor& teacher, c10::string_view kernel, double gamma,
+                       int64_t max_p, c10::string_view reduction, bool grad_student, bool grad_teacher) {
+  return cc_forward_impl<CpuBackend>(student, teacher, std::string_view(kernel.data(), kernel.size()), gamma, max_p,
+                                     std::string_view(reduction.data(), reduction.size()), grad_student, grad_teacher);
+}
+
+Tensor3 at_forward_cpu(const at::Tensor& student, const at::Tensor& teacher, double p, c10::string_view mode,
+                       bool grad_student, bool grad_teacher) {
+  return at_forward_impl<CpuBackend>(student, teacher, p, std::string_view(mode.data(), mode.size()), grad_student,
+                                     grad_teacher);
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("rkd_forward", &cpu::rkd_forward_cpu);
+  m.impl("sp_forward", &cpu::sp_forward_cpu);
+  m.impl("pkt_forward", &cpu::pkt_forward_cpu);
+  m.impl("cc_forward", &cpu::cc_forward_cpu);
+  m.impl("at_forward", &cpu::at_forward_cpu);
+}
+
+}  // namespace fastkd

@@ -1,0 +1,176 @@
+// CUDA implementation of the relation- and feature-based loss operators (rkd_forward, sp_forward,
+// pkt_forward, cc_forward, at_forward). The drivers are relation_host.h's, shared with the CPU; the GEMMs are
+// cuBLAS through ATen. This file supplies the GPU backend: every row functor of relation_math.h runs as one
+// thread per row, and the RKD triplet pass as two kernels over the N^3 angle entries, one thread per output
+// value (no atomics: bitwise reproducible):
+//   legs kernel:  thread (i, j) sums over k: the loss, T_ij = sum_k h' s_ik, U_ij = sum_k h' a_ijk
+//   apex kernel:  thread (j, k) sums over the apex i: H_jk = sum_i h' s_ij s_ik
+// Both evaluate the same rkd_angle_entry as the CPU's vectorized pass. Indexing is int64 throughout.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "fastkd/relation_host.h"
+
+namespace fastkd {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kTile = 16;  // 16 x 16 threads per block in the triplet kernels
+
+template <typename F>
+__global__ void rows_kernel(F f, int64_t count) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < count) f(i);
+}
+
+// Thread (i, j): apex i, leg j; x indexes j so that a warp reads G[k][j] = G[j][k] contiguously.
+__global__ void rkd_legs_kernel(RkdTriplets a, double* loss_ij) {
+  const int64_t n = a.n;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.x;
+  const int64_t i = static_cast<int64_t>(blockIdx.y) * kTile + threadIdx.y;
+  if (i >= n || j >= n) return;
+  const int64_t ij = i * n + j;
+  const double s_ij = a.inv_s[ij], t_ij = a.inv_t[ij];
+  double loss = 0.0, t_sum = 0.0, u_sum = 0.0;
+  if (s_ij != 0.0 || t_ij != 0.0) {
+    const double gs_ij_ii = a.gram_s[ij] - a.gram_s[i * n + i], gt_ij_ii = a.gram_t[ij] - a.gram_t[i * n + i];
+    for (int64_t k = 0; k < n; ++k) {
+      const double s_ik = a.inv_s[i * n + k], t_ik = a.inv_t[i * n + k];
+      double a_s, gamma;
+      loss += rkd_angle_entry(a.gram_s[k * n + j], a.gram_s[i * n + k], gs_ij_ii, s_ij * s_ik, a.gram_t[k * n + j],
+                              a.gram_t[i * n + k], gt_ij_ii, t_ij * t_ik, a_s, gamma, ClampUnit{});
+      t_sum += gamma * s_ik;
+      u_sum += gamma * a_s;
+    }
+  }
+  loss_ij[ij] = loss;
+  if (a.T) {
+    a.T[ij] = t_sum;
+    a.U[ij] = u_sum;
+  }
+}
+
+// Thread (j, k): legs j, k; x indexes k (contiguous rows G[i][k]).
+__global__ void rkd_apex_kernel(RkdTriplets a) {
+  const int64_t n = a.n;
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.x;
+  const int64_t j = static_cast<int64_t>(blockIdx.y) * kTile + threadIdx.y;
+  if (j >= n || k >= n) return;
+  const double gs_jk = a.gram_s[j * n + k], gt_jk = a.gram_t[j * n + k];
+  double h = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t ij = i * n + j, ik = i * n + k;
+    const double s_ij = a.inv_s[ij], s_ik = a.inv_s[ik];
+    if (s_ij == 0.0 || s_ik == 0.0) continue;  // B^(i)_jk = 0
+    double a_s, gamma;
+    rkd_angle_entry(gs_jk, a.gram_s[ik], a.gram_s[ij] - a.gram_s[i * n + i], s_ij * s_ik, gt_jk, a.gram_t[ik],
+                    a.gram_t[ij] - a.gram_t[i * n + i], a.inv_t[ij] * a.inv_t[ik], a_s, gamma, ClampUnit{});
+    h += gamma * s_ij * s_ik;
+  }
+  a.H[j * n + k] = h;
+}
+
+struct ColumnSum {  // out[j] = sum_i m[i][j]
+  const double* m;
+  int64_t n;
+  double* out;
+  FASTKD_HOST_DEVICE void operator()(int64_t j) const {
+    double s = 0.0;
+    for (int64_t i = 0; i < n; ++i) s += m[i * n + j];
+    out[j] = s;
+  }
+};
+
+struct CudaBackend {
+  template <typename F>
+  static void rows(int64_t count, int64_t /*cost*/, const F& f) {
+    if (count == 0) return;
+    const int64_t blocks = (count + kThreads - 1) / kThreads;
+    rows_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(f, count);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  static void rkd_triplets(const RkdTriplets& a) {
+    const int64_t n = a.n;
+    const unsigned tiles = static_cast<unsigned>((n + kTile - 1) / kTile);
+    const dim3 grid(tiles, tiles), block(kTile, kTile);
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    at::Tensor loss_ij = at::empty({n, n}, at::TensorOptions().dtype(at::kDouble).device(at::kCUDA));
+    rkd_legs_kernel<<<grid, block, 0, stream>>>(a, loss_ij.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (a.H) {
+      rkd_apex_kernel<<<grid, block, 0, stream>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    rows(n, n, ColumnSum{loss_ij.data_ptr<double>(), n, a.loss_rows});  // loss_rows[j] = sum_{i, k}
+  }
+
+  template <typename A>
+  static void at_pass(const AtPass<A>& a) {
+    const int64_t S = a.spatial;
+    auto f64 = at::TensorOptions().dtype(at::kDouble).device(at::kCUDA);
+    at::Tensor map_s = at::empty({a.n, S}, f64), map_t = at::empty({a.n, S}, f64);
+    rows(a.n * S, a.channels_s, AtMapElem<A>{a.f_s, a.channels_s, S, a.p, a.scale_s, map_s.data_ptr<double>()});
+    rows(a.n * S, a.channels_t, AtMapElem<A>{a.f_t, a.channels_t, S, a.p, a.scale_t, map_t.data_ptr<double>()});
+    rows(a.n, S, AtSampleRow{a.sample, map_s.data_ptr<double>(), map_t.data_ptr<double>(), a.grad_s != nullptr,
+                             a.grad_t != nullptr, a.loss_rows});
+    if (a.grad_s) {
+      rows(a.n * a.channels_s * S, 1,
+           AtGradElem<A>{a.f_s, map_s.data_ptr<double>(), a.channels_s, S, a.p, a.scale_s, a.grad_s});
+    }
+    if (a.grad_t) {
+      rows(a.n * a.channels_t * S, 1,
+           AtGradElem<A>{a.f_t, map_t.data_ptr<double>(), a.channels_t, S, a.p, a.scale_t, a.grad_t});
+    }
+  }
+};
+
+Tensor4 rkd_forward_cuda(const at::Tensor& student, const at::Tensor& teacher, double distance_weight,
+                         double angle_weight, bool grad_student) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  return rkd_forward_impl<CudaBackend>(student, teacher, distance_weight, angle_weight, grad_student);
+}
+
+Tensor3 sp_forward_cuda(const at::Tensor& student, const at::Tensor& teacher, c10::string_view reduction,
+                        bool grad_student, bool grad_teacher) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  return sp_forward_impl<CudaBackend>(student, teacher, std::string_view(reduction.data(), reduction.size()),
+                                      grad_student, grad_teacher);
+}
+
+Tensor3 pkt_forward_cuda(const at::Tensor& student, const at::Tensor& teacher, double eps, bool grad_student,
+                         bool grad_teacher) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  return pkt_forward_impl<CudaBackend>(student, teacher, eps, grad_student, grad_teacher);
+}
+
+Tensor3 cc_forward_cuda(const at::Tensor& student, const at::Tensor& teacher, c10::string_view kernel, double gamma,
+                        int64_t max_p, c10::string_view reduction, bool grad_student, bool grad_teacher) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  return cc_forward_impl<CudaBackend>(student, teacher, std::string_view(kernel.data(), kernel.size()), gamma, max_p,
+                                      std::string_view(reduction.data(), reduction.size()), grad_student,
+                                      grad_teacher);
+}
+
+Tensor3 at_forward_cuda(const at::Tensor& student, const at::Tensor& teacher, double p, c10::string_view mode,
+                        bool grad_student, bool grad_teacher) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  return at_forward_impl<CudaBackend>(student, teacher, p, std::string_view(mode.data(), mode.size()), grad_student,
+                                      grad_teacher);
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
+  m.impl("rkd_forward", &cuda::rkd_forward_cuda);
+  m.impl("sp_forward", &cuda::sp_forward_cuda);
+  m.impl("pkt_forward", &cuda::pkt_forward_cuda);
+  m.impl("cc_forward", &cuda::cc_forward_cuda);
+  m.impl("at_forward", &cuda::at_forward_cuda);
+}
+
+}  // namespace fastkd

@@ -1,0 +1,600 @@
+// The math of the relation- and feature-based losses (RKD, SP, PKT, CC, AT), written once for the CPU and
+// CUDA kernels.
+//
+// Every relation loss is computed from Gram matrices G = X X^T (a GEMM, done by ATen: MKL / cuBLAS) plus
+// elementwise work over the N x N pairs (and, for the RKD angle, the N x N x N triplets), and its feature
+// gradient is one more GEMM: dL/dX = (D + D^T) X with D = dL/dG. The work over pairs is split into "row
+// functors": small structs whose operator()(i) handles row i of an N x N matrix (or one sample of a feature
+// map). The CPU runs them with at::parallel_for, the GPU with one thread per row (relation_host.h); reductions
+// over rows are done by a functor run on a single row, in a fixed order, so results are bitwise reproducible
+// on every device and for every thread count. Nothing of size N x N x D or N x N x N is ever allocated.
+//
+// Notation: h(r) = SmoothL1 with beta 1 = c (r - c / 2) with c = clamp(r, -1, 1), and h'(r) = c.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "fastkd/macros.h"
+
+namespace fastkd {
+
+// F.normalize's and pdist's clamps (RepDistiller / torchdistill / mdistiller use these eps values).
+constexpr double kNormalizeEps = 1e-12;
+constexpr double kPdistEps = 1e-12;
+
+// clamp that propagates NaN (as torch.clamp and SmoothL1 do); at::vec::clamp has an overload for vectors.
+template <typename X>
+FASTKD_HOST_DEVICE X fk_clamp(X x, X lo, X hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+
+// SmoothL1 (beta 1) of r = a - b: returns h(r), writes h'(r). Branch-free, so it also runs on vectors.
+template <typename X, typename Clamp>
+FASTKD_HOST_DEVICE X smooth_l1(X r, X& slope, Clamp clamp) {
+  slope = clamp(r);
+  return slope * (r - X(0.5) * slope);
+}
+
+struct ClampUnit {  // clamp to [-1, 1] (scalar code)
+  FASTKD_HOST_DEVICE double operator()(double x) const { return fk_clamp(x, -1.0, 1.0); }
+};
+
+FASTKD_HOST_DEVICE double smooth_l1(double r, double& slope) { return smooth_l1(r, slope, ClampUnit{}); }
+
+// ----------------------------------------------------------------------------------------------------------
+// RKD (Park et al. 2019), RepDistiller formulation, on centered features C (translation invariant).
+// Pair (i, j): q_ij = ||c_i - c_j||^2 = g_i + g_j - 2 G_ij, recomputed directly where the Gram matrix
+// cannot resolve it (q <= tau, the worst-case rounding of the three dot products): then exact duplicates
+// give q = 0 exactly ("zero pairs", whose normalized difference vector is the zero vector).
+// Distance: d_ij = sqrt(max(q, 1e-12)) (i != j), d_ii = 0. Angle: e_ij = (c_j - c_i) / max(sqrt(q), 1e-12),
+// a_ijk = <e_ij, e_ik> = P^(i)_jk * s_ij * s_ik with the numerator from the Gram matrix
+// P^(i)_jk = G_jk - G_ik - (G_ij - G_ii) and the inverse norms s_ij = 1 / max(sqrt(q_ij), 1e-12), set to 0
+// for i == j and for zero pairs (a_ijk = 0 there, as in the reference).
+// ----------------------------------------------------------------------------------------------------------
+
+// Inverse norm of the difference vector of a pair (0 on the diagonal and for zero pairs).
+FASTKD_HOST_DEVICE double rkd_inverse_norm(double q, bool diagonal) {
+  if (diagonal || q == 0.0) return 0.0;
+  const double n = ::sqrt(q);
+  return 1.0 / (n < kNormalizeEps ? kNormalizeEps : n);
+}
+
+// One angle entry (apex i, legs j, k) of both sides: the student's angle a_s, the SmoothL1 value h and its
+// slope gamma = h'(a_s - a_t). Instantiated with double (CUDA, scalar code) and at::vec::Vectorized<double>.
+//   gs_jk, gs_ik: G_s[j][k], G_s[i][k];   gs_ij_ii: G_s[i][j] - G_s[i][i];   scale_s = s_ij * s_ik (student)
+template <typename X, typename Clamp>
+FASTKD_HOST_DEVICE X rkd_angle_entry(X gs_jk, X gs_ik, X gs_ij_ii, X scale_s, X gt_jk, X gt_ik, X gt_ij_ii,
+                                     X scale_t, X& a_s, X& gamma, Clamp clamp) {
+  a_s = ((gs_jk - gs_ik) - gs_ij_ii) * scale_s;
+  const X a_t = ((gt_jk - gt_ik) - gt_ij_ii) * scale_t;
+  return smooth_l1(a_s - a_t, gamma, clamp);
+}
+
+// Pointers the RKD row functors share. Matrices are N x N, row-major, float64.
+struct RkdSide {
+  const double* gram = nullptr;  // G (symmetrized)
+  const double* feat = nullptr;  // C, [N, D] float64 (centered): for the direct recomputation of close pairs
+  int64_t dim = 0;
+  double* q = nullptr;         // squared distances
+  double* dist = nullptr;      // d_ij (distance term), 0 on the diagonal
+  double* inv_norm = nullptr;  // s_ij (angle term)
+  double* row_sum = nullptr;   // [N]: sum_j d_ij
+};
+
+// Pairs of row i: q (direct where the Gram matrix cannot resolve the pair), d, s, and sum_j d_ij.
+struct RkdPairsRow {
+  RkdSide side;
+  int64_t n;
+  FASTKD_HOST_DEVICE void operator()(int64_t i) const {
+    const double* G = side.gram;
+    const double unit_roundoff = 1.1102230246251565e-16;  // 2^-53
+    const double tau_scale = 2.0 * static_cast<double>(side.dim) * unit_roundoff;
+    const double gi = G[i * n + i];
+    double sum = 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+      double q = 0.0;
+      if (j != i) {
+        const double gj = G[j * n + j];
+        q = gi + gj - 2.0 * G[i * n + j];
+        if (q <= tau_scale * (gi + gj)) {  // recompute: sum (c_j - c_i)^2, symmetric in (i, j)
+          const double* a = side.feat + (i < j ? i : j) * side.dim;
+          const double* b = side.feat + (i < j ? j : i) * side.dim;
+          q = 0.0;
+          for (int64_t d = 0; d < side.dim; ++d) {
+            const double v = b[d] - a[d];
+            q += v * v;
+          }
+        }
+      }
+      side.q[i * n + j] = q;
+      const double d = j == i ? 0.0 : ::sqrt(q < kPdistEps ? kPdistEps : q);
+      if (side.dist) side.dist[i * n + j] = d;
+      if (side.inv_norm) side.inv_norm[i * n + j] = rkd_inverse_norm(q, j == i);
+      sum += d;
+    }
+    if (side.row_sum) side.row_sum[i] = sum;
+  }
+};
+
+// Sum of `count` values in index order (run on one row: the fixed-order reduction of per-row partials).
+struct SumInOrder {
+  const double* values;
+  int64_t count;
+  double scale;
+  double* out;
+  FASTKD_HOST_DEVICE void operator()(int64_t) const {
+    double s = 0.0;
+    for (int64_t i = 0; i < count; ++i) s += values[i];
+    *out = s * scale;
+  }
+};
+
+// RKD distance term, row i, step 1: the normalized distances d_ij / m in place (stored, so that equal
+// distances on both sides cancel exactly: a fused multiply-add would not round both products alike).
+// means = {m_s, m_t} (already divided by N (N - 1)).
+struct RkdNormalizeRow {
+  double* dist_s;
+  double* dist_t;
+  const double* means;
+  int64_t n;
+  FASTKD_HOST_DEVICE void operator()(int64_t i) const {
+    for (int64_t j = 0; j < n; ++j) {
+      dist_s[i * n + j] /= means[0];
+      dist_t[i * n + j] /= means[1];
+    }
+  }
+};
+
+// Step 2, row i: sum_j h(r_ij) with r_ij = d_ij / m_s - t_ij / m_t, and sum_j h'(r_ij) d_ij / m_s (for the
+// gradient through the student's mean).
+struct RkdDistanceRow {
+  const double* dist_s;  // normalized
+  const double* dist_t;  // normalized
+  int64_t n;
+  double* row_loss;
+  double* row_rho;
+  FASTKD_HOST_DEVICE void operator()(int64_t i) const {
+    double loss = 0.0, rho = 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+      double slope;
+      loss += smooth_l1(dist_s[i * n + j] - dist_t[i * n + j], slope);
+      rho += slope * dist_s[i * n + j];
+    }
+    row_loss[i] = loss;
+    row_rho[i] = rho;
+  }
+};
+
+// Distance term's Gram-space gradient, row i: M_ij += weight * 4 (delta_ij sum_k W_ik - W_ij) with
+// W_ij = [q_ij >= eps] (h'_ij - rho) / (2 N^2 m d_ij) (the pdist clamp blocks the gradient below eps) and
+// rho = sum_kl h'_kl d_kl / (m N (N - 1)) (through the mean). dL/dC = M C. With the normalized distances
+// u = d / m: W_ij = (h'_ij - rho) / (2 N^2 m^2 u_ij), rho = rho_sum / (N (N - 1)).
+struct RkdDistanceGradRow {
+  const double* q_s;
+  const double* dist_s;  // normalized
+  const double* dist_t;  // normalized
+  const double* means;
+  const double* rho_sum;
+  int64_t n;
+  double weight;
+  double* M;
+  FASTKD_HOST_DEVICE void operator()(int64_t i) const {
+    const double nn = static_cast<double>(n), m = means[0];
+    const double rho = *rho_sum / (nn * (nn - 1.0));
+    const double c = weight * 2.0 / (nn * nn * m * m);
+    double diag = 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+      if (j == i) continue;
+      const int64_t ij = i * n + j;
+      double slope;
+      smooth_l1(dist_s[ij] - dist_t[ij], slope);
+      const double w = q_s[ij] >= kPdistEps ? c * (slope - rho) / dist_s[ij] : 0.0;
+      M[ij] -= w;
+      diag += w;
+    }
+    M[i * n + i] += diag;
+  }
+};
+
+// Angle term's Gram-space gradient, step 1 (row = apex i): from T_ij = sum_k gamma_ijk s_ik and
+// U_ij = sum_k gamma_ijk a_ijk (the triplet pass), R_ij = s_ij T_ij + beta_ij with
+// beta_ij = -[||v_ij|| >= eps] U_ij s_ij^2 (the gradient through the norm of v_ij; 0 for zero pairs).
+// R and beta overwrite T and U.
+struct RkdAngleRRow {
+  const double* q_s;
+  const double* inv_s;
+  int64_t n;
+  double* T;  // in: T, out: R
+  double* U;  // in: U, out: beta
+  FASTKD_HOST_DEVICE void operator()(int64_t i) const {
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t ij = i * n + j;
+      const double s = inv_s[ij];
+      const double beta = ::sqrt(q_s[ij]) >= kNormalizeEps ? -U[ij] * s * s : 0.0;
+      T[ij] = s * T[ij] + beta;
+      U[ij] = beta;
+    }
+  }
+};
+
+// Angle term, step 2 (row j): M_jk += weight * 2 (H_jk - R_jk - R_kj + delta_jk (sum_i R_ji + sum_i beta_ij)),
+// scaled by 1 / N^3 (the mean over the triplets; H, R, beta were accumulated without it).
+struct RkdAngleGradRow {
+  const double* H;
+  const double* R;
+  const double* beta;
+  int64_t n;
+  double weight;  // already includes 2 / N^3
+  double* M;
+  FASTKD_HOST_DEVICE void operator()(int64_t j) const {
+    double diag = 0.0;
+    for (int64_t i = 0; i < n; ++i) diag += R[j * n + i] + beta[i * n + j];
+    for (int64_t k = 0; k < n; ++k) {
+      double v = H[j * n + k] - R[j * n + k] - R[k * n + j];
+      if (k == j) v += diag;
+      M[j * n + k] += weight * v;
+    }
+  }
+};
+
+// The angle gradient of zero pairs (student rows i != j with c_i == c_j), which the Gram route cannot
+// carry: e_ij = v_ij / 1e-12 there, so dL/dv_ij = (2 / 1e-12) sum_k gamma_ijk e_ik (the reference's
+// gradient, ~1e12 / N^3 where the teacher's angle differs; 0 where the teacher has the duplicate too).
+// Row m (owner, deterministic) adds sum_{i: (i, m) zero} dL/dv_im and subtracts sum_{j: (m, j) zero} dL/dv_mj.
+// O(N D) per zero pair; zero pairs are rare (exact duplicates in a batch).
+struct RkdZeroPairRow {
+  const double* q_s;
+  const double* inv_s;
+  const double* gram_t;
+  const double* inv_t;
+  const double* feat;  // student C, [N, D] float64
+  int64_t n, dim;
+  double weight;  // angle weight / N^3
+  double* grad;   // [N, D] float64, dL/dC
+  FASTKD_HOST_DEVICE void add_pair(int64_t i, int64_t j, double sign, double* g) const {
+    // dL/dv_ij = (2 / eps) sum_k clamp(-a^t_ijk) s_ik (c_k - c_i)
+    const double coef = sign * weight * 2.0 / kNormalizeEps;
+    const double* Gt = gram_t;
+    const double gt_ij_ii = Gt[i * n + j] - Gt[i * n + i];
+    for (int64_t k = 0; k < n; ++k) {
+      const double s_ik = inv_s[i * n + k];
+      if (s_ik == 0.0) continue;
+      const double a_t = ((Gt[j * n + k] - Gt[i * n + k]) - gt_ij_ii) * (inv_t[i * n + j] * inv_t[i * n + k]);
+      double slope;
+      smooth_l1(-a_t, slope);
+      const double w = coef * slope * s_ik;
+      if (w == 0.0) continue;
+      const double* ck = feat + k * dim;
+      const double* ci = feat + i * dim;
+      for (int64_t d = 0; d < dim; ++d) g[d] += w * (ck[d] - ci[d]);
+    }
+  }
+  FASTKD_HOST_DEVICE void operator()(int64_t m) const {
+    double* g = grad + m * dim;
+    for (int64_t o = 0; o < n; ++o) {
+      if (o == m || q_s[m * n + o] != 0.0) continue;
+      add_pair(o, m, 1.0, g);   // (apex o, leg m): dL/dc_m += dL/dv_om
+      add_pair(m, o, -1.0, g);  // (apex m, leg o): dL/dc_m -= dL/dv_mo
+    }
+  }
+};
+
+// ----------------------------------------------------------------------------------------------------------
+// SP (Tung & Mori 2019): Ĝ = row-normalized G (F.normalize, dim 1), L = sum (Ĝ_s - Ĝ_t)^2 / div.
+// Row i writes dL/dG_s and dL/dG_t for row i (each side only when asked).
+// ----------------------------------------------------------------------------------------------------------
+template <typename A>
+struct SpRow {
+  const A* G_s;
+  const A* G_t;
+  int64_t n;
+  double inv_div;
+  double* row_loss;
+  A* D_s;  // may be null
+  A* D_t;  // may be null
+  FASTKD_HOST_DEVICE void operator()(int64_t i) const {
+    const A* gs = G_s + i * n;
+    const A* gt = G_t + i * n;
+    double ss = 0.0, st = 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+      ss += static_cast<double>(gs[j]) * gs[j];
+      st += static_cast<double>(gt[j]) * gt[j];
+    }
+    // Divisions (as F.normalize), not products with the inverse: a fused multiply-add would not round the
+    // two sides alike, and equal inputs must give exactly E = 0.
+    const double rs = ::sqrt(ss), rt = ::sqrt(st);
+    const double ns = rs < kNormalizeEps ? kNormalizeEps : rs, nt = rt < kNormalizeEps ? kNormalizeEps : rt;
+    const double inv_s = 1.0 / ns, inv_t = 1.0 / nt;
+    double loss = 0.0, dot_s = 0.0, dot_t = 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+      const double hs = gs[j] / ns, ht = gt[j] / nt, e = hs - ht;
+      loss += e * e;
+      dot_s += e * hs;
+      dot_t += e * ht;
+    }
+    row_loss[i] = loss;
+    // dL/dĜ_s = 2 E / div; dL/dG = (dĜ - Ĝ <dĜ, Ĝ>) / r (the clamp blocks the second term below eps)
+    const double c = 2.0 * inv_div;
+    if (D_s) {
+      const double proj = rs >= kNormalizeEps ? dot_s : 0.0;
+      for (int64_t j = 0; j < n; ++j) {
+        const double hs = gs[j] / ns, e = hs - gt[j] / nt;
+        D_s[i * n + j] = static_cast<A>(c * (e - hs * proj) * inv_s);
+      }
+    }
+    if (D_t) {
+      const double proj = rt >= kNormalizeEps ? dot_t : 0.0;
+      for (int64_t j = 0; j < n; ++j) {
+        const double ht = gt[j] / nt, e = gs[j] / ns - ht;
+        D_t[i * n + j] = static_cast<A>(-c * (e - ht * proj) * inv_t);
+      }
+    }
+  }
+};
+
+// ----------------------------------------------------------------------------------------------------------
+// PKT (Passalis & Tefas 2018): x̂ = x / (||x|| + eps) (NaN entries -> 0), K = X̂ X̂^T, S = (K + 1) / 2,
+// P = S / rowsum(S), L = mean_ij P_t log((P_t + eps) / (P_s + eps)).
+// ----------------------------------------------------------------------------------------------------------
+template <typename A>
+struct PktNormalizeRow {  // row i of X: x̂ and ||x||
+  const A* X;
+  int64_t dim;
+  double eps;
+  A* X_hat;
+  double* norm;
+  FASTKD_HOST_DEVICE void operator()(int64_t i) const {
+    const A* x = X + i * dim;
+    double ss = 0.0;
+    for (int64_t d = 0; d < dim; ++d) ss += static_cast<double>(x[d]) * x[d];
+    const double nrm = ::sqrt(ss);
+    norm[i] = nrm;
+    const A inv = static_cast<A>(1.0 / (nrm + eps));
+    for (int64_t d = 0; d < dim; ++d) {
+      const A v = x[d] * inv;
+      X_hat[i * dim + d] = v != v ? A(0) : v;
+    }
+  }
+};
+
+template <typename A>
+struct PktRow {  // row i of K_s, K_t: the loss terms and dL/dK for each side asked for
+  const A* K_s;
+  const A* K_t;
+  int64_t n;
+  double eps;
+  double* row_loss;
+  A* D_s;
+  A* D_t;
+  FASTKD_HOST_DEVICE void operator()(int64_t i) const {
+    const A* ks = K_s + i * n;
+    const A* kt = K_t + i * n;
+    double sum_s = 0.0, sum_t = 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+      sum_s += (ks[j] + 1.0) * 0.5;
+      sum_t += (kt[j] + 1.0) * 0.5;
+    }
+    const double inv_s = 1.0 / sum_s, inv_t = 1.0 / sum_t;
+    const double inv_nn = 1.0 / (static_cast<double>(n) * static_cast<double>(n));
+    double loss = 0.0, dot_s = 0.0, dot_t = 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+      const double ps = (ks[j] + 1.0) * 0.5 / sum_s, pt = (kt[j] + 1.0) * 0.5 / sum_t;
+      const double lr = ::log((pt + eps) / (ps + eps));
+      loss += pt * lr;
+      dot_s += -pt / (ps + eps) * ps;
+      dot_t += (lr + pt / (pt + eps)) * pt;
+    }
+    row_loss[i] = loss * inv_nn;
+    // dL/dS_ij = (dP_ij - sum_k dP_ik P_ik) / sigma_i;  dL/dK = dL/dS / 2
+    for (int64_t j = 0; j < n; ++j) {
+      const double ps = (ks[j] + 1.0) * 0.5 / sum_s, pt = (kt[j] + 1.0) * 0.5 / sum_t;
+      if (D_s) D_s[i * n + j] = static_cast<A>((-pt / (ps + eps) - dot_s) * inv_s * 0.5 * inv_nn);
+      if (D_t) {
+        const double lr = ::log((pt + eps) / (ps + eps));
+        D_t[i * n + j] = static_cast<A>((lr + pt / (pt + eps) - dot_t) * inv_t * 0.5 * inv_nn);
+      }
+    }
+  }
+};
+
+template <typename A>
+struct PktInputGradRow {  // dL/dx_i from dL/dx̂_i (in place): dx̂/(n + eps) - x <x, dx̂> / (n (n + eps)^2)
+  const A* X;
+  const double* norm;
+  int64_t dim;
+  double eps;
+  A* grad;  // in: dL/dX̂, out: dL/dX
+  FASTKD_HOST_DEVICE void operator()(int64_t i) const {
+    const A* x = X + i * dim;
+    A* g = grad + i * dim;
+    const double nrm = norm[i], a = 1.0 / (nrm + eps);
+    double dot = 0.0;
+    for (int64_t d = 0; d < dim; ++d) dot += static_cast<double>(x[d]) * g[d];
+    const double b = nrm > 0.0 ? dot * a * a / nrm : 0.0;
+    for (int64_t d = 0; d < dim; ++d) g[d] = static_cast<A>(g[d] * a - x[d] * b);
+  }
+};
+
+// ----------------------------------------------------------------------------------------------------------
+// CC (Peng et al. 2019), torchdistill CCKDLoss: C = G (bilinear) or the order-P Taylor expansion of the
+// Gaussian RBF, exp(-2 gamma) sum_{p=0..P} (2 gamma)^p / p! G^p; L = ||C_s - C_t||_F / div.
+// ----------------------------------------------------------------------------------------------------------
+struct CcKernel {
+  bool gaussian;
+  int64_t max_p;
+  double two_gamma, scale;  // scale = exp(-2 gamma)
+  // exp(-2 gamma) folded into the coefficients, so that the value ends with an addition: C_s - C_t is then
+  // exactly 0 for equal inputs whatever multiply-adds the compiler fuses.
+  FASTKD_HOST_DEVICE double value(double g) const {
+    if (!gaussian) return g;
+    double sum = scale, coef = scale, power = 1.0;
+    for (int64_t p = 1; p <= max_p; ++p) {
+      coef *= two_gamma / static_cast<double>(p);
+      power *= g;
+      sum += coef * power;
+    }
+    return sum;
+  }
+  FASTKD_HOST_DEVICE double slope(double g) const {  // dC/dG
+    if (!gaussian) return 1.0;
+    double sum = 0.0, coef = 1.0, power = 1.0;  // power = g^(p-1)
+    for (int64_t p = 1; p <= max_p; ++p) {
+      coef *= two_gamma / static_cast<double>(p);
+      sum += coef * static_cast<double>(p) * power;
+      power *= g;
+    }
+    return sum * scale;
+  }
+};
+
+template <typename A>
+struct CcRow {  // row i: E = C_s - C_t (kept for the gradient) and sum_j E_ij^2
+  const A* G_s;
+  const A* G_t;
+  int64_t n;
+  CcKernel kernel;
+  A* E;
+  double* row_sq;
+  FASTKD_HOST_DEVICE void operator()(int64_t i) const {
+    double sq = 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+      const double e = kernel.value(G_s[i * n + j]) - kernel.value(G_t[i * n + j]);
+      E[i * n + j] = static_cast<A>(e);
+      sq += e * e;
+    }
+    row_sq[i] = sq;
+  }
+};
+
+struct CcNorm {  // out = {||E||_F, ||E||_F / div} from the per-row sums of squares
+  const double* row_sq;
+  int64_t n;
+  double inv_div;
+  double* out;
+  FASTKD_HOST_DEVICE void operator()(int64_t) const {
+    double s = 0.0;
+    for (int64_t i = 0; i < n; ++i) s += row_sq[i];
+    out[0] = ::sqrt(s);
+    out[1] = out[0] * inv_div;
+  }
+};
+
+template <typename A>
+struct CcGradRow {  // row i of dL/dG for each side asked: ±E / (nu div) * C'(G) (0 when nu = 0)
+  const A* G_s;
+  const A* G_t;
+  const A* E;
+  const double* nu;  // ||E||_F
+  int64_t n;
+  CcKernel kernel;
+  double inv_div;
+  A* D_s;
+  A* D_t;
+  FASTKD_HOST_DEVICE void operator()(int64_t i) const {
+    const double c = *nu > 0.0 ? inv_div / *nu : 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t ij = i * n + j;
+      const double e = c * E[ij];
+      if (D_s) D_s[ij] = static_cast<A>(e * kernel.slope(G_s[ij]));
+      if (D_t) D_t[ij] = static_cast<A>(-e * kernel.slope(G_t[ij]));
+    }
+  }
+};
+
+// ----------------------------------------------------------------------------------------------------------
+// AT (Zagoruyko & Komodakis 2017): per sample n, A_s = (1/C or 1) sum_c f_cs^p, Â = A / max(||A||, eps),
+// E = Â_s - Â_t; "code": L = sum E^2 / (N S); "paper": L = sum_n ||E_n|| / N.
+// ----------------------------------------------------------------------------------------------------------
+
+// f^p as torch.pow, with the p = 2 fast path; and its derivative p f^(p-1).
+template <typename A>
+FASTKD_HOST_DEVICE A at_pow(A f, double p) {
+  return p == 2.0 ? f * f : static_cast<A>(::pow(static_cast<double>(f), p));
+}
+template <typename A>
+FASTKD_HOST_DEVICE A at_pow_slope(A f, double p) {
+  return p == 2.0 ? A(2) * f : static_cast<A>(p * ::pow(static_cast<double>(f), p - 1.0));
+}
+
+// Given A_s, A_t of sample n ([S] each), the loss term and, in place, dL/dA for each side asked for.
+struct AtSample {
+  int64_t spatial;
+  bool paper;
+  double inv_count;  // code: 1 / (N S); paper: 1 / N
+  template <typename A>
+  FASTKD_HOST_DEVICE double operator()(A* a_s, A* a_t, bool grad_s, bool grad_t) const {
+    double ss = 0.0, st = 0.0;
+    for (int64_t s = 0; s < spatial; ++s) {
+      ss += static_cast<double>(a_s[s]) * a_s[s];
+      st += static_cast<double>(a_t[s]) * a_t[s];
+    }
+    const double rs = ::sqrt(ss), rt = ::sqrt(st);
+    const double ns = rs < kNormalizeEps ? kNormalizeEps : rs, nt = rt < kNormalizeEps ? kNormalizeEps : rt;
+    const double inv_s = 1.0 / ns, inv_t = 1.0 / nt;
+    double esq = 0.0, dot_s = 0.0, dot_t = 0.0;
+    for (int64_t s = 0; s < spatial; ++s) {
+      const double hs = a_s[s] / ns, ht = a_t[s] / nt, e = hs - ht;  // divisions: see SpRow
+      esq += e * e;
+      dot_s += e * hs;
+      dot_t += e * ht;
+    }
+    const double enorm = ::sqrt(esq);
+    const double loss = paper ? enorm * inv_count : esq * inv_count;
+    // dL/dÂ_s = c E with c = 2 / (N S) (code) or 1 / (||E_n|| N) (paper; 0 where E_n = 0)
+    const double c = paper ? (enorm > 0.0 ? inv_count / enorm : 0.0) : 2.0 * inv_count;
+    if (!grad_s && !grad_t) return loss;
+    const double proj_s = rs >= kNormalizeEps ? dot_s : 0.0;
+    const double proj_t = rt >= kNormalizeEps ? dot_t : 0.0;
+    for (int64_t s = 0; s < spatial; ++s) {
+      const double hs = a_s[s] / ns, ht = a_t[s] / nt, e = hs - ht;
+      if (grad_s) a_s[s] = static_cast<A>(c * (e - hs * proj_s) * inv_s);
+      if (grad_t) a_t[s] = static_cast<A>(-c * (e - ht * proj_t) * inv_t);
+    }
+    return loss;
+  }
+};
+
+// The same in three parallel steps (used by the GPU): the attention maps, one thread per (sample, position)...
+template <typename A>
+struct AtMapElem {
+  const A* f;
+  int64_t channels, spatial;
+  double p, scale;
+  double* map;  // [N, S]
+  FASTKD_HOST_DEVICE void operator()(int64_t idx) const {
+    const int64_t n = idx / spatial, s = idx - n * spatial;
+    const A* x = f + n * channels * spatial + s;
+    double acc = 0.0;
+    for (int64_t c = 0; c < channels; ++c) acc += static_cast<double>(at_pow(x[c * spatial], p));
+    map[idx] = acc * scale;
+  }
+};
+
+// ... the per-sample loss and dL/dA (in place), one thread per sample ...
+struct AtSampleRow {
+  AtSample sample;
+  double* map_s;
+  double* map_t;
+  bool grad_s, grad_t;
+  double* loss_rows;
+  FASTKD_HOST_DEVICE void operator()(int64_t n) const {
+    loss_rows[n] = sample(map_s + n * sample.spatial, map_t + n * sample.spatial, grad_s, grad_t);
+  }
+};
+
+// ... and the input gradient, one thread per element: dL/df_ncs = dL/dA_ns * scale * p f^(p-1).
+template <typename A>
+struct AtGradElem {
+  const A* f;
+  const double* dmap;  // [N, S]
+  int64_t channels, spatial;
+  double p, scale;
+  A* grad;
+  FASTKD_HOST_DEVICE void operator()(int64_t idx) const {
+    const int64_t s = idx % spatial, n = idx / (channels * spatial);
+    grad[idx] = static_cast<A>(dmap[n * spatial + s] * scale * static_cast<double>(at_pow_slope(f[idx], p)));
+  }
+};
+
+}  // namespace fastkd
