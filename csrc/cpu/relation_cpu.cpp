@@ -101,26 +101,40 @@ struct CpuBackend {
     if (a.T) rkd_triplets_impl<true>(a); else rkd_triplets_impl<false>(a);
   }
 
-  // One sample per task: the channel sums of f^p over contiguous spatial rows (vectorizable), the loss and
-  // dL/dA (AtSample), then the input gradient.
+  // One sample per task: the channel sums of f^p over contiguous spatial rows (Vectorized, accumulated in
+  // the compute type like torch's mean), the loss and dL/dA (AtSample, float64), then the input gradient.
   template <typename A>
   static void at_pass(const AtPass<A>& a) {
-    const int64_t S = a.spatial;
+    using V = at::vec::Vectorized<A>;
+    constexpr int64_t W = V::size();
+    const int64_t S = a.spatial, S_vec = S - S % W;
+    const double p = a.p;
+    // f^p and p f^(p-1) as torch.pow computes them (x * x for p = 2; Sleef's pow otherwise)
+    auto pow_p = [p](const V& x) { return p == 2.0 ? x * x : (p == 3.0 ? x * x * x : x.pow(V(static_cast<A>(p)))); };
+    auto slope_p = [p](const V& x) {
+      return p == 2.0 ? x + x : (p == 3.0 ? V(A(3)) * x * x : V(static_cast<A>(p)) * x.pow(V(static_cast<A>(p - 1.0))));
+    };
     at::parallel_for(0, a.n, 1, [&](int64_t begin, int64_t end) {
+      std::vector<A> acc(S), coef(S);
       std::vector<double> map_s(S), map_t(S);
       auto channel_map = [&](const A* f, int64_t channels, double scale, double* m) {
-        std::fill(m, m + S, 0.0);
+        std::fill(acc.begin(), acc.end(), A(0));
         for (int64_t c = 0; c < channels; ++c) {
           const A* x = f + c * S;
-          for (int64_t s = 0; s < S; ++s) m[s] += static_cast<double>(at_pow(x[s], a.p));
+          int64_t s = 0;
+          for (; s < S_vec; s += W) (V::loadu(acc.data() + s) + pow_p(V::loadu(x + s))).store(acc.data() + s);
+          for (; s < S; ++s) acc[s] += at_pow(x[s], p);
         }
-        for (int64_t s = 0; s < S; ++s) m[s] *= scale;
+        for (int64_t s = 0; s < S; ++s) m[s] = static_cast<double>(acc[s]) * scale;
       };
       auto input_grad = [&](const A* f, int64_t channels, double scale, const double* dm, A* g) {
+        for (int64_t s = 0; s < S; ++s) coef[s] = static_cast<A>(dm[s] * scale);
         for (int64_t c = 0; c < channels; ++c) {
-          for (int64_t s = 0; s < S; ++s) {
-            g[c * S + s] = static_cast<A>(dm[s] * scale * static_cast<double>(at_pow_slope(f[c * S + s], a.p)));
-          }
+          const A* x = f + c * S;
+          A* y = g + c * S;
+          int64_t s = 0;
+          for (; s < S_vec; s += W) (V::loadu(coef.data() + s) * slope_p(V::loadu(x + s))).store(y + s);
+          for (; s < S; ++s) y[s] = coef[s] * at_pow_slope(x[s], p);
         }
       };
       for (int64_t n = begin; n < end; ++n) {

@@ -510,11 +510,15 @@ struct CcGradRow {  // row i of dL/dG for each side asked: ±E / (nu div) * C'(G
 // f^p as torch.pow, with the p = 2 fast path; and its derivative p f^(p-1).
 template <typename A>
 FASTKD_HOST_DEVICE A at_pow(A f, double p) {
-  return p == 2.0 ? f * f : static_cast<A>(::pow(static_cast<double>(f), p));
+  if (p == 2.0) return f * f;
+  if (p == 3.0) return f * f * f;
+  return static_cast<A>(::pow(static_cast<double>(f), p));
 }
 template <typename A>
 FASTKD_HOST_DEVICE A at_pow_slope(A f, double p) {
-  return p == 2.0 ? A(2) * f : static_cast<A>(p * ::pow(static_cast<double>(f), p - 1.0));
+  if (p == 2.0) return f + f;
+  if (p == 3.0) return A(3) * f * f;
+  return static_cast<A>(p * ::pow(static_cast<double>(f), p - 1.0));
 }
 
 // Given A_s, A_t of sample n ([S] each), the loss term and, in place, dL/dA for each side asked for.
