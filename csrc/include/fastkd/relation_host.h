@@ -269,28 +269,35 @@ Tensor3 pkt_forward_impl(const at::Tensor& student, const at::Tensor& teacher, d
   const at::ScalarType type = relation_compute_type(student, teacher);
   at::Tensor x_s = contiguous_as(student, type), x_t = contiguous_as(teacher, type);
   auto f64 = x_s.options().dtype(at::kDouble);
-  at::Tensor h_s = at::empty_like(x_s), h_t = at::empty_like(x_t);
-  at::Tensor norm_s = at::empty({n}, f64), norm_t = at::empty({n}, f64);
+  at::Tensor norm_s = at::empty({n}, f64), norm_t = at::empty({n}, f64), inv_s = at::empty({n}, f64),
+             inv_t = at::empty({n}, f64);
   at::Tensor rows = at::empty({n}, f64), total = at::empty({}, f64);
   AT_DISPATCH_FLOATING_TYPES(type, "pkt_forward", [&] {
     using A = scalar_t;
-    B::rows(n, x_s.size(1), PktNormalizeRow<A>{x_s.data_ptr<A>(), x_s.size(1), eps, h_s.data_ptr<A>(),
-                                               norm_s.data_ptr<double>()});
-    B::rows(n, x_t.size(1), PktNormalizeRow<A>{x_t.data_ptr<A>(), x_t.size(1), eps, h_t.data_ptr<A>(),
-                                               norm_t.data_ptr<double>()});
-    at::Tensor K_s = at::matmul(h_s, h_s.t()).contiguous(), K_t = at::matmul(h_t, h_t.t()).contiguous();
+    // G, then the cosine matrix K in a copy (the gradient needs G itself)
+    auto cosine = [&](const at::Tensor& x, const at::Tensor& norm, const at::Tensor& inv, at::Tensor& gram) {
+      B::rows(n, x.size(1), PktNormRow<A>{x.data_ptr<A>(), x.size(1), eps, norm.data_ptr<double>(),
+                                          inv.data_ptr<double>()});
+      gram = at::matmul(x, x.t()).contiguous();
+      at::Tensor K = gram.clone();
+      B::rows(n, n, PktCosineRow<A>{K.data_ptr<A>(), inv.data_ptr<double>(), n});
+      return K;
+    };
+    at::Tensor G_s, G_t;
+    at::Tensor K_s = cosine(x_s, norm_s, inv_s, G_s), K_t = cosine(x_t, norm_t, inv_t, G_t);
     at::Tensor D_s = grad_s ? at::empty_like(K_s) : at::Tensor(), D_t = grad_t ? at::empty_like(K_t) : at::Tensor();
     B::rows(n, 8 * n, PktRow<A>{K_s.data_ptr<A>(), K_t.data_ptr<A>(), n, eps, rows.data_ptr<double>(),
                                 data_or_null<A>(D_s), data_or_null<A>(D_t)});
     B::rows(1, n, SumInOrder{rows.data_ptr<double>(), n, 1.0, total.data_ptr<double>()});
-    auto input_grad = [&](const at::Tensor& D, const at::Tensor& h, const at::Tensor& x, const at::Tensor& norm) {
-      at::Tensor g = gram_input_grad(D, h).contiguous();
-      B::rows(n, 2 * x.size(1), PktInputGradRow<A>{x.data_ptr<A>(), norm.data_ptr<double>(), x.size(1), eps,
-                                                   g.data_ptr<A>()});
-      return g;
+    auto input_grad = [&](const at::Tensor& D, const at::Tensor& G, const at::Tensor& x, const at::Tensor& norm,
+                          const at::Tensor& inv) {
+      at::Tensor M = at::empty_like(D);
+      B::rows(n, 2 * n, PktGradMatrixRow<A>{D.data_ptr<A>(), G.data_ptr<A>(), norm.data_ptr<double>(),
+                                            inv.data_ptr<double>(), n, M.data_ptr<A>()});
+      return at::matmul(M, x);
     };
-    if (grad_s) out.grad_s = input_grad(D_s, h_s, x_s, norm_s).to(student.scalar_type());
-    if (grad_t) out.grad_t = input_grad(D_t, h_t, x_t, norm_t).to(teacher.scalar_type());
+    if (grad_s) out.grad_s = input_grad(D_s, G_s, x_s, norm_s, inv_s).to(student.scalar_type());
+    if (grad_t) out.grad_t = input_grad(D_t, G_t, x_t, norm_t, inv_t).to(teacher.scalar_type());
   });
   out.loss = total.to(out.loss.scalar_type());
   return out.tuple();

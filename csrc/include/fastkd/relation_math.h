@@ -337,23 +337,35 @@ struct SpRow {
 // PKT (Passalis & Tefas 2018): x̂ = x / (||x|| + eps) (NaN entries -> 0), K = X̂ X̂^T, S = (K + 1) / 2,
 // P = S / rowsum(S), L = mean_ij P_t log((P_t + eps) / (P_s + eps)).
 // ----------------------------------------------------------------------------------------------------------
+// Everything is done on G = X X^T (no normalized copy of X): with r_i = 1 / (||x_i|| + eps),
+// K_ij = r_i r_j G_ij. The reference's NaN -> 0 masking of x̂ zeroes a whole row exactly when ||x_i|| is not
+// finite (x / inf = 0, inf / inf = NaN -> 0): such rows get K = 0 here too (flag: r_i = -1).
 template <typename A>
-struct PktNormalizeRow {  // row i of X: x̂ and ||x||
+struct PktNormRow {  // row i of X: ||x_i|| and r_i
   const A* X;
   int64_t dim;
   double eps;
-  A* X_hat;
   double* norm;
+  double* inv;
   FASTKD_HOST_DEVICE void operator()(int64_t i) const {
     const A* x = X + i * dim;
     double ss = 0.0;
     for (int64_t d = 0; d < dim; ++d) ss += static_cast<double>(x[d]) * x[d];
     const double nrm = ::sqrt(ss);
     norm[i] = nrm;
-    const A inv = static_cast<A>(1.0 / (nrm + eps));
-    for (int64_t d = 0; d < dim; ++d) {
-      const A v = x[d] * inv;
-      X_hat[i * dim + d] = v != v ? A(0) : v;
+    inv[i] = (nrm - nrm == 0.0) ? 1.0 / (nrm + eps) : -1.0;  // nrm - nrm is NaN for inf and NaN
+  }
+};
+
+template <typename A>
+struct PktCosineRow {  // row i: K_ij = r_i r_j G_ij in place (0 where a row is masked)
+  A* G;
+  const double* inv;
+  int64_t n;
+  FASTKD_HOST_DEVICE void operator()(int64_t i) const {
+    for (int64_t j = 0; j < n; ++j) {
+      const bool masked = inv[i] < 0.0 || inv[j] < 0.0;
+      G[i * n + j] = masked ? A(0) : static_cast<A>(inv[i] * inv[j] * static_cast<double>(G[i * n + j]));
     }
   }
 };
@@ -398,21 +410,29 @@ struct PktRow {  // row i of K_s, K_t: the loss terms and dL/dK for each side as
   }
 };
 
+// The input gradient as one GEMM, dL/dX = M X: with sym = dL/dK + dL/dK^T, dL/dx̂ = sym diag(r) X and
+// dL/dx_i = r_i dL/dx̂_i - x_i <x_i, dL/dx̂_i> r_i^2 / ||x_i||, where <x_i, dL/dx̂_i> = sum_j sym_ij r_j G_ij.
+// So M_ij = r_i sym_ij r_j - delta_ij r_i^2 / ||x_i|| sum_k sym_ik r_k G_ik (the last term 0 at x_i = 0,
+// where the norm's one-sided derivative vanishes; masked rows get no gradient).
 template <typename A>
-struct PktInputGradRow {  // dL/dx_i from dL/dx̂_i (in place): dx̂/(n + eps) - x <x, dx̂> / (n (n + eps)^2)
-  const A* X;
+struct PktGradMatrixRow {
+  const A* D;       // dL/dK
+  const A* gram;    // G (raw, not the cosine matrix)
   const double* norm;
-  int64_t dim;
-  double eps;
-  A* grad;  // in: dL/dX̂, out: dL/dX
+  const double* inv;
+  int64_t n;
+  A* M;
   FASTKD_HOST_DEVICE void operator()(int64_t i) const {
-    const A* x = X + i * dim;
-    A* g = grad + i * dim;
-    const double nrm = norm[i], a = 1.0 / (nrm + eps);
-    double dot = 0.0;
-    for (int64_t d = 0; d < dim; ++d) dot += static_cast<double>(x[d]) * g[d];
-    const double b = nrm > 0.0 ? dot * a * a / nrm : 0.0;
-    for (int64_t d = 0; d < dim; ++d) g[d] = static_cast<A>(g[d] * a - x[d] * b);
+    const double r_i = inv[i];
+    double proj = 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+      const double r_j = inv[j];
+      const bool masked = r_i < 0.0 || r_j < 0.0;
+      const double sym = masked ? 0.0 : static_cast<double>(D[i * n + j]) + static_cast<double>(D[j * n + i]);
+      proj += masked ? 0.0 : sym * r_j * static_cast<double>(gram[i * n + j]);
+      M[i * n + j] = static_cast<A>(masked ? 0.0 : r_i * sym * r_j);
+    }
+    if (r_i > 0.0 && norm[i] > 0.0) M[i * n + i] = static_cast<A>(M[i * n + i] - r_i * r_i / norm[i] * proj);
   }
 };
 
