@@ -4,7 +4,8 @@
 # 1. builds fastkd with CUDA against the torch installed there (no build isolation, nothing downloaded),
 # 2. runs the whole test suite (every test runs on cpu and cuda),
 # 3. runs compute-sanitizer memcheck and racecheck over the kernels on small inputs,
-# 4. runs the benchmark (eager, torch.compile, Liger-Kernel if installed, fastkd),
+# 4. runs the benchmark (eager, torch.compile, Liger-Kernel if installed, fastkd; the logit losses and the
+#    relation / feature losses RKD, SP, PKT, CC, AT with the RKD N sweep),
 # and writes everything into one report file (default: gpu_report.txt, or $OUT/gpu_report.txt when $OUT is set).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -57,6 +58,37 @@ for shape in [(1, 2), (3, 7), (5, 1003), (2, 4099), (4, 3, 130)]:
     base = torch.randn(6, 133, device="cuda")
     fastkd.kd_loss(base[:, 1:], base[:, :-1].flip(0))
     fastkd.jsd_loss(base[:, 1:], base[:, :-1].flip(0))
+# relation / feature losses (issue 5): N = 0, 1, 2 and odd sizes, student width != teacher width, mixed
+# dtypes, teacher gradients (SP, PKT, CC, AT), every weight / kernel / reduction / mode, strided input
+for n, d_s, d_t in [(0, 3, 5), (1, 3, 3), (2, 5, 7), (7, 33, 16), (33, 130, 257), (70, 1, 4)]:
+    for ds, dt in [(torch.float32, torch.float32), (torch.bfloat16, torch.float16), (torch.float64, torch.float64),
+                   (torch.float32, torch.bfloat16)]:
+        fs = torch.randn(n, d_s, device="cuda", dtype=ds, requires_grad=True)
+        ft = torch.randn(n, d_t, device="cuda", dtype=dt, requires_grad=True)
+        losses = [
+            fastkd.rkd_loss(fs, ft), fastkd.rkd_loss(fs, ft, 0.0, 1.0), fastkd.rkd_loss(fs, ft, 1.0, 0.0),
+            fastkd.sp_loss(fs, ft), fastkd.sp_loss(fs, ft, reduction="sum"), fastkd.pkt_loss(fs, ft),
+            fastkd.cc_loss(fs, ft), fastkd.cc_loss(fs, ft, "bilinear", reduction="sum"),
+            fastkd.cc_loss(fs, ft, max_p=4), fastkd.rkd_loss(fs.t().contiguous().t(), ft),
+        ]
+        sum(l.float() for l in losses).backward()
+# RKD: exact duplicates (both sides, student only) and a large common offset take the flagged-pair paths
+for n, d in [(9, 17), (64, 300)]:
+    x = torch.randn(n, d, device="cuda")
+    x[n // 2:] = x[0]
+    y = torch.randn(n, d, device="cuda")
+    for fs, ft in [(x, x * 2), (x, y), (x + 100.0, y - 50.0)]:
+        fs = fs.clone().requires_grad_(True)
+        fastkd.rkd_loss(fs, ft).backward()
+# AT: code / paper, p = 2 and 3, pooling either way, 3-D maps, different channel counts, lists with weights
+for shape_s, shape_t in [((4, 3, 8, 8), (4, 5, 4, 4)), ((4, 6, 4, 4), (4, 2, 8, 8)), ((5, 3, 7, 7), (5, 3, 7, 7)),
+                         ((3, 2, 11), (3, 4, 11)), ((0, 2, 4, 4), (0, 2, 4, 4))]:
+    for dt in (torch.float32, torch.bfloat16, torch.float64):
+        gs = torch.randn(shape_s, device="cuda", dtype=dt, requires_grad=True)
+        gt = torch.randn(shape_t, device="cuda", dtype=dt, requires_grad=True)
+        losses = [fastkd.at_loss(gs, gt), fastkd.at_loss(gs, gt, 3.0), fastkd.at_loss(gs, gt, mode="paper"),
+                  fastkd.at_loss([gs, gs], [gt, gt], weights=[0.5, 2.0]), fastkd.sp_loss([gs, gs], [gt, gt], weights=[1.0, 3.0])]
+        sum(l.float() for l in losses).backward()
 torch.cuda.synchronize()
 print("sanitizer workload done")
 PYEOF
@@ -66,6 +98,9 @@ for tool in memcheck racecheck; do
 done
 
 section "benchmark"
+# eager baselines and fastkd compute the same relation losses on this device (fast; before the long run)
+"$PY" -m pytest -q -p no:cacheprovider benchmarks/test_bench_relation.py -k test_same_loss 2>&1 | tail -3 | tee -a "$REPORT" || status=1
+# every loss (logit losses, then RKD / RKD N sweep / SP / PKT / CC / AT) on its default CUDA shapes
 "$PY" -m fastkd.bench --json "${REPORT%.txt}.json" 2>/dev/null | tee -a "$REPORT" || status=1
 "$PY" -m fastkd.bench --loss kd,jsd,reverse_kl,tvd --dtype bfloat16 --shapes 8192x128256,4096x32000 --no-compile 2>/dev/null | tee -a "$REPORT" || status=1
 

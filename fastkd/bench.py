@@ -4,6 +4,9 @@ side by side in one run, with the memory-bandwidth floor and peak memory.
 
     fastkd-bench                       # every loss on its default shapes, on CUDA if present else the CPU
     fastkd-bench --loss jsd,kd --shapes 4096x50257 --dtype bfloat16 --json out.json
+    fastkd-bench --loss relation       # rkd,rkd_sweep,sp,pkt,cc,at (--loss response: the logit losses)
+    fastkd-bench --loss sp,at --shapes 128x256x8x8,64x2048x7x7
+    fastkd-bench --loss rkd --shapes 512x2048,256x512:256x2048    # STUDENT:TEACHER shapes may differ
 
 Columns: median time per fwd+bwd; speedup of fastkd over each baseline; effective bandwidth
 (student + teacher read once, gradient written once: 3 * N * V * itemsize bytes); ratio to the floor; peak
@@ -12,6 +15,15 @@ extra memory while the step runs (inputs excluded).
 The floor is the least memory work a fused fwd+bwd must do, measured in the same run. CPU: cloning one
 N x V tensor (a read plus a first touch of fresh pages, as the new gradient must be) plus summing another.
 GPU: 3 * N * V * itemsize over the measured device-to-device copy bandwidth.
+
+Relation / feature losses (RKD, SP, PKT, CC, AT; shapes are feature shapes [N, ...], flattened per sample,
+the teacher without gradient as in training): the baselines are the RepDistiller / torchdistill code. Their
+floor is the GEMM work any implementation does (RKD, SP, PKT, CC: the student and teacher Gram matrices and
+the gradient GEMM, timed with torch.mm) or the memory floor (AT: clone the student map, read the teacher
+map). A call slower than --slow-s is timed once without warmup (the eager RKD: ~30 s per call at N=512 on
+a 2-core CPU); an eager or compiled RKD whose estimated memory (N^2 x D and N^3 tensors) exceeds
+--mem-fraction of the RAM (GPU memory) is skipped. rkd_sweep runs fastkd's RKD alone over N (time ~ N^3,
+memory ~ N^2) with the ratio to the previous N.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import platform
 import statistics
 import sys
@@ -51,6 +64,36 @@ DEFAULT_SHAPES = {
     },
 }
 LOSSES = ("kd", "reverse_kl", "jsd", "tvd", "dkd", "topk")
+
+# Relation- and feature-based losses: feature shapes [N, ...] ("STUDENT:TEACHER" when they differ).
+RELATION_SHAPES = {
+    "cpu": {
+        "rkd": "512x2048",
+        "rkd_sweep": "256x2048,512x2048,1024x2048,2048x2048",
+        "sp": "128x256x8x8,64x2048x7x7",
+        "pkt": "256x512,256x2048",
+        "cc": "256x128",
+        "at": "128x256x8x8,64x2048x7x7",
+    },
+    "cuda": {
+        "rkd": "512x2048,1024x2048",
+        "rkd_sweep": "256x2048,512x2048,1024x2048,2048x2048,4096x2048",
+        "sp": "128x256x8x8,64x2048x7x7",
+        "pkt": "256x512,256x2048",
+        "cc": "256x128",
+        "at": "128x256x8x8,64x2048x7x7",
+    },
+}
+RELATION_LOSSES = ("rkd", "rkd_sweep", "sp", "pkt", "cc", "at")
+ALL_LOSSES = LOSSES + RELATION_LOSSES
+LOSS_GROUPS = {"response": LOSSES, "relation": RELATION_LOSSES, "all": ALL_LOSSES}
+DEFAULT_LOSSES = ALL_LOSSES
+# torch.compile baselines left out unless --slow-compile: compiling them takes minutes.
+SLOW_COMPILE = {
+    "cc": "compiling the per-row Python loop unrolls N iterations: 7 min at N=256 on a 2-core CPU; "
+          "--slow-compile",
+}
+MEM_FRACTION = 0.6  # eager / compiled RKD only where its estimated memory fits this fraction of RAM / GPU memory
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -116,6 +159,118 @@ def eager_topk(s: torch.Tensor, inp: tuple, T: float) -> torch.Tensor:
     return (lp.exp() * (lp - lq)).sum() / s.shape[0] * (T * T)
 
 
+# Relation / feature losses: (student features, (teacher features,), unused T), written as RepDistiller
+# (RKD, SP, PKT, AT) and torchdistill (CC) write them, including their memory-hungry steps.
+def _repdistiller_pdist(e: torch.Tensor, squared: bool = False, eps: float = 1e-12) -> torch.Tensor:
+    """RepDistiller RKDLoss.pdist: the Gram identity |e_i|^2 + |e_j|^2 - 2 e e^T, clamped, square-rooted, the
+    diagonal set to 0 on a clone."""
+    e_square = e.pow(2).sum(dim=1)
+    prod = e @ e.t()
+    res = (e_square.unsqueeze(1) + e_square.unsqueeze(0) - 2 * prod).clamp(min=eps)
+    if not squared:
+        res = res.sqrt()
+    res = res.clone()
+    res[range(len(e)), range(len(e))] = 0
+    return res
+
+
+def eager_rkd(s: torch.Tensor, inp: tuple, T: float, w_d: float = 25.0, w_a: float = 50.0) -> torch.Tensor:
+    """RepDistiller RKDLoss(w_d=25, w_a=50).forward: distance term from pdist / mean of the positive entries,
+    angle term from the N x N x D normalized differences and their N x N x N batched Gram; teacher under
+    no_grad. Peak memory ~ 6 N^2 D floats (N = 512, D = 2048: 12.9 GB)."""
+    student = s.view(s.shape[0], -1)
+    teacher = inp[0].view(inp[0].shape[0], -1)
+    with torch.no_grad():
+        t_d = _repdistiller_pdist(teacher, squared=False)
+        mean_td = t_d[t_d > 0].mean()
+        t_d = t_d / mean_td
+    d = _repdistiller_pdist(student, squared=False)
+    mean_d = d[d > 0].mean()
+    d = d / mean_d
+    loss_d = F.smooth_l1_loss(d, t_d)
+    with torch.no_grad():
+        td = teacher.unsqueeze(0) - teacher.unsqueeze(1)
+        norm_td = F.normalize(td, p=2, dim=2)
+        t_angle = torch.bmm(norm_td, norm_td.transpose(1, 2)).view(-1)
+    sd = student.unsqueeze(0) - student.unsqueeze(1)
+    norm_sd = F.normalize(sd, p=2, dim=2)
+    s_angle = torch.bmm(norm_sd, norm_sd.transpose(1, 2)).view(-1)
+    loss_a = F.smooth_l1_loss(s_angle, t_angle)
+    return w_d * loss_d + w_a * loss_a
+
+
+def eager_sp(s: torch.Tensor, inp: tuple, T: float) -> torch.Tensor:
+    """RepDistiller Similarity.similarity_loss (one layer): row-normalized Gram matrices, squared Frobenius
+    distance / N^2 (shape (1,), as RepDistiller returns it)."""
+    f_s, f_t = s, inp[0]
+    bsz = f_s.shape[0]
+    f_s = f_s.view(bsz, -1)
+    f_t = f_t.view(bsz, -1)
+    G_s = F.normalize(torch.mm(f_s, torch.t(f_s)))
+    G_t = F.normalize(torch.mm(f_t, torch.t(f_t)))
+    G_diff = G_t - G_s
+    return (G_diff * G_diff).view(-1, 1).sum(0) / (bsz * bsz)
+
+
+def eager_pkt(s: torch.Tensor, inp: tuple, T: float, eps: float = 1e-7) -> torch.Tensor:
+    """RepDistiller PKT.cosine_similarity_loss (torchdistill PKTLoss): cosine similarities mapped to [0, 1],
+    row-normalized to probabilities, mean of P_t log((P_t + eps) / (P_s + eps))."""
+    output_net, target_net = s.flatten(1), inp[0].flatten(1)  # the anchors take pooled [N, D] features
+    output_net_norm = torch.sqrt(torch.sum(output_net**2, dim=1, keepdim=True))
+    output_net = output_net / (output_net_norm + eps)
+    output_net[output_net != output_net] = 0
+    target_net_norm = torch.sqrt(torch.sum(target_net**2, dim=1, keepdim=True))
+    target_net = target_net / (target_net_norm + eps)
+    target_net[target_net != target_net] = 0
+    model_similarity = torch.mm(output_net, output_net.transpose(0, 1))
+    target_similarity = torch.mm(target_net, target_net.transpose(0, 1))
+    model_similarity = (model_similarity + 1.0) / 2.0
+    target_similarity = (target_similarity + 1.0) / 2.0
+    model_similarity = model_similarity / torch.sum(model_similarity, dim=1, keepdim=True)
+    target_similarity = target_similarity / torch.sum(target_similarity, dim=1, keepdim=True)
+    return torch.mean(target_similarity * torch.log((target_similarity + eps) / (model_similarity + eps)))
+
+
+CC_GAMMA, CC_MAX_P = 0.4, 2
+
+
+def _torchdistill_cc_gaussian(x: torch.Tensor, gamma: float = CC_GAMMA, max_p: int = CC_MAX_P) -> torch.Tensor:
+    """torchdistill CCKDLoss.compute_cc_mat_by_gaussian_rbf: the Taylor expansion of the Gaussian RBF, one
+    row at a time in a Python loop."""
+    rows = []
+    for x_i in x:
+        right_term = torch.matmul(x_i, torch.t(x))
+        row = 1
+        for p in range(1, max_p + 1):
+            row = row + ((2 * gamma) ** p) / math.factorial(p) * (right_term**p)
+        rows.append(row)
+    return torch.stack(rows) * math.exp(-2 * gamma)
+
+
+def eager_cc(s: torch.Tensor, inp: tuple, T: float) -> torch.Tensor:
+    """torchdistill CCKDLoss (kernel gaussian, gamma 0.4, max_p 2, batchmean): torch.dist between the
+    correlation matrices / N^2."""
+    s, t = s.flatten(1), inp[0].flatten(1)  # torchdistill feeds [N, D] linear-layer outputs
+    loss = torch.dist(_torchdistill_cc_gaussian(s), _torchdistill_cc_gaussian(t), 2)
+    return loss / (t.shape[0] ** 2)
+
+
+def eager_at(s: torch.Tensor, inp: tuple, T: float, p: int = 2) -> torch.Tensor:
+    """RepDistiller Attention(p=2).at_loss (one layer): the taller map pooled to the shorter height,
+    normalize(mean_c f^p), mean squared difference."""
+    f_s, f_t = s, inp[0]
+    s_H, t_H = f_s.shape[2], f_t.shape[2]
+    if s_H > t_H:
+        f_s = F.adaptive_avg_pool2d(f_s, (t_H, t_H))
+    elif s_H < t_H:
+        f_t = F.adaptive_avg_pool2d(f_t, (s_H, s_H))
+
+    def at(f):
+        return F.normalize(f.pow(p).mean(1).view(f.size(0), -1))
+
+    return (at(f_s) - at(f_t)).pow(2).mean()
+
+
 def fastkd_fn(name: str) -> Callable:
     def kd(s, inp, T):
         return fastkd.kd_loss(s, inp[0], T)
@@ -134,6 +289,23 @@ def fastkd_fn(name: str) -> Callable:
 
     def topk(s, inp, T):
         return fastkd.topk_kd_loss(s, inp[2], inp[3], T)
+
+    def rkd(s, inp, T):
+        return fastkd.rkd_loss(s, inp[0], 25.0, 50.0)
+
+    rkd_sweep = rkd
+
+    def sp(s, inp, T):
+        return fastkd.sp_loss(s, inp[0])
+
+    def pkt(s, inp, T):
+        return fastkd.pkt_loss(s, inp[0])
+
+    def cc(s, inp, T):
+        return fastkd.cc_loss(s, inp[0], "gaussian", CC_GAMMA, CC_MAX_P)
+
+    def at(s, inp, T):
+        return fastkd.at_loss(s, inp[0], 2)
 
     return locals()[name]
 
@@ -164,6 +336,12 @@ EAGER = {
     "tvd": eager_tvd,
     "dkd": eager_dkd,
     "topk": eager_topk,
+    "rkd": eager_rkd,
+    "rkd_sweep": eager_rkd,
+    "sp": eager_sp,
+    "pkt": eager_pkt,
+    "cc": eager_cc,
+    "at": eager_at,
 }
 LOSS_TITLES = {
     "kd": "Hinton KD (RepDistiller DistillKL)",
@@ -172,6 +350,12 @@ LOSS_TITLES = {
     "tvd": "total variation",
     "dkd": "DKD alpha=1 beta=8 (mdistiller)",
     "topk": "top-k teacher KD, k=64 (gathered log-softmax)",
+    "rkd": "RKD distance 25 + angle 50 (RepDistiller RKDLoss), teacher without grad",
+    "rkd_sweep": "RKD, fastkd alone, over the batch N (time ~ N^3, memory ~ N^2)",
+    "sp": "similarity-preserving SP (RepDistiller Similarity)",
+    "pkt": "PKT (RepDistiller PKT / torchdistill PKTLoss)",
+    "cc": "CC gaussian gamma=0.4 max_p=2 (torchdistill CCKDLoss, per-row loop)",
+    "at": "attention transfer p=2 (RepDistiller Attention)",
 }
 TOPK_K = 64
 
@@ -225,21 +409,64 @@ def _time_ms(fn: Callable[[], None], device: str, repeats: int, warmup: int) -> 
     return times
 
 
-def _peak_extra_bytes(fn: Callable[[], None], device: str) -> Optional[int]:
+def _malloc_trim() -> None:
+    """Hands the C heap's free pages back to the OS (glibc), so that the next call's resident-set growth
+    counts every page it touches, not only those beyond what earlier calls left in the heap."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _peak_begin(device: str, trim: bool = False) -> Optional[int]:
+    """Starts a peak-memory window: the baseline (allocated CUDA bytes, or the RSS after resetting its
+    high-water mark), None where it cannot be measured."""
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        fn()
+        return base
+    if trim:
+        _malloc_trim()
+    return _peak_rss_reset()
+
+
+def _peak_end(device: str, base: Optional[int]) -> Optional[int]:
+    """Peak extra bytes since :func:`_peak_begin`."""
+    if device == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    base = _peak_rss_reset()
+    if base is None:
+        return None
+    peak = _rss_field("VmHWM")
+    return None if peak is None else max(0, peak - base)
+
+
+def _peak_extra_bytes(fn: Callable[[], None], device: str, trim: bool = False) -> Optional[int]:
+    base = _peak_begin(device, trim)
     if base is None:
         return None
     fn()
-    peak = _rss_field("VmHWM")
-    return None if peak is None else max(0, peak - base)
+    return _peak_end(device, base)
+
+
+def _time_adaptive(fn: Callable[[], None], device: str, repeats: int, warmup: int, slow_ms: float,
+                   compiled: bool, trim: bool = False):
+    """Times fn like :func:`_time_ms`, but a first call slower than ``slow_ms`` is the only (warmup-free)
+    timed run, and its peak memory is taken in that same call. Returns (times, peak bytes or None when
+    not taken). For a compiled function the first call (the compilation) is never timed."""
+    pre = 1 if compiled and warmup > 0 else 0
+    for _ in range(pre):
+        fn()
+    _sync(device)
+    base = _peak_begin(device, trim)
+    first = _time_ms(fn, device, 1, 0)[0]
+    if first > slow_ms:
+        return [first], _peak_end(device, base)
+    return _time_ms(fn, device, repeats, max(0, warmup - pre - 1)), None
 
 
 @dataclass
@@ -255,6 +482,10 @@ class Row:
     speedup_vs_compile: Optional[float] = None
     peak_extra_mb: Optional[float] = None
     error: Optional[str] = None
+    skipped: Optional[str] = None  # e.g. "needs ~51 GB": the eager RKD beyond the memory budget
+    timed_runs: Optional[int] = None
+    time_vs_prev: Optional[float] = None  # rkd_sweep: ratio to the previous N (and the N^3 it should follow)
+    peak_vs_prev: Optional[float] = None
 
 
 @dataclass
@@ -269,6 +500,7 @@ class Report:
     floors_ms: Dict[str, float] = field(default_factory=dict)
     teacher_bytes: Dict[str, Dict[str, int]] = field(default_factory=dict)
     rows: List[Row] = field(default_factory=list)
+    memory_budget_gb: Optional[float] = None  # eager / compiled RKD above this estimate are skipped
 
 
 def _floor_ms(n: int, v: int, dtype: torch.dtype, device: str, repeats: int, reads_teacher: bool = True) -> float:
@@ -307,6 +539,142 @@ def _inputs(loss: str, n: int, v: int, dtype: torch.dtype, device: str):
     return s, (t, target, None, None)
 
 
+def _shape_str(s_shape: tuple, t_shape: tuple) -> str:
+    s = "x".join(map(str, s_shape))
+    return s if t_shape == s_shape else s + ":" + "x".join(map(str, t_shape))
+
+
+def _feature_inputs(s_shape: tuple, t_shape: tuple, dtype: torch.dtype, device: str):
+    """Student features (requiring grad) and the teacher side (teacher features, no grad: the teacher is
+    frozen in training)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    s = torch.randn(s_shape, device=device, generator=g).to(dtype).requires_grad_(True)
+    t = torch.randn(t_shape, device=device, generator=g).to(dtype)
+    return s, (t,)
+
+
+def _relation_floor_ms(loss: str, s_shape: tuple, t_shape: tuple, dtype: torch.dtype, device: str,
+                       repeats: int) -> float:
+    """RKD, SP, PKT, CC: the GEMMs a fused fwd+bwd cannot avoid (student and teacher Gram matrices, the
+    gradient GEMM), timed with torch.mm. AT: the memory floor (clone the student map, read the teacher map;
+    on a GPU: those bytes over the device-to-device copy bandwidth)."""
+    n = s_shape[0]
+    x = torch.randn(n, math.prod(s_shape[1:]), device=device).to(dtype)
+    y = torch.randn(n, math.prod(t_shape[1:]), device=device).to(dtype)
+    if loss == "at":
+        if device == "cuda":
+            buf = torch.empty_like(x)
+            ms = statistics.median(_time_ms(lambda: buf.copy_(x), device, repeats, 2))
+            copy_bw = 2 * x.numel() * x.element_size() / (ms * 1e-3)
+            return (2 * x.numel() + y.numel()) * x.element_size() / copy_bw * 1e3
+        return statistics.median(_time_ms(lambda: x.clone(), device, repeats, 1)) + statistics.median(
+            _time_ms(lambda: y.sum(), device, repeats, 1))
+    g = torch.mm(x, x.t())
+
+    def gemms():
+        torch.mm(x, x.t())
+        torch.mm(y, y.t())
+        torch.mm(g, x)
+
+    return statistics.median(_time_ms(gemms, device, repeats, 1))
+
+
+def eager_rkd_bytes(n: int, d_s: int, d_t: int, itemsize: int) -> int:
+    """Estimated peak extra memory of the eager RepDistiller RKD fwd+bwd: the teacher's N x N x D differences
+    and normalized differences (alive to the end of forward), the student's plus their two gradients, and
+    the N^3 angle tensors. Measured on the CPU (fp32, D = 2048): N = 128: 0.83 GB, 256: 3.23 GB, 512:
+    12.9 GB, against 0.87 / 3.49 / 14.0 GB estimated; torch.compile of it peaks at about half of that."""
+    return itemsize * (n * n * (2 * d_t + 4 * d_s) + 2 * n**3)
+
+
+def _memory_budget_bytes(device: str, fraction: float) -> Optional[int]:
+    """``fraction`` of the machine's RAM (of the GPU's memory), and at most 90% of what is free right now."""
+    if device == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()  # memory cached by the allocator from earlier cases is free for this one
+        free, total = torch.cuda.mem_get_info()
+        return int(min(fraction * total, 0.9 * free))
+    try:
+        info = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, val = line.split(":", 1)
+                info[key] = int(val.split()[0]) * 1024
+        return int(min(fraction * info["MemTotal"], 0.9 * info.get("MemAvailable", info["MemTotal"])))
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _size_str(nbytes: float) -> str:
+    if nbytes >= 10e9:
+        return f"{nbytes / 1e9:.0f} GB"
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 0.1e9 else f"{nbytes / 1e6:.0f} MB"
+
+
+def _error_row(loss: str, shape: str, name: str, **kw) -> Row:
+    nan = float("nan")
+    return Row(loss, shape, name, nan, nan, nan, nan, **kw)
+
+
+def _run_relation_case(report: Report, loss: str, s_shape: tuple, t_shape: tuple, impls: Dict[str, Callable],
+                       dtype: torch.dtype, device: str, repeats: int, warmup: int, slow_ms: float,
+                       mem_fraction: float, progress: Callable[[str], None]) -> List[Row]:
+    shape = _shape_str(s_shape, t_shape)
+    key = f"{loss} {shape}"
+    floor = None
+    if loss != "rkd_sweep":
+        progress(f"{key}: floor")
+        floor = _relation_floor_ms(loss, s_shape, t_shape, dtype, device, max(3, repeats // 2))
+        report.floors_ms[key] = floor
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    need = None
+    if loss in ("rkd", "rkd_sweep"):
+        need = eager_rkd_bytes(s_shape[0], math.prod(s_shape[1:]), math.prod(t_shape[1:]), itemsize)
+    s, inp = _feature_inputs(s_shape, t_shape, dtype, device)
+    results: Dict[str, Row] = {}
+    for name, fn in impls.items():
+        if fn is None:
+            progress(f"{key}: {name} skipped ({SLOW_COMPILE[loss]})")
+            results[name] = _error_row(loss, shape, name, skipped=SLOW_COMPILE[loss])
+            continue
+        if name != "fastkd" and need is not None:
+            budget = _memory_budget_bytes(device, mem_fraction)
+            if budget is not None and need > budget:
+                progress(f"{key}: {name} skipped (needs ~{_size_str(need)}, budget {_size_str(budget)})")
+                results[name] = _error_row(loss, shape, name, skipped=f"needs ~{_size_str(need)}")
+                continue
+        progress(f"{key}: {name}")
+
+        def one_step(fn=fn):
+            fn(s, inp, 0.0).backward()
+            s.grad = None
+
+        try:
+            times, peak = _time_adaptive(one_step, device, repeats, warmup, slow_ms,
+                                         compiled=name == "torch.compile", trim=True)
+            if peak is None:
+                peak = _peak_extra_bytes(one_step, device, trim=True)
+        except Exception as e:
+            results[name] = _error_row(loss, shape, name, error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            s.grad = None
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        med = statistics.median(times)
+        results[name] = Row(loss, shape, name, med, min(times), float("nan"),
+                            float("nan") if floor is None else med / floor,
+                            peak_extra_mb=None if peak is None else peak / 2**20, timed_runs=len(times))
+    for row in results.values():
+        for base, attr in (("eager", "speedup_vs_eager"), ("torch.compile", "speedup_vs_compile")):
+            if base in results and row.error is None and row.skipped is None and results[base].error is None \
+                    and results[base].skipped is None:
+                setattr(row, attr, results[base].median_ms / row.median_ms)
+    del s, inp
+    gc.collect()
+    return list(results.values())
+
+
 def run(
     cases: List[tuple],
     device: str,
@@ -316,8 +684,12 @@ def run(
     warmup: int,
     compile_baseline: bool = True,
     quiet: bool = False,
+    slow_ms: float = 5000.0,
+    mem_fraction: float = MEM_FRACTION,
+    slow_compile: bool = False,
 ) -> Report:
-    """Times every implementation of each (loss, rows, vocab) case, side by side."""
+    """Times every implementation of each case side by side: (loss, rows, vocab) for the logit losses,
+    (loss, student shape, teacher shape) for the relation / feature losses."""
     report = Report(
         device=device,
         device_name=torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine()),
@@ -329,19 +701,44 @@ def run(
     )
     plans = []
     for loss, n, v in cases:
-        impls: Dict[str, Callable] = {"eager": EAGER[loss]}
-        if compile_baseline:
-            impls["torch.compile"] = torch.compile(EAGER[loss], dynamic=False)
-        if device == "cuda":
+        impls: Dict[str, Callable] = {}
+        if loss != "rkd_sweep":
+            impls["eager"] = EAGER[loss]
+            if compile_baseline and loss in SLOW_COMPILE and not slow_compile:
+                impls["torch.compile"] = None  # a "skipped" row
+            elif compile_baseline:
+                impls["torch.compile"] = torch.compile(EAGER[loss], dynamic=False)
+        if device == "cuda" and loss in LOSSES:
             liger = _liger(loss)
             if liger is not None:
                 impls["liger"] = liger
         impls["fastkd"] = fastkd_fn(loss)
         plans.append((loss, n, v, impls))
-    steps = sum(len(p[3]) + 1 for p in plans)
+    if any(p[0] in ("rkd", "rkd_sweep") for p in plans):
+        budget = _memory_budget_bytes(device, mem_fraction)
+        report.memory_budget_gb = None if budget is None else budget / 1e9
+    steps = sum(len(p[3]) + (p[0] != "rkd_sweep") for p in plans)
     step = 0
     itemsize = torch.tensor([], dtype=dtype).element_size()
+    prev_sweep: Optional[Row] = None
     for loss, n, v, impls in plans:
+        if loss in RELATION_LOSSES:
+            def progress(msg: str) -> None:
+                nonlocal step
+                step += 1
+                _progress(f"[{step}/{steps}] {msg}", quiet)
+
+            rows = _run_relation_case(report, loss, n, v, impls, dtype, device, repeats, warmup, slow_ms,
+                                      mem_fraction, progress)
+            for row in rows:
+                if loss == "rkd_sweep" and row.impl == "fastkd":
+                    if prev_sweep is not None and row.error is None and prev_sweep.error is None:
+                        row.time_vs_prev = row.median_ms / prev_sweep.median_ms
+                        if row.peak_extra_mb and prev_sweep.peak_extra_mb:
+                            row.peak_vs_prev = row.peak_extra_mb / prev_sweep.peak_extra_mb
+                    prev_sweep = row
+                report.rows.append(row)
+            continue
         key = f"{loss} {n}x{v}"
         step += 1
         _progress(f"[{step}/{steps}] {key}: memory floor", quiet)
@@ -399,6 +796,9 @@ def format_table(report: Report) -> str:
         + (", cuda" if fk.get("cuda") else ""),
     ]
     for loss in dict.fromkeys(r.loss for r in report.rows):
+        if loss in RELATION_LOSSES:
+            lines += _relation_table(report, loss)
+            continue
         lines += ["", f"== {LOSS_TITLES[loss]}",
                   f"{'shape':>14} {'impl':>14} {'median ms':>10} {'GB/s':>8} {'x floor':>8} {'fastkd x':>9} {'peak MB':>9}"]
         for row in (r for r in report.rows if r.loss == loss):
@@ -413,15 +813,70 @@ def format_table(report: Report) -> str:
                 f"{speed:>9} {peak:>9}"
             )
     lines.append("")
-    lines.append("floor (ms): " + ", ".join(f"{k}: {v:.2f}" for k, v in report.floors_ms.items()))
+    if report.floors_ms:
+        lines.append("floor (ms): " + ", ".join(f"{k}: {v:.2f}" for k, v in report.floors_ms.items()))
     for key, b in report.teacher_bytes.items():
         lines.append(
             f"teacher input, {key}: dense logits {b['dense_logits'] / 2**20:.1f} MB vs top-{TOPK_K} values+indices "
             f"{b['topk_values_and_indices'] / 2**20:.2f} MB ({b['dense_logits'] / b['topk_values_and_indices']:.0f}x smaller)"
         )
-    lines.append("'fastkd x' = how many times faster fastkd is than that row; 'x floor' = time / memory floor "
-                 "(dense: clone one N x V tensor + read another; top-k: clone the student).")
+    losses = {r.loss for r in report.rows}
+    if losses & set(LOSSES):
+        lines.append("'fastkd x' = how many times faster fastkd is than that row; 'x floor' = time / memory floor "
+                     "(dense: clone one N x V tensor + read another; top-k: clone the student).")
+    if losses & set(RELATION_LOSSES):
+        lines.append("relation losses: shapes are [N, ...] features (STUDENT:TEACHER when they differ), teacher "
+                     "without grad; 'x floor' = time / (GEMM floor: student + teacher Gram and the gradient GEMM, "
+                     "torch.mm; AT: clone the student map + read the teacher map); 'runs' = timed calls (1: a "
+                     f"call slower than the --slow-s limit, timed once without warmup); CPU peak MB: resident-set "
+                     "growth after returning the heap's free pages.")
+    if report.memory_budget_gb is not None and any(r.skipped and r.loss == "rkd" for r in report.rows):
+        lines.append(f"skipped: eager / torch.compile RKD whose estimated memory exceeds the budget "
+                     f"({_size_str(report.memory_budget_gb * 1e9)}: --mem-fraction of the "
+                     f"{'GPU memory' if report.device == 'cuda' else 'RAM'}, at most 90% of what is free).")
     return "\n".join(lines)
+
+
+def _relation_table(report: Report, loss: str) -> List[str]:
+    rows = [r for r in report.rows if r.loss == loss]
+    lines = ["", f"== {LOSS_TITLES[loss]}"]
+    if loss == "rkd_sweep":
+        lines.append(f"{'N x D':>22} {'median ms':>10} {'runs':>4} {'x prev':>7} {'(N^3)':>7} {'peak MB':>9} "
+                     f"{'x prev':>7} {'(N^2)':>7}")
+        prev = None
+        for row in rows:
+            if row.error:
+                lines.append(f"{row.shape:>22}  failed: {row.error}")
+                continue
+            n = int(row.shape.split("x")[0])
+            r3 = r2 = tr = mr = ""
+            if prev is not None:
+                r3, r2 = f"{(n / prev) ** 3:6.1f}x", f"{(n / prev) ** 2:6.1f}x"
+            if row.time_vs_prev is not None:
+                tr = f"{row.time_vs_prev:6.2f}x"
+            if row.peak_vs_prev is not None:
+                mr = f"{row.peak_vs_prev:6.2f}x"
+            peak = "n/a" if row.peak_extra_mb is None else f"{row.peak_extra_mb:9.1f}"
+            lines.append(f"{row.shape:>22} {row.median_ms:10.2f} {row.timed_runs or 0:>4} {tr:>7} {r3:>7} "
+                         f"{peak:>9} {mr:>7} {r2:>7}")
+            prev = n
+        return lines
+    lines.append(f"{'shape':>22} {'impl':>14} {'median ms':>10} {'runs':>4} {'x floor':>8} {'fastkd x':>9} "
+                 f"{'peak MB':>9}")
+    for row in rows:
+        if row.skipped:
+            lines.append(f"{row.shape:>22} {row.impl:>14}  skipped ({row.skipped})")
+            continue
+        if row.error:
+            lines.append(f"{row.shape:>22} {row.impl:>14}  failed: {row.error}")
+            continue
+        fast = next((r for r in rows if r.shape == row.shape and r.impl == "fastkd"), None)
+        ok = fast is not None and fast.error is None and fast.skipped is None
+        speed = "" if row.impl == "fastkd" or not ok else f"{row.median_ms / fast.median_ms:8.2f}x"
+        peak = "n/a" if row.peak_extra_mb is None else f"{row.peak_extra_mb:9.1f}"
+        lines.append(f"{row.shape:>22} {row.impl:>14} {row.median_ms:10.2f} {row.timed_runs or 0:>4} "
+                     f"{row.floor_ratio:8.2f} {speed:>9} {peak:>9}")
+    return lines
 
 
 def _parse_shapes(text: str) -> List[tuple]:
@@ -437,30 +892,71 @@ def _parse_shapes(text: str) -> List[tuple]:
     return shapes
 
 
+def _parse_feature_shapes(text: str, min_dim: int = 2) -> List[tuple]:
+    """'N x D...' feature shapes, or 'STUDENT:TEACHER' pairs (same batch N): [(student, teacher), ...]."""
+    out = []
+    for part in text.split(","):
+        pair = []
+        for side in part.split(":"):
+            try:
+                dims = tuple(int(x) for x in side.lower().split("x"))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"shape {part!r} is not NxD[xHxW...][:NxD...]") from None
+            if len(dims) < min_dim or any(d <= 0 for d in dims):
+                raise argparse.ArgumentTypeError(
+                    f"shape {part!r}: each side needs at least {min_dim} positive dimensions")
+            pair.append(dims)
+        if len(pair) > 2:
+            raise argparse.ArgumentTypeError(f"shape {part!r}: at most one ':' (STUDENT:TEACHER)")
+        s_shape, t_shape = pair[0], pair[-1]
+        if s_shape[0] != t_shape[0]:
+            raise argparse.ArgumentTypeError(f"shape {part!r}: student and teacher batch sizes differ")
+        out.append((s_shape, t_shape))
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="fastkd-bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--loss", type=str, default=",".join(LOSSES),
-                   help=f"comma-separated losses to run (default: all of {', '.join(LOSSES)})")
+    p.add_argument("--loss", type=str, default=",".join(DEFAULT_LOSSES),
+                   help=f"comma-separated losses to run, from {', '.join(ALL_LOSSES)}, or the groups "
+                        f"{', '.join(LOSS_GROUPS)} (default: {','.join(DEFAULT_LOSSES)})")
     p.add_argument("--shapes", type=str, default=None,
-                   help="comma-separated ROWSxVOCAB for every selected loss (default: per loss and device)")
+                   help="comma-separated shapes for every selected loss (default: per loss and device):\n"
+                        "ROWSxVOCAB for the logit losses; feature shapes NxD[xHxW...] for the relation losses,\n"
+                        "STUDENT:TEACHER when the widths differ (rkd_sweep: the N x D points of the sweep)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per case (median reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--slow-compile", action="store_true",
+                   help="also compile the baselines whose compilation takes minutes (CC's per-row loop)")
+    p.add_argument("--slow-s", type=float, default=5.0,
+                   help="relation losses: a call slower than this (seconds) is timed once, without warmup")
+    p.add_argument("--mem-fraction", type=float, default=MEM_FRACTION,
+                   help="skip the eager / compiled RKD when its estimated memory exceeds this fraction of\n"
+                        "the RAM (GPU memory), or 90%% of what is free")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' for stdout)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no GPU is visible")
-    losses = [x.strip() for x in args.loss.split(",") if x.strip()]
-    unknown = [x for x in losses if x not in LOSSES]
+    losses = []
+    for x in (x.strip() for x in args.loss.split(",")):
+        losses += list(LOSS_GROUPS.get(x, (x,) if x else ()))
+    losses = list(dict.fromkeys(losses))
+    unknown = [x for x in losses if x not in ALL_LOSSES]
     if unknown or not losses:
-        p.error(f"--loss: unknown {unknown}; choose from {', '.join(LOSSES)}")
+        p.error(f"--loss: unknown {unknown}; choose from {', '.join(ALL_LOSSES)} or {', '.join(LOSS_GROUPS)}")
     cases = []
     try:
         for loss in losses:
+            if loss in RELATION_LOSSES:
+                text = args.shapes or RELATION_SHAPES[args.device][loss]
+                for s_shape, t_shape in _parse_feature_shapes(text, 3 if loss == "at" else 2):
+                    cases.append((loss, s_shape, t_shape))
+                continue
             for n, v in _parse_shapes(args.shapes or DEFAULT_SHAPES[args.device][loss]):
                 if loss == "topk" and v < TOPK_K:
                     raise argparse.ArgumentTypeError(f"topk needs a vocabulary of at least {TOPK_K}, got {v}")
@@ -469,9 +965,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(str(e))
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
+    if not 0 < args.mem_fraction <= 1 or not args.slow_s > 0:
+        p.error("--mem-fraction must be in (0, 1] and --slow-s > 0")
 
     report = run(cases, args.device, DTYPES[args.dtype], args.temperature, args.repeats, args.warmup,
-                 compile_baseline=not args.no_compile, quiet=args.quiet)
+                 compile_baseline=not args.no_compile, quiet=args.quiet, slow_ms=args.slow_s * 1e3,
+                 mem_fraction=args.mem_fraction, slow_compile=args.slow_compile)
     if args.json != "-":
         print(format_table(report))
     if args.json:
