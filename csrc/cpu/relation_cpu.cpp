@@ -101,6 +101,43 @@ struct CpuBackend {
     if (a.T) rkd_triplets_impl<true>(a); else rkd_triplets_impl<false>(a);
   }
 
+  // PktRow vectorized over the pairs of a row (Vectorized<double>, Sleef's log); rows padded with K = -1.
+  template <typename A>
+  static void pkt_rows(const PktRow<A>& r) {
+    constexpr int64_t W = VecD::size();
+    const int64_t n = r.n, padded = (n + W - 1) / W * W;
+    const double inv_nn = 1.0 / (static_cast<double>(n) * static_cast<double>(n));
+    const auto log = [](const VecD& x) { return x.log(); };
+    at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<double> ks(padded, -1.0), kt(padded, -1.0), ds(padded), dt(padded);
+      for (int64_t i = begin; i < end; ++i) {
+        std::copy(r.K_s + i * n, r.K_s + (i + 1) * n, ks.begin());
+        std::copy(r.K_t + i * n, r.K_t + (i + 1) * n, kt.begin());
+        VecD sum_s(0.0), sum_t(0.0);
+        for (int64_t j = 0; j < padded; j += W) {
+          sum_s += (VecD::loadu(ks.data() + j) + VecD(1.0)) * VecD(0.5);
+          sum_t += (VecD::loadu(kt.data() + j) + VecD(1.0)) * VecD(0.5);
+        }
+        const double half_inv_s = 0.5 / lane_sum<double>(sum_s), half_inv_t = 0.5 / lane_sum<double>(sum_t);
+        const VecD hs(half_inv_s), ht(half_inv_t), eps(r.eps);
+        VecD loss(0.0), dot_s(0.0), dot_t(0.0), ps, pt, lr, dps, dpt;
+        for (int64_t j = 0; j < padded; j += W) {
+          pkt_terms(VecD::loadu(ks.data() + j), VecD::loadu(kt.data() + j), hs, ht, eps, log, ps, pt, lr, dps, dpt);
+          loss += pt * lr;
+          dot_s += dps * ps;
+          dot_t += dpt * pt;
+          dps.store(ds.data() + j);
+          dpt.store(dt.data() + j);
+        }
+        r.row_loss[i] = lane_sum<double>(loss) * inv_nn;
+        const double cs = half_inv_s * inv_nn, ct = half_inv_t * inv_nn, sum_dot_s = lane_sum<double>(dot_s),
+                     sum_dot_t = lane_sum<double>(dot_t);
+        if (r.D_s) for (int64_t j = 0; j < n; ++j) r.D_s[i * n + j] = static_cast<A>((ds[j] - sum_dot_s) * cs);
+        if (r.D_t) for (int64_t j = 0; j < n; ++j) r.D_t[i * n + j] = static_cast<A>((dt[j] - sum_dot_t) * ct);
+      }
+    });
+  }
+
   // One sample per task: the channel sums of f^p over contiguous spatial rows (Vectorized, accumulated in
   // the compute type like torch's mean), the loss and dL/dA (AtSample, float64), then the input gradient.
   template <typename A>

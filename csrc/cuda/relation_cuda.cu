@@ -109,6 +109,11 @@ struct CudaBackend {
   }
 
   template <typename A>
+  static void pkt_rows(const PktRow<A>& r) {
+    rows(r.n, 8 * r.n, r);
+  }
+
+  template <typename A>
   static void at_pass(const AtPass<A>& a) {
     const int64_t S = a.spatial;
     auto f64 = at::TensorOptions().dtype(at::kDouble).device(at::kCUDA);

@@ -4,6 +4,7 @@
 // with a backend that supplies
 //   B::rows(count, cost, f)     run f(i) for i in [0, count) (cost: rough work per row, for the CPU's grain)
 //   B::rkd_triplets(args)       the RKD angle pass over the N^3 triplets (see RkdTriplets)
+//   B::pkt_rows(row)            the PKT row functor over every row (the CPU vectorizes it)
 //   B::at_pass(args)            attention transfer over the feature maps (see AtPass)
 // Every reduction is a row functor in a fixed order: results are reproducible bit for bit.
 #pragma once
@@ -99,8 +100,8 @@ struct ColumnMean {  // column d of X [N, D]: the mean over rows, in double, rou
 // ------------------------------------------------------------------------------------------------------------
 
 // x [N, D] -> (x - mean over rows) in float64. The subtraction is done in the compute type (float32, or
-// float64 when an input is float64; exact for a
-// common offset much larger than the spread, Sterbenz), so centered rows keep the differences exactly.
+// float64 when an input is float64), where it is exact for a common offset much larger than the spread
+// (Sterbenz): centered rows keep their differences exactly.
 template <class B>
 at::Tensor rkd_centered(const at::Tensor& x, at::ScalarType type) {
   at::Tensor xa = contiguous_as(x, type);
@@ -286,8 +287,8 @@ Tensor3 pkt_forward_impl(const at::Tensor& student, const at::Tensor& teacher, d
     at::Tensor G_s, G_t;
     at::Tensor K_s = cosine(x_s, norm_s, inv_s, G_s), K_t = cosine(x_t, norm_t, inv_t, G_t);
     at::Tensor D_s = grad_s ? at::empty_like(K_s) : at::Tensor(), D_t = grad_t ? at::empty_like(K_t) : at::Tensor();
-    B::rows(n, 8 * n, PktRow<A>{K_s.data_ptr<A>(), K_t.data_ptr<A>(), n, eps, rows.data_ptr<double>(),
-                                data_or_null<A>(D_s), data_or_null<A>(D_t)});
+    B::pkt_rows(PktRow<A>{K_s.data_ptr<A>(), K_t.data_ptr<A>(), n, eps, rows.data_ptr<double>(),
+                          data_or_null<A>(D_s), data_or_null<A>(D_t)});
     B::rows(1, n, SumInOrder{rows.data_ptr<double>(), n, 1.0, total.data_ptr<double>()});
     auto input_grad = [&](const at::Tensor& D, const at::Tensor& G, const at::Tensor& x, const at::Tensor& norm,
                           const at::Tensor& inv) {

@@ -370,6 +370,24 @@ struct PktCosineRow {  // row i: K_ij = r_i r_j G_ij in place (0 where a row is 
   }
 };
 
+// The per-pair terms of PKT for one row (instantiated with double and, on the CPU, Vectorized<double>):
+// P_s = (K_s + 1) / 2 / sigma_s, P_t likewise, lr = log((P_t + eps) / (P_s + eps)), and the two factors of
+// the gradient, dP_s = -P_t / (P_s + eps) and dP_t = lr + P_t / (P_t + eps) (both before the 1 / N^2).
+// Rows padded with K = -1 give P = 0 and contribute nothing.
+template <typename X, typename Log>
+FASTKD_HOST_DEVICE void pkt_terms(X ks, X kt, X half_inv_s, X half_inv_t, X eps, Log log, X& ps, X& pt, X& lr,
+                                  X& dps, X& dpt) {
+  ps = (ks + X(1.0)) * half_inv_s;
+  pt = (kt + X(1.0)) * half_inv_t;
+  lr = log((pt + eps) / (ps + eps));
+  dps = X(0.0) - pt / (ps + eps);
+  dpt = lr + pt / (pt + eps);
+}
+
+struct ScalarLog {
+  FASTKD_HOST_DEVICE double operator()(double x) const { return ::log(x); }
+};
+
 template <typename A>
 struct PktRow {  // row i of K_s, K_t: the loss terms and dL/dK for each side asked for
   const A* K_s;
@@ -387,25 +405,21 @@ struct PktRow {  // row i of K_s, K_t: the loss terms and dL/dK for each side as
       sum_s += (ks[j] + 1.0) * 0.5;
       sum_t += (kt[j] + 1.0) * 0.5;
     }
-    const double inv_s = 1.0 / sum_s, inv_t = 1.0 / sum_t;
+    const double hs = 0.5 / sum_s, ht = 0.5 / sum_t;
     const double inv_nn = 1.0 / (static_cast<double>(n) * static_cast<double>(n));
-    double loss = 0.0, dot_s = 0.0, dot_t = 0.0;
+    double loss = 0.0, dot_s = 0.0, dot_t = 0.0, ps, pt, lr, dps, dpt;
     for (int64_t j = 0; j < n; ++j) {
-      const double ps = (ks[j] + 1.0) * 0.5 / sum_s, pt = (kt[j] + 1.0) * 0.5 / sum_t;
-      const double lr = ::log((pt + eps) / (ps + eps));
+      pkt_terms<double>(ks[j], kt[j], hs, ht, eps, ScalarLog{}, ps, pt, lr, dps, dpt);
       loss += pt * lr;
-      dot_s += -pt / (ps + eps) * ps;
-      dot_t += (lr + pt / (pt + eps)) * pt;
+      dot_s += dps * ps;
+      dot_t += dpt * pt;
     }
     row_loss[i] = loss * inv_nn;
     // dL/dS_ij = (dP_ij - sum_k dP_ik P_ik) / sigma_i;  dL/dK = dL/dS / 2
     for (int64_t j = 0; j < n; ++j) {
-      const double ps = (ks[j] + 1.0) * 0.5 / sum_s, pt = (kt[j] + 1.0) * 0.5 / sum_t;
-      if (D_s) D_s[i * n + j] = static_cast<A>((-pt / (ps + eps) - dot_s) * inv_s * 0.5 * inv_nn);
-      if (D_t) {
-        const double lr = ::log((pt + eps) / (ps + eps));
-        D_t[i * n + j] = static_cast<A>((lr + pt / (pt + eps) - dot_t) * inv_t * 0.5 * inv_nn);
-      }
+      pkt_terms<double>(ks[j], kt[j], hs, ht, eps, ScalarLog{}, ps, pt, lr, dps, dpt);
+      if (D_s) D_s[i * n + j] = static_cast<A>((dps - dot_s) * hs * inv_nn);
+      if (D_t) D_t[i * n + j] = static_cast<A>((dpt - dot_t) * ht * inv_nn);
     }
   }
 };
