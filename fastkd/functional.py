@@ -415,7 +415,6 @@ def topk_kd_loss(
 # --------------------------------------------------------------------------------------------------------
 Features = Union[torch.Tensor, Sequence[torch.Tensor]]
 
-_NORMALIZE_EPS = 1e-12  # F.normalize's default clamp of the norm
 _ops_present: Set[str] = set()
 _warned_missing_ops: Set[str] = set()
 
@@ -455,19 +454,10 @@ def _flat3d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
 
 
-def _dtypes(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.dtype, torch.dtype]:
-    """(loss dtype = promoted input dtype, compute dtype = float64 if either is float64, else float32)."""
-    out = torch.promote_types(a.dtype, b.dtype)
-    return out, (torch.float64 if out == torch.float64 else torch.float32)
-
-
-def _zero_loss(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An exact 0 connected to the graph of the inputs that require grad (their gradient is then zeros)."""
-    out = torch.zeros((), dtype=dtype, device=a.device)
-    for x in (a, b):
-        if x.requires_grad:
-            out = out + (x.sum() * 0).to(dtype)
-    return out
+# shared with the reference: (promoted output dtype, compute dtype) and an exact 0 tied to the inputs' graph
+_dtypes = reference._dtypes
+_zero_loss = reference._zero_loss
+_NORMALIZE_EPS = reference._NORMALIZE_EPS
 
 
 def _layer_names(i: int, is_list: bool) -> Tuple[str, str]:
@@ -800,7 +790,7 @@ def _nst_pair(f_s: torch.Tensor, f_t: torch.Tensor, out_dtype: torch.dtype) -> t
     _, cdtype = _dtypes(f_s, f_t)
     n = f_s.shape[0]
     if n == 0:
-        return _zero_loss(f_s, f_t, out_dtype)
+        return _zero_loss(f_s, f_t, dtype=out_dtype)
     s = F.normalize(_flat3d(f_s).to(cdtype), p=2.0, dim=2, eps=_NORMALIZE_EPS)  # [N, C_s, S]
     t = F.normalize(_flat3d(f_t).to(cdtype), p=2.0, dim=2, eps=_NORMALIZE_EPS)  # [N, C_t, S]
     with torch.no_grad():  # RepDistiller detaches K(t, t) only
@@ -860,5 +850,5 @@ def hint_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, reduction: str = "mean") 
     v.check_choice("reduction", reduction, reference.HINT_REDUCTIONS)
     out_dtype, cdtype = _dtypes(f_s, f_t)
     if f_s.shape[0] == 0:
-        return _zero_loss(f_s, f_t, out_dtype)
+        return _zero_loss(f_s, f_t, dtype=out_dtype)
     return F.mse_loss(f_s.to(cdtype), f_t.to(cdtype), reduction=reduction).to(out_dtype)

@@ -280,6 +280,47 @@ struct RkdZeroPairRow {
   }
 };
 
+// E = x / max(||x||, eps) - y / max(||y||, eps) over one row (F.normalize on both sides), its squared norm
+// and the backward of the normalization: for dL/dx̂ = c E, dL/dx = c (E - x̂ <E, x̂>) / ||x|| (the clamp
+// blocks the second term below eps); for y the same with -c. Shared by SP (rows of G) and AT (maps).
+// Divisions (as F.normalize), not products with the inverse: a fused multiply-add would not round the two
+// sides alike, and equal inputs must give exactly E = 0.
+struct NormalizedDiff {
+  double nx, ny;          // max(||x||, eps), max(||y||, eps)
+  double proj_x, proj_y;  // <E, x̂>, <E, ŷ> (0 where the clamp is active)
+  double sq;              // ||E||^2
+  template <typename A, typename B>
+  FASTKD_HOST_DEVICE NormalizedDiff(const A* x, const B* y, int64_t len) {
+    double sx = 0.0, sy = 0.0;
+    for (int64_t j = 0; j < len; ++j) {
+      sx += static_cast<double>(x[j]) * x[j];
+      sy += static_cast<double>(y[j]) * y[j];
+    }
+    const double rx = ::sqrt(sx), ry = ::sqrt(sy);
+    nx = rx < kNormalizeEps ? kNormalizeEps : rx;
+    ny = ry < kNormalizeEps ? kNormalizeEps : ry;
+    double dx = 0.0, dy = 0.0;
+    sq = 0.0;
+    for (int64_t j = 0; j < len; ++j) {
+      const double hx = x[j] / nx, hy = y[j] / ny, e = hx - hy;
+      sq += e * e;
+      dx += e * hx;
+      dy += e * hy;
+    }
+    proj_x = rx >= kNormalizeEps ? dx : 0.0;
+    proj_y = ry >= kNormalizeEps ? dy : 0.0;
+  }
+  // dL/dx_j and dL/dy_j for dL/dx̂ = c E (dL/dŷ = -c E)
+  FASTKD_HOST_DEVICE double grad_x(double x, double y, double c) const {
+    const double hx = x / nx, e = hx - y / ny;
+    return c * (e - hx * proj_x) / nx;
+  }
+  FASTKD_HOST_DEVICE double grad_y(double x, double y, double c) const {
+    const double hy = y / ny, e = x / nx - hy;
+    return -c * (e - hy * proj_y) / ny;
+  }
+};
+
 // ----------------------------------------------------------------------------------------------------------
 // SP (Tung & Mori 2019): Ĝ = row-normalized G (F.normalize, dim 1), L = sum (Ĝ_s - Ĝ_t)^2 / div.
 // Row i writes dL/dG_s and dL/dG_t for row i (each side only when asked).
@@ -296,39 +337,12 @@ struct SpRow {
   FASTKD_HOST_DEVICE void operator()(int64_t i) const {
     const A* gs = G_s + i * n;
     const A* gt = G_t + i * n;
-    double ss = 0.0, st = 0.0;
+    const NormalizedDiff nd(gs, gt, n);
+    row_loss[i] = nd.sq;
+    const double c = 2.0 * inv_div;  // dL/dĜ_s = 2 E / div
     for (int64_t j = 0; j < n; ++j) {
-      ss += static_cast<double>(gs[j]) * gs[j];
-      st += static_cast<double>(gt[j]) * gt[j];
-    }
-    // Divisions (as F.normalize), not products with the inverse: a fused multiply-add would not round the
-    // two sides alike, and equal inputs must give exactly E = 0.
-    const double rs = ::sqrt(ss), rt = ::sqrt(st);
-    const double ns = rs < kNormalizeEps ? kNormalizeEps : rs, nt = rt < kNormalizeEps ? kNormalizeEps : rt;
-    const double inv_s = 1.0 / ns, inv_t = 1.0 / nt;
-    double loss = 0.0, dot_s = 0.0, dot_t = 0.0;
-    for (int64_t j = 0; j < n; ++j) {
-      const double hs = gs[j] / ns, ht = gt[j] / nt, e = hs - ht;
-      loss += e * e;
-      dot_s += e * hs;
-      dot_t += e * ht;
-    }
-    row_loss[i] = loss;
-    // dL/dĜ_s = 2 E / div; dL/dG = (dĜ - Ĝ <dĜ, Ĝ>) / r (the clamp blocks the second term below eps)
-    const double c = 2.0 * inv_div;
-    if (D_s) {
-      const double proj = rs >= kNormalizeEps ? dot_s : 0.0;
-      for (int64_t j = 0; j < n; ++j) {
-        const double hs = gs[j] / ns, e = hs - gt[j] / nt;
-        D_s[i * n + j] = static_cast<A>(c * (e - hs * proj) * inv_s);
-      }
-    }
-    if (D_t) {
-      const double proj = rt >= kNormalizeEps ? dot_t : 0.0;
-      for (int64_t j = 0; j < n; ++j) {
-        const double ht = gt[j] / nt, e = gs[j] / ns - ht;
-        D_t[i * n + j] = static_cast<A>(-c * (e - ht * proj) * inv_t);
-      }
+      if (D_s) D_s[i * n + j] = static_cast<A>(nd.grad_x(gs[j], gt[j], c));
+      if (D_t) D_t[i * n + j] = static_cast<A>(nd.grad_y(gs[j], gt[j], c));
     }
   }
 };
@@ -562,32 +576,16 @@ struct AtSample {
   double inv_count;  // code: 1 / (N S); paper: 1 / N
   template <typename A>
   FASTKD_HOST_DEVICE double operator()(A* a_s, A* a_t, bool grad_s, bool grad_t) const {
-    double ss = 0.0, st = 0.0;
-    for (int64_t s = 0; s < spatial; ++s) {
-      ss += static_cast<double>(a_s[s]) * a_s[s];
-      st += static_cast<double>(a_t[s]) * a_t[s];
-    }
-    const double rs = ::sqrt(ss), rt = ::sqrt(st);
-    const double ns = rs < kNormalizeEps ? kNormalizeEps : rs, nt = rt < kNormalizeEps ? kNormalizeEps : rt;
-    const double inv_s = 1.0 / ns, inv_t = 1.0 / nt;
-    double esq = 0.0, dot_s = 0.0, dot_t = 0.0;
-    for (int64_t s = 0; s < spatial; ++s) {
-      const double hs = a_s[s] / ns, ht = a_t[s] / nt, e = hs - ht;  // divisions: see SpRow
-      esq += e * e;
-      dot_s += e * hs;
-      dot_t += e * ht;
-    }
-    const double enorm = ::sqrt(esq);
-    const double loss = paper ? enorm * inv_count : esq * inv_count;
+    const NormalizedDiff nd(a_s, a_t, spatial);
+    const double enorm = ::sqrt(nd.sq);
+    const double loss = paper ? enorm * inv_count : nd.sq * inv_count;
     // dL/dÂ_s = c E with c = 2 / (N S) (code) or 1 / (||E_n|| N) (paper; 0 where E_n = 0)
     const double c = paper ? (enorm > 0.0 ? inv_count / enorm : 0.0) : 2.0 * inv_count;
     if (!grad_s && !grad_t) return loss;
-    const double proj_s = rs >= kNormalizeEps ? dot_s : 0.0;
-    const double proj_t = rt >= kNormalizeEps ? dot_t : 0.0;
     for (int64_t s = 0; s < spatial; ++s) {
-      const double hs = a_s[s] / ns, ht = a_t[s] / nt, e = hs - ht;
-      if (grad_s) a_s[s] = static_cast<A>(c * (e - hs * proj_s) * inv_s);
-      if (grad_t) a_t[s] = static_cast<A>(-c * (e - ht * proj_t) * inv_t);
+      const double x = a_s[s], y = a_t[s];
+      if (grad_s) a_s[s] = static_cast<A>(nd.grad_x(x, y, c));
+      if (grad_t) a_t[s] = static_cast<A>(nd.grad_y(x, y, c));
     }
     return loss;
   }
