@@ -11,6 +11,8 @@
 // about 0.2 ms per fwd+bwd, more than the kernels themselves at vision sizes ([256, 100]). Under
 // torch.compile / AOT tracing the incoming gradient is a fake or functional tensor whose value cannot be
 // read: the plain product is traced then.
+#include <string>
+
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -29,7 +31,7 @@ bool has_real_data(const at::Tensor& t) {
 }
 
 at::Tensor grad_from(const at::Tensor& saved, const at::Tensor& grad_loss, const char* which) {
-  TORCH_CHECK(!(saved.dim() == 1 && saved.numel() == 0), "fastkd: the op was called with grad_", which,
+  TORCH_CHECK(!(saved.dim() == 1 && saved.sym_numel() == 0), "fastkd: the op was called with grad_", which,
               "=False but its ", which, " input needs a gradient; use the fastkd loss functions, which set these flags");
   if (grad_loss.dim() == 0) {
     // One host sync on CUDA: the price of skipping a full pass over the gradient.
@@ -229,9 +231,124 @@ Three at_forward_autograd(const at::Tensor& s, const at::Tensor& t, double p, c1
   return three(RelationForward<AtOp>::apply(s, t, p, mode, gs, gt));
 }
 
+using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using OptTensor = std::optional<at::Tensor>;
+using FusedLinearSig = Six(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                           const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                           const OptTensor&, const OptTensor&, c10::string_view, double, double, double, double,
+                           int64_t, c10::string_view, bool, bool, bool, int64_t, bool, bool, bool);
+
+// The fused linear head. Scalar reductions: the forward computes the gradients of hidden, weight and bias
+// with the loss (the logits exist one chunk at a time, so they cannot wait for backward) and the backward
+// scales them. Reduction "none": the gradients depend on each row's upstream gradient, so the forward only
+// computes the losses and the backward runs the op again with grad_rows = that upstream gradient.
+// The teacher never gets a gradient.
+class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
+                               const OptTensor& bias, const OptTensor& teacher_logits, const OptTensor& teacher_hidden,
+                               const OptTensor& teacher_weight, const OptTensor& teacher_bias,
+                               const OptTensor& topk_values, const OptTensor& topk_indices, const OptTensor& labels,
+                               const OptTensor& num_items, const OptTensor& grad_rows, c10::string_view divergence,
+                               double temperature, double beta, double soft_weight, double hard_weight,
+                               int64_t ignore_index, c10::string_view reduction, bool scale_by_temperature,
+                               bool values_are_logprobs, bool tail_bucket, int64_t chunk_size, bool grad_hidden,
+                               bool grad_weight, bool grad_bias) {
+    static auto op = typed_op<FusedLinearSig>("fastkd::fused_linear_kd_forward");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    // With grad_rows the call *is* a backward (as a traced backward graph replays it): it returns the weighted
+    // gradients asked for, and nothing of it is differentiable.
+    const bool weighted = grad_rows.has_value();
+    const bool per_row = reduction == "none" && !weighted;
+    auto [loss, soft, hard, gh, gw, gb] =
+        op.call(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, topk_values,
+                topk_indices, labels, num_items, grad_rows, divergence, temperature, beta, soft_weight, hard_weight,
+                ignore_index, reduction, scale_by_temperature, values_are_logprobs, tail_bucket, chunk_size,
+                grad_hidden && !per_row, grad_weight && !per_row, grad_bias && !per_row);
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["per_row"] = per_row;
+    if (weighted) {
+      ctx->mark_non_differentiable({loss, soft, hard, gh, gw, gb});
+      return {loss, soft, hard, gh, gw, gb};
+    }
+    ctx->mark_non_differentiable({soft, hard, gh, gw, gb});
+    if (!per_row) {
+      ctx->save_for_backward({gh, gw, gb});
+    } else {
+      auto value = [](const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); };
+      ctx->save_for_backward({hidden, weight, value(bias), value(teacher_logits), value(teacher_hidden),
+                              value(teacher_weight), value(teacher_bias), value(topk_values), value(topk_indices),
+                              value(labels), value(num_items)});
+      ctx->saved_data["divergence"] = std::string(divergence.data(), divergence.size());
+      ctx->saved_data["temperature"] = temperature;
+      ctx->saved_data["beta"] = beta;
+      ctx->saved_data["soft_weight"] = soft_weight;
+      ctx->saved_data["hard_weight"] = hard_weight;
+      ctx->saved_data["ignore_index"] = ignore_index;
+      ctx->saved_data["scale_by_temperature"] = scale_by_temperature;
+      ctx->saved_data["values_are_logprobs"] = values_are_logprobs;
+      ctx->saved_data["tail_bucket"] = tail_bucket;
+      ctx->saved_data["chunk_size"] = chunk_size;
+      // The gradients the caller asked for (those of inputs that required grad).
+      ctx->saved_data["grad_hidden"] = grad_hidden;
+      ctx->saved_data["grad_weight"] = grad_weight;
+      ctx->saved_data["grad_bias"] = grad_bias;
+    }
+    return {loss, soft, hard, gh, gw, gb};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(26);
+    if (!grads[0].defined()) return out;
+    const auto saved = ctx->get_saved_variables();
+    if (!ctx->saved_data["per_row"].toBool()) {
+      if (ctx->needs_input_grad(0)) out[0] = grad_from(saved[0], grads[0], "hidden");
+      if (ctx->needs_input_grad(1)) out[1] = grad_from(saved[1], grads[0], "weight");
+      if (ctx->needs_input_grad(2)) out[2] = grad_from(saved[2], grads[0], "bias");
+      return out;
+    }
+    static auto op = typed_op<FusedLinearSig>("fastkd::fused_linear_kd_forward");
+    auto opt = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
+    auto& d = ctx->saved_data;
+    const std::string divergence = d["divergence"].toStringRef();
+    const bool want[3] = {d["grad_hidden"].toBool() && ctx->needs_input_grad(0),
+                          d["grad_weight"].toBool() && ctx->needs_input_grad(1),
+                          d["grad_bias"].toBool() && ctx->needs_input_grad(2)};
+    at::AutoDispatchBelowADInplaceOrView guard;  // the kernels themselves, not this autograd function again
+    auto [loss, soft, hard, gh, gw, gb] =
+        op.call(saved[0], saved[1], opt(saved[2]), opt(saved[3]), opt(saved[4]), opt(saved[5]), opt(saved[6]),
+                opt(saved[7]), opt(saved[8]), opt(saved[9]), opt(saved[10]), grads[0], divergence,
+                d["temperature"].toDouble(), d["beta"].toDouble(), d["soft_weight"].toDouble(),
+                d["hard_weight"].toDouble(), d["ignore_index"].toInt(), "none", d["scale_by_temperature"].toBool(),
+                d["values_are_logprobs"].toBool(), d["tail_bucket"].toBool(), d["chunk_size"].toInt(),
+                want[0], want[1], want[2]);
+    if (want[0]) out[0] = gh;
+    if (want[1]) out[1] = gw;
+    if (want[2]) out[2] = gb;
+    return out;
+  }
+};
+
+Six fused_linear_kd_forward_autograd(
+    const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias, const OptTensor& teacher_logits,
+    const OptTensor& teacher_hidden, const OptTensor& teacher_weight, const OptTensor& teacher_bias,
+    const OptTensor& topk_values, const OptTensor& topk_indices, const OptTensor& labels, const OptTensor& num_items,
+    const OptTensor& grad_rows, c10::string_view divergence, double temperature, double beta, double soft_weight,
+    double hard_weight, int64_t ignore_index, c10::string_view reduction, bool scale_by_temperature,
+    bool values_are_logprobs, bool tail_bucket, int64_t chunk_size, bool grad_hidden, bool grad_weight,
+    bool grad_bias) {
+  auto r = FusedLinearForward::apply(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,
+                                     teacher_bias, topk_values, topk_indices, labels, num_items, grad_rows, divergence,
+                                     temperature, beta, soft_weight, hard_weight, ignore_index, reduction,
+                                     scale_by_temperature, values_are_logprobs, tail_bucket, chunk_size, grad_hidden,
+                                     grad_weight, grad_bias);
+  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastkd, Autograd, m) {
+  m.impl("fused_linear_kd_forward", &fused_linear_kd_forward_autograd);
   m.impl("response_forward", &response_forward_autograd);
   m.impl("topk_kd_forward", &topk_kd_forward_autograd);
   m.impl("rkd_forward", &rkd_forward_autograd);

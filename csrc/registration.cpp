@@ -43,6 +43,23 @@ TORCH_LIBRARY(fastkd, m) {
       "float temperature, bool values_are_logprobs, bool tail_bucket, int ignore_index, str reduction, "
       "bool scale_by_temperature, bool grad_student) -> (Tensor, Tensor)");
 
+  // Distillation through the student's linear head, never holding the [rows, vocab] logits: rows in chunks
+  // of chunk_size, logits = hidden @ weight^T + bias, then the response kernel ("kl" | "reverse_kl" | "jsd";
+  // top-k teacher: "kl") writing the logit gradient in place, then the gradients of hidden, weight and bias
+  // by GEMMs (weight and bias accumulated in float32). The teacher is exactly one of: teacher_logits
+  // [rows, Vt]; a head teacher_hidden [rows, Ht], teacher_weight [Vt, Ht], teacher_bias [Vt]; a top-k teacher
+  // topk_values / topk_indices [rows, k]. Vt <= vocab: the student's extra columns get teacher probability 0.
+  // The teacher gets no gradient. grad_rows [rows] (reduction "none" only) weights each row's loss in the
+  // gradients (the backward of reduction "none"). Other arguments as response_forward / topk_kd_forward.
+  // Returns (loss, soft, hard, grad_hidden, grad_weight, grad_bias); a gradient not asked for is empty.
+  m.def(
+      "fused_linear_kd_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor? teacher_logits, "
+      "Tensor? teacher_hidden, Tensor? teacher_weight, Tensor? teacher_bias, Tensor? topk_values, "
+      "Tensor? topk_indices, Tensor? labels, Tensor? num_items, Tensor? grad_rows, str divergence, "
+      "float temperature, float beta, float soft_weight, float hard_weight, int ignore_index, str reduction, "
+      "bool scale_by_temperature, bool values_are_logprobs, bool tail_bucket, int chunk_size, bool grad_hidden, "
+      "bool grad_weight, bool grad_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
   // Relation- and feature-based losses (fused: the loss and, when asked, the gradients of the loss with
   // respect to the inputs, from Gram matrices; nothing of size N x N x D or N x N x N is allocated). Inputs are
   // [N, D] features (flattened per sample by the Python layer), AT's are [N, C, S] maps. Losses are 0-dim in

@@ -9,6 +9,11 @@ kernel, under drop-in functions and ``nn.Module`` losses::
     loss = fastkd.jsd_loss(student_logits, teacher_logits, beta=0.5, labels=labels)   # TRL GKD semantics
     loss = fastkd.DKDLoss(alpha=1.0, beta=8.0)(student_logits, teacher_logits, target, epoch=epoch)
 
+LLM distillation through the student's lm_head, never holding the [tokens, V] logits (chunked, fused)::
+
+    loss = fastkd.fused_linear_kd_loss(hidden_s, lm_head_s.weight, fastkd.TeacherHead(hidden_t, lm_head_t.weight),
+                                       loss="jsd", beta=0.5, labels=labels)
+
 and the relation- and feature-based losses (RepDistiller / mdistiller / torchdistill semantics)::
 
     loss = fastkd.rkd_loss(feat_s, feat_t)                  # or fastkd.RKDLoss(25.0, 50.0)
@@ -49,6 +54,7 @@ from fastkd.functional import (  # noqa: E402
     topk_kd_loss,
     tvd_loss,
 )
+from fastkd.fused_linear import TeacherHead, TopKTeacher, fused_linear_kd_loss  # noqa: E402
 from fastkd.losses import (  # noqa: E402
     PKT,
     ATLoss,
@@ -57,6 +63,7 @@ from fastkd.losses import (  # noqa: E402
     ConvReg,
     DistillKL,
     DKDLoss,
+    FusedLinearKDLoss,
     HintLoss,
     JSDLoss,
     KDLoss,
@@ -86,6 +93,10 @@ __all__ = [
     "TVDLoss",
     "DKDLoss",
     "TopKKDLoss",
+    "fused_linear_kd_loss",
+    "FusedLinearKDLoss",
+    "TeacherHead",
+    "TopKTeacher",
     "rkd_loss",
     "rkd_distance_loss",
     "rkd_angle_loss",

@@ -219,6 +219,14 @@ def check_topk(
     "bucket"); "bucket" needs log-probabilities. Index values are checked by
     :func:`check_topk_indices_range`."""
     check_student_logits(student_logits)
+    check_topk_teacher(tuple(student_logits.shape[:-1]), student_logits.shape[-1], student_logits.device, values,
+                       indices, values_are, tail)
+
+
+def check_topk_teacher(lead: tuple, vocab: int, device: torch.device, values: torch.Tensor, indices: torch.Tensor,
+                       values_are: str, tail: str) -> None:
+    """The top-k teacher of :func:`check_topk` for student logits of shape ``lead + (vocab,)`` on ``device``
+    (which the fused linear head never materializes)."""
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"teacher_topk_values must be a torch.Tensor, got {type(values).__name__}")
     if not isinstance(indices, torch.Tensor):
@@ -241,18 +249,17 @@ def check_topk(
             f"teacher_topk_values and teacher_topk_indices must have the same shape, got {tuple(values.shape)} "
             f"and {tuple(indices.shape)}"
         )
-    lead = tuple(student_logits.shape[:-1])
-    if values.dim() != student_logits.dim() or tuple(values.shape[:-1]) != lead:
+    if tuple(values.shape[:-1]) != lead:
         raise ValueError(
             f"teacher_topk_values must have shape {lead + ('k',)} (the student's leading dimensions and k), got "
             f"{tuple(values.shape)}"
         )
-    k, vocab = values.shape[-1], student_logits.shape[-1]
+    k = values.shape[-1]
     if k < 1 or k > vocab:
         raise ValueError(f"k (the last dimension of teacher_topk_values) must be in [1, V={vocab}], got {k}")
     for name, x in (("teacher_topk_values", values), ("teacher_topk_indices", indices)):
-        if x.device != student_logits.device:
-            raise ValueError(f"{name} must be on the student's device {student_logits.device}, got {x.device}")
+        if x.device != device:
+            raise ValueError(f"{name} must be on the student's device {device}, got {x.device}")
     if values.requires_grad:
         raise ValueError(
             "teacher_topk_values must not require grad: top-k KD takes a cached (offline) teacher and gives it "
@@ -434,3 +441,152 @@ def check_relation_reduction(reduction: str) -> str:
     """SP / CC: "batchmean" divides by N^2 (the anchors' default), "sum" does not (torchdistill's other
     branch)."""
     return check_choice("reduction", reduction, RELATION_REDUCTIONS)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checks of the fused linear head (fused_linear_kd_loss).
+# --------------------------------------------------------------------------------------------------------
+FUSED_LINEAR_LOSSES = ("kl", "reverse_kl", "jsd")
+
+
+def _check_float_tensor(x, name: str, min_dim: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(x.shape)}")
+
+
+def check_linear_head(hidden, weight, bias, lead: Optional[tuple], names: tuple) -> None:
+    """hidden ``[..., H]`` (leading dimensions ``lead`` when given), weight ``[V, H]``, bias ``[V]`` or None: one
+    float dtype (the matmul needs it), one device, ``V >= 1``."""
+    h_name, w_name, b_name = names
+    _check_float_tensor(hidden, h_name, 1)
+    _check_float_tensor(weight, w_name, 2)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{w_name} must have shape [V, {hidden.shape[-1]}] ({h_name}'s last dimension), got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError(f"{w_name}: the vocabulary (first) dimension must not be empty")
+    if lead is not None and tuple(hidden.shape[:-1]) != lead:
+        raise ValueError(
+            f"{h_name} must have the leading dimensions {lead} of the student hidden states, got {tuple(hidden.shape)}"
+        )
+    tensors = [(w_name, weight)] + ([] if bias is None else [(b_name, bias)])
+    if bias is not None:
+        _check_float_tensor(bias, b_name, 1)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{b_name} must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+    for name, x in tensors:
+        if x.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have {h_name}'s dtype {hidden.dtype}, got {x.dtype}")
+        if x.device != hidden.device:
+            raise ValueError(f"{name} must be on {h_name}'s device {hidden.device}, got {x.device}")
+
+
+def check_fused_linear(
+    student_hidden,
+    student_weight,
+    teacher,
+    student_bias,
+    loss: str,
+    beta: float,
+    temperature: float,
+    labels,
+    ignore_index: int,
+    hard_label_weight: float,
+    soft_weight: float,
+    reduction: str,
+    chunk_size,
+    num_items_in_batch,
+    scale_by_temperature: bool = False,
+):
+    """Every argument of :func:`fastkd.fused_linear_kd_loss`. Returns ``(kind, teacher_vocab, temperature,
+    beta, hard_label_weight, soft_weight, num_items)`` with ``kind`` one of "dense", "head", "topk"."""
+    from fastkd.teachers import TeacherHead, TopKTeacher
+
+    check_linear_head(student_hidden, student_weight, student_bias, None,
+                      ("student_hidden", "student_weight", "student_bias"))
+    lead = tuple(student_hidden.shape[:-1])
+    vocab = student_weight.shape[0]
+    device = student_hidden.device
+    if loss not in FUSED_LINEAR_LOSSES:
+        raise ValueError(f"loss must be one of {FUSED_LINEAR_LOSSES}, got {loss!r}")
+    if scale_by_temperature and loss == "jsd":
+        raise ValueError("scale_by_temperature applies to 'kl' and 'reverse_kl'; the generalized JSD has no T^2 factor")
+    b = check_beta_unit(beta)
+    t = check_temperature(temperature)
+    check_reduction(reduction)
+    check_ignore_index(ignore_index)
+    hard = check_nonneg_weight("hard_label_weight", hard_label_weight)
+    soft = check_nonneg_weight("soft_weight", soft_weight)
+    n = check_num_items(num_items_in_batch, reduction)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    proxy = _Shape(torch.Size(lead + (vocab,)), device)
+    if labels is not None:
+        _check_index_tensor(labels, proxy, "labels")
+    if hard != 0.0:
+        check_target(labels, proxy, ignore_index, required=True, name="labels", check_range=False)
+
+    if isinstance(teacher, TopKTeacher):
+        kind = "topk"
+        values, indices = teacher.values, teacher.indices
+        check_topk_teacher(lead, vocab, device, values, indices, teacher.values_are, teacher.tail)
+        if loss != "kl":
+            raise ValueError(f"a TopKTeacher supports loss='kl' only (KL from the sparse teacher), got {loss!r}")
+        if hard != 0.0:
+            raise ValueError(
+                "hard_label_weight needs a dense teacher or a TeacherHead: with a TopKTeacher the logits are "
+                "overwritten by the KD gradient before a cross-entropy could read them; add the cross-entropy "
+                "separately"
+            )
+        check_topk_indices_range(indices, vocab, labels, ignore_index)
+        teacher_vocab = vocab
+    elif isinstance(teacher, TeacherHead):
+        kind = "head"
+        check_linear_head(teacher.hidden, teacher.weight, teacher.bias, lead,
+                          ("teacher.hidden", "teacher.weight", "teacher.bias"))
+        if teacher.hidden.device != device:
+            raise ValueError(f"teacher.hidden must be on the student's device {device}, got {teacher.hidden.device}")
+        teacher_vocab = teacher.weight.shape[0]
+    elif isinstance(teacher, torch.Tensor):
+        kind = "dense"
+        _check_float_tensor(teacher, "teacher", 1)
+        if tuple(teacher.shape[:-1]) != lead:
+            raise ValueError(
+                f"teacher logits must have shape {lead + ('V_t',)} (the student hidden states' leading dimensions), "
+                f"got {tuple(teacher.shape)}"
+            )
+        if teacher.device != device:
+            raise ValueError(f"teacher logits must be on the student's device {device}, got {teacher.device}")
+        teacher_vocab = teacher.shape[-1]
+    else:
+        raise TypeError(
+            "teacher must be dense teacher logits (a torch.Tensor), a fastkd.TeacherHead or a fastkd.TopKTeacher, "
+            f"got {type(teacher).__name__}"
+        )
+    if teacher_vocab < 1 or teacher_vocab > vocab:
+        raise ValueError(
+            f"the teacher's vocabulary ({teacher_vocab}) must be in [1, {vocab}] (the student's): extra student "
+            "columns are entries the teacher gives probability 0, but a larger teacher vocabulary has no student "
+            "counterpart; slice the teacher's head to the shared vocabulary"
+        )
+    reverse = loss == "reverse_kl" or (loss == "jsd" and b == 1.0)
+    if reverse and teacher_vocab < vocab:
+        raise ValueError(
+            f"reverse KL is infinite when the student has vocabulary entries the teacher lacks (student {vocab}, "
+            f"teacher {teacher_vocab}): slice the student's head to the teacher's vocabulary "
+            f"(student_weight[:{teacher_vocab}])"
+        )
+    return kind, teacher_vocab, t, b, hard, soft, n
+
+
+class _Shape:
+    """Stands in for logits that are never materialized: the shape and device the label checks read."""
+
+    def __init__(self, shape: torch.Size, device: torch.device) -> None:
+        self.shape = shape
+        self.device = device

@@ -24,6 +24,7 @@ from fastkd.functional import (
     topk_kd_loss,
     tvd_loss,
 )
+from fastkd.fused_linear import Teacher, fused_linear_kd_loss
 from fastkd.outputs import LossParts
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "TVDLoss",
     "DKDLoss",
     "TopKKDLoss",
+    "FusedLinearKDLoss",
     "RKDLoss",
     "SPLoss",
     "Similarity",
@@ -324,6 +326,76 @@ class TopKKDLoss(_ResponseLoss):
 
     def extra_repr(self) -> str:
         return f"values_are={self.values_are!r}, tail={self.tail!r}, " + super().extra_repr()
+
+
+class FusedLinearKDLoss(nn.Module):
+    """Distillation through the student's linear head without the full logits; see
+    :func:`fastkd.fused_linear_kd_loss` (the arguments here are its keyword arguments).
+
+    ``forward(student_hidden, student_weight, teacher, labels=None, *, student_bias=None,
+    num_items_in_batch=None, return_parts=False)`` where ``teacher`` is dense teacher logits, a
+    :class:`fastkd.TeacherHead` or a :class:`fastkd.TopKTeacher`. For a Hugging Face causal LM::
+
+        criterion = fastkd.FusedLinearKDLoss(loss="jsd", beta=0.5, hard_label_weight=0.5)
+        out_s = student(input_ids, output_hidden_states=True)
+        with torch.no_grad():
+            out_t = teacher(input_ids, output_hidden_states=True)
+        loss = criterion(out_s.hidden_states[-1][:, :-1], student.lm_head.weight,
+                         fastkd.TeacherHead(out_t.hidden_states[-1][:, :-1], teacher.lm_head.weight),
+                         labels=input_ids[:, 1:])
+    """
+
+    def __init__(
+        self,
+        loss: str = "kl",
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        ignore_index: int = -100,
+        hard_label_weight: float = 0.0,
+        soft_weight: float = 1.0,
+        reduction: str = "batchmean",
+        chunk_size: Optional[int] = None,
+        scale_by_temperature: bool = False,
+    ) -> None:
+        super().__init__()
+        if loss not in v.FUSED_LINEAR_LOSSES:
+            raise ValueError(f"loss must be one of {v.FUSED_LINEAR_LOSSES}, got {loss!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+        if scale_by_temperature and loss == "jsd":
+            raise ValueError("scale_by_temperature applies to 'kl' and 'reverse_kl'; the generalized JSD has no T^2 "
+                             "factor")
+        self.loss = loss
+        self.beta = v.check_beta_unit(beta)
+        self.temperature = v.check_temperature(temperature)
+        self.ignore_index = v.check_ignore_index(ignore_index)
+        self.hard_label_weight = v.check_nonneg_weight("hard_label_weight", hard_label_weight)
+        self.soft_weight = v.check_nonneg_weight("soft_weight", soft_weight)
+        self.reduction = v.check_reduction(reduction)
+        self.chunk_size = chunk_size
+        self.scale_by_temperature = bool(scale_by_temperature)
+
+    def forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher: Teacher,
+        labels: Optional[torch.Tensor] = None,
+        *,
+        student_bias: Optional[torch.Tensor] = None,
+        num_items_in_batch: NumItems = None,
+        return_parts: bool = False,
+    ) -> Union[torch.Tensor, LossParts]:
+        return fused_linear_kd_loss(
+            student_hidden, student_weight, teacher, student_bias=student_bias, loss=self.loss, beta=self.beta,
+            temperature=self.temperature, labels=labels, ignore_index=self.ignore_index,
+            hard_label_weight=self.hard_label_weight, soft_weight=self.soft_weight, reduction=self.reduction,
+            chunk_size=self.chunk_size, scale_by_temperature=self.scale_by_temperature,
+            num_items_in_batch=num_items_in_batch, return_parts=return_parts)
+
+    def extra_repr(self) -> str:
+        return (f"loss={self.loss!r}, beta={self.beta}, temperature={self.temperature}, "
+                f"hard_label_weight={self.hard_label_weight}, reduction={self.reduction!r}, chunk_size={self.chunk_size}")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from fastkd.outputs import LossParts
 
 __all__ = [
     "kd_loss",
+    "fused_linear_kd_loss",
     "reverse_kl_loss",
     "jsd_loss",
     "tvd_loss",
@@ -735,3 +736,72 @@ def hint_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, reduction: str = "mean") 
     if f_s.shape[0] == 0:
         return _zero_loss(f_s, f_t, dtype=out_dtype)
     return F.mse_loss(f_s.to(cdtype), f_t.to(cdtype), reduction=reduction).to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The fused linear head's twin: the unfused composition (full logits, then the loss)
+# --------------------------------------------------------------------------------------------------------
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher,
+    *,
+    student_bias: Optional[torch.Tensor] = None,
+    loss: str = "kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    hard_label_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    reduction: str = "batchmean",
+    chunk_size: Optional[int] = None,
+    scale_by_temperature: bool = False,
+    num_items_in_batch: NumItems = None,
+    return_parts: bool = False,
+) -> Union[torch.Tensor, LossParts]:
+    """The composition :func:`fastkd.fused_linear_kd_loss` fuses, in plain PyTorch: the full logits
+    ``F.linear(student_hidden, student_weight, student_bias)`` (and the teacher's, for a ``TeacherHead``; a
+    smaller teacher vocabulary padded with -inf), then :func:`kd_loss` / :func:`reverse_kl_loss` /
+    :func:`jsd_loss` / :func:`topk_kd_loss` on the rows, plus ``hard_label_weight`` times the cross-entropy.
+    The teacher is detached. ``chunk_size`` is accepted and ignored (nothing is chunked here)."""
+    kind, teacher_vocab, t, b, hard, soft, num = v.check_fused_linear(
+        student_hidden, student_weight, teacher, student_bias, loss, beta, temperature, labels, ignore_index,
+        hard_label_weight, soft_weight, reduction, chunk_size, num_items_in_batch, scale_by_temperature)
+    lead = student_hidden.shape[:-1]
+    logits = F.linear(student_hidden, student_weight, student_bias).reshape(-1, student_weight.shape[0])
+    vocab = logits.shape[-1]
+    rows_labels = None if labels is None else labels.reshape(-1)
+    common = dict(reduction=reduction, labels=rows_labels, ignore_index=ignore_index, num_items_in_batch=num)
+    if kind == "topk":
+        k = teacher.values.shape[-1]
+        soft_loss = topk_kd_loss(logits, teacher.values.reshape(-1, k), teacher.indices.reshape(-1, k), t,
+                                 values_are=teacher.values_are, tail=teacher.tail,
+                                 scale_by_temperature=scale_by_temperature, **common)
+    else:
+        if kind == "head":
+            t_logits = F.linear(teacher.hidden, teacher.weight, teacher.bias)
+        else:
+            t_logits = teacher
+        t_logits = t_logits.detach().reshape(-1, teacher_vocab)
+        if teacher_vocab < vocab:
+            pad = torch.full((t_logits.shape[0], vocab - teacher_vocab), -math.inf, dtype=t_logits.dtype,
+                             device=t_logits.device)
+            t_logits = torch.cat([t_logits, pad], dim=-1)
+        if loss == "kl":
+            soft_loss = kd_loss(logits, t_logits, t, scale_by_temperature=scale_by_temperature, **common)
+        elif loss == "reverse_kl":
+            soft_loss = reverse_kl_loss(logits, t_logits, t, scale_by_temperature=scale_by_temperature, **common)
+        else:
+            soft_loss = jsd_loss(logits, t_logits, b, t, **common)
+    if hard != 0.0:
+        # the cross-entropy alone: alpha=1, beta=0 (the KD term against the student itself is 0 anyway)
+        hard_loss = kd_loss(logits, logits.detach(), 1.0, alpha=1.0, beta=0.0, **common)
+    else:
+        hard_loss = torch.zeros_like(soft_loss)
+    out = soft * soft_loss + hard * hard_loss if hard != 0.0 else (soft_loss if soft == 1.0 else soft * soft_loss)
+    if reduction == "none":
+        out, soft_loss, hard_loss = out.reshape(lead), soft_loss.reshape(lead), hard_loss.reshape(lead)
+    if return_parts:
+        return LossParts(out, soft_loss.detach(), hard_loss.detach())
+    return out

@@ -81,8 +81,10 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     // Hinton KD with only the student gradient asked for (and a full-precision gradient dtype) parks e_s
     // in the gradient row (its first touch happens here), so sweep 4 needs one exponential, not two.
     // JSD and TVD park it the same way, for sweep 3 to read q = e_s / Z_s instead of another exponential.
+    // Not when the gradient overwrites the student row in place (fastkd::fused_linear_kd_forward): parking
+    // would clobber logits that sweeps 3-4 still read.
     const bool park = (D == Divergence::KL || kPsi) && std::is_same_v<S, Acc> && gs != nullptr && gt == nullptr &&
-                      !hard;
+                      !hard && p.grad_student != p.student;
     double z_s = 0.0, z_t = 0.0, dot = 0.0, z_1 = 0.0;
     auto sweep2 = [&](const Vec<Acc>& sv, const Vec<Acc>& tv, Vec<Acc>& zs, Vec<Acc>& zt, Vec<Acc>& d, Vec<Acc>& z1,
                       S* park_at, int64_t n) {
@@ -276,6 +278,9 @@ void run_response_rows(const KdCall& c, double count) {
     at::parallel_for(0, p.rows, grain, [&](int64_t b, int64_t e) { response_rows<D, S, T, Acc>(p, count, b, e); });
   });
 }
+
+// fastkd::topk_kd_forward's rows (topk_cpu.cpp).
+void run_topk_rows(const TopkCall& c, double count);
 
 extern template void run_response_rows<Divergence::KL>(const KdCall&, double);
 extern template void run_response_rows<Divergence::ReverseKL>(const KdCall&, double);

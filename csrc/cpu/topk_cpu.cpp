@@ -10,12 +10,14 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu_common.h"
 #include "fastkd/kd_host.h"
+#include "kd_rows.h"
 
 namespace fastkd {
 namespace cpu {
@@ -44,6 +46,7 @@ void topk_rows(const TopkParams& p, double count, int64_t begin, int64_t end) {
   const double coef = p.loss_factor * inv_t / kd_denominator(p.reduction, count, V);
   auto* S_out = static_cast<S*>(p.grad_student);
   auto* row_soft = static_cast<Acc*>(p.row_soft);
+  std::vector<S> kept;  // the kept entries' gradients of a row
 
   for (int64_t r = begin; r < end; ++r) {
     const S* s = static_cast<const S*>(p.student) + r * p.student_row_stride;
@@ -103,7 +106,13 @@ void topk_rows(const TopkParams& p, double count, int64_t begin, int64_t end) {
     row_soft[r] = static_cast<Acc>(p.loss_factor * kl);
     if (!gs) continue;
 
-    // Gradient: c * q_j * (1 - p_tail / q_tail) everywhere, then c * (q_j - p_k) at the kept entries.
+    // Gradient: c * q_j * (1 - p_tail / q_tail) everywhere, then c * (q_j - p_k) at the kept entries. The
+    // kept values are computed first: the gradient may overwrite the student row in place (fused linear head).
+    kept.resize(K);
+    for (int64_t k = 0; k < K; ++k) {
+      const double lp = static_cast<double>(v[k]) * tt.scale - tt.shift;
+      kept[k] = static_cast<S>(coef * (std::exp(b_of(idx[k]) - log_zs) - std::exp(lp)));
+    }
     const Vec<Acc> dense_coef_v(static_cast<Acc>(coef * (1.0 - tail_ratio)));
     const Vec<Acc> log_zs_v(static_cast<Acc>(log_zs));
     for (int64_t i = 0; i < V1; i += W) {
@@ -113,12 +122,33 @@ void topk_rows(const TopkParams& p, double count, int64_t begin, int64_t end) {
       const int64_t n = V - V1;
       store_tail<S>(gs + V1, dense_coef_v * fk_exp(kd_shift(load_tail<Acc>(s + V1, n), max_s_v, inv_t_v) - log_zs_v), n);
     }
-    for (int64_t k = 0; k < K; ++k) {
-      const double lp = static_cast<double>(v[k]) * tt.scale - tt.shift;
-      gs[idx[k]] = static_cast<S>(coef * (std::exp(b_of(idx[k]) - log_zs) - std::exp(lp)));
-    }
+    for (int64_t k = 0; k < K; ++k) gs[idx[k]] = kept[k];
   }
 }
+
+}  // namespace
+
+inline namespace CPU_CAPABILITY {
+// Runs topk_rows over every row of the call (declared in kd_rows.h; the fused linear head uses it too).
+void run_topk_rows(const TopkCall& c, double count) {
+  const TopkParams& p = c.p;
+  const int64_t grain = std::max<int64_t>(1, 8192 / p.vocab);
+  auto run = [&](auto s_tag) {
+    using S = decltype(s_tag);
+    using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
+    at::parallel_for(0, p.rows, grain, [&](int64_t b, int64_t e) { topk_rows<S, Acc>(p, count, b, e); });
+  };
+  switch (c.student.scalar_type()) {
+    case at::kDouble: run(double{}); break;
+    case at::kFloat: run(float{}); break;
+    case at::kHalf: run(at::Half{}); break;
+    case at::kBFloat16: run(at::BFloat16{}); break;
+    default: TORCH_INTERNAL_ASSERT(false, "unexpected student dtype");
+  }
+}
+}  // namespace CPU_CAPABILITY
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> topk_kd_forward_cpu(const at::Tensor& student, const at::Tensor& values,
                                                        const at::Tensor& indices, const std::optional<at::Tensor>& labels,
@@ -129,23 +159,7 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_forward_cpu(const at::Tensor& student
   TopkCall c = topk_prepare(student, values, indices, labels, num_items, temperature, values_are_logprobs, tail_bucket,
                             ignore_index, std::string_view(reduction.data(), reduction.size()), scale_by_temperature,
                             grad_student, alloc_grad);
-  const TopkParams& p = c.p;
-  if (p.rows > 0) {
-    const double count = host_count(c.count, p.rows);
-    const int64_t grain = std::max<int64_t>(1, 8192 / p.vocab);
-    auto run = [&](auto s_tag) {
-      using S = decltype(s_tag);
-      using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
-      at::parallel_for(0, p.rows, grain, [&](int64_t b, int64_t e) { topk_rows<S, Acc>(p, count, b, e); });
-    };
-    switch (c.student.scalar_type()) {
-      case at::kDouble: run(double{}); break;
-      case at::kFloat: run(float{}); break;
-      case at::kHalf: run(at::Half{}); break;
-      case at::kBFloat16: run(at::BFloat16{}); break;
-      default: TORCH_INTERNAL_ASSERT(false, "unexpected student dtype");
-    }
-  }
+  if (c.p.rows > 0) run_topk_rows(c, host_count(c.count, c.p.rows));
   return topk_outputs(c);
 }
 

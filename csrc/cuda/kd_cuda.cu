@@ -61,23 +61,7 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_forward_cuda(const at::Tensor& studen
                             ignore_index, std::string_view(reduction.data(), reduction.size()), scale_by_temperature,
                             grad_student, alloc_grad_cuda);
   const TopkParams& p = c.p;
-  if (p.rows > 0) {
-    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    const dim3 grid(cuda::grid_for_rows(p.rows));
-    auto run = [&](auto s_tag) {
-      using S = decltype(s_tag);
-      using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
-      cuda::topk_kernel<S, Acc, 512><<<grid, 512, 0, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    switch (c.student.scalar_type()) {
-      case at::kDouble: run(double{}); break;
-      case at::kFloat: run(float{}); break;
-      case at::kHalf: run(at::Half{}); break;
-      case at::kBFloat16: run(at::BFloat16{}); break;
-      default: TORCH_INTERNAL_ASSERT(false, "unexpected student dtype");
-    }
-  }
+  if (p.rows > 0) cuda::launch_topk(c, at::cuda::getCurrentCUDAStream());
   return topk_outputs(c);
 }
 

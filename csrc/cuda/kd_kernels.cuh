@@ -191,7 +191,10 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
     }
     if (threadIdx.x == 0) row_soft[r] = static_cast<Acc>(p.loss_factor * divergence);
 
-    // Sweep 4: gradients.
+    // Sweep 4: gradients. Each thread reads an entry before writing its gradient, so the gradient may
+    // overwrite the student row in place (fused linear head); the barrier keeps the reads of s[y] above
+    // ahead of any write.
+    __syncthreads();
     if (gs || gt) {
       Acc cq = static_cast<Acc>(coef), cp = cq, ct = cq, kt = static_cast<Acc>(coef * divergence);
       Acc gs_y = 0, gt_y = 0;
@@ -304,7 +307,12 @@ __global__ void __launch_bounds__(kBlock) topk_kernel(TopkParams p) {
     if (threadIdx.x == 0) row_soft[r] = static_cast<Acc>(p.loss_factor * row);
     if (gs) {
       const Acc dense = static_cast<Acc>(coef * (1.0 - tail_ratio)), lzs = static_cast<Acc>(log_zs);
+      // In place (the gradient overwrites the student row), the kept entries are left for the second loop,
+      // which still reads their logits.
+      const bool in_place = static_cast<const void*>(gs) == static_cast<const void*>(s);
+      __syncthreads();  // every read of s above happens before any write
       for (int64_t i = threadIdx.x; i < V; i += kBlock) {
+        if (in_place && sorted_contains(idx, K, i)) continue;
         gs[i] = static_cast<S>(dense * fk_exp(kd_shift(static_cast<Acc>(s[i]), max_s, inv_t) - lzs));
       }
       __syncthreads();  // the kept entries are overwritten after the dense write
@@ -337,6 +345,24 @@ void launch_response(const KdCall& c, cudaStream_t stream) {
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+// Launches topk_kernel for the student dtype of the call on `stream`.
+inline void launch_topk(const TopkCall& c, cudaStream_t stream) {
+  const dim3 grid(grid_for_rows(c.p.rows));
+  auto run = [&](auto s_tag) {
+    using S = decltype(s_tag);
+    using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
+    topk_kernel<S, Acc, 512><<<grid, 512, 0, stream>>>(c.p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  switch (c.student.scalar_type()) {
+    case at::kDouble: run(double{}); break;
+    case at::kFloat: run(float{}); break;
+    case at::kHalf: run(at::Half{}); break;
+    case at::kBFloat16: run(at::BFloat16{}); break;
+    default: TORCH_INTERNAL_ASSERT(false, "unexpected student dtype");
+  }
 }
 
 extern template void launch_response<Divergence::KL>(const KdCall&, cudaStream_t);

@@ -288,6 +288,49 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd
 
 // ---- fastkd::topk_kd_forward ----
 
+inline void check_topk_args(const at::Tensor& values, const at::Tensor& indices, int64_t rows, int64_t vocab,
+                            const at::Device& device) {
+  FASTKD_CHECK_ARG(values.dim() == 2 && is_kd_dtype(values.scalar_type()), "teacher_topk_values",
+                   "expected a 2-D [rows, k] float tensor, got ", values.dim(), "-D ", values.scalar_type());
+  FASTKD_CHECK_ARG(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt, "teacher_topk_indices",
+                   "expected int64 or int32, got ", indices.scalar_type());
+  FASTKD_CHECK_ARG(indices.sizes() == values.sizes(), "teacher_topk_indices", "expected shape ", values.sizes(),
+                   " (the values'), got ", indices.sizes());
+  const int64_t k = values.size(1);
+  FASTKD_CHECK_ARG(values.size(0) == rows, "teacher_topk_values", "expected ", rows, " rows (the student's), got ",
+                   values.size(0));
+  FASTKD_CHECK_ARG(k >= 1 && k <= vocab, "teacher_topk_values", "expected 1 <= k <= vocab size ", vocab, ", got k = ",
+                   k);
+  FASTKD_CHECK_ARG(values.device() == device && indices.device() == device, "teacher_topk_values",
+                   "expected values and indices on the student's device ", device);
+}
+
+// The sparse teacher as the kernels read it: each row's kept entries sorted by vocabulary index (values
+// follow; the kernels rely on it to find the entries outside the kept set, and it exposes duplicates),
+// values in the accumulation type, both contiguous. Indices must be in [0, vocab) and distinct on counted
+// rows (labels: int64 [rows] or undefined; padding rows may hold anything).
+inline std::pair<at::Tensor, at::Tensor> topk_sorted_teacher(const at::Tensor& values, const at::Tensor& indices,
+                                                             const at::Tensor& labels, int64_t ignore_index,
+                                                             int64_t vocab, bool any_double) {
+  const int64_t rows = values.size(0), k = values.size(1);
+  auto [sorted, order] = indices.to(at::kLong).sort(-1);
+  at::Tensor sorted_indices = sorted.contiguous();
+  at::Tensor sorted_values = values.to(any_double ? at::kDouble : at::kFloat).gather(-1, order).contiguous();
+  if (rows > 0) {
+    // One host sync on CUDA, and a second one only to say which check failed.
+    at::Tensor counted = labels.defined() ? labels.ne(ignore_index) : at::ones({rows}, sorted.options().dtype(at::kBool));
+    at::Tensor out_of_range = sorted_indices.select(1, 0).lt(0).logical_or(sorted_indices.select(1, k - 1).ge(vocab));
+    at::Tensor repeated = k > 1 ? sorted_indices.narrow(1, 1, k - 1).eq(sorted_indices.narrow(1, 0, k - 1)).any(1)
+                                : at::zeros_like(out_of_range);
+    if (out_of_range.logical_or(repeated).logical_and(counted).any().item<bool>()) {
+      TORCH_CHECK_VALUE(!out_of_range.logical_and(counted).any().item<bool>(),
+                        "fastkd: teacher_topk_indices must be in [0, ", vocab, ") on counted rows");
+      TORCH_CHECK_VALUE(false, "fastkd: teacher_topk_indices must be distinct within a row (as torch.topk returns them)");
+    }
+  }
+  return {sorted_values, sorted_indices};
+}
+
 struct TopkCall {
   at::Tensor student, values, indices, labels, count, row_soft, grad_student;
   at::ScalarType student_dtype, out_dtype;
@@ -303,19 +346,8 @@ TopkCall topk_prepare(const at::Tensor& student, const at::Tensor& values, const
                       std::string_view reduction, bool scale_by_temperature, bool grad_student,
                       GradAlloc&& alloc_grad) {
   check_logits_arg(student, "student_logits");
-  FASTKD_CHECK_ARG(values.dim() == 2 && is_kd_dtype(values.scalar_type()), "teacher_topk_values",
-                   "expected a 2-D [rows, k] float tensor, got ", values.dim(), "-D ", values.scalar_type());
-  FASTKD_CHECK_ARG(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt, "teacher_topk_indices",
-                   "expected int64 or int32, got ", indices.scalar_type());
-  FASTKD_CHECK_ARG(indices.sizes() == values.sizes(), "teacher_topk_indices", "expected shape ", values.sizes(),
-                   " (the values'), got ", indices.sizes());
-  const int64_t rows = student.size(0), vocab = student.size(1), k = values.size(1);
-  FASTKD_CHECK_ARG(values.size(0) == rows, "teacher_topk_values", "expected ", rows, " rows (the student's), got ",
-                   values.size(0));
-  FASTKD_CHECK_ARG(k >= 1 && k <= vocab, "teacher_topk_values", "expected 1 <= k <= vocab size ", vocab, ", got k = ",
-                   k);
-  FASTKD_CHECK_ARG(values.device() == student.device() && indices.device() == student.device(),
-                   "teacher_topk_values", "expected values and indices on the student's device ", student.device());
+  const int64_t rows = student.size(0), vocab = student.size(1), k = values.dim() == 2 ? values.size(1) : 0;
+  check_topk_args(values, indices, rows, vocab, student.device());
   FASTKD_CHECK_ARG(std::isfinite(temperature) && temperature > 0.0, "temperature",
                    "expected a finite value > 0, got ", temperature);
   FASTKD_CHECK_ARG(!tail_bucket || values_are_logprobs, "tail",
@@ -329,22 +361,7 @@ TopkCall topk_prepare(const at::Tensor& student, const at::Tensor& values, const
   c.labels = prepare_labels(labels, student, rows);
   c.count = prepare_count(num_items, c.labels, ignore_index, student);
 
-  auto [sorted, order] = indices.to(at::kLong).sort(-1);
-  c.indices = sorted.contiguous();
-  c.values = values.to(any_double ? at::kDouble : at::kFloat).gather(-1, order).contiguous();
-  if (rows > 0) {
-    // Counted rows only (padding rows may hold anything). One host sync on CUDA, and a second one only to
-    // say which check failed.
-    at::Tensor counted = c.labels.defined() ? c.labels.ne(ignore_index) : at::ones({rows}, sorted.options().dtype(at::kBool));
-    at::Tensor out_of_range = c.indices.select(1, 0).lt(0).logical_or(c.indices.select(1, k - 1).ge(vocab));
-    at::Tensor repeated = k > 1 ? c.indices.narrow(1, 1, k - 1).eq(c.indices.narrow(1, 0, k - 1)).any(1)
-                                : at::zeros_like(out_of_range);
-    if (out_of_range.logical_or(repeated).logical_and(counted).any().item<bool>()) {
-      TORCH_CHECK_VALUE(!out_of_range.logical_and(counted).any().item<bool>(),
-                        "fastkd: teacher_topk_indices must be in [0, ", vocab, ") on counted rows");
-      TORCH_CHECK_VALUE(false, "fastkd: teacher_topk_indices must be distinct within a row (as torch.topk returns them)");
-    }
-  }
+  std::tie(c.values, c.indices) = topk_sorted_teacher(values, indices, c.labels, ignore_index, vocab, any_double);
 
   auto opts = student.options();
   c.row_soft = at::empty({rows}, opts.dtype(any_double ? at::kDouble : at::kFloat));

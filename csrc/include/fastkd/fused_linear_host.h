@@ -1,0 +1,320 @@
+// The device-independent driver of fastkd::fused_linear_kd_forward: distillation through the student's
+// linear head (logits = hidden @ weight^T + bias) without ever holding the [rows, vocab] logits.
+//
+// Rows are processed in chunks. Per chunk:
+//   1. the student logits, one GEMM into a [chunk, vocab] buffer (and the teacher's: a slice of the dense
+//      teacher logits, or one GEMM of the teacher head; -inf beyond the teacher's vocabulary);
+//   2. the response kernel of fastkd::response_forward (or topk_kd_forward) computes each row's loss and
+//      writes the gradient of the reduced loss with respect to the logits over the logits, in place;
+//   3. the gradients of hidden (one GEMM into its rows), weight (one GEMM accumulated into a float32
+//      buffer; float64 for float64 input) and bias (a column sum).
+// Extra memory is O(chunk * vocab) plus the float32 weight-gradient accumulator, never O(rows * vocab).
+// The per-row losses land in a [rows] buffer reduced once at the end, so the divisor of "batchmean" is the
+// global count of counted rows (or num_items) and the result does not depend on the chunk size.
+//
+// The CPU and CUDA libraries instantiate fused_linear_kd with a backend that supplies
+//   B::response(call, count)        the response kernel over the rows of a KdCall (count: host divisor, CPU)
+//   B::topk(call, count)            the top-k kernel over the rows of a TopkCall
+//   B::add_weight_grad(acc, g, h)   acc += g^T h, acc float32/64, g and h in the input dtype
+#pragma once
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <string_view>
+#include <tuple>
+
+#include <ATen/ATen.h>
+
+#include "fastkd/kd_host.h"
+
+namespace fastkd {
+
+using Tensor6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+struct FusedLinearOptions {
+  std::string_view divergence = "kl";
+  std::string_view reduction = "batchmean";
+  double temperature = 1.0;
+  double beta = 0.5;
+  double soft_weight = 1.0;
+  double hard_weight = 0.0;
+  int64_t ignore_index = -100;
+  int64_t chunk_size = 1024;
+  bool scale_by_temperature = false;
+  bool values_are_logprobs = false;
+  bool tail_bucket = false;
+  bool grad_hidden = false;
+  bool grad_weight = false;
+  bool grad_bias = false;
+};
+
+// The operator's scalar arguments, in schema order.
+inline FusedLinearOptions fused_linear_options(c10::string_view divergence, double temperature, double beta,
+                                               double soft_weight, double hard_weight, int64_t ignore_index,
+                                               c10::string_view reduction, bool scale_by_temperature,
+                                               bool values_are_logprobs, bool tail_bucket, int64_t chunk_size,
+                                               bool grad_hidden, bool grad_weight, bool grad_bias) {
+  FusedLinearOptions o;
+  o.divergence = std::string_view(divergence.data(), divergence.size());
+  o.reduction = std::string_view(reduction.data(), reduction.size());
+  o.temperature = temperature;
+  o.beta = beta;
+  o.soft_weight = soft_weight;
+  o.hard_weight = hard_weight;
+  o.ignore_index = ignore_index;
+  o.chunk_size = chunk_size;
+  o.scale_by_temperature = scale_by_temperature;
+  o.values_are_logprobs = values_are_logprobs;
+  o.tail_bucket = tail_bucket;
+  o.grad_hidden = grad_hidden;
+  o.grad_weight = grad_weight;
+  o.grad_bias = grad_bias;
+  return o;
+}
+
+// hidden [rows, H], weight [V, H], bias [V]: one float dtype, one device.
+inline void check_linear_args(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const char* hidden_name, const char* weight_name, const char* bias_name) {
+  FASTKD_CHECK_ARG(hidden.dim() == 2, hidden_name, "expected a 2-D [rows, hidden] tensor, got ", hidden.dim(), "-D");
+  FASTKD_CHECK_ARG(is_kd_dtype(hidden.scalar_type()), hidden_name,
+                   "expected float32, float16, bfloat16 or float64, got ", hidden.scalar_type());
+  FASTKD_CHECK_ARG(weight.dim() == 2 && weight.size(1) == hidden.size(1), weight_name, "expected a [vocab, ",
+                   hidden.size(1), "] tensor, got ", weight.sizes());
+  FASTKD_CHECK_ARG(weight.size(0) > 0, weight_name, "the vocabulary (first) dimension must not be empty");
+  FASTKD_CHECK_ARG(weight.scalar_type() == hidden.scalar_type(), weight_name, "expected dtype ", hidden.scalar_type(),
+                   " (the hidden states'), got ", weight.scalar_type());
+  FASTKD_CHECK_ARG(weight.device() == hidden.device(), weight_name, "expected device ", hidden.device(),
+                   " (the hidden states'), got ", weight.device());
+  if (bias.has_value()) {
+    FASTKD_CHECK_ARG(bias->dim() == 1 && bias->size(0) == weight.size(0), bias_name, "expected shape [",
+                     weight.size(0), "], got ", bias->sizes());
+    FASTKD_CHECK_ARG(bias->scalar_type() == hidden.scalar_type() && bias->device() == hidden.device(), bias_name,
+                     "expected ", hidden.scalar_type(), " on ", hidden.device(), ", got ", bias->scalar_type(), " on ",
+                     bias->device());
+  }
+}
+
+// out = x @ w^T (+ b), computed in x's dtype and written into out (a [rows, w.size(0)] view with unit
+// column stride; its dtype may be wider).
+inline void linear_into(at::Tensor out, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  if (out.scalar_type() != x.scalar_type()) {
+    out.copy_(b.has_value() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t()));
+  } else if (b.has_value()) {
+    at::addmm_out(out, *b, x, w.t());
+  } else {
+    at::mm_out(out, x, w.t());
+  }
+}
+
+template <class B>
+Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& teacher_logits, const std::optional<at::Tensor>& teacher_hidden,
+                        const std::optional<at::Tensor>& teacher_weight, const std::optional<at::Tensor>& teacher_bias,
+                        const std::optional<at::Tensor>& topk_values, const std::optional<at::Tensor>& topk_indices,
+                        const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& num_items,
+                        const std::optional<at::Tensor>& grad_rows, const FusedLinearOptions& o) {
+  check_linear_args(hidden, weight, bias, "student_hidden", "student_weight", "student_bias");
+  const int64_t rows = hidden.size(0), vocab = weight.size(0), width = hidden.size(1);
+  const at::Device device = hidden.device();
+  const int kinds = int(teacher_logits.has_value()) + int(teacher_hidden.has_value()) + int(topk_values.has_value());
+  FASTKD_CHECK_ARG(kinds == 1, "teacher",
+                   "expected exactly one of: dense teacher logits, a teacher head, a top-k teacher; got ", kinds);
+  const Divergence div = parse_divergence(o.divergence);
+  const Reduction red = parse_reduction(o.reduction);
+  FASTKD_CHECK_ARG(div == Divergence::KL || div == Divergence::ReverseKL || div == Divergence::JSD, "divergence",
+                   "the fused linear head supports 'kl', 'reverse_kl' and 'jsd', got '", o.divergence, "'");
+  FASTKD_CHECK_ARG(std::isfinite(o.temperature) && o.temperature > 0.0, "temperature",
+                   "expected a finite value > 0, got ", o.temperature);
+  FASTKD_CHECK_ARG(div != Divergence::JSD || (o.beta > 0.0 && o.beta < 1.0), "beta",
+                   "the 'jsd' kernel expects 0 < beta < 1 (beta 0 and 1 are 'kl' and 'reverse_kl'), got ", o.beta);
+  FASTKD_CHECK_ARG(std::isfinite(o.soft_weight), "soft_weight", "expected a finite value, got ", o.soft_weight);
+  FASTKD_CHECK_ARG(std::isfinite(o.hard_weight), "hard_weight", "expected a finite value, got ", o.hard_weight);
+  FASTKD_CHECK_ARG(o.chunk_size >= 1, "chunk_size", "expected a value >= 1, got ", o.chunk_size);
+  const bool hard = o.hard_weight != 0.0;
+  FASTKD_CHECK_ARG(!hard || labels.has_value(), "labels", "class targets are required by the cross-entropy part");
+  const bool topk = topk_values.has_value();
+  FASTKD_CHECK_ARG(!o.grad_bias || bias.has_value(), "student_bias", "a bias gradient was asked for without a bias");
+
+  // The teacher: its vocabulary (at most the student's: the extra student columns are entries the teacher
+  // gives probability 0) and element type.
+  int64_t teacher_vocab = vocab;
+  at::ScalarType teacher_dtype = hidden.scalar_type();
+  if (teacher_logits.has_value()) {
+    const at::Tensor& t = *teacher_logits;
+    check_logits_arg(t, "teacher_logits");
+    FASTKD_CHECK_ARG(t.size(0) == rows, "teacher_logits", "expected ", rows, " rows (the student's), got ", t.size(0));
+    FASTKD_CHECK_ARG(t.device() == device, "teacher_logits", "expected device ", device, ", got ", t.device());
+    teacher_vocab = t.size(1);
+    teacher_dtype = t.scalar_type();
+  } else if (teacher_hidden.has_value()) {
+    FASTKD_CHECK_ARG(teacher_weight.has_value(), "teacher_weight", "a teacher head needs its weight");
+    check_linear_args(*teacher_hidden, *teacher_weight, teacher_bias, "teacher_hidden", "teacher_weight",
+                      "teacher_bias");
+    FASTKD_CHECK_ARG(teacher_hidden->size(0) == rows, "teacher_hidden", "expected ", rows,
+                     " rows (the student's), got ", teacher_hidden->size(0));
+    FASTKD_CHECK_ARG(teacher_hidden->device() == device, "teacher_hidden", "expected device ", device, ", got ",
+                     teacher_hidden->device());
+    teacher_vocab = teacher_weight->size(0);
+    teacher_dtype = teacher_hidden->scalar_type();
+  } else {
+    FASTKD_CHECK_ARG(topk_indices.has_value(), "teacher_topk_indices", "a top-k teacher needs its indices");
+    check_topk_args(*topk_values, *topk_indices, rows, vocab, device);
+    FASTKD_CHECK_ARG(div == Divergence::KL, "divergence", "a top-k teacher supports 'kl' only, got '", o.divergence,
+                     "'");
+    FASTKD_CHECK_ARG(!hard, "hard_weight",
+                     "the fused cross-entropy needs a dense teacher or a teacher head; with a top-k teacher add the "
+                     "cross-entropy separately");
+    FASTKD_CHECK_ARG(!o.tail_bucket || o.values_are_logprobs, "tail",
+                     "a tail bucket needs log-probabilities (values_are='logprobs'): logits give no tail mass");
+    teacher_dtype = topk_values->scalar_type();
+  }
+  FASTKD_CHECK_ARG(teacher_vocab >= 1 && teacher_vocab <= vocab, "teacher",
+                   "the teacher's vocabulary must not be larger than the student's (", vocab, "), got ", teacher_vocab);
+
+  const at::ScalarType out_dtype = at::promote_types(hidden.scalar_type(), teacher_dtype);
+  const bool any_double = out_dtype == at::kDouble;
+  const at::ScalarType acc_dtype = any_double ? at::kDouble : at::kFloat;
+  // Element types the kernels read: logits in the student's dtype where the kernels have that pair.
+  at::ScalarType logit_dtype, teacher_buf_dtype;
+  if (topk) {
+    logit_dtype = any_double ? at::kDouble : hidden.scalar_type();
+    teacher_buf_dtype = acc_dtype;
+  } else {
+    std::tie(logit_dtype, teacher_buf_dtype) = kd_compute_types(hidden.scalar_type(), teacher_dtype);
+  }
+
+  at::Tensor labels_l = prepare_labels(labels, hidden, rows);
+  if (hard) check_targets_in_range(labels_l, o.ignore_index, vocab);
+  at::Tensor count = prepare_count(num_items, labels_l, o.ignore_index, hidden);
+  // Always a tensor: the kernels see one chunk at a time, and without it they would divide by its rows.
+  if (!count.defined()) count = at::scalar_tensor(static_cast<double>(rows), hidden.options().dtype(at::kDouble));
+  const double host_n = device.is_cpu() ? count.item<double>() : 0.0;
+
+  at::Tensor row_weights;  // reduction "none": the upstream gradient of each row's loss
+  if (grad_rows.has_value()) {
+    FASTKD_CHECK_ARG(red == Reduction::None, "grad_rows", "per-row upstream gradients need reduction 'none'");
+    FASTKD_CHECK_ARG(grad_rows->dim() == 1 && grad_rows->size(0) == rows && grad_rows->device() == device,
+                     "grad_rows", "expected a [", rows, "] tensor on ", device, ", got ", grad_rows->sizes(), " on ",
+                     grad_rows->device());
+    row_weights = grad_rows->to(hidden.scalar_type());
+  }
+
+  at::Tensor values_s, indices_s;
+  int64_t k = 0;
+  if (topk) {
+    std::tie(values_s, indices_s) =
+        topk_sorted_teacher(*topk_values, *topk_indices, labels_l, o.ignore_index, vocab, any_double);
+    k = values_s.size(1);
+  }
+
+  auto opts = hidden.options();
+  at::Tensor row_soft = at::zeros({rows}, opts.dtype(acc_dtype));
+  at::Tensor row_hard = at::zeros({hard ? rows : 0}, opts.dtype(acc_dtype));
+  const bool need_grad = o.grad_hidden || o.grad_weight || o.grad_bias;
+  at::Tensor grad_hidden = o.grad_hidden ? at::empty({rows, width}, opts) : at::empty({0}, opts);
+  at::Tensor grad_weight_acc = o.grad_weight ? at::zeros({vocab, width}, opts.dtype(acc_dtype)) : at::Tensor();
+  at::Tensor grad_bias_acc = o.grad_bias ? at::zeros({vocab}, opts.dtype(acc_dtype)) : at::Tensor();
+
+  const int64_t chunk = std::max<int64_t>(1, std::min(o.chunk_size, rows));
+  at::Tensor logits_buf = rows > 0 ? at::empty({chunk, vocab}, opts.dtype(logit_dtype)) : at::Tensor();
+  // The teacher's logits go through a buffer when they are computed (teacher head), padded (a smaller
+  // teacher vocabulary: the extra columns stay -inf), converted or strided; a dense teacher that the kernels
+  // can read as is is only sliced.
+  const bool dense_as_is = teacher_logits.has_value() && teacher_vocab == vocab &&
+                           teacher_logits->scalar_type() == teacher_buf_dtype && teacher_logits->stride(1) == 1;
+  at::Tensor teacher_buf;
+  if (!topk && !dense_as_is && rows > 0) {
+    teacher_buf = at::full({chunk, vocab}, -std::numeric_limits<double>::infinity(), opts.dtype(teacher_buf_dtype));
+  }
+
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t n = std::min(chunk, rows - r0);
+    const at::Tensor h = hidden.narrow(0, r0, n);
+    at::Tensor logits = logits_buf.narrow(0, 0, n);
+    linear_into(logits, h, weight, bias);
+    const int64_t* chunk_labels = labels_l.defined() ? labels_l.data_ptr<int64_t>() + r0 : nullptr;
+    if (topk) {
+      TopkCall c;
+      c.student = logits;
+      TopkParams& p = c.p;
+      p.student = logits.data_ptr();
+      p.values = values_s.narrow(0, r0, n).data_ptr();
+      p.indices = indices_s.narrow(0, r0, n).data_ptr<int64_t>();
+      p.labels = chunk_labels;
+      p.count = count.data_ptr<double>();
+      p.grad_student = need_grad ? logits.data_ptr() : nullptr;  // in place
+      p.row_soft = row_soft.narrow(0, r0, n).data_ptr();
+      p.rows = n;
+      p.vocab = vocab;
+      p.k = k;
+      p.student_row_stride = logits.stride(0);
+      p.ignore_index = o.ignore_index;
+      p.inv_temperature = 1.0 / o.temperature;
+      p.loss_factor = o.scale_by_temperature ? o.temperature * o.temperature : 1.0;
+      p.values_are_logprobs = o.values_are_logprobs;
+      p.tail_bucket = o.tail_bucket && k < vocab;
+      p.reduction = red;
+      B::topk(c, host_n);
+    } else {
+      at::Tensor t;
+      if (dense_as_is) {
+        t = teacher_logits->narrow(0, r0, n);
+      } else {
+        t = teacher_buf.narrow(0, 0, n);
+        at::Tensor dst = t.narrow(1, 0, teacher_vocab);
+        if (teacher_logits.has_value()) dst.copy_(teacher_logits->narrow(0, r0, n));
+        else linear_into(dst, teacher_hidden->narrow(0, r0, n), *teacher_weight, teacher_bias);
+      }
+      KdCall c;
+      c.student = logits;
+      c.teacher = t;
+      KdParams& p = c.p;
+      p.student = logits.data_ptr();
+      p.teacher = t.data_ptr();
+      p.labels = chunk_labels;
+      p.count = count.data_ptr<double>();
+      p.grad_student = need_grad ? logits.data_ptr() : nullptr;  // in place
+      p.row_soft = row_soft.narrow(0, r0, n).data_ptr();
+      p.row_hard = hard ? row_hard.narrow(0, r0, n).data_ptr() : nullptr;
+      p.rows = n;
+      p.vocab = vocab;
+      p.student_row_stride = logits.stride(0);
+      p.teacher_row_stride = t.stride(0);
+      p.ignore_index = o.ignore_index;
+      p.inv_temperature = 1.0 / o.temperature;
+      p.loss_factor = o.scale_by_temperature ? o.temperature * o.temperature : 1.0;
+      p.beta = o.beta;
+      p.alpha = 0.0;
+      p.soft_weight = o.soft_weight;
+      p.hard_weight = o.hard_weight;
+      p.hard = hard;
+      p.divergence = div;
+      p.reduction = red;
+      B::response(c, host_n);
+    }
+    if (!need_grad) continue;
+
+    // logits now holds d(loss) / d(logits) of these rows.
+    const at::Tensor g = logits.scalar_type() == hidden.scalar_type() ? logits : logits.to(hidden.scalar_type());
+    const at::Tensor w = row_weights.defined() ? row_weights.narrow(0, r0, n).unsqueeze(1) : at::Tensor();
+    if (o.grad_hidden) {
+      at::Tensor out = grad_hidden.narrow(0, r0, n);
+      at::mm_out(out, g, weight);
+      if (w.defined()) out.mul_(w);
+    }
+    if (o.grad_weight) B::add_weight_grad(grad_weight_acc, g, w.defined() ? h * w : h);
+    if (o.grad_bias) {
+      if (w.defined()) grad_bias_acc.addmv_(g.t().to(acc_dtype), w.squeeze(1).to(acc_dtype));
+      else grad_bias_acc.add_(g.sum(0, false, acc_dtype));
+    }
+  }
+
+  auto [loss, soft, hard_part] = finish_parts(row_soft, row_hard, hard, count, red, rows, vocab, o.soft_weight,
+                                              o.hard_weight, out_dtype);
+  at::Tensor grad_weight = o.grad_weight ? grad_weight_acc.to(weight.scalar_type()) : at::empty({0}, weight.options());
+  at::Tensor grad_bias = o.grad_bias ? grad_bias_acc.to(hidden.scalar_type()) : at::empty({0}, opts);
+  return {loss, soft, hard_part, grad_hidden, grad_weight, grad_bias};
+}
+
+}  // namespace fastkd

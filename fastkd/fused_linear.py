@@ -1,0 +1,170 @@
+"""LLM-scale distillation through the student's linear head, without ever holding the full logits.
+
+:func:`fused_linear_kd_loss` takes the student's last hidden states and lm_head instead of its logits. The
+operator ``torch.ops.fastkd.fused_linear_kd_forward`` processes the tokens in chunks of ``chunk_size`` rows:
+
+1. the chunk's student logits, ``hidden @ weight.T + bias``, by one GEMM into a ``[chunk_size, V]`` buffer (and
+   the teacher's, for a :class:`fastkd.TeacherHead`);
+2. the fused response kernel of :func:`fastkd.kd_loss` / :func:`fastkd.reverse_kl_loss` /
+   :func:`fastkd.jsd_loss` (or of :func:`fastkd.topk_kd_loss`) computes each row's loss and overwrites the
+   logits with their gradient;
+3. GEMMs give the gradients of the hidden states, of the weight and of the bias (accumulated in float32).
+
+Peak extra memory is ``O(chunk_size * V)`` plus the weight gradient, never ``O(tokens * V)``: at 4096 tokens
+and V = 32000 the eager composition (matmul + loss) holds several fp32 ``[4096, 32000]`` tensors of 0.5 GB.
+The gradients are computed in the forward pass (the logits exist one chunk at a time) and handed to
+autograd; ``loss.backward()`` then costs nothing more.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from fastkd import _validation as v
+from fastkd import reference
+from fastkd.functional import NumItems, _num_items_tensor, _use_kernels
+from fastkd.outputs import LossParts
+from fastkd.teachers import TeacherHead, TopKTeacher
+
+__all__ = ["fused_linear_kd_loss", "default_chunk_size", "TeacherHead", "TopKTeacher"]
+
+Teacher = Union[torch.Tensor, TeacherHead, TopKTeacher]
+
+# Elements of one [chunk_size, V] logits buffer chosen by default. CPU: 16M (64 MB in float32). CUDA: 64M
+# (128 MB in bf16): every chunk reads and writes the whole float32 weight-gradient accumulator (V x H), so
+# on a GPU the chunks must be long enough (~500 rows at V = 128k) for the GEMMs, not that traffic, to dominate.
+_CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 26}
+
+
+def default_chunk_size(rows: int, vocab: int, device: Union[str, torch.device] = "cpu") -> int:
+    """The rows per chunk used when ``chunk_size`` is None: about 16M logits per chunk on the CPU (64 MB in
+    float32) and 64M on a GPU, a multiple of 8 rows where possible, at most ``rows``. Large enough for the
+    GEMMs to run at full speed, far below the memory of the full logits."""
+    budget = _CHUNK_ELEMENTS.get(torch.device(device).type, _CHUNK_ELEMENTS["cuda"])
+    chunk = max(1, budget // max(1, vocab))
+    if chunk >= 8:
+        chunk -= chunk % 8
+    return max(1, min(chunk, rows))
+
+
+def _rows(x: Optional[torch.Tensor], last: bool = True) -> Optional[torch.Tensor]:
+    if x is None:
+        return None
+    return x.reshape(-1, x.shape[-1]) if last else x.reshape(-1)
+
+
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher: Teacher,
+    *,
+    student_bias: Optional[torch.Tensor] = None,
+    loss: str = "kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    hard_label_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    reduction: str = "batchmean",
+    chunk_size: Optional[int] = None,
+    scale_by_temperature: bool = False,
+    num_items_in_batch: NumItems = None,
+    return_parts: bool = False,
+) -> Union[torch.Tensor, LossParts]:
+    r"""Distillation loss of a student given by its hidden states and linear head, fused and chunked:
+
+    .. math:: \text{soft\_weight} \cdot D\big(\mathrm{teacher},\ \mathrm{softmax}((h W^T + b) / T)\big)
+              + \text{hard\_label\_weight} \cdot \mathrm{CE}(h W^T + b,\ \text{labels})
+
+    equal (to float tolerance, for any ``chunk_size``) to computing ``logits = F.linear(student_hidden,
+    student_weight, student_bias)`` and then the matching fastkd loss on them (the composition
+    ``fastkd.reference.fused_linear_kd_loss`` spells out), without ever holding the ``[tokens, V]`` logits.
+
+    Args:
+        student_hidden: ``[..., H]`` last hidden states; every leading index is a token (a row).
+        student_weight: ``[V, H]`` the student's lm_head weight (same dtype as the hidden states).
+        teacher: one of
+
+            * dense teacher logits ``[..., V_t]`` (e.g. precomputed under ``torch.no_grad()``);
+            * :class:`fastkd.TeacherHead` ``(hidden [..., H_t], weight [V_t, H_t], bias=None)``: the teacher's
+              logits are computed chunk by chunk as well;
+            * :class:`fastkd.TopKTeacher` ``(values, indices, values_are="logits", tail="renormalize")``: a cached
+              sparse teacher, as :func:`fastkd.topk_kd_loss` (``loss="kl"`` only).
+
+            The teacher gets no gradient: its tensors are used as constants. Its vocabulary ``V_t`` may be
+            smaller than the student's (tokenizers padded to different sizes): the student's extra columns
+            ``V_t..V-1`` are treated as entries the teacher gives probability 0. They still take part in the
+            student's softmax, so the student learns to put no mass there. ``reverse_kl`` is then infinite and
+            refused: slice the student's head to the teacher's vocabulary instead.
+        student_bias: ``[V]`` or None.
+        loss: ``"kl"`` (forward KL, :func:`fastkd.kd_loss`), ``"reverse_kl"`` (:func:`fastkd.reverse_kl_loss`) or
+            ``"jsd"`` (the generalized JSD of :func:`fastkd.jsd_loss` with mixing weight ``beta``; ``beta`` 0 and
+            1 are forward and reverse KL, as in TRL).
+        beta: JSD mixing weight in ``[0, 1]`` (``loss="jsd"`` only).
+        temperature: softmax temperature ``T > 0`` of the distillation term (the cross-entropy uses ``T = 1``).
+        labels: integer ``[...]``: rows equal to ``ignore_index`` do not count (loss 0, gradient 0); with
+            ``hard_label_weight != 0`` they are the cross-entropy targets, in ``[0, V)``.
+        ignore_index: label value of ignored rows (prompt and padding tokens).
+        hard_label_weight: weight of the student's cross-entropy on ``labels``, computed in the same pass.
+        soft_weight: weight of the distillation term.
+        reduction: ``"batchmean"`` (sum over counted tokens / counted tokens, the default), ``"sum"``, ``"mean"``
+            (divides the distillation term by counted tokens * V, as :func:`fastkd.kd_loss`) or ``"none"``
+            (one value per token, shape ``[...]``).
+        chunk_size: tokens per chunk; None picks :func:`default_chunk_size` (about 16M logits per chunk on the
+            CPU, 64M on a GPU). The result does not depend on it beyond float rounding.
+        scale_by_temperature: multiply the KL-type terms by ``T^2`` (Hinton). Off by default, as in TRL and
+            Liger-Kernel; an error with ``"jsd"``, which has no ``T^2`` (as :func:`fastkd.jsd_loss`).
+        num_items_in_batch: divisor replacing the counted tokens in ``"batchmean"``/``"mean"`` (gradient
+            accumulation).
+        return_parts: return a :class:`fastkd.LossParts` ``(loss, soft, hard)``, the unweighted distillation
+            and cross-entropy terms detached, for logging.
+
+    Returns:
+        The loss in the promoted dtype of the student hidden states and the teacher (float32 accumulation).
+
+    Memory: one ``[chunk_size, V]`` logits buffer (in the student's dtype; a second one for a TeacherHead or a
+    padded teacher), the weight gradient accumulated in float32 (float64 for float64 input), and the
+    gradients themselves. With ``reduction="none"`` the gradients depend on each token's upstream gradient,
+    so they are computed in the backward pass by running the chunks again.
+    """
+    kind, _, t, b, hard, soft, n = v.check_fused_linear(
+        student_hidden, student_weight, teacher, student_bias, loss, beta, temperature, labels, ignore_index,
+        hard_label_weight, soft_weight, reduction, chunk_size, num_items_in_batch, scale_by_temperature)
+    if not _use_kernels():
+        return reference.fused_linear_kd_loss(
+            student_hidden, student_weight, teacher, student_bias=student_bias, loss=loss, beta=b, temperature=t,
+            labels=labels, ignore_index=ignore_index, hard_label_weight=hard, soft_weight=soft, reduction=reduction,
+            scale_by_temperature=scale_by_temperature, num_items_in_batch=n, return_parts=return_parts)
+
+    lead = student_hidden.shape[:-1]
+    hidden = _rows(student_hidden)
+    rows, vocab = hidden.shape[0], student_weight.shape[0]
+    divergence = loss
+    if loss == "jsd":
+        divergence = "kl" if b == 0.0 else "reverse_kl" if b == 1.0 else "jsd"
+    scale = bool(scale_by_temperature)
+    dense = _rows(teacher).detach() if kind == "dense" else None
+    t_hidden = t_weight = t_bias = values = indices = None
+    values_are_logprobs = tail_bucket = False
+    if kind == "head":
+        t_hidden = _rows(teacher.hidden).detach()
+        t_weight = teacher.weight.detach()
+        t_bias = None if teacher.bias is None else teacher.bias.detach()
+    elif kind == "topk":
+        values, indices = _rows(teacher.values), _rows(teacher.indices)
+        values_are_logprobs = teacher.values_are == "logprobs"
+        tail_bucket = teacher.tail == "bucket"
+    grad_on = torch.is_grad_enabled()
+    out, soft_part, hard_part, _, _, _ = torch.ops.fastkd.fused_linear_kd_forward(
+        hidden, student_weight, student_bias, dense, t_hidden, t_weight, t_bias, values, indices,
+        _rows(labels, last=False), _num_items_tensor(n), None, divergence, t, b, soft, hard, ignore_index,
+        reduction, scale, values_are_logprobs, tail_bucket,
+        default_chunk_size(rows, vocab, hidden.device) if chunk_size is None else int(chunk_size),
+        grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
+        grad_on and student_bias is not None and student_bias.requires_grad)
+    if reduction == "none":
+        out, soft_part, hard_part = out.reshape(lead), soft_part.reshape(lead), hard_part.reshape(lead)
+    return LossParts(out, soft_part, hard_part) if return_parts else out
