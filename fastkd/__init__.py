@@ -77,6 +77,7 @@ from fastkd.losses import (  # noqa: E402
     TVDLoss,
 )
 from fastkd.outputs import LossParts  # noqa: E402
+from fastkd import distributed  # noqa: E402,F401
 
 __version__ = "0.1.0"
 __all__ = [
@@ -119,6 +120,7 @@ __all__ = [
     "ConvReg",
     "LossParts",
     "reference",
+    "distributed",
     "build_info",
     "__version__",
 ]

@@ -1,0 +1,404 @@
+"""fastkd.distributed.vocab_parallel_kd_loss on 2 and 3 gloo ranks against the single-process losses on the
+gathered logits (float64), DistributedDataParallel training with fastkd losses against single-process
+training, and argument checks.
+
+The multi-process tests spawn one group of processes per world size (module-scoped fixtures): every worker
+runs all the scenarios, saves its results with torch.save, and the tests compare them in the parent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+import zlib
+from typing import Dict, Optional, Tuple
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import assert_close
+from torch import nn
+
+import fastkd
+from fastkd.distributed import vocab_parallel_kd_loss
+
+needs_gloo = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is not available in this PyTorch build",
+)
+
+VOCAB = 13
+SPLITS = {2: (7, 6), 3: (5, 5, 3)}  # uneven vocabulary slices, in rank order
+KINDS = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.0), ("jsd", 1.0)]
+REDUCTIONS = ["batchmean", "sum", "mean", "none"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# scenarios: deterministic inputs rebuilt identically in the workers and in the parent
+# --------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    loss: str
+    beta: float
+    reduction: str
+    lead: Tuple[int, ...] = (2, 3)  # the rows' shape: (2, 3) is [B, T, V] input
+    temperature: float = 2.0
+    scale: bool = False
+    labels: str = "none"  # "none", "some" (a few rows ignored) or "all" (every row ignored)
+    ignore_index: int = -100
+    dtype: torch.dtype = torch.float64
+    teacher_dtype: Optional[torch.dtype] = None
+    pad: str = "none"  # "none", "last_shard" (last rank's slice -inf on both sides), "empty_row", "nan"
+    split: Optional[Tuple[int, ...]] = None  # default: SPLITS[world]
+
+
+def _kind_name(loss, beta):
+    return f"jsd{beta}" if loss == "jsd" else loss
+
+
+def _cases(world: int) -> Dict[str, Case]:
+    cases = []
+    for loss, beta in KINDS:
+        k = _kind_name(loss, beta)
+        scale = loss != "jsd"
+        for red in REDUCTIONS:
+            # [B, T, V], ignored rows, T^2 where it applies
+            cases.append(Case(f"{k}-{red}-3d-labels", loss, beta, red, scale=scale, labels="some"))
+            # [N, V], no labels, another temperature, bare divergence
+            cases.append(Case(f"{k}-{red}-2d", loss, beta, red, lead=(5,), temperature=0.7))
+        for red in ("batchmean", "none"):
+            cases.append(Case(f"{k}-{red}-float32", loss, beta, red, scale=scale, labels="some", dtype=torch.float32))
+            cases.append(Case(f"{k}-{red}-all-masked", loss, beta, red, labels="all"))
+            cases.append(Case(f"{k}-{red}-padded-shard", loss, beta, red, labels="some", pad="last_shard"))
+            cases.append(Case(f"{k}-{red}-empty-row", loss, beta, red, lead=(4,), pad="empty_row"))
+            if world == 3:
+                cases.append(Case(f"{k}-{red}-zero-width-shard", loss, beta, red, split=(8, 0, 5)))
+        cases.append(Case(f"{k}-none-nan-logits", loss, beta, "none", lead=(5,), labels="some", pad="nan"))
+    cases.append(Case("kl-mean-ignore-index-7", "kl", 0.5, "mean", labels="some", ignore_index=7))
+    cases.append(Case("kl-sum-bf16-student", "kl", 0.5, "sum", scale=True, dtype=torch.bfloat16,
+                      teacher_dtype=torch.float32))
+    return {c.name: c for c in cases}
+
+
+def _out_dtype(case: Case) -> torch.dtype:
+    return torch.promote_types(case.dtype, case.teacher_dtype or case.dtype)
+
+
+def _inputs(case: Case):
+    """Full student/teacher logits [*lead, VOCAB] in their dtypes, labels or None, and the loss's incoming
+    gradient (rounded to the loss dtype, so both sides use the same numbers)."""
+    g = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))
+    shape = case.lead + (VOCAB,)
+    s = torch.randn(shape, generator=g, dtype=torch.float64) * 3.0
+    t = torch.randn(shape, generator=g, dtype=torch.float64) * 3.0
+    if case.pad == "last_shard":
+        pad = torch.zeros(VOCAB, dtype=torch.bool)
+        pad[7:] = True  # the whole last slice in both worlds (7/6 and 5/5/3): padded vocabulary
+        pad[1] = True  # and one masked entry inside the first slice
+        s[..., pad] = -math.inf
+        t[..., pad] = -math.inf
+    if case.pad == "empty_row":
+        s[1] = -math.inf
+        t[1] = -math.inf
+    if case.pad == "nan":  # rows 0 and 3 are ignored (below); rows 1 and 4 are NAN_ROWS
+        t[0, 2] = math.nan
+        t[1, 9] = math.inf
+        s[4, 11] = math.nan
+    labels = None
+    if case.labels != "none":
+        labels = torch.randint(0, VOCAB, case.lead, generator=g)
+        if case.labels == "all":
+            labels.fill_(case.ignore_index)
+        else:
+            flat = labels.view(-1)
+            flat[0] = case.ignore_index
+            flat[-2] = case.ignore_index
+    if case.reduction == "none":
+        grad_out = torch.rand(case.lead, generator=g, dtype=torch.float64) + 0.5
+    else:
+        grad_out = torch.tensor(0.75, dtype=torch.float64)
+    return (s.to(case.dtype), t.to(case.teacher_dtype or case.dtype), labels, grad_out.to(_out_dtype(case)))
+
+
+def _bounds(case: Case, world: int, rank: int) -> Tuple[int, int]:
+    split = case.split or SPLITS[world]
+    lo = sum(split[:rank])
+    return lo, lo + split[rank]
+
+
+NAN_ROWS = torch.tensor([False, True, False, False, True])  # the counted rows of the "nan" cases with a bad logit
+
+
+def _single_process(case: Case):
+    """The single-process fastkd loss of the gathered logits, in float64: (loss, student gradient)."""
+    s, t, labels, grad_out = _inputs(case)
+    s, t = s.double(), t.double()
+    if case.pad == "empty_row":
+        # fastkd's single-process losses give NaN for a row that is -inf everywhere; vocab_parallel_kd_loss
+        # gives 0 with a zero gradient there, which is the value of a row with student == teacher
+        s[1] = 0.0
+        t[1] = 0.0
+    s.requires_grad_(True)
+    kw = dict(labels=labels, ignore_index=case.ignore_index, reduction=case.reduction)
+    if case.loss == "kl":
+        loss = fastkd.kd_loss(s, t, case.temperature, scale_by_temperature=case.scale, **kw)
+    elif case.loss == "reverse_kl":
+        loss = fastkd.reverse_kl_loss(s, t, case.temperature, scale_by_temperature=case.scale, **kw)
+    else:
+        # vocab_parallel_kd_loss's "batchmean" always divides by the rows (no TRL batch-size convention)
+        rows = math.prod(case.lead) if case.reduction == "batchmean" and labels is None else None
+        loss = fastkd.jsd_loss(s, t, beta=case.beta, temperature=case.temperature, num_items_in_batch=rows, **kw)
+    loss.backward(grad_out.double())
+    return loss.detach(), s.grad
+
+
+# --------------------------------------------------------------------------------------------------------
+# DDP scenario: a tiny student distilled from a fixed random teacher with per-sample-mean fastkd losses
+# --------------------------------------------------------------------------------------------------------
+DDP_BATCH, DDP_STEPS, DDP_LR = 8, 4, 0.5
+
+
+class _Net(nn.Module):
+    """x [N, 6] -> (feature map [N, 4, 2, 2], logits [N, 10])."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(6, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return h.reshape(x.shape[0], 4, 2, 2), self.head(h)
+
+
+def _ddp_setup():
+    with torch.random.fork_rng():  # the same initial weights in every process, without touching the global RNG
+        torch.manual_seed(0)
+        student = _Net().double()
+        teacher = _Net().double().requires_grad_(False)
+    x = torch.randn(DDP_BATCH, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return student, teacher, x
+
+
+def _train(model: nn.Module, teacher: nn.Module, x: torch.Tensor):
+    """DDP_STEPS SGD steps on kd_loss(T=4) + 10 * at_loss + hint_loss; returns the loss of every step."""
+    opt = torch.optim.SGD(model.parameters(), lr=DDP_LR)
+    losses = []
+    for _ in range(DDP_STEPS):
+        with torch.no_grad():
+            f_t, z_t = teacher(x)
+        f_s, z_s = model(x)
+        loss = fastkd.kd_loss(z_s, z_t, temperature=4.0) + 10.0 * fastkd.at_loss(f_s, f_t) + fastkd.hint_loss(f_s, f_t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _ddp_run(rank: int, world: int):
+    student, teacher, x = _ddp_setup()
+    initial = {k: p.detach().clone() for k, p in student.named_parameters()}
+    model = nn.parallel.DistributedDataParallel(student)
+    half = DDP_BATCH // world
+    losses = _train(model, teacher, x[rank * half:(rank + 1) * half])
+    final = {k: p.detach().clone() for k, p in student.named_parameters()}
+    return {"initial": initial, "final": final, "losses": losses}
+
+
+# --------------------------------------------------------------------------------------------------------
+# workers
+# --------------------------------------------------------------------------------------------------------
+def _run_case(case: Case, world: int, rank: int):
+    s, t, labels, grad_out = _inputs(case)
+    lo, hi = _bounds(case, world, rank)
+    s_shard = s[..., lo:hi].clone().requires_grad_(True)
+    t_shard = t[..., lo:hi].clone().requires_grad_(True)  # the teacher is a constant even if it requires grad
+    loss = vocab_parallel_kd_loss(
+        s_shard, t_shard, loss=case.loss, beta=case.beta, temperature=case.temperature, labels=labels,
+        ignore_index=case.ignore_index, reduction=case.reduction, scale_by_temperature=case.scale,
+    )
+    loss.backward(grad_out)
+    return {"loss": loss.detach(), "grad": s_shard.grad, "teacher_grad": t_shard.grad}
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str, with_ddp: bool):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        results = {"cases": {name: _run_case(c, world, rank) for name, c in _cases(world).items()}}
+        if with_ddp:
+            results["ddp"] = _ddp_run(rank, world)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+_RESULTS: Dict[int, object] = {}
+
+
+def _results(world: int, tmp_path_factory) -> list:
+    """Spawns `world` gloo processes once per world size; returns each rank's results. A failed run is not
+    retried by every test: its error is re-raised."""
+    if world not in _RESULTS:
+        out = tmp_path_factory.mktemp(f"dist{world}")
+        try:
+            with pytest.MonkeyPatch.context() as mpatch:
+                mpatch.setenv("OMP_NUM_THREADS", "1")
+                mp.spawn(_worker, args=(world, str(out / "init"), str(out), world == 2), nprocs=world, join=True)
+            _RESULTS[world] = [torch.load(out / f"rank{r}.pt") for r in range(world)]
+        except Exception as e:  # noqa: BLE001 - re-raised below, and by every later test of this world size
+            _RESULTS[world] = e
+    if isinstance(_RESULTS[world], Exception):
+        raise RuntimeError(f"the {world}-process run failed") from _RESULTS[world]
+    return _RESULTS[world]
+
+
+def _params(world):
+    return [pytest.param(world, name, id=f"world{world}-{name}") for name in _cases(world)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# vocab_parallel_kd_loss == the single-process loss of the gathered logits
+# --------------------------------------------------------------------------------------------------------
+@needs_gloo
+@pytest.mark.parametrize("world,name", _params(2) + _params(3))
+def test_vocab_parallel_matches_single_process(world, name, tmp_path_factory):
+    case = _cases(world)[name]
+    per_rank = [r["cases"][name] for r in _results(world, tmp_path_factory)]
+    expected, expected_grad = _single_process(case)
+
+    loss = per_rank[0]["loss"]
+    for rank, res in enumerate(per_rank):
+        torch.testing.assert_close(res["loss"], loss, rtol=0, atol=0, equal_nan=True,
+                                   msg=f"rank {rank} has a different loss than rank 0")
+        assert res["teacher_grad"] is None, "the teacher shard must not receive a gradient"
+        assert res["grad"].dtype == case.dtype
+        assert res["grad"].shape == case.lead + (_bounds(case, world, rank)[1] - _bounds(case, world, rank)[0],)
+    grad = torch.cat([res["grad"] for res in per_rank], dim=-1)
+    assert loss.dtype == _out_dtype(case)
+    assert loss.shape == expected.shape
+    if case.pad == "nan":
+        # a NaN or +inf logit on one rank makes its row NaN (value and gradient) everywhere, as single-process
+        assert torch.equal(expected.isnan(), NAN_ROWS)
+        assert torch.equal(loss.isnan(), NAN_ROWS)
+        assert grad[NAN_ROWS].isnan().all()
+        loss, expected, grad, expected_grad = (x[~NAN_ROWS] for x in (loss, expected, grad, expected_grad))
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+    if case.dtype == torch.float64:
+        loss_rtol, grad_rtol, atol = 1e-10, 1e-10, 1e-12
+    elif case.dtype == torch.float32:
+        loss_rtol, grad_rtol, atol = 1e-5, 1e-5, 1e-7
+    else:  # bfloat16 student, float32 computation: only the gradient is rounded (to 8 significant bits)
+        loss_rtol, grad_rtol, atol = 1e-5, 2.0**-8, 1e-7
+    assert_close(loss, expected, rtol=loss_rtol, atol=atol, what="loss")
+    assert_close(grad, expected_grad, rtol=grad_rtol, atol=atol, what="student gradient")
+
+    s, t, _, _ = _inputs(case)
+    if case.labels == "all":
+        assert (loss == 0).all(), "all rows ignored: the loss must be exactly 0"
+        assert (grad == 0).all(), "all rows ignored: the gradient must be exactly 0"
+    if case.pad in ("last_shard", "empty_row"):
+        both_inf = (s == -math.inf) & (t == -math.inf)
+        assert both_inf.any()
+        assert (grad[both_inf] == 0).all(), "entries -inf on both sides must get an exactly zero gradient"
+    if case.pad == "empty_row" and case.reduction == "none":
+        assert loss[1] == 0
+
+
+@needs_gloo
+def test_vocab_parallel_zero_gradient_on_masked_rows(tmp_path_factory):
+    # rows whose label is ignore_index get exactly zero gradient (not merely close to it), on every rank
+    for world in (2, 3):
+        for name, case in _cases(world).items():
+            if case.labels != "some":
+                continue
+            _, _, labels, _ = _inputs(case)
+            ignored = labels == case.ignore_index
+            for res in _results(world, tmp_path_factory):
+                assert (res["cases"][name]["grad"][ignored] == 0).all(), name
+                if case.reduction == "none":
+                    assert (res["cases"][name]["loss"][ignored] == 0).all(), name
+
+
+# --------------------------------------------------------------------------------------------------------
+# DistributedDataParallel with fastkd losses == single-process training on the whole batch
+# --------------------------------------------------------------------------------------------------------
+@needs_gloo
+def test_ddp_training_matches_single_process(tmp_path_factory):
+    ranks = [r["ddp"] for r in _results(2, tmp_path_factory)]
+    student, teacher, x = _ddp_setup()
+    initial = {k: p.detach().clone() for k, p in student.named_parameters()}
+    losses = _train(student, teacher, x)
+
+    assert losses[-1] < 0.9 * losses[0], f"training did not reduce the loss: {losses}"
+    # equal halves of per-sample-mean losses: the mean of the ranks' losses is the full-batch loss
+    for step in range(DDP_STEPS):
+        mean_of_ranks = sum(r["losses"][step] for r in ranks) / len(ranks)
+        assert mean_of_ranks == pytest.approx(losses[step], rel=1e-12, abs=1e-14), f"step {step}"
+    for name, p in student.named_parameters():
+        for rank, r in enumerate(ranks):
+            assert torch.equal(r["initial"][name], initial[name]), f"rank {rank} started from other parameters"
+            assert torch.equal(r["final"][name], ranks[0]["final"][name]), f"DDP ranks diverged on {name}"
+        assert (p.detach() - initial[name]).abs().max() > 1e-3, f"{name} did not move"
+        assert_close(ranks[0]["final"][name], p.detach(), rtol=1e-12, atol=1e-13, what=name)
+
+
+# --------------------------------------------------------------------------------------------------------
+# argument checks (in-process: arguments are checked before the process group is looked at)
+# --------------------------------------------------------------------------------------------------------
+def _shards(shape=(4, 5)):
+    return torch.randn(shape), torch.randn(shape)
+
+
+def test_exported():
+    assert "distributed" in fastkd.__all__
+    assert fastkd.distributed.vocab_parallel_kd_loss is vocab_parallel_kd_loss
+
+
+def test_requires_initialized_process_group():
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a default process group is initialized in this process")
+    s, t = _shards()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        vocab_parallel_kd_loss(s, t)
+
+
+@pytest.mark.parametrize(
+    "kwargs,shapes,error,match",
+    [
+        ({}, ((4, 5), (4, 6)), ValueError, r"teacher_logits_shard must have the student shard's shape \(4, 5\)"),
+        ({}, ((4, 5), (3, 5)), ValueError, "teacher_logits_shard must have the student shard's shape"),
+        ({"loss": "kld"}, None, ValueError, r"loss must be one of \('kl', 'reverse_kl', 'jsd'\), got 'kld'"),
+        ({"loss": "tvd"}, None, ValueError, "loss must be one of"),
+        ({"temperature": 0.0}, None, ValueError, "temperature must be finite and > 0"),
+        ({"temperature": -2.0}, None, ValueError, "temperature must be finite and > 0"),
+        ({"temperature": math.inf}, None, ValueError, "temperature must be finite and > 0"),
+        ({"temperature": math.nan}, None, ValueError, "temperature must be finite and > 0"),
+        ({"temperature": torch.tensor(2.0)}, None, TypeError, "temperature must be a Python number"),
+        ({"reduction": "avg"}, None, ValueError, "reduction must be one of"),
+        ({"labels": torch.zeros(5, dtype=torch.long)}, None, ValueError, r"labels must have shape \(4,\)"),
+        ({"labels": torch.zeros(4)}, None, TypeError, "labels must be an integer tensor"),
+        ({"ignore_index": 1.5}, None, TypeError, "ignore_index must be an int"),
+        ({"loss": "jsd", "beta": 1.5}, None, ValueError, r"beta must be finite and in \[0, 1\]"),
+        ({"loss": "jsd", "scale_by_temperature": True}, None, ValueError, "no T\\^2"),
+    ],
+)
+def test_bad_arguments(kwargs, shapes, error, match):
+    s_shape, t_shape = shapes or ((4, 5), (4, 5))
+    with pytest.raises(error, match=match):
+        vocab_parallel_kd_loss(torch.randn(s_shape), torch.randn(t_shape), **kwargs)
+
+
+def test_bad_logits_dtype():
+    s, t = _shards()
+    with pytest.raises(TypeError, match="student_logits_shard must be float32, float16, bfloat16 or float64"):
+        vocab_parallel_kd_loss(s.long(), t)
+    with pytest.raises(ValueError, match="student_logits_shard must have at least one dimension"):
+        vocab_parallel_kd_loss(torch.tensor(1.0), torch.tensor(1.0))
