@@ -4,8 +4,9 @@
 # 1. builds fastkd with CUDA against the torch installed there (no build isolation, nothing downloaded),
 # 2. runs the whole test suite (every test runs on cpu and cuda),
 # 3. runs compute-sanitizer memcheck and racecheck over the kernels on small inputs,
-# 4. runs the benchmark (eager, torch.compile, Liger-Kernel if installed, fastkd; the logit losses and the
-#    relation / feature losses RKD, SP, PKT, CC, AT with the RKD N sweep),
+# 4. runs the benchmark (eager, torch.compile, Liger-Kernel if installed, fastkd; the logit losses, the
+#    relation / feature losses RKD, SP, PKT, CC, AT with the RKD N sweep, and the LLM head: fused linear KD at
+#    8192 x 4096 x 128256 bf16 against Liger-Kernel's fused linear JSD, with its token sweep),
 # and writes everything into one report file (default: gpu_report.txt, or $OUT/gpu_report.txt when $OUT is set).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,8 @@ status=0
 
 section "machine"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; nvcc --version | tail -1; } 2>&1 | tee -a "$REPORT"
+# Liger-Kernel is benchmarked when importable (pip install liger-kernel beforehand; nothing is downloaded here)
+"$PY" -c "from importlib.metadata import version; print('liger-kernel', version('liger-kernel'))" 2>/dev/null | tee -a "$REPORT" || echo "liger-kernel not installed: no Liger-Kernel rows" | tee -a "$REPORT"
 
 section "build (FASTKD_CUDA=1)"
 cap=$("$PY" -c "import torch; m,n=torch.cuda.get_device_capability(); print(f'{m}.{n}')")
@@ -98,9 +101,10 @@ for tool in memcheck racecheck; do
 done
 
 section "benchmark"
-# eager baselines and fastkd compute the same relation losses on this device (fast; before the long run)
-"$PY" -m pytest -q -p no:cacheprovider benchmarks/test_bench_relation.py -k test_same_loss 2>&1 | tail -3 | tee -a "$REPORT" || status=1
-# every loss (logit losses, then RKD / RKD N sweep / SP / PKT / CC / AT) on its default CUDA shapes
+# eager baselines and fastkd compute the same relation and LLM-head losses on this device (fast; before the long run)
+"$PY" -m pytest -q -p no:cacheprovider benchmarks/test_bench_relation.py benchmarks/test_bench_fused_linear.py -k test_same_loss 2>&1 | tail -3 | tee -a "$REPORT" || status=1
+# every loss (logit losses, RKD / RKD N sweep / SP / PKT / CC / AT, then the LLM head and its token sweep, bf16)
+# on its default CUDA shapes
 "$PY" -m fastkd.bench --json "${REPORT%.txt}.json" 2>/dev/null | tee -a "$REPORT" || status=1
 "$PY" -m fastkd.bench --loss kd,jsd,reverse_kl,tvd --dtype bfloat16 --shapes 8192x128256,4096x32000 --no-compile 2>/dev/null | tee -a "$REPORT" || status=1
 

@@ -7,6 +7,8 @@ side by side in one run, with the memory-bandwidth floor and peak memory.
     fastkd-bench --loss relation       # rkd,rkd_sweep,sp,pkt,cc,at (--loss response: the logit losses)
     fastkd-bench --loss sp,at --shapes 128x256x8x8,64x2048x7x7
     fastkd-bench --loss rkd --shapes 512x2048,256x512:256x2048    # STUDENT:TEACHER shapes may differ
+    fastkd-bench --loss llm            # fused_linear,fused_linear_sweep: distillation through the lm_head
+    fastkd-bench --loss llm --llm-shape 2048x1024x32000 --llm-tokens 256,512,1024
 
 Columns: median time per fwd+bwd; speedup of fastkd over each baseline; effective bandwidth
 (student + teacher read once, gradient written once: 3 * N * V * itemsize bytes); ratio to the floor; peak
@@ -24,12 +26,29 @@ map). A call slower than --slow-s is timed once without warmup (the eager RKD: ~
 a 2-core CPU); an eager or compiled RKD whose estimated memory (N^2 x D and N^3 tensors) exceeds
 --mem-fraction of the RAM (GPU memory) is skipped. rkd_sweep runs fastkd's RKD alone over N (time ~ N^3,
 memory ~ N^2) with the ratio to the previous N.
+
+LLM distillation through the student's linear head (fused_linear; --llm-shape TOKENSxHIDDENxVOCAB, default
+4096x1024x32000 fp32 on the CPU, 8192x4096x128256 bf16 on a GPU; T = 1, forward KL, 1 token in 10 ignored):
+one step is the fwd+bwd from the hidden states and the lm_head weight (both requiring grad) against dense
+teacher logits [tokens, V], to the gradients of both. Eager (logits = h W^T, then the TRL / DistillKit KL),
+its torch.compile, fastkd.kd_loss on the full logits ('fastkd unfused') and fastkd.fused_linear_kd_loss
+('fastkd fused'); on a GPU also the teacher given as hidden states + lm_head, the form Liger-Kernel takes:
+Liger-Kernel's fused linear JSD with beta = 0 (forward KL; Triton, and its chunked torch.compile loss) when
+installed, and fastkd with a fastkd.TeacherHead ('fastkd head'). Peak MB excludes the inputs (hidden states,
+weights, teacher logits) and includes the gradients; the floor is the three GEMMs alone (logits, hidden-state
+gradient, weight gradient). fused_linear_sweep runs eager and fastkd fused over the token counts of
+--llm-tokens at the same HIDDEN x VOCAB: eager memory grows with the tokens, fastkd's stays at the weight
+gradient plus one chunk. The first call of each is a warmup and the peak-memory window; when it takes more
+than 1 s, 2 timed calls follow (the sweep: none, that call is timed), else --repeats. Baselines whose
+estimated memory (~6 [tokens, V] tensors for eager / torch.compile, 2 for fastkd unfused) exceeds the
+--mem-fraction budget are skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import math
 import platform
@@ -37,7 +56,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -85,15 +104,31 @@ RELATION_SHAPES = {
     },
 }
 RELATION_LOSSES = ("rkd", "rkd_sweep", "sp", "pkt", "cc", "at")
-ALL_LOSSES = LOSSES + RELATION_LOSSES
-LOSS_GROUPS = {"response": LOSSES, "relation": RELATION_LOSSES, "all": ALL_LOSSES}
+
+# LLM distillation through the student's lm_head (fastkd.fused_linear_kd_loss): TOKENSxHIDDENxVOCAB of the main
+# case, and the token counts of the sweep (at the same HIDDEN x VOCAB).
+LLM_SHAPES = {"cpu": "4096x1024x32000", "cuda": "8192x4096x128256"}
+LLM_SWEEP_TOKENS = {"cpu": "512,1024,2048,4096", "cuda": "1024,2048,4096,8192"}
+LLM_DTYPES = {"cpu": "float32", "cuda": "bfloat16"}  # unless --dtype
+LLM_LOSSES = ("fused_linear", "fused_linear_sweep")
+LLM_TEMPERATURE = 1.0  # TRL / DistillKit / Liger-Kernel: T = 1, no T^2 factor
+LLM_IGNORE_EVERY = 10  # every 10th token's label is IGNORE_INDEX (prompt and padding tokens)
+IGNORE_INDEX = -100
+LLM_SLOW_MS = 1000.0  # a first call slower than this is followed by LLM_SLOW_REPEATS timed calls at most
+LLM_SLOW_REPEATS = {"fused_linear": 2, "fused_linear_sweep": 0}  # 0: the first call is the one timed run
+# Estimated peak extra memory of the unfused baselines in [tokens, V] tensors of the input dtype (measured on the
+# CPU, fp32, V = 32000: eager 6.0 at 1024 and 2048 tokens); fastkd fused needs no guard.
+LLM_TOKENS_X_V = {"eager": 6, "torch.compile": 6, "fastkd unfused": 2}
+ALL_LOSSES = LOSSES + RELATION_LOSSES + LLM_LOSSES
+LOSS_GROUPS = {"response": LOSSES, "relation": RELATION_LOSSES, "llm": LLM_LOSSES, "all": ALL_LOSSES}
 DEFAULT_LOSSES = ALL_LOSSES
 # torch.compile baselines left out unless --slow-compile: compiling them takes minutes.
 SLOW_COMPILE = {
     "cc": "compiling the per-row Python loop unrolls N iterations: 7 min at N=256 on a 2-core CPU; "
           "--slow-compile",
 }
-MEM_FRACTION = 0.6  # eager / compiled RKD only where its estimated memory fits this fraction of RAM / GPU memory
+MEM_FRACTION = 0.6  # eager / compiled RKD and the unfused LLM-head baselines only where their estimated memory
+                    # fits this fraction of RAM / GPU memory
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -329,6 +364,73 @@ def _liger(name: str) -> Optional[Callable]:
     return None
 
 
+# LLM distillation through the student's lm_head: (hidden [tokens, H], weight [V, H], teacher_inputs, T) where
+# teacher_inputs is (teacher logits [tokens, V], labels [tokens], teacher hidden states, teacher lm_head weight);
+# the teacher's hidden states and weight are given only where a teacher-head implementation runs (GPU).
+def eager_fused_linear(h: torch.Tensor, w: torch.Tensor, inp: tuple, T: float) -> torch.Tensor:
+    """What TRL / DistillKit-style training code runs: the student's full logits h W^T, the forward KL(teacher ||
+    student) of the log-softmaxes per token, summed over the vocabulary, masked by the labels and divided by
+    the counted tokens. Peak extra memory ~ 6 [tokens, V] tensors."""
+    t, labels = inp[0], inp[1]
+    logits = h @ w.t()
+    per_token = F.kl_div(F.log_softmax(logits / T, dim=-1), F.log_softmax(t / T, dim=-1), reduction="none",
+                         log_target=True).sum(-1)
+    mask = labels != IGNORE_INDEX
+    return (per_token * mask).sum() / mask.sum()
+
+
+def fastkd_unfused_linear(h: torch.Tensor, w: torch.Tensor, inp: tuple, T: float) -> torch.Tensor:
+    """The full logits, then fastkd's fused KD kernel on them (the [tokens, V] logits and their gradient)."""
+    return fastkd.kd_loss(h @ w.t(), inp[0], T, labels=inp[1], ignore_index=IGNORE_INDEX, scale_by_temperature=False)
+
+
+def fastkd_fused_linear(h: torch.Tensor, w: torch.Tensor, inp: tuple, T: float) -> torch.Tensor:
+    """fastkd.fused_linear_kd_loss at its default chunk size: never more than one chunk of the logits."""
+    return fastkd.fused_linear_kd_loss(h, w, inp[0], temperature=T, labels=inp[1], ignore_index=IGNORE_INDEX)
+
+
+def fastkd_fused_linear_head(h: torch.Tensor, w: torch.Tensor, inp: tuple, T: float) -> torch.Tensor:
+    """The teacher as hidden states + lm_head (its logits computed chunk by chunk too), as Liger-Kernel takes it."""
+    return fastkd.fused_linear_kd_loss(h, w, fastkd.TeacherHead(inp[2], inp[3]), temperature=T, labels=inp[1],
+                                       ignore_index=IGNORE_INDEX)
+
+
+def _error_text(e: BaseException) -> str:
+    """An exception as one short line for a "failed" row."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+
+
+def _liger_fused_linear(T: float) -> Dict[str, Union[Callable, str]]:
+    """Liger-Kernel's fused linear distillation (GPU only), each mapped to a step function or, where it cannot be
+    set up, to the reason: the Triton ``LigerFusedLinearJSD`` ("liger") and the chunked torch.compile
+    ``LigerFusedLinearJSDLoss`` ("liger chunked"), both with beta = 0, which is forward KL(teacher || student)
+    there. Both take the teacher as hidden states + lm_head, not as logits, so they compare with "fastkd head".
+    Their handling of ignored tokens differs between versions: the rows compare time and memory only."""
+    try:
+        import liger_kernel  # noqa: F401
+    except Exception:
+        return {"liger": "liger-kernel not installed"}
+    out: Dict[str, Union[Callable, str]] = {}
+    try:
+        from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+
+        jsd = LigerFusedLinearJSD(jsd_beta=0.0, ignore_index=IGNORE_INDEX, temperature=T)
+        out["liger"] = lambda h, w, inp, T: jsd(h, w, inp[2], inp[3], inp[1])
+    except Exception as e:
+        out["liger"] = _error_text(e)
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        chunked = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0,
+                                          ignore_index=IGNORE_INDEX, temperature=T)
+        # the bias arguments are required positionals in some versions and absent in others
+        bias = {k: None for k in ("student_bias", "teacher_bias") if k in inspect.signature(chunked.forward).parameters}
+        out["liger chunked"] = lambda h, w, inp, T: chunked(h, w, inp[2], inp[3], inp[1], **bias)
+    except Exception as e:
+        out["liger chunked"] = _error_text(e)
+    return out
+
+
 EAGER = {
     "kd": eager_kd,
     "reverse_kl": eager_reverse_kl,
@@ -356,6 +458,8 @@ LOSS_TITLES = {
     "pkt": "PKT (RepDistiller PKT / torchdistill PKTLoss)",
     "cc": "CC gaussian gamma=0.4 max_p=2 (torchdistill CCKDLoss, per-row loop)",
     "at": "attention transfer p=2 (RepDistiller Attention)",
+    "fused_linear": "LLM head: hidden states + lm_head -> forward KL vs dense teacher logits (TRL / DistillKit)",
+    "fused_linear_sweep": "LLM head over the tokens, H x V fixed (memory: eager ~ tokens x V, fastkd ~ H x V)",
 }
 TOPK_K = 64
 
@@ -485,7 +589,9 @@ class Row:
     skipped: Optional[str] = None  # e.g. "needs ~51 GB": the eager RKD beyond the memory budget
     timed_runs: Optional[int] = None
     time_vs_prev: Optional[float] = None  # rkd_sweep: ratio to the previous N (and the N^3 it should follow)
-    peak_vs_prev: Optional[float] = None
+    peak_vs_prev: Optional[float] = None  # fused_linear_sweep: the same impl at the previous token count
+    tokens_per_s: Optional[float] = None  # fused_linear*
+    peak_vs_eager: Optional[float] = None  # fused_linear*: peak extra memory / the eager step's
 
 
 @dataclass
@@ -500,7 +606,8 @@ class Report:
     floors_ms: Dict[str, float] = field(default_factory=dict)
     teacher_bytes: Dict[str, Dict[str, int]] = field(default_factory=dict)
     rows: List[Row] = field(default_factory=list)
-    memory_budget_gb: Optional[float] = None  # eager / compiled RKD above this estimate are skipped
+    memory_budget_gb: Optional[float] = None  # eager / compiled RKD, unfused LLM-head steps above it are skipped
+    llm_dtype: Optional[str] = None  # fused_linear*: their own default dtype (bfloat16 on a GPU)
 
 
 def _floor_ms(n: int, v: int, dtype: torch.dtype, device: str, repeats: int, reads_teacher: bool = True) -> float:
@@ -655,7 +762,7 @@ def _run_relation_case(report: Report, loss: str, s_shape: tuple, t_shape: tuple
             if peak is None:
                 peak = _peak_extra_bytes(one_step, device, trim=True)
         except Exception as e:
-            results[name] = _error_row(loss, shape, name, error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            results[name] = _error_row(loss, shape, name, error=_error_text(e))
             s.grad = None
             gc.collect()
             if device == "cuda":
@@ -675,6 +782,131 @@ def _run_relation_case(report: Report, loss: str, s_shape: tuple, t_shape: tuple
     return list(results.values())
 
 
+def _time_llm(fn: Callable[[], None], device: str, repeats: int, warmup: int, slow_repeats: int,
+              compiled: bool) -> tuple:
+    """Times one LLM-head step and takes its peak extra memory. A compiled function's first call (the
+    compilation), and on a GPU one call for cuBLAS workspaces and Triton autotuning, come first; the next call
+    is a warmup and the peak-memory window; when it took longer than LLM_SLOW_MS, at most ``slow_repeats``
+    timed calls follow (on the CPU each step takes seconds; with 0 that call is the one timed run), else
+    ``warmup - 1`` more warmups and ``repeats`` timed calls. Returns (times in ms, peak extra bytes or None)."""
+    for _ in range(1 if compiled or device == "cuda" else 0):
+        fn()
+    base = _peak_begin(device, trim=True)
+    first = _time_ms(fn, device, 1, 0)[0]
+    peak = _peak_end(device, base)
+    if first > LLM_SLOW_MS:
+        return (_time_ms(fn, device, min(repeats, slow_repeats), 0) if slow_repeats else [first]), peak
+    return _time_ms(fn, device, repeats, max(0, warmup - 1)), peak
+
+
+def _llm_floor_ms(n: int, h: int, v: int, dtype: torch.dtype, device: str, repeats: int, warmup: int) -> float:
+    """The GEMMs every fwd+bwd through the lm_head does, timed alone: the logits h W^T, the hidden states'
+    gradient dlogits W and the weight's gradient dlogits^T h."""
+    x = torch.randn(n, h, device=device).to(dtype)
+    w = torch.randn(v, h, device=device).to(dtype)
+    g = torch.randn(n, v, device=device).to(dtype)
+
+    def gemms():
+        torch.mm(x, w.t())
+        torch.mm(g, w)
+        torch.mm(g.t(), x)
+
+    times, _ = _time_llm(gemms, device, repeats, warmup, LLM_SLOW_REPEATS["fused_linear"], compiled=False)
+    return statistics.median(times)
+
+
+def _llm_inputs(n: int, h: int, v: int, dtype: torch.dtype, device: str, teacher_head: bool):
+    """The student's hidden states and lm_head weight (both requiring grad; logits of standard deviation ~2)
+    and the teacher side: (teacher logits [n, v], labels with every LLM_IGNORE_EVERY-th token ignored, and with
+    ``teacher_head`` the teacher's hidden states and lm_head weight, else None, None)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(n, h, device=device, generator=g).to(dtype).requires_grad_(True)
+    weight = (torch.randn(v, h, device=device, generator=g) * (2 / math.sqrt(h))).to(dtype).requires_grad_(True)
+    teacher = (torch.randn(n, v, device=device, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, v, (n,), device=device, generator=g)
+    labels[::LLM_IGNORE_EVERY] = IGNORE_INDEX
+    t_hidden = t_weight = None
+    if teacher_head:
+        t_hidden = torch.randn(n, h, device=device, generator=g).to(dtype)
+        t_weight = (torch.randn(v, h, device=device, generator=g) * (3 / math.sqrt(h))).to(dtype)
+    return hidden, weight, (teacher, labels, t_hidden, t_weight)
+
+
+def _llm_impls(loss: str, device: str, compile_baseline: bool) -> Dict[str, Union[Callable, str]]:
+    """The implementations of an LLM-head case, in table order; a string is the reason its row is skipped."""
+    impls: Dict[str, Union[Callable, str]] = {"eager": eager_fused_linear}
+    if loss == "fused_linear":
+        if compile_baseline:
+            impls["torch.compile"] = torch.compile(eager_fused_linear, dynamic=False)
+        impls["fastkd unfused"] = fastkd_unfused_linear
+    impls["fastkd fused"] = fastkd_fused_linear
+    if loss == "fused_linear" and device == "cuda":
+        impls.update(_liger_fused_linear(LLM_TEMPERATURE))
+        impls["fastkd head"] = fastkd_fused_linear_head
+    return impls
+
+
+def _run_llm_case(report: Report, loss: str, shape: tuple, dtype: torch.dtype, device: str,
+                  impls: Dict[str, Union[Callable, str]], repeats: int, warmup: int, mem_fraction: float,
+                  progress: Callable[[str], None]) -> List[Row]:
+    """One LLM-head shape: the GEMM floor (fused_linear), then each implementation's fwd+bwd time and peak
+    extra memory on the same inputs; unfused baselines whose estimate exceeds the memory budget are skipped."""
+    n, h, v = shape
+    shape_s = "x".join(map(str, shape))
+    key = f"{loss} {shape_s}"
+    floor = None
+    if loss == "fused_linear":
+        progress(f"{key}: GEMM floor")
+        floor = _llm_floor_ms(n, h, v, dtype, device, repeats, warmup)
+        report.floors_ms[key] = floor
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    hidden, weight, inp = _llm_inputs(n, h, v, dtype, device, teacher_head="fastkd head" in impls)
+    results: Dict[str, Row] = {}
+    for name, fn in impls.items():
+        if isinstance(fn, str):
+            progress(f"{key}: {name} skipped ({fn})")
+            results[name] = _error_row(loss, shape_s, name, skipped=fn)
+            continue
+        if name in LLM_TOKENS_X_V:
+            need = itemsize * (LLM_TOKENS_X_V[name] * n * v + v * h + n * h)
+            budget = _memory_budget_bytes(device, mem_fraction)
+            if budget is not None and need > budget:
+                progress(f"{key}: {name} skipped (needs ~{_size_str(need)}, budget {_size_str(budget)})")
+                results[name] = _error_row(loss, shape_s, name, skipped=f"needs ~{_size_str(need)}")
+                continue
+        progress(f"{key}: {name}")
+
+        def one_step(fn=fn):
+            fn(hidden, weight, inp, LLM_TEMPERATURE).backward()
+            hidden.grad = weight.grad = None
+
+        try:
+            times, peak = _time_llm(one_step, device, repeats, warmup, LLM_SLOW_REPEATS[loss],
+                                    compiled=name in ("torch.compile", "liger chunked"))
+        except Exception as e:  # e.g. out of memory, or a Liger-Kernel version with another API
+            results[name] = _error_row(loss, shape_s, name, error=_error_text(e))
+            hidden.grad = weight.grad = None
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        med = statistics.median(times)
+        results[name] = Row(loss, shape_s, name, med, min(times), float("nan"),
+                            float("nan") if floor is None else med / floor,
+                            peak_extra_mb=None if peak is None else peak / 2**20, timed_runs=len(times),
+                            tokens_per_s=n / (med * 1e-3))
+    ok = {name: r for name, r in results.items() if r.error is None and r.skipped is None}
+    for row in ok.values():
+        for base, attr in (("eager", "speedup_vs_eager"), ("torch.compile", "speedup_vs_compile")):
+            if base in ok:
+                setattr(row, attr, ok[base].median_ms / row.median_ms)
+        if "eager" in ok and row.peak_extra_mb is not None and ok["eager"].peak_extra_mb:
+            row.peak_vs_eager = row.peak_extra_mb / ok["eager"].peak_extra_mb
+    del hidden, weight, inp
+    gc.collect()
+    return list(results.values())
+
+
 def run(
     cases: List[tuple],
     device: str,
@@ -689,7 +921,8 @@ def run(
     slow_compile: bool = False,
 ) -> Report:
     """Times every implementation of each case side by side: (loss, rows, vocab) for the logit losses,
-    (loss, student shape, teacher shape) for the relation / feature losses."""
+    (loss, student shape, teacher shape) for the relation / feature losses, (loss, (tokens, hidden, vocab),
+    dtype) for the LLM-head losses (their own dtype: bfloat16 by default on a GPU)."""
     report = Report(
         device=device,
         device_name=torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine()),
@@ -701,6 +934,10 @@ def run(
     )
     plans = []
     for loss, n, v in cases:
+        if loss in LLM_LOSSES:
+            plans.append((loss, n, v, _llm_impls(loss, device, compile_baseline)))
+            report.llm_dtype = str(v).replace("torch.", "")
+            continue
         impls: Dict[str, Callable] = {}
         if loss != "rkd_sweep":
             impls["eager"] = EAGER[loss]
@@ -714,20 +951,33 @@ def run(
                 impls["liger"] = liger
         impls["fastkd"] = fastkd_fn(loss)
         plans.append((loss, n, v, impls))
-    if any(p[0] in ("rkd", "rkd_sweep") for p in plans):
+    if any(p[0] in ("rkd", "rkd_sweep") + LLM_LOSSES for p in plans):
         budget = _memory_budget_bytes(device, mem_fraction)
         report.memory_budget_gb = None if budget is None else budget / 1e9
-    steps = sum(len(p[3]) + (p[0] != "rkd_sweep") for p in plans)
+    steps = sum(len(p[3]) + (p[0] not in ("rkd_sweep", "fused_linear_sweep")) for p in plans)
     step = 0
     itemsize = torch.tensor([], dtype=dtype).element_size()
     prev_sweep: Optional[Row] = None
-    for loss, n, v, impls in plans:
-        if loss in RELATION_LOSSES:
-            def progress(msg: str) -> None:
-                nonlocal step
-                step += 1
-                _progress(f"[{step}/{steps}] {msg}", quiet)
+    prev_llm: Dict[str, Row] = {}  # fused_linear_sweep: each impl's row at the previous token count
 
+    def progress(msg: str) -> None:
+        nonlocal step
+        step += 1
+        _progress(f"[{step}/{steps}] {msg}", quiet)
+
+    for loss, n, v, impls in plans:
+        if loss in LLM_LOSSES:
+            for row in _run_llm_case(report, loss, n, v, device, impls, repeats, warmup, mem_fraction, progress):
+                prev = prev_llm.get(row.impl) if loss == "fused_linear_sweep" else None
+                if prev is not None and row.error is None and row.skipped is None:
+                    row.time_vs_prev = row.median_ms / prev.median_ms
+                    if row.peak_extra_mb and prev.peak_extra_mb:
+                        row.peak_vs_prev = row.peak_extra_mb / prev.peak_extra_mb
+                if loss == "fused_linear_sweep":
+                    prev_llm[row.impl] = row if row.error is None and row.skipped is None else None
+                report.rows.append(row)
+            continue
+        if loss in RELATION_LOSSES:
             rows = _run_relation_case(report, loss, n, v, impls, dtype, device, repeats, warmup, slow_ms,
                                       mem_fraction, progress)
             for row in rows:
@@ -740,8 +990,7 @@ def run(
                 report.rows.append(row)
             continue
         key = f"{loss} {n}x{v}"
-        step += 1
-        _progress(f"[{step}/{steps}] {key}: memory floor", quiet)
+        progress(f"{key}: memory floor")
         dense = loss != "topk"
         floor = _floor_ms(n, v, dtype, device, max(3, repeats // 2), reads_teacher=dense)
         report.floors_ms[key] = floor
@@ -754,8 +1003,7 @@ def run(
             }
         results: Dict[str, Row] = {}
         for name, fn in impls.items():
-            step += 1
-            _progress(f"[{step}/{steps}] {key}: {name}", quiet)
+            progress(f"{key}: {name}")
 
             def one_step(fn=fn):
                 fn(s, inp, temperature).backward()
@@ -766,7 +1014,7 @@ def run(
                 peak = _peak_extra_bytes(one_step, device)
             except Exception as e:  # e.g. out of memory for the eager baseline at LLM sizes
                 results[name] = Row(loss, f"{n}x{v}", name, float("nan"), float("nan"), float("nan"), float("nan"),
-                                    error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                                    error=_error_text(e))
                 s.grad = None
                 gc.collect()
                 if device == "cuda":
@@ -799,6 +1047,9 @@ def format_table(report: Report) -> str:
         if loss in RELATION_LOSSES:
             lines += _relation_table(report, loss)
             continue
+        if loss in LLM_LOSSES:
+            lines += _llm_table(report, loss)
+            continue
         lines += ["", f"== {LOSS_TITLES[loss]}",
                   f"{'shape':>14} {'impl':>14} {'median ms':>10} {'GB/s':>8} {'x floor':>8} {'fastkd x':>9} {'peak MB':>9}"]
         for row in (r for r in report.rows if r.loss == loss):
@@ -830,11 +1081,89 @@ def format_table(report: Report) -> str:
                      "torch.mm; AT: clone the student map + read the teacher map); 'runs' = timed calls (1: a "
                      f"call slower than the --slow-s limit, timed once without warmup); CPU peak MB: resident-set "
                      "growth after returning the heap's free pages.")
-    if report.memory_budget_gb is not None and any(r.skipped and r.loss == "rkd" for r in report.rows):
-        lines.append(f"skipped: eager / torch.compile RKD whose estimated memory exceeds the budget "
+    if losses & set(LLM_LOSSES):
+        lines.append("LLM head: tokens x hidden x vocab; a step = fwd+bwd to the gradients of the hidden states and "
+                     "the lm_head weight; peak MB = beyond the inputs (hidden states, weights, teacher logits), "
+                     "gradients included; 'vs eager' = eager time / this time; 'x floor' = time / the three GEMMs "
+                     "alone; 'runs' = timed calls after a warmup (1 in a slow sweep: its first call); head "
+                     "rows (GPU) take the teacher as hidden states + lm_head, as Liger-Kernel does.")
+    if report.memory_budget_gb is not None and any(r.skipped and r.skipped.startswith("needs ~")
+                                                   for r in report.rows):
+        lines.append(f"skipped: eager / torch.compile RKD and unfused LLM-head steps whose estimated memory exceeds "
+                     f"the budget "
                      f"({_size_str(report.memory_budget_gb * 1e9)}: --mem-fraction of the "
                      f"{'GPU memory' if report.device == 'cuda' else 'RAM'}, at most 90% of what is free).")
     return "\n".join(lines)
+
+
+def _llm_table(report: Report, loss: str) -> List[str]:
+    rows = [r for r in report.rows if r.loss == loss]
+    lines = ["", f"== {LOSS_TITLES[loss]} | {report.llm_dtype}, T={LLM_TEMPERATURE:g}, "
+                 f"1 token in {LLM_IGNORE_EVERY} ignored"]
+    sweep = loss == "fused_linear_sweep"
+    if sweep:
+        lines.append(f"{'tokens x H x V':>18} {'impl':>14} {'median ms':>10} {'runs':>4} {'tokens/s':>9} {'x prev':>7} "
+                     f"{'peak MB':>9} {'x prev':>7} {'(tokens)':>8}")
+    else:
+        lines.append(f"{'tokens x H x V':>18} {'impl':>14} {'median ms':>10} {'runs':>4} {'tokens/s':>9} "
+                     f"{'x floor':>8} {'vs eager':>9} {'peak MB':>9} {'/ eager':>8}")
+    prev_tokens: Dict[str, int] = {}  # sweep: each impl's previous token count
+    for row in rows:
+        if row.skipped:
+            lines.append(f"{row.shape:>18} {row.impl:>14}  skipped ({row.skipped})")
+            continue
+        if row.error:
+            lines.append(f"{row.shape:>18} {row.impl:>14}  failed: {row.error}")
+            continue
+        peak = "n/a" if row.peak_extra_mb is None else f"{row.peak_extra_mb:9.1f}"
+        head = f"{row.shape:>18} {row.impl:>14} {row.median_ms:10.2f} {row.timed_runs or 0:>4} {row.tokens_per_s:9.0f}"
+        if sweep:
+            tokens = int(row.shape.split("x")[0])
+            tr = "" if row.time_vs_prev is None else f"{row.time_vs_prev:6.2f}x"
+            mr = "" if row.peak_vs_prev is None else f"{row.peak_vs_prev:6.2f}x"
+            nr = f"{tokens / prev_tokens[row.impl]:6.1f}x" if row.impl in prev_tokens else ""
+            prev_tokens[row.impl] = tokens
+            lines.append(f"{head} {tr:>7} {peak:>9} {mr:>7} {nr:>8}")
+            continue
+        speed = "" if row.impl == "eager" or row.speedup_vs_eager is None else f"{row.speedup_vs_eager:8.2f}x"
+        rel = "" if row.impl == "eager" or row.peak_vs_eager is None else f"{row.peak_vs_eager:8.3f}"
+        lines.append(f"{head} {row.floor_ratio:8.2f} {speed:>9} {peak:>9} {rel:>8}")
+    if not sweep:
+        for key, ms in report.floors_ms.items():
+            if key.startswith(loss + " "):
+                lines.append(f"{key.split()[1]:>18} {'GEMM floor':>14} {ms:10.2f}  "
+                             "(h W^T, dlogits W, dlogits^T h alone)")
+        lines += _llm_targets(report, rows)
+    return lines
+
+
+def _llm_targets(report: Report, rows: List[Row]) -> List[str]:
+    """The issue's acceptance figures for fastkd fused at each shape. CPU: peak extra memory at most 1/8 of
+    the eager step's, time at most eager's. GPU: peak extra memory beyond the weight gradient (V x H in the
+    weight's dtype) below 2.0 GB, and the teacher-head time at most Liger-Kernel's."""
+    ok = {(r.shape, r.impl): r for r in rows if r.error is None and r.skipped is None}
+    lines = []
+    for shape in dict.fromkeys(r.shape for r in rows):
+        fused, eager = ok.get((shape, "fastkd fused")), ok.get((shape, "eager"))
+        if fused is None or fused.peak_extra_mb is None:
+            continue
+        if report.device == "cuda":
+            _, h, v = (int(x) for x in shape.split("x"))
+            itemsize = torch.tensor([], dtype=DTYPES[report.llm_dtype]).element_size()
+            beyond = fused.peak_extra_mb * 2**20 - v * h * itemsize
+            text = (f"peak {_size_str(fused.peak_extra_mb * 2**20)}, beyond the weight gradient "
+                    f"{_size_str(max(0, beyond))} (< 2.0 GB: {beyond < 2e9})")
+            head, liger = ok.get((shape, "fastkd head")), ok.get((shape, "liger"))
+            if head is not None and liger is not None:
+                text += (f"; fastkd head time / liger's {head.median_ms / liger.median_ms:.2f} "
+                         f"(<= 1: {head.median_ms <= liger.median_ms})")
+        elif eager is not None and fused.peak_vs_eager is not None:
+            text = (f"peak / eager's {fused.peak_vs_eager:.3f} (<= 1/8: {fused.peak_vs_eager <= 0.125}); time / "
+                    f"eager's {fused.median_ms / eager.median_ms:.2f} (<= 1: {fused.median_ms <= eager.median_ms})")
+        else:
+            continue
+        lines.append(f"{shape:>18} {'target':>14}  fastkd fused: {text}")
+    return lines
 
 
 def _relation_table(report: Report, loss: str) -> List[str]:
@@ -915,6 +1244,26 @@ def _parse_feature_shapes(text: str, min_dim: int = 2) -> List[tuple]:
     return out
 
 
+def _parse_llm_shape(text: str) -> tuple:
+    try:
+        shape = tuple(int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--llm-shape {text!r} is not TOKENSxHIDDENxVOCAB") from None
+    if len(shape) != 3 or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"--llm-shape {text!r}: three positive sizes TOKENSxHIDDENxVOCAB")
+    return shape
+
+
+def _parse_tokens(text: str) -> List[int]:
+    try:
+        tokens = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--llm-tokens {text!r} is not a list of token counts") from None
+    if any(t <= 0 for t in tokens):
+        raise argparse.ArgumentTypeError(f"--llm-tokens {text!r}: token counts must be positive")
+    return tokens
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="fastkd-bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -922,12 +1271,22 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help=f"comma-separated losses to run, from {', '.join(ALL_LOSSES)}, or the groups "
                         f"{', '.join(LOSS_GROUPS)} (default: {','.join(DEFAULT_LOSSES)})")
     p.add_argument("--shapes", type=str, default=None,
-                   help="comma-separated shapes for every selected loss (default: per loss and device):\n"
-                        "ROWSxVOCAB for the logit losses; feature shapes NxD[xHxW...] for the relation losses,\n"
-                        "STUDENT:TEACHER when the widths differ (rkd_sweep: the N x D points of the sweep)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--temperature", type=float, default=4.0)
-    p.add_argument("--repeats", type=int, default=5, help="timed repetitions per case (median reported)")
+                   help="comma-separated shapes for every selected loss but the LLM-head ones (default: per loss\n"
+                        "and device): ROWSxVOCAB for the logit losses; feature shapes NxD[xHxW...] for the relation\n"
+                        "losses, STUDENT:TEACHER when the widths differ (rkd_sweep: the N x D points of the sweep)")
+    p.add_argument("--llm-shape", type=str, default=None, metavar="TOKENSxHIDDENxVOCAB",
+                   help=f"fused_linear's shape; fused_linear_sweep takes its HIDDENxVOCAB (default: "
+                        f"{LLM_SHAPES['cpu']} on cpu,\n{LLM_SHAPES['cuda']} on cuda)")
+    p.add_argument("--llm-tokens", type=str, default=None, metavar="N,N,...",
+                   help=f"fused_linear_sweep's token counts (default: {LLM_SWEEP_TOKENS['cpu']} on cpu, "
+                        f"{LLM_SWEEP_TOKENS['cuda']} on cuda)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help=f"default: float32; the LLM-head losses: {LLM_DTYPES['cpu']} on cpu, "
+                        f"{LLM_DTYPES['cuda']} on cuda")
+    p.add_argument("--temperature", type=float, default=4.0,
+                   help=f"softmax temperature (the LLM-head losses: T = {LLM_TEMPERATURE:g}, as TRL and Liger-Kernel)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed repetitions per case (median reported; LLM head: at most 2 after a call over 1 s)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--slow-compile", action="store_true",
@@ -935,8 +1294,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--slow-s", type=float, default=5.0,
                    help="relation losses: a call slower than this (seconds) is timed once, without warmup")
     p.add_argument("--mem-fraction", type=float, default=MEM_FRACTION,
-                   help="skip the eager / compiled RKD when its estimated memory exceeds this fraction of\n"
-                        "the RAM (GPU memory), or 90%% of what is free")
+                   help="skip the eager / compiled RKD and the unfused LLM-head steps when their estimated\n"
+                        "memory exceeds this fraction of the RAM (GPU memory), or 90%% of what is free")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' for stdout)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
@@ -952,6 +1311,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     cases = []
     try:
         for loss in losses:
+            if loss in LLM_LOSSES:
+                n, h, v = _parse_llm_shape(args.llm_shape or LLM_SHAPES[args.device])
+                tokens = [n] if loss == "fused_linear" else _parse_tokens(
+                    args.llm_tokens or LLM_SWEEP_TOKENS[args.device])
+                cases += [(loss, (t, h, v), DTYPES[args.dtype or LLM_DTYPES[args.device]]) for t in tokens]
+                continue
             if loss in RELATION_LOSSES:
                 text = args.shapes or RELATION_SHAPES[args.device][loss]
                 for s_shape, t_shape in _parse_feature_shapes(text, 3 if loss == "at" else 2):
@@ -968,7 +1333,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not 0 < args.mem_fraction <= 1 or not args.slow_s > 0:
         p.error("--mem-fraction must be in (0, 1] and --slow-s > 0")
 
-    report = run(cases, args.device, DTYPES[args.dtype], args.temperature, args.repeats, args.warmup,
+    report = run(cases, args.device, DTYPES[args.dtype or "float32"], args.temperature, args.repeats, args.warmup,
                  compile_baseline=not args.no_compile, quiet=args.quiet, slow_ms=args.slow_s * 1e3,
                  mem_fraction=args.mem_fraction, slow_compile=args.slow_compile)
     if args.json != "-":
