@@ -537,12 +537,6 @@ def check_fused_linear(
         check_topk_teacher(lead, vocab, device, values, indices, teacher.values_are, teacher.tail)
         if loss != "kl":
             raise ValueError(f"a TopKTeacher supports loss='kl' only (KL from the sparse teacher), got {loss!r}")
-        if hard != 0.0:
-            raise ValueError(
-                "hard_label_weight needs a dense teacher or a TeacherHead: with a TopKTeacher the logits are "
-                "overwritten by the KD gradient before a cross-entropy could read them; add the cross-entropy "
-                "separately"
-            )
         check_topk_indices_range(indices, vocab, labels, ignore_index)
         teacher_vocab = vocab
     elif isinstance(teacher, TeacherHead):

@@ -108,8 +108,8 @@ def test_reductions_and_upstream_gradients(device, reduction, kind):
            2e-5, f"{kind} {reduction}")
 
 
-@pytest.mark.parametrize("kind", ["dense", "head"])
-@pytest.mark.parametrize("loss,beta", [("kl", 0.5), ("jsd", 0.4)])
+@pytest.mark.parametrize("kind,loss,beta", [("dense", "kl", 0.5), ("dense", "jsd", 0.4), ("head", "kl", 0.5),
+                                            ("head", "jsd", 0.4), ("topk", "kl", 0.5)])
 def test_hard_label_cross_entropy(device, kind, loss, beta):
     h, w, b, th, tw, tb, labels = _problem(device, seed=4)
     teacher = _teacher(kind, th, tw, tb)
@@ -124,6 +124,19 @@ def test_hard_label_cross_entropy(device, kind, loss, beta):
         assert_close(a, e, rtol=2e-5, atol=0, what=name)
     assert parts.hard.item() > 0 and not parts.soft.requires_grad and not parts.hard.requires_grad
     assert_close(parts.loss, 0.4 * parts.soft + 0.6 * parts.hard, rtol=1e-6, atol=0, what="parts add up")
+
+
+@pytest.mark.parametrize("kind", ["dense", "head", "topk"])
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_soft_weight_scales_value_and_gradient(device, kind, reduction):
+    h, w, b, th, tw, tb, labels = _problem(device, seed=21)
+    teacher = _teacher(kind, th, tw, tb)
+    go = torch.linspace(-1, 2, 13, device=device) if reduction == "none" else None
+    for hard in (0.0, 0.7):
+        kw = dict(temperature=1.5, labels=labels, soft_weight=0.3, hard_label_weight=hard, reduction=reduction,
+                  chunk_size=4)
+        _check(_run(fastkd.fused_linear_kd_loss, h, w, b, teacher, go, **kw), _oracle(h, w, b, teacher, go, **kw),
+               2e-5, f"{kind} soft_weight hard={hard}")
 
 
 @pytest.mark.parametrize("values_are,tail", [("logits", "renormalize"), ("logprobs", "bucket"),
@@ -378,8 +391,6 @@ def test_bad_input(device):
         (ValueError, "teacher.hidden must have the leading", lambda: f(h, w, TeacherHead(th[:4], tw, tb))),
         (ValueError, "teacher.weight must have shape", lambda: f(h, w, TeacherHead(th, tw[:, :3], tb))),
         (ValueError, "supports loss='kl' only", lambda: f(h, w, TopKTeacher(*dense.topk(3)), loss="jsd")),
-        (ValueError, "hard_label_weight needs a dense", lambda: f(h, w, TopKTeacher(*dense.topk(3)), labels=labels,
-                                                                  hard_label_weight=0.5)),
         (ValueError, "distinct", lambda: f(h, w, TopKTeacher(dense[:, :2], torch.zeros_like(labels).unsqueeze(-1)
                                                              .expand(-1, 2).contiguous()))),
         (ValueError, "num_items_in_batch", lambda: f(h, w, dense, reduction="sum", num_items_in_batch=4)),

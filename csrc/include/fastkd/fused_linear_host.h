@@ -5,7 +5,8 @@
 //   1. the student logits, one GEMM into a [chunk, vocab] buffer (and the teacher's: a slice of the dense
 //      teacher logits, or one GEMM of the teacher head; -inf beyond the teacher's vocabulary);
 //   2. the response kernel of fastkd::response_forward (or topk_kd_forward) computes each row's loss and
-//      writes the gradient of the reduced loss with respect to the logits over the logits, in place;
+//      writes the gradient of the reduced loss with respect to the logits over the logits, in place (a
+//      top-k teacher with the cross-entropy: see topk_ce below);
 //   3. the gradients of hidden (one GEMM into its rows), weight (one GEMM accumulated into a float32
 //      buffer; float64 for float64 input) and bias (a column sum).
 // Extra memory is O(chunk * vocab) plus the float32 weight-gradient accumulator, never O(rows * vocab).
@@ -162,9 +163,6 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
     check_topk_args(*topk_values, *topk_indices, rows, vocab, device);
     FASTKD_CHECK_ARG(div == Divergence::KL, "divergence", "a top-k teacher supports 'kl' only, got '", o.divergence,
                      "'");
-    FASTKD_CHECK_ARG(!hard, "hard_weight",
-                     "the fused cross-entropy needs a dense teacher or a teacher head; with a top-k teacher add the "
-                     "cross-entropy separately");
     FASTKD_CHECK_ARG(!o.tail_bucket || o.values_are_logprobs, "tail",
                      "a tail bucket needs log-probabilities (values_are='logprobs'): logits give no tail mass");
     teacher_dtype = topk_values->scalar_type();
@@ -228,6 +226,13 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
     teacher_buf = at::full({chunk, vocab}, -std::numeric_limits<double>::infinity(), opts.dtype(teacher_buf_dtype));
   }
 
+  // A top-k teacher with the cross-entropy: the top-k kernel overwrites the logits with its gradient, so a
+  // copy of them goes through the response kernel's cross-entropy part (soft weight 0, the copy as both
+  // sides), which adds its gradient in place of the copy.
+  const bool topk_ce = topk && hard && rows > 0;
+  at::Tensor ce_buf = topk_ce ? at::empty({chunk, vocab}, opts.dtype(logit_dtype)) : at::Tensor();
+  at::Tensor ce_soft = topk_ce ? at::empty({chunk}, opts.dtype(acc_dtype)) : at::Tensor();
+
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
     const int64_t n = std::min(chunk, rows - r0);
     const at::Tensor h = hidden.narrow(0, r0, n);
@@ -255,7 +260,32 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
       p.values_are_logprobs = o.values_are_logprobs;
       p.tail_bucket = o.tail_bucket && k < vocab;
       p.reduction = red;
+      at::Tensor ce = topk_ce ? ce_buf.narrow(0, 0, n).copy_(logits) : at::Tensor();
       B::topk(c, host_n);
+      // The top-k kernel has no soft weight: its gradient is that of the unweighted KD term.
+      if (need_grad && o.soft_weight != 1.0) logits.mul_(o.soft_weight);
+      if (topk_ce) {
+        KdCall e;
+        e.student = e.teacher = ce;
+        KdParams& q = e.p;
+        q.student = q.teacher = ce.data_ptr();
+        q.labels = chunk_labels;
+        q.count = count.data_ptr<double>();
+        q.grad_student = need_grad ? ce.data_ptr() : nullptr;  // in place
+        q.row_soft = ce_soft.data_ptr();                       // KL(ce || ce) = 0, not used
+        q.row_hard = row_hard.narrow(0, r0, n).data_ptr();
+        q.rows = n;
+        q.vocab = vocab;
+        q.student_row_stride = q.teacher_row_stride = ce.stride(0);
+        q.ignore_index = o.ignore_index;
+        q.soft_weight = 0.0;
+        q.hard_weight = o.hard_weight;
+        q.hard = true;
+        q.divergence = Divergence::KL;
+        q.reduction = red;
+        B::response(e, host_n);
+        if (need_grad) logits.add_(ce);
+      }
     } else {
       at::Tensor t;
       if (dense_as_is) {
