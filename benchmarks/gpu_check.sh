@@ -92,6 +92,27 @@ for shape_s, shape_t in [((4, 3, 8, 8), (4, 5, 4, 4)), ((4, 6, 4, 4), (4, 2, 8, 
         losses = [fastkd.at_loss(gs, gt), fastkd.at_loss(gs, gt, 3.0), fastkd.at_loss(gs, gt, mode="paper"),
                   fastkd.at_loss([gs, gs], [gt, gt], weights=[0.5, 2.0]), fastkd.sp_loss([gs, gs], [gt, gt], weights=[1.0, 3.0])]
         sum(l.float() for l in losses).backward()
+# fused linear head (issue 6): the response / top-k kernels writing their gradient in place over the logits
+# chunk, every teacher kind, a padded teacher vocabulary, the fused CE, reduction "none" (recomputed in
+# backward), bf16 (the fp32 weight-gradient accumulation of bf16 GEMMs) and fp32, odd sizes
+for dt in (torch.float32, torch.bfloat16):
+    h = torch.randn(2, 13, 24, device="cuda", dtype=dt, requires_grad=True)
+    w = (torch.randn(301, 24, device="cuda", dtype=dt) / 5).requires_grad_(True)
+    b = torch.randn(301, device="cuda", dtype=dt, requires_grad=True)
+    th = torch.randn(2, 13, 20, device="cuda", dtype=dt)
+    tw = torch.randn(290, 20, device="cuda", dtype=dt) / 5
+    y = torch.randint(-1, 301, (2, 13), device="cuda")
+    vals, idx = (h @ w.t()).detach().topk(7, dim=-1)
+    for red in ("batchmean", "none"):
+        losses = [
+            fastkd.fused_linear_kd_loss(h, w, fastkd.TeacherHead(th, tw), student_bias=b, loss="jsd", beta=0.3,
+                                        labels=y, ignore_index=-1, hard_label_weight=0.5, reduction=red, chunk_size=5),
+            fastkd.fused_linear_kd_loss(h, w, th @ tw.t(), labels=y, ignore_index=-1, reduction=red, chunk_size=4),
+            fastkd.fused_linear_kd_loss(h, w[:290], th @ tw.t(), loss="reverse_kl", reduction=red, chunk_size=7),
+            fastkd.fused_linear_kd_loss(h, w, fastkd.TopKTeacher(vals, idx), labels=y, ignore_index=-1,
+                                        hard_label_weight=0.2, soft_weight=0.8, reduction=red, chunk_size=6),
+        ]
+        sum(l.float().sum() for l in losses).backward()
 torch.cuda.synchronize()
 print("sanitizer workload done")
 PYEOF
