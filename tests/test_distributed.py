@@ -1,6 +1,6 @@
 """fastkd.distributed.vocab_parallel_kd_loss on 2 and 3 gloo ranks against the single-process losses on the
-gathered logits (float64), DistributedDataParallel training with fastkd losses against single-process
-training, and argument checks.
+gathered logits (float64), DistributedDataParallel training with fastkd losses (the fused linear head
+included) against single-process training, and argument checks.
 
 The multi-process tests spawn one group of processes per world size (module-scoped fixtures): every worker
 runs all the scenarios, saves its results with torch.save, and the tests compare them in the parent.
@@ -163,7 +163,7 @@ DDP_BATCH, DDP_STEPS, DDP_LR = 8, 4, 0.5
 
 
 class _Net(nn.Module):
-    """x [N, 6] -> (feature map [N, 4, 2, 2], logits [N, 10])."""
+    """x [N, 6] -> (feature map [N, 4, 2, 2], logits [N, 10], hidden state [N, 16] before the head)."""
 
     def __init__(self):
         super().__init__()
@@ -172,7 +172,7 @@ class _Net(nn.Module):
 
     def forward(self, x):
         h = torch.tanh(self.body(x))
-        return h.reshape(x.shape[0], 4, 2, 2), self.head(h)
+        return h.reshape(x.shape[0], 4, 2, 2), self.head(h), h
 
 
 def _ddp_setup():
@@ -185,14 +185,20 @@ def _ddp_setup():
 
 
 def _train(model: nn.Module, teacher: nn.Module, x: torch.Tensor):
-    """DDP_STEPS SGD steps on kd_loss(T=4) + 10 * at_loss + hint_loss; returns the loss of every step."""
+    """DDP_STEPS SGD steps on kd_loss(T=4) + 10 * at_loss + hint_loss + the fused linear-head JSD through the
+    student's head (its weight and bias used outside the module's forward, as an LLM's lm_head is); returns
+    the loss of every step."""
     opt = torch.optim.SGD(model.parameters(), lr=DDP_LR)
+    head = getattr(model, "module", model).head
     losses = []
     for _ in range(DDP_STEPS):
         with torch.no_grad():
-            f_t, z_t = teacher(x)
-        f_s, z_s = model(x)
+            f_t, z_t, h_t = teacher(x)
+        f_s, z_s, h_s = model(x)
         loss = fastkd.kd_loss(z_s, z_t, temperature=4.0) + 10.0 * fastkd.at_loss(f_s, f_t) + fastkd.hint_loss(f_s, f_t)
+        loss = loss + fastkd.fused_linear_kd_loss(
+            h_s, head.weight, fastkd.TeacherHead(h_t, teacher.head.weight, teacher.head.bias),
+            student_bias=head.bias, loss="jsd", beta=0.5, temperature=2.0, chunk_size=3)
         opt.zero_grad()
         loss.backward()
         opt.step()
