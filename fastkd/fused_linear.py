@@ -125,8 +125,8 @@ def fused_linear_kd_loss(
     Returns:
         The loss in the promoted dtype of the student hidden states and the teacher (float32 accumulation).
 
-    Memory: one ``[chunk_size, V]`` logits buffer (in the student's dtype; a second one for a TeacherHead or a
-    padded teacher), the weight gradient accumulated in float32 (float64 for float64 input), and the
+    Memory: one ``[chunk_size, V]`` logits buffer (in the student's dtype; a second one for a TeacherHead, a
+    padded teacher or a TopKTeacher with the cross-entropy), the weight gradient accumulated in float32 (float64 for float64 input), and the
     gradients themselves. With ``reduction="none"`` the gradients depend on each token's upstream gradient,
     so they are computed in the backward pass by running the chunks again.
     """
