@@ -13,12 +13,19 @@ REDUCTIONS = ("batchmean", "sum", "mean", "none")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _check_logits_tensor(x: torch.Tensor, name: str) -> None:
-    """One logits tensor: a float tensor with at least one dimension (the vocabulary)."""
+def _check_float_tensor(x, name: str, min_dim: int) -> None:
+    """A float tensor (float32, float16, bfloat16, float64) with at least ``min_dim`` dimensions."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(x.shape)}")
+
+
+def _check_logits_tensor(x: torch.Tensor, name: str) -> None:
+    """One logits tensor: a float tensor with at least one dimension (the vocabulary)."""
+    _check_float_tensor(x, name, 0)
     if x.dim() == 0:
         raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a 0-dim tensor")
 
@@ -447,15 +454,6 @@ def check_relation_reduction(reduction: str) -> str:
 # Checks of the fused linear head (fused_linear_kd_loss).
 # --------------------------------------------------------------------------------------------------------
 FUSED_LINEAR_LOSSES = ("kl", "reverse_kl", "jsd")
-
-
-def _check_float_tensor(x, name: str, min_dim: int) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if x.dim() < min_dim:
-        raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(x.shape)}")
 
 
 def check_linear_head(hidden, weight, bias, lead: Optional[tuple], names: tuple) -> None:
