@@ -10,6 +10,8 @@ Environment:
   TORCH_CUDA_ARCH_LIST       CUDA archs (default "8.0;8.6;9.0+PTX")
   MAX_JOBS                   parallel compile jobs (torch's ninja builder honours it)
   FASTKD_NATIVE=1            add -march=native to the CPU kernels (not portable; off by default)
+  FASTKD_CPU_ISAS            comma-separated subset of the CPU libraries to build (e.g. "default,avx512" for a
+                             faster development build; "default" is always built, it is the fallback)
 
 Build against the installed torch: pip install --no-build-isolation .
 """
@@ -73,6 +75,13 @@ if IS_X86:
     ISA_FLAGS["avx2"] = ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt"]
     ISA_FLAGS["avx512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mbmi", "-mbmi2",
                       "-Wno-maybe-uninitialized"]
+_isas = os.environ.get("FASTKD_CPU_ISAS", "").strip()
+if _isas:
+    _wanted = {"default"} | {name.strip() for name in _isas.split(",") if name.strip()}
+    _unknown = _wanted - set(ISA_FLAGS)
+    if _unknown:
+        sys.exit(f"FASTKD_CPU_ISAS: unknown or unsupported here: {sorted(_unknown)} (known: {sorted(ISA_FLAGS)})")
+    ISA_FLAGS = {name: flags for name, flags in ISA_FLAGS.items() if name in _wanted}
 if os.environ.get("FASTKD_NATIVE") == "1":
     ISA_FLAGS = {name: flags + ["-march=native"] for name, flags in ISA_FLAGS.items()}
 
