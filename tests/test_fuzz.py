@@ -873,7 +873,10 @@ def _natural_scale(c, s, t):
     if name == "pkt":
         ps, pt = R._pkt_probs(s.reshape(n, -1), c["eps"]), R._pkt_probs(t.reshape(n, -1), c["eps"])
         lr = torch.log((pt + c["eps"]) / (ps + c["eps"])).abs().max().item()
-        return (lr + 2.0) / max(n, 1) + c["eps"] * 10
+        # S = (cos + 1) / 2 carries an absolute rounding error ~eta, so P_s one of ~2 eta / N, which moves
+        # P_t log(P_t + e) / (P_s + e) by P_t / (P_s + e) times that: huge where P_s ~ 0 (antipodal rows)
+        amp = (pt * (2.0 / max(n, 1)) / (ps + c["eps"])).mean().item()
+        return (lr + 2.0) / max(n, 1) + amp + c["eps"] * 10
     if name.startswith("cc"):
         kernel = "bilinear" if name == "cc_bilinear" else "gaussian"
         cs = R._cc_matrix(s.reshape(n, -1), kernel, c["gamma"], c["max_p"])
