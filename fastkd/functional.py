@@ -263,8 +263,9 @@ def jsd_loss(
     if not _use_kernels():
         return reference.jsd_loss(student_logits, teacher_logits, b, t, reduction=reduction, labels=labels,
                                   ignore_index=ignore_index, num_items_in_batch=n)
-    if reduction == "batchmean" and labels is None and n is None and student_logits.dim() >= 3:
-        n = student_logits.shape[0]  # TRL: jsd.sum() / jsd.size(0)
+    if reduction == "batchmean" and labels is None and n is None and student_logits.dim() >= 3 \
+            and student_logits.shape[0] > 0:
+        n = student_logits.shape[0]  # TRL: jsd.sum() / jsd.size(0) (empty input: 0, as every loss)
     divergence = "kl" if b == 0.0 else "reverse_kl" if b == 1.0 else "jsd"
     return _response(student_logits, teacher_logits, labels, n, divergence, t, beta=b, ignore_index=ignore_index,
                      reduction=reduction)[0]

@@ -90,8 +90,9 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
 
 def _plogp_ratio(p: torch.Tensor, log_p: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
     """Elementwise ``p * (log p - log r)``, exactly 0 where ``p == 0`` (whatever log_r is), with finite
-    gradients there: both branches of the final where are finite. Where p > 0 and r == 0 it is +inf."""
-    pos = p > 0
+    gradients there: both branches of the final where are finite. Where p > 0 and r == 0 it is +inf; where p
+    is NaN it is NaN (a NaN is never dropped, as in the kernels' ``fk_select_nonzero``)."""
+    pos = p != 0
     zero = _zero(p)
     diff = torch.where(pos, log_p, zero) - torch.where(pos, log_r, zero)
     return torch.where(pos, p * diff, zero)
@@ -124,6 +125,22 @@ def _keep_rows(
 
 def _mask(per_row: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
     return per_row if keep is None else torch.where(keep, per_row, _zero(per_row))
+
+
+def _fully_masked(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
+    """(student, teacher, empty): rows that are -inf in every entry of both sides are *fully masked*: they
+    contribute exactly 0 with a zero gradient (the kernels' ``kd_row_empty``). Their logits are replaced by
+    zeros so that no NaN is formed on the way (the gradient through the ``where`` is 0 there); ``empty`` is
+    the per-row mask, applied to the row losses with :func:`_drop_masked`."""
+    empty = (student_logits == -math.inf).all(-1) & (teacher_logits == -math.inf).all(-1)
+    zero = torch.zeros((), dtype=student_logits.dtype, device=student_logits.device)
+    s = torch.where(empty.unsqueeze(-1), zero, student_logits)
+    t = torch.where(empty.unsqueeze(-1), zero.to(teacher_logits.dtype), teacher_logits)
+    return s, t, empty
+
+
+def _drop_masked(rows: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    return torch.where(empty, _zero(rows), rows)
 
 
 def _check_pair(student_logits, teacher_logits, temperature, reduction, labels, ignore_index, num_items_in_batch):
@@ -175,8 +192,9 @@ def kd_loss(
         v.check_target(labels, student_logits, ignore_index, required=True, name="labels")
     out_dtype, cdtype = _dtypes(student_logits, teacher_logits)
     vocab = student_logits.shape[-1]
+    student_logits, teacher_logits, empty = _fully_masked(student_logits, teacher_logits)
     log_q, log_p = _log_softmaxes(student_logits, teacher_logits, t, cdtype)
-    soft_rows = _plogp_ratio(log_p.exp(), log_p, log_q).sum(-1)
+    soft_rows = _drop_masked(_plogp_ratio(log_p.exp(), log_p, log_q).sum(-1), empty)
     if scale_by_temperature:
         soft_rows = soft_rows * (t * t)
     keep, counted = _keep_rows(labels, ignore_index, soft_rows.shape, soft_rows.device)
@@ -186,7 +204,7 @@ def kd_loss(
         s = student_logits.to(cdtype)
         y = torch.where(keep, labels, torch.zeros((), dtype=labels.dtype, device=labels.device)).long()
         s_y = s.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        hard_rows = _mask(torch.logsumexp(s, dim=-1) - s_y, keep)
+        hard_rows = _mask(_drop_masked(torch.logsumexp(s, dim=-1) - s_y, empty), keep)
         # CE is per row, never per vocabulary entry: "mean" divides it by the counted rows, as "batchmean".
         hard = reduce_rows(hard_rows, "batchmean" if reduction == "mean" else reduction, counted, vocab, num)
         loss = a * hard + w * soft
@@ -219,8 +237,9 @@ def reverse_kl_loss(
         student_logits, teacher_logits, temperature, reduction, labels, ignore_index, num_items_in_batch
     )
     out_dtype, cdtype = _dtypes(student_logits, teacher_logits)
+    student_logits, teacher_logits, empty = _fully_masked(student_logits, teacher_logits)
     log_q, log_p = _log_softmaxes(student_logits, teacher_logits, t, cdtype)
-    rows = _plogp_ratio(log_q.exp(), log_q, log_p).sum(-1)
+    rows = _drop_masked(_plogp_ratio(log_q.exp(), log_q, log_p).sum(-1), empty)
     if scale_by_temperature:
         rows = rows * (t * t)
     keep, counted = _keep_rows(labels, ignore_index, rows.shape, rows.device)
@@ -248,6 +267,8 @@ def jsd_loss(
     )
     b = v.check_beta_unit(beta)
     out_dtype, cdtype = _dtypes(student_logits, teacher_logits)
+    shape = student_logits.shape
+    student_logits, teacher_logits, empty = _fully_masked(student_logits, teacher_logits)
     log_q, log_p = _log_softmaxes(student_logits, teacher_logits, t, cdtype)
     p, q = log_p.exp(), log_q.exp()
     if b == 0.0:
@@ -257,10 +278,10 @@ def jsd_loss(
     else:
         log_m = _safe_logaddexp(log_p + math.log(b), log_q + math.log1p(-b))
         elems = b * _plogp_ratio(p, log_p, log_m) + (1.0 - b) * _plogp_ratio(q, log_q, log_m)
-    rows = elems.sum(-1)
+    rows = _drop_masked(elems.sum(-1), empty)
     keep, counted = _keep_rows(labels, ignore_index, rows.shape, rows.device)
-    if reduction == "batchmean" and keep is None and student_logits.dim() >= 2:
-        counted = student_logits.shape[0]  # TRL: jsd.sum() / jsd.size(0); "mean" is jsd.mean() over all rows
+    if reduction == "batchmean" and keep is None and len(shape) >= 2:
+        counted = shape[0]  # TRL: jsd.sum() / jsd.size(0); "mean" is jsd.mean() over all rows
     return reduce_rows(_mask(rows, keep), reduction, counted, student_logits.shape[-1], num).to(out_dtype)
 
 
@@ -280,9 +301,10 @@ def tvd_loss(
         student_logits, teacher_logits, temperature, reduction, labels, ignore_index, num_items_in_batch
     )
     out_dtype, cdtype = _dtypes(student_logits, teacher_logits)
+    student_logits, teacher_logits, empty = _fully_masked(student_logits, teacher_logits)
     q = F.softmax(student_logits.to(cdtype) / t, dim=-1)
     p = F.softmax(teacher_logits.to(cdtype) / t, dim=-1)
-    rows = 0.5 * (p - q).abs().sum(-1)
+    rows = _drop_masked(0.5 * (p - q).abs().sum(-1), empty)
     keep, counted = _keep_rows(labels, ignore_index, rows.shape, rows.device)
     return reduce_rows(_mask(rows, keep), reduction, counted, student_logits.shape[-1], num).to(out_dtype)
 
@@ -332,6 +354,7 @@ def dkd_loss(
     out_dtype, cdtype = _dtypes(student_logits, teacher_logits)
     keep = target != ignore_index
     y = torch.where(keep, target, torch.zeros((), dtype=target.dtype, device=target.device)).long()
+    student_logits, teacher_logits, empty = _fully_masked(student_logits, teacher_logits)
     zs = student_logits.to(cdtype) / t
     zt = teacher_logits.to(cdtype) / t
     is_target = torch.zeros(zs.shape, dtype=torch.bool, device=zs.device).scatter(-1, y.unsqueeze(-1), True)
@@ -339,7 +362,7 @@ def dkd_loss(
     lp_y, lp_nt, lp_hat = _dkd_logs(zt, y, is_target)
     tckd = _plogp_ratio(lp_y.exp(), lp_y, lq_y) + _plogp_ratio(lp_nt.exp(), lp_nt, lq_nt)
     nckd = _plogp_ratio(lp_hat.exp(), lp_hat, lq_hat).sum(-1)
-    rows = (t * t) * (a * tckd + b * nckd)
+    rows = _drop_masked((t * t) * (a * tckd + b * nckd), empty)
     rows = torch.where(keep, rows, _zero(rows))
     return reduce_rows(rows, reduction, keep.sum(), student_logits.shape[-1], num).to(out_dtype)
 
@@ -381,15 +404,17 @@ def topk_kd_loss(
     if keep is not None:  # ignored rows may hold any indices: use 0..k-1 there (valid and distinct)
         fill = torch.arange(k, device=idx.device).expand_as(idx)
         idx = torch.where(keep.unsqueeze(-1), idx, fill)
+    student_logits, vals, empty = _fully_masked(student_logits, teacher_topk_values.to(cdtype))
     log_q = F.log_softmax(student_logits.to(cdtype) / t, dim=-1)
     log_q_k = log_q.gather(-1, idx)
-    vals = teacher_topk_values.to(cdtype)
     if values_are == "logits":
         log_p = F.log_softmax(vals / t, dim=-1)
     elif tail == "renormalize":
         log_p = vals - torch.logsumexp(vals, dim=-1, keepdim=True)
     else:
-        log_p = vals
+        # used as given; if they sum past 1 (rounding in a cached low-precision teacher) they are renormalized
+        # and the tail is empty, as in the kernels (a +inf or NaN value makes the row NaN)
+        log_p = vals - torch.logsumexp(vals, dim=-1, keepdim=True).clamp_min(0.0)
     p = log_p.exp()
     rows = _plogp_ratio(p, log_p, log_q_k).sum(-1)
     if tail == "bucket" and k < vocab:  # with k == V the kept set is the vocabulary: there is no tail
@@ -405,6 +430,7 @@ def topk_kd_loss(
             q_kept < 0.5, torch.log1p(-q_kept.clamp(max=0.5)), _safe_logsumexp(outside, dim=-1)
         )
         rows = rows + _plogp_ratio(p_tail, log_p_tail, log_q_tail)
+    rows = _drop_masked(rows, empty)
     if scale_by_temperature:
         rows = rows * (t * t)
     return reduce_rows(_mask(rows, keep), reduction, counted, vocab, num).to(out_dtype)

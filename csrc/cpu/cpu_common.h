@@ -22,9 +22,10 @@
 // templates in kd_math.h find them by argument-dependent lookup.
 namespace at::vec {
 inline namespace CPU_CAPABILITY {
-// exp_u20: ATen's polynomial exp (the one its softmax kernels use), a few ulp, no Sleef call.
+// exp_u20: ATen's polynomial exp (the one its softmax kernels use), a few ulp, no Sleef call. It maps NaN
+// to a number (inf), which would let a NaN logit turn into a finite or infinite loss: NaN lanes are put back.
 inline Vectorized<float> fk_exp(const Vectorized<float>& x) {
-  return x.exp_u20();
+  return Vectorized<float>::blendv(x.exp_u20(), x, x != x);
 }
 inline Vectorized<double> fk_exp(const Vectorized<double>& x) {
   return x.exp();
@@ -64,6 +65,10 @@ inline Vectorized<float> fk_log_prob(const Vectorized<float>& x) {
   y = fmadd(e, V(-2.12194440e-4f), y);
   y = fmadd(z, V(-0.5f), y);
   return fmadd(e, V(0.693359375f), f + y);
+}
+template <typename A>
+inline Vectorized<A> fk_select_nonzero(const Vectorized<A>& cond, const Vectorized<A>& value) {
+  return Vectorized<A>::blendv(Vectorized<A>(A(0)), value, cond != Vectorized<A>(A(0)));  // NaN != 0: kept
 }
 template <typename A>
 inline Vectorized<A> fk_select_positive(const Vectorized<A>& cond, const Vectorized<A>& value) {

@@ -50,11 +50,15 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     S* gs = S_out ? S_out + r * V : nullptr;
     T* gt = T_out ? T_out + r * V : nullptr;
 
-    if (!kd_row_counted(p.labels, r, p.ignore_index)) {
+    // A row that contributes nothing: not counted (label == ignore_index), or fully masked (see below).
+    auto zero_row = [&] {
       row_soft[r] = Acc(0);
       if (hard) row_hard[r] = Acc(0);
       if (gs) std::fill(gs, gs + V, S(0));
       if (gt) std::fill(gt, gt + V, T(0));
+    };
+    if (!kd_row_counted(p.labels, r, p.ignore_index)) {
+      zero_row();
       continue;
     }
     const int64_t y = p.labels ? p.labels[r] : -1;           // class target (CE, DKD)
@@ -75,6 +79,12 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     }
     const Acc max_s = lane_max<Acc>(at::vec::maximum(ms0, ms1));
     const Acc max_t = lane_max<Acc>(at::vec::maximum(mt0, mt1));
+    // Fully masked (-inf in every entry of both sides; for DKD the target entries too): contributes 0.
+    if (kd_row_empty(max_s, max_t) &&
+        (D != Divergence::DKD || kd_row_empty(static_cast<Acc>(s[y]), static_cast<Acc>(t[y])))) {
+      zero_row();
+      continue;
+    }
     const Vec<Acc> max_s_v(max_s), max_t_v(max_t);
 
     // Sweep 2: Z_s, Z_t, the KL-type dot product, and Z of the student at T = 1 for the CE.

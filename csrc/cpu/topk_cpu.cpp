@@ -1,10 +1,11 @@
 // CPU implementation of fastkd::topk_kd_forward: KD against a sparse (top-k) teacher.
 //
 // Per row (rows in parallel): the teacher's k kept entries give log p_k (kd_math.h: topk_teacher); the
-// student's full row is swept three times: its maximum, its Z (and, with a tail bucket, the mass outside
-// the kept set, summed over the gaps between the sorted kept indices: exact, no 1 - sum cancellation),
-// then the gradient c * q_j * (1 - p_tail / q_tail) for every entry, after which the k kept entries are
-// overwritten with c * (q_j - p_k). Teacher memory is O(rows * k).
+// student's row is swept three times: its maximum and its sum of exponentials (with a tail bucket both over
+// the entries outside the kept set, gap by gap between the sorted kept indices: the tail mass comes out
+// exactly and in log space, no 1 - sum cancellation and no underflow), then the gradient of every entry,
+// after which the k kept entries are overwritten with c * (q_k - p_k) (kd_math.h: topk_student and the
+// per-entry terms). Teacher memory is O(rows * k).
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -35,6 +36,26 @@ double sum_exp(const S* s, int64_t lo, int64_t hi, const Vec<Acc>& max_s_v, cons
   return total;
 }
 
+// max_{j in [lo, hi)} s_j folded into m, vectorized.
+template <typename S, typename Acc>
+void fold_max(const S* s, int64_t lo, int64_t hi, Vec<Acc>& m) {
+  constexpr int64_t W = Vec<Acc>::size();
+  const int64_t full = lo + (hi - lo) / W * W;
+  for (int64_t i = lo; i < full; i += W) m = at::vec::maximum(m, load<Acc>(s + i));
+  if (full < hi) m = at::vec::maximum(m, load_tail<Acc>(s + full, hi - full));
+}
+
+// Calls f(lo, hi) for each run of entries outside the kept set (between the sorted kept indices).
+template <typename F>
+void for_each_gap(const int64_t* idx, int64_t K, int64_t V, F&& f) {
+  int64_t lo = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    f(lo, idx[k]);
+    lo = idx[k] + 1;
+  }
+  f(lo, V);
+}
+
 template <typename S, typename Acc>
 void topk_rows(const TopkParams& p, double count, int64_t begin, int64_t end) {
   constexpr int64_t W = Vec<Acc>::size();
@@ -44,83 +65,90 @@ void topk_rows(const TopkParams& p, double count, int64_t begin, int64_t end) {
   const double inv_t = p.inv_temperature;
   const Vec<Acc> inv_t_v(static_cast<Acc>(inv_t));
   const double coef = p.loss_factor * inv_t / kd_denominator(p.reduction, count, V);
+  const bool bucket = p.tail_bucket;
   auto* S_out = static_cast<S*>(p.grad_student);
   auto* row_soft = static_cast<Acc*>(p.row_soft);
-  std::vector<S> kept;  // the kept entries' gradients of a row
+  std::vector<double> b, log_p;  // per kept entry: shifted student logit, teacher log-probability
+  std::vector<S> kept;           // the kept entries' gradients of a row
 
   for (int64_t r = begin; r < end; ++r) {
     const S* s = static_cast<const S*>(p.student) + r * p.student_row_stride;
     const Acc* v = static_cast<const Acc*>(p.values) + r * K;
     const int64_t* idx = p.indices + r * K;
     S* gs = S_out ? S_out + r * V : nullptr;
-    if (!kd_row_counted(p.labels, r, p.ignore_index)) {
+    auto zero_row = [&] {
       row_soft[r] = Acc(0);
       if (gs) std::fill(gs, gs + V, S(0));
+    };
+    if (!kd_row_counted(p.labels, r, p.ignore_index)) {
+      zero_row();
       continue;
     }
 
-    // Teacher: k entries.
-    double max_v = -INFINITY;
-    for (int64_t k = 0; k < K; ++k) max_v = kd_nan_max(max_v, static_cast<double>(v[k]));
-    const double scale = p.values_are_logprobs ? 1.0 : inv_t;
-    double z_v = 0.0;
-    for (int64_t k = 0; k < K; ++k) z_v += std::exp((static_cast<double>(v[k]) - max_v) * scale);
-    const TopkTeacher tt = topk_teacher(max_v, z_v, p.values_are_logprobs, p.tail_bucket, inv_t);
-
-    // Student: maximum, then Z (with a tail bucket: the mass outside the kept set, gap by gap).
-    Vec<Acc> m0(neg_inf);
-    for (int64_t i = 0; i < V1; i += W) m0 = at::vec::maximum(m0, load<Acc>(s + i));
-    if (V1 < V) m0 = at::vec::maximum(m0, load_tail<Acc>(s + V1, V - V1));
-    const Acc max_s = lane_max<Acc>(m0);
-    const Vec<Acc> max_s_v(max_s);
-    auto b_of = [&](int64_t j) { return (static_cast<double>(static_cast<Acc>(s[j])) - max_s) * inv_t; };
-    double z_s = 0.0, z_tail = 0.0;
-    if (p.tail_bucket) {
-      int64_t lo = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        z_tail += sum_exp<S, Acc>(s, lo, idx[k], max_s_v, inv_t_v);
-        lo = idx[k] + 1;
-      }
-      z_tail += sum_exp<S, Acc>(s, lo, V, max_s_v, inv_t_v);
-      double z_kept = 0.0;
-      for (int64_t k = 0; k < K; ++k) z_kept += std::exp(b_of(idx[k]));
-      z_s = z_tail + z_kept;
-    } else {
-      z_s = sum_exp<S, Acc>(s, 0, V, max_s_v, inv_t_v);
+    // Maxima: the teacher's k values; the student over its reference set (outside the kept set with a
+    // tail bucket, else the whole row) and over the kept entries.
+    double max_v = -INFINITY, max_kept = -INFINITY;
+    for (int64_t k = 0; k < K; ++k) {
+      max_v = kd_nan_max(max_v, static_cast<double>(v[k]));
+      max_kept = kd_nan_max(max_kept, static_cast<double>(static_cast<Acc>(s[idx[k]])));
     }
-    const double log_zs = std::log(z_s);
+    Vec<Acc> m0(neg_inf);
+    if (bucket) for_each_gap(idx, K, V, [&](int64_t lo, int64_t hi) { fold_max<S, Acc>(s, lo, hi, m0); });
+    else fold_max<S, Acc>(s, 0, V, m0);
+    const Acc max_ref = lane_max<Acc>(m0);
+    if (kd_row_empty<double>(kd_nan_max<double>(max_ref, max_kept), max_v)) {  // fully masked
+      zero_row();
+      continue;
+    }
+
+    // Teacher: log p_k.
+    const double origin_v = kd_origin(max_v), scale = p.values_are_logprobs ? 1.0 : inv_t;
+    double z_v = 0.0;
+    for (int64_t k = 0; k < K; ++k) z_v += std::exp((static_cast<double>(v[k]) - origin_v) * scale);
+    const TopkTeacher tt = topk_teacher(origin_v, z_v, p.values_are_logprobs, bucket, inv_t);
+
+    // Student: the reference set's sum, the kept entries' log-sum-exp, then log Z_s and log q_tail.
+    const Acc origin = kd_origin(max_ref);
+    const Vec<Acc> origin_v_s(origin);
+    double z_ref = 0.0;
+    if (bucket) {
+      for_each_gap(idx, K, V, [&](int64_t lo, int64_t hi) { z_ref += sum_exp<S, Acc>(s, lo, hi, origin_v_s, inv_t_v); });
+    } else {
+      z_ref = sum_exp<S, Acc>(s, 0, V, origin_v_s, inv_t_v);
+    }
+    b.resize(K);
+    log_p.resize(K);
+    double max_b = -INFINITY;
+    for (int64_t k = 0; k < K; ++k) {
+      b[k] = (static_cast<double>(static_cast<Acc>(s[idx[k]])) - origin) * inv_t;
+      log_p[k] = topk_log_p(tt, static_cast<double>(v[k]));
+      max_b = kd_nan_max(max_b, b[k]);
+    }
+    double lse_kept = -INFINITY;
+    if (bucket) {
+      double z_kept = 0.0;
+      for (int64_t k = 0; k < K; ++k) z_kept += std::exp(b[k] - kd_origin(max_b));
+      lse_kept = kd_origin(max_b) + std::log(z_kept);
+    }
+    const TopkStudent st = topk_student(std::log(z_ref), lse_kept, bucket, tt.p_tail);
 
     // Row loss: sum_k p_k (log p_k - log q_k) [+ p_tail (log p_tail - log q_tail)].
-    double kl = 0.0;
-    for (int64_t k = 0; k < K; ++k) {
-      const double lp = static_cast<double>(v[k]) * tt.scale - tt.shift;
-      const double pk = std::exp(lp);
-      if (pk > 0.0) kl += pk * (lp - (b_of(idx[k]) - log_zs));
-    }
-    double tail_ratio = 0.0;  // p_tail / q_tail
-    if (tt.p_tail > 0.0) {
-      const double log_q_tail = std::log(z_tail) - log_zs;
-      kl += tt.p_tail * (tt.log_tail - log_q_tail);
-      tail_ratio = std::exp(tt.log_tail - log_q_tail);
-    }
+    double kl = topk_tail_term(tt, st);
+    for (int64_t k = 0; k < K; ++k) kl += topk_kept_term(log_p[k], b[k] - st.log_zs);
     row_soft[r] = static_cast<Acc>(p.loss_factor * kl);
     if (!gs) continue;
 
-    // Gradient: c * q_j * (1 - p_tail / q_tail) everywhere, then c * (q_j - p_k) at the kept entries. The
-    // kept values are computed first: the gradient may overwrite the student row in place (fused linear head).
+    // Gradient: c * dense * e_j everywhere, then c * (q_k - p_k) at the kept entries. The kept values are
+    // computed first: the gradient may overwrite the student row in place (fused linear head).
     kept.resize(K);
-    for (int64_t k = 0; k < K; ++k) {
-      const double lp = static_cast<double>(v[k]) * tt.scale - tt.shift;
-      kept[k] = static_cast<S>(coef * (std::exp(b_of(idx[k]) - log_zs) - std::exp(lp)));
-    }
-    const Vec<Acc> dense_coef_v(static_cast<Acc>(coef * (1.0 - tail_ratio)));
-    const Vec<Acc> log_zs_v(static_cast<Acc>(log_zs));
+    for (int64_t k = 0; k < K; ++k) kept[k] = static_cast<S>(topk_kept_grad(coef, log_p[k], b[k] - st.log_zs));
+    const Vec<Acc> dense_v(static_cast<Acc>(coef * st.dense));
     for (int64_t i = 0; i < V1; i += W) {
-      store<S>(gs + i, dense_coef_v * fk_exp(kd_shift(load<Acc>(s + i), max_s_v, inv_t_v) - log_zs_v));
+      store<S>(gs + i, dense_v * fk_exp(kd_shift(load<Acc>(s + i), origin_v_s, inv_t_v)));
     }
     if (V1 < V) {
       const int64_t n = V - V1;
-      store_tail<S>(gs + V1, dense_coef_v * fk_exp(kd_shift(load_tail<Acc>(s + V1, n), max_s_v, inv_t_v) - log_zs_v), n);
+      store_tail<S>(gs + V1, dense_v * fk_exp(kd_shift(load_tail<Acc>(s + V1, n), origin_v_s, inv_t_v)), n);
     }
     for (int64_t k = 0; k < K; ++k) gs[idx[k]] = kept[k];
   }

@@ -110,7 +110,8 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
     S* gs = p.grad_student ? static_cast<S*>(p.grad_student) + r * V : nullptr;
     T* gt = p.grad_teacher ? static_cast<T*>(p.grad_teacher) + r * V : nullptr;
 
-    if (!kd_row_counted(p.labels, r, p.ignore_index)) {
+    // A row that contributes nothing: not counted (label == ignore_index), or fully masked (see below).
+    auto zero_row = [&] {
       if (threadIdx.x == 0) {
         row_soft[r] = Acc(0);
         if (p.hard) row_hard[r] = Acc(0);
@@ -119,6 +120,9 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
         if (gs) gs[i] = S(0);
         if (gt) gt[i] = T(0);
       }
+    };
+    if (!kd_row_counted(p.labels, r, p.ignore_index)) {
+      zero_row();
       continue;
     }
     const int64_t y = p.labels ? p.labels[r] : -1;
@@ -134,6 +138,13 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
     });
     m = block_reduce<kBlock>(m, MaxOp<Acc, 2>());
     const Acc max_s = m.v[0], max_t = m.v[1];
+    // Fully masked (-inf in every entry of both sides; for DKD the target entries too): contributes 0. The
+    // test is uniform over the block (the maxima are broadcast), so the whole block skips the row.
+    if (kd_row_empty(max_s, max_t) &&
+        (D != Divergence::DKD || kd_row_empty(static_cast<Acc>(s[y]), static_cast<Acc>(t[y])))) {
+      zero_row();
+      continue;
+    }
 
     // Sweep 2: Z_s, Z_t, the KL-type dot product, Z of the student at T = 1 (CE).
     Acc4<Acc, 4> z{{Acc(0), Acc(0), Acc(0), Acc(0)}};
@@ -253,12 +264,12 @@ __device__ __forceinline__ bool sorted_contains(const int64_t* idx, int64_t n, i
 
 template <typename S, typename Acc, int kBlock>
 __global__ void __launch_bounds__(kBlock) topk_kernel(TopkParams p) {
-  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   const int64_t V = p.vocab, K = p.k;
   const double count = kd_count(p.count, p.rows);
   const double coef = p.loss_factor * p.inv_temperature / kd_denominator(p.reduction, count, V);
   const Acc inv_t = static_cast<Acc>(p.inv_temperature);
   const double scale = p.values_are_logprobs ? 1.0 : p.inv_temperature;
+  const bool bucket = p.tail_bucket;
   auto* row_soft = static_cast<Acc*>(p.row_soft);
 
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
@@ -266,59 +277,76 @@ __global__ void __launch_bounds__(kBlock) topk_kernel(TopkParams p) {
     const Acc* v = static_cast<const Acc*>(p.values) + r * K;
     const int64_t* idx = p.indices + r * K;
     S* gs = p.grad_student ? static_cast<S*>(p.grad_student) + r * V : nullptr;
-    if (!kd_row_counted(p.labels, r, p.ignore_index)) {
+    auto zero_row = [&] {
       if (threadIdx.x == 0) row_soft[r] = Acc(0);
       if (gs) for (int64_t i = threadIdx.x; i < V; i += kBlock) gs[i] = S(0);
+    };
+    if (!kd_row_counted(p.labels, r, p.ignore_index)) {
+      zero_row();
       continue;
     }
-    // Maxima of the student row and of the teacher's k values.
-    Acc4<Acc, 2> m{{neg_inf, neg_inf}};
-    for (int64_t i = threadIdx.x; i < V; i += kBlock) m.v[0] = kd_nan_max(m.v[0], static_cast<Acc>(s[i]));
-    for (int64_t k = threadIdx.x; k < K; k += kBlock) m.v[1] = kd_nan_max(m.v[1], v[k]);
-    m = block_reduce<kBlock>(m, MaxOp<Acc, 2>());
-    const Acc max_s = m.v[0];
-    const double max_v = m.v[1];
-    // Z_s, the student's mass outside the kept set (tail bucket only), the teacher's Z.
-    Acc4<Acc, 3> z{{Acc(0), Acc(0), Acc(0)}};
+    // Entry i is in the student's reference set: outside the kept set with a tail bucket, else any entry.
+    auto in_ref = [&](int64_t i) { return !bucket || !sorted_contains(idx, K, i); };
+    auto student_at = [&](int64_t j) { return static_cast<double>(static_cast<Acc>(s[j])); };
+    // Maxima: the student over its reference set and over the kept entries, the teacher's k values.
+    Acc4<double, 3> m{{-INFINITY, -INFINITY, -INFINITY}};
     for (int64_t i = threadIdx.x; i < V; i += kBlock) {
-      const Acc e = fk_exp(kd_shift(static_cast<Acc>(s[i]), max_s, inv_t));
-      z.v[0] += e;
-      if (p.tail_bucket && !sorted_contains(idx, K, i)) z.v[1] += e;
+      if (in_ref(i)) m.v[0] = kd_nan_max(m.v[0], student_at(i));
     }
-    for (int64_t k = threadIdx.x; k < K; k += kBlock) z.v[2] += static_cast<Acc>(::exp((v[k] - max_v) * scale));
-    z = block_reduce<kBlock>(z, SumOp<Acc, 3>());
-    const TopkTeacher tt = topk_teacher(max_v, z.v[2], p.values_are_logprobs, p.tail_bucket, p.inv_temperature);
-    const double log_zs = ::log(static_cast<double>(z.v[0]));
-    // Row loss over the kept entries (+ the tail bucket).
-    auto b_of = [&](int64_t j) { return (static_cast<double>(static_cast<Acc>(s[j])) - max_s) * p.inv_temperature; };
-    Acc4<Acc, 1> kl{{Acc(0)}};
     for (int64_t k = threadIdx.x; k < K; k += kBlock) {
-      const double lp = static_cast<double>(v[k]) * tt.scale - tt.shift;
-      const double pk = ::exp(lp);
-      if (pk > 0.0) kl.v[0] += static_cast<Acc>(pk * (lp - (b_of(idx[k]) - log_zs)));
+      m.v[1] = kd_nan_max(m.v[1], student_at(idx[k]));
+      m.v[2] = kd_nan_max(m.v[2], static_cast<double>(v[k]));
     }
-    kl = block_reduce<kBlock>(kl, SumOp<Acc, 1>());
-    double row = kl.v[0], tail_ratio = 0.0;
-    if (tt.p_tail > 0.0) {
-      const double log_q_tail = ::log(static_cast<double>(z.v[1])) - log_zs;
-      row += tt.p_tail * (tt.log_tail - log_q_tail);
-      tail_ratio = ::exp(tt.log_tail - log_q_tail);
+    m = block_reduce<kBlock>(m, MaxOp<double, 3>());
+    if (kd_row_empty(kd_nan_max(m.v[0], m.v[1]), m.v[2])) {  // fully masked: uniform over the block
+      zero_row();
+      continue;
     }
-    if (threadIdx.x == 0) row_soft[r] = static_cast<Acc>(p.loss_factor * row);
+    const Acc origin = static_cast<Acc>(kd_origin(m.v[0]));
+    const double origin_v = kd_origin(m.v[2]);
+    auto b_of = [&](int64_t j) { return (student_at(j) - static_cast<double>(origin)) * p.inv_temperature; };
+    // The reference set's sum of exponentials, the teacher's Z, the kept entries' maximum shifted logit.
+    Acc4<double, 3> z{{0.0, 0.0, -INFINITY}};
+    Acc z_ref_part = 0;
+    for (int64_t i = threadIdx.x; i < V; i += kBlock) {
+      if (in_ref(i)) z_ref_part += fk_exp(kd_shift(static_cast<Acc>(s[i]), origin, inv_t));
+    }
+    z.v[0] = z_ref_part;
+    for (int64_t k = threadIdx.x; k < K; k += kBlock) {
+      z.v[1] += ::exp((static_cast<double>(v[k]) - origin_v) * scale);
+    }
+    z = block_reduce<kBlock>(z, SumOp<double, 3>());
+    Acc4<double, 1> mb{{-INFINITY}};
+    for (int64_t k = threadIdx.x; k < K; k += kBlock) mb.v[0] = kd_nan_max(mb.v[0], b_of(idx[k]));
+    mb = block_reduce<kBlock>(mb, MaxOp<double, 1>());
+    const double b_origin = kd_origin(mb.v[0]);
+    const TopkTeacher tt = topk_teacher(origin_v, z.v[1], p.values_are_logprobs, bucket, p.inv_temperature);
+    // The kept entries' sum of exp(b_k) (bucket) and the row loss over them.
+    Acc4<double, 2> kl{{0.0, 0.0}};
+    for (int64_t k = threadIdx.x; k < K; k += kBlock) kl.v[0] += ::exp(b_of(idx[k]) - b_origin);
+    kl = block_reduce<kBlock>(kl, SumOp<double, 2>());
+    const double lse_kept = bucket ? b_origin + ::log(kl.v[0]) : -INFINITY;
+    const TopkStudent st = topk_student(::log(z.v[0]), lse_kept, bucket, tt.p_tail);
+    Acc4<double, 1> row{{0.0}};
+    for (int64_t k = threadIdx.x; k < K; k += kBlock) {
+      row.v[0] += topk_kept_term(topk_log_p(tt, static_cast<double>(v[k])), b_of(idx[k]) - st.log_zs);
+    }
+    row = block_reduce<kBlock>(row, SumOp<double, 1>());
+    if (threadIdx.x == 0) row_soft[r] = static_cast<Acc>(p.loss_factor * (row.v[0] + topk_tail_term(tt, st)));
     if (gs) {
-      const Acc dense = static_cast<Acc>(coef * (1.0 - tail_ratio)), lzs = static_cast<Acc>(log_zs);
+      const Acc dense = static_cast<Acc>(coef * st.dense);
       // In place (the gradient overwrites the student row), the kept entries are left for the second loop,
       // which still reads their logits.
       const bool in_place = static_cast<const void*>(gs) == static_cast<const void*>(s);
       __syncthreads();  // every read of s above happens before any write
       for (int64_t i = threadIdx.x; i < V; i += kBlock) {
         if (in_place && sorted_contains(idx, K, i)) continue;
-        gs[i] = static_cast<S>(dense * fk_exp(kd_shift(static_cast<Acc>(s[i]), max_s, inv_t) - lzs));
+        gs[i] = static_cast<S>(dense * fk_exp(kd_shift(static_cast<Acc>(s[i]), origin, inv_t)));
       }
       __syncthreads();  // the kept entries are overwritten after the dense write
       for (int64_t k = threadIdx.x; k < K; k += kBlock) {
-        const double lp = static_cast<double>(v[k]) * tt.scale - tt.shift;
-        gs[idx[k]] = static_cast<S>(coef * (::exp(b_of(idx[k]) - log_zs) - ::exp(lp)));
+        const double g = topk_kept_grad(coef, topk_log_p(tt, static_cast<double>(v[k])), b_of(idx[k]) - st.log_zs);
+        gs[idx[k]] = static_cast<S>(g);
       }
     }
     __syncthreads();

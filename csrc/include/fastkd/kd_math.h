@@ -11,9 +11,16 @@
 // |logits| ~ 1e4, and entries where the teacher has zero probability (masked -inf logits, or
 // underflow) contribute exactly 0, never 0 * inf = NaN.
 //
+// Rules every kernel follows (the Python reference follows the same ones):
+//   * a weight that is exactly 0 drops its term (fk_select_nonzero); a NaN weight does not, so a NaN or
+//     +inf logit (which makes the row's maximum or shift NaN) makes the row's loss NaN;
+//   * a row that is -inf in every entry of both sides (fully masked) contributes exactly 0 with a zero
+//     gradient (kd_row_empty); a row that is -inf everywhere on one side only has no distribution: NaN.
+//
 // The functions are templates over the value type X so that the CPU kernels instantiate them with
 // at::vec::Vectorized<float/double> and the CUDA kernels (and the CPU tails) with float/double.
-// For vector types, the helpers fk_exp / fk_select_positive below are overloaded in the CPU kernel.
+// For vector types, the helpers fk_exp / fk_select_nonzero / fk_select_positive below are overloaded in the
+// CPU kernel.
 #pragma once
 
 #include <cmath>
@@ -45,7 +52,11 @@ FASTKD_HOST_DEVICE double fk_log(double x) { return ::log(x); }
 // finite value for 0 and denormals (callers drop those lanes); scalars use the library log.
 FASTKD_HOST_DEVICE float fk_log_prob(float x) { return fk_log(x); }
 FASTKD_HOST_DEVICE double fk_log_prob(double x) { return fk_log(x); }
-// `cond > 0 ? value : 0`, written so that a NaN `value` is dropped when cond is 0.
+// `cond != 0 ? value : 0`: a term whose weight `cond` is exactly 0 contributes 0 even where `value` is
+// NaN (0 * log 0); a NaN weight keeps its (NaN) value, so NaN propagates instead of being dropped.
+FASTKD_HOST_DEVICE float fk_select_nonzero(float cond, float value) { return cond != 0.f ? value : 0.f; }
+FASTKD_HOST_DEVICE double fk_select_nonzero(double cond, double value) { return cond != 0.0 ? value : 0.0; }
+// `cond > 0 ? value : 0` (a sign test: NaN gives 0).
 FASTKD_HOST_DEVICE float fk_select_positive(float cond, float value) { return cond > 0.f ? value : 0.f; }
 FASTKD_HOST_DEVICE double fk_select_positive(double cond, double value) { return cond > 0.0 ? value : 0.0; }
 
@@ -53,6 +64,19 @@ FASTKD_HOST_DEVICE double fk_select_positive(double cond, double value) { return
 template <typename A>
 FASTKD_HOST_DEVICE A kd_nan_max(A a, A b) {
   return (a != a || a > b) ? a : b;
+}
+
+// The origin a row's logits are shifted by: its maximum, or 0 when the maximum is -inf (every entry -inf:
+// then every shifted entry is -inf and has no mass, instead of -inf - (-inf) = NaN).
+template <typename A>
+FASTKD_HOST_DEVICE A kd_origin(A row_max) {
+  return row_max == -static_cast<A>(INFINITY) ? A(0) : row_max;
+}
+
+// Whether a row is fully masked: -inf in every entry of both sides (both maxima -inf). It contributes 0.
+template <typename A>
+FASTKD_HOST_DEVICE bool kd_row_empty(A max_s, A max_t) {
+  return max_s == -static_cast<A>(INFINITY) && max_t == -static_cast<A>(INFINITY);
 }
 
 // ---- per-element terms ----
@@ -66,7 +90,7 @@ FASTKD_HOST_DEVICE X kd_shift(X x, X row_max, X inv_temperature) {
 // Contribution of one vocabulary entry to sum_j e_t (a_j - b_j): zero where the teacher has no mass.
 template <typename X>
 FASTKD_HOST_DEVICE X kd_dot_term(X e_t, X a, X b) {
-  return fk_select_positive(e_t, e_t * (a - b));
+  return fk_select_nonzero(e_t, e_t * (a - b));
 }
 
 // Student gradient of a KL-type row from its two distributions: c_q * q_j - c_p * p_j, with
@@ -93,7 +117,7 @@ template <typename X>
 FASTKD_HOST_DEVICE X kd_grad_teacher2(X a, X b, X log_zt, X log_zs, X c, X k) {
   const X log_p = a - log_zt;
   const X p = fk_exp(log_p);
-  return fk_select_positive(p, p * (c * (log_p - (b - log_zs)) - k));
+  return fk_select_nonzero(p, p * (c * (log_p - (b - log_zs)) - k));
 }
 
 template <typename X>
@@ -117,8 +141,8 @@ FASTKD_HOST_DEVICE void jsd_terms(X log_p, X log_q, X p, X q, X beta, X one_minu
   const X wp = beta * p;
   const X wq = one_minus_beta * q;
   const X log_m = fk_log_prob(wp + wq);
-  psi_p = fk_select_positive(wp, wp * (log_p - log_m));
-  psi_q = fk_select_positive(wq, wq * (log_q - log_m));
+  psi_p = fk_select_nonzero(wp, wp * (log_p - log_m));
+  psi_q = fk_select_nonzero(wq, wq * (log_q - log_m));
 }
 
 // Total variation, phi = |p - q| / 2 with the subgradient sign(0) = 0 at ties:
@@ -219,7 +243,7 @@ FASTKD_HOST_DEVICE DkdRow dkd_row(double max_s, double max_t, double z_s, double
   r.p_y = ::exp(lpy);
   r.q_y = ::exp(lqy);
   const double p_n = ::exp(lpn);
-  r.tckd = (r.p_y > 0.0 ? r.p_y * (lpy - lqy) : 0.0) + (p_n > 0.0 ? p_n * (lpn - lqn) : 0.0);
+  r.tckd = fk_select_nonzero(r.p_y, r.p_y * (lpy - lqy)) + fk_select_nonzero(p_n, p_n * (lpn - lqn));
   r.nckd = dot / z_t - r.log_zt + r.log_zs;
   r.g = (lpy - lqy) - (lpn - lqn);
   return r;
@@ -236,17 +260,17 @@ struct TopkTeacher {
   double p_tail;
 };
 
-FASTKD_HOST_DEVICE TopkTeacher topk_teacher(double max_v, double z_v, bool logprobs, bool bucket, double inv_t) {
-  // z_v = sum_k exp((v_k - max_v) * scale)
+// origin_v = kd_origin(max of the values), z_v = sum_k exp((v_k - origin_v) * scale). NaN values propagate.
+FASTKD_HOST_DEVICE TopkTeacher topk_teacher(double origin_v, double z_v, bool logprobs, bool bucket, double inv_t) {
   TopkTeacher r;
   r.scale = logprobs ? 1.0 : inv_t;
-  const double lse = max_v * r.scale + ::log(z_v);  // LSE(v * scale)
+  const double lse = origin_v * r.scale + ::log(z_v);  // LSE(v * scale); -inf when every value is -inf
   r.p_tail = 0.0;
   r.log_tail = -INFINITY;
   if (bucket) {
     // The values already are log-probabilities; if they sum past 1 (rounding in a cached low-precision
-    // teacher) they are renormalized and the tail is empty.
-    r.shift = lse > 0.0 ? lse : 0.0;
+    // teacher) they are renormalized and the tail is empty. (`lse <= 0` is false for NaN: it propagates.)
+    r.shift = lse <= 0.0 ? 0.0 : lse;
     if (lse < 0.0) {
       r.p_tail = -::expm1(lse);
       r.log_tail = ::log(r.p_tail);
@@ -255,6 +279,43 @@ FASTKD_HOST_DEVICE TopkTeacher topk_teacher(double max_v, double z_v, bool logpr
     r.shift = lse;
   }
   return r;
+}
+
+FASTKD_HOST_DEVICE double topk_log_p(const TopkTeacher& tt, double v) { return v * tt.scale - tt.shift; }
+
+// The student's side of a top-k row. Its logits are shifted by `origin`, the maximum over a reference set:
+// the entries outside the kept set with a tail bucket, else every entry; log_z_ref = log sum_ref
+// exp((s_j - origin) / T) (>= 0 unless the set is all -inf) and, with a bucket, lse_kept = log sum_k
+// exp(b_k), b_k = (s_k - origin) / T. Everything is in log space: the tail mass q_tail may be far below the
+// floating-point range (a logit gap of 100 at T = 1) without turning the loss into inf - inf.
+struct TopkStudent {
+  double log_zs;      // log Z_s in the shifted coordinates: log q_j = (s_j - origin) / T - log_zs
+  double log_q_tail;  // log of the student's mass outside the kept set (bucket only)
+  double dense;       // d loss / d b_j = c * dense * exp((s_j - origin) / T) for j outside the kept set
+};
+
+FASTKD_HOST_DEVICE TopkStudent topk_student(double log_z_ref, double lse_kept, bool bucket, double p_tail) {
+  TopkStudent r;
+  r.log_zs = bucket ? kd_logaddexp(log_z_ref, lse_kept) : log_z_ref;
+  r.log_q_tail = bucket ? log_z_ref - r.log_zs : 0.0;
+  // q_j - p_tail * q_j / q_tail = e_j * (1 / Z_s - p_tail / z_ref). An empty reference set (all -inf) has
+  // e_j = 0 everywhere: its dense gradient is 0 (not 0 * inf).
+  if (log_z_ref == -INFINITY) r.dense = 0.0;
+  else r.dense = ::exp(-r.log_zs) - (bucket ? p_tail * ::exp(-log_z_ref) : 0.0);
+  return r;
+}
+
+// A kept entry's loss term p_k (log p_k - log q_k) (0 where p_k is 0) and gradient c (q_k - p_k).
+FASTKD_HOST_DEVICE double topk_kept_term(double log_p, double log_q) {
+  const double p = ::exp(log_p);
+  return fk_select_nonzero(p, p * (log_p - log_q));
+}
+FASTKD_HOST_DEVICE double topk_kept_grad(double c, double log_p, double log_q) {
+  return c * (::exp(log_q) - ::exp(log_p));
+}
+// The tail bucket's term p_tail (log p_tail - log q_tail); 0 without a tail.
+FASTKD_HOST_DEVICE double topk_tail_term(const TopkTeacher& tt, const TopkStudent& st) {
+  return fk_select_nonzero(tt.p_tail, tt.p_tail * (tt.log_tail - st.log_q_tail));
 }
 
 }  // namespace fastkd
