@@ -11,6 +11,7 @@
 // about 0.2 ms per fwd+bwd, more than the kernels themselves at vision sizes ([256, 100]). Under
 // torch.compile / AOT tracing the incoming gradient is a fake or functional tensor whose value cannot be
 // read: the plain product is traced then.
+#include <cmath>
 #include <string>
 
 #include <ATen/ATen.h>
@@ -43,6 +44,57 @@ at::Tensor grad_from(const at::Tensor& saved, const at::Tensor& grad_loss, const
   return (saved * grad_loss.unsqueeze(-1)).to(saved.scalar_type());
 }
 
+// Whether a float16 gradient saved for an upstream of 1 must be recomputed for this upstream gradient (see
+// needs_fp16_recompute): not for exactly 1 (the saved gradient is the answer), nor for a non-finite upstream
+// (an overflowed loss scale: the product gives the inf/NaN gradient that GradScaler looks for).
+bool recompute_for(const at::Tensor& grad_loss) {
+  if (!has_real_data(grad_loss)) return false;
+  if (grad_loss.dim() == 0) {
+    const double g = grad_loss.item<double>();
+    return g != 1.0 && std::isfinite(g);
+  }
+  return grad_loss.ne(1).any().item<bool>() && grad_loss.isfinite().all().item<bool>();
+}
+
+// float16 gradients are recomputed in backward when the upstream gradient is not 1 (a loss scale, a loss
+// weight): saved for an upstream of 1 they may have underflowed (fp16's smallest normal is 6e-5; a
+// "batchmean" gradient is ~1 / (rows * V)), and scaling the rounded values afterwards cannot bring the lost
+// digits back. bfloat16 has float32's range: a scaled copy of its saved gradient is as exact as eager's.
+bool needs_fp16_recompute(bool wanted, const at::Tensor& input) { return wanted && input.scalar_type() == at::kHalf; }
+
+// Double backward: the saved gradients are constants, so differentiating them again would silently give a
+// wrong (zero) second-order term. Under create_graph=True (the only time a backward runs with grad mode on)
+// the backward refuses, naming the loss.
+void refuse_double_backward(const std::string& loss) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), "fastkd: ", loss,
+              " does not support double backward (create_graph=True, torch.func transforms): its gradient is "
+              "computed by a fused kernel and is not differentiable. For a gradient penalty or higher-order "
+              "gradients use fastkd.reference.", loss.substr(0, loss.find(' ')),
+              " (plain PyTorch, twice differentiable).");
+}
+
+// The public function behind a response divergence, for messages.
+std::string response_loss_name(c10::string_view divergence) {
+  if (divergence == "kl") return "kd_loss (divergence 'kl')";
+  if (divergence == "reverse_kl") return "reverse_kl_loss (divergence 'reverse_kl')";
+  if (divergence == "jsd") return "jsd_loss";
+  if (divergence == "tvd") return "tvd_loss";
+  if (divergence == "dkd") return "dkd_loss";
+  return std::string(divergence.data(), divergence.size());
+}
+
+// (saved * upstream) in float32, rounded to `dtype` once: the product of a float32 gradient recomputed for an
+// upstream of 1 (reduction "none": one upstream value per row).
+at::Tensor scaled_to(const at::Tensor& grad32, const at::Tensor& grad_loss, at::ScalarType dtype) {
+  const at::Tensor g = grad_loss.dim() == 0 ? grad_loss : grad_loss.unsqueeze(-1);
+  return (grad32 * g.to(grad32.scalar_type())).to(dtype);
+}
+
+at::Tensor opt_or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+std::optional<at::Tensor> undefined_to_opt(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
 using Five = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 class ResponseForward : public torch::autograd::Function<ResponseForward> {
@@ -65,7 +117,23 @@ class ResponseForward : public torch::autograd::Function<ResponseForward> {
     // The gradient outputs are never differentiated; without this autograd would hand the backward freshly
     // zeroed [rows, vocab] tensors.
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({gs, gt});
+    const bool recompute = needs_fp16_recompute(grad_student, student) || needs_fp16_recompute(grad_teacher, teacher);
+    if (recompute) {  // the inputs and arguments of the op, for a backward under a loss scale
+      ctx->save_for_backward({gs, gt, student, teacher, opt_or_undefined(labels), opt_or_undefined(num_items)});
+      auto& d = ctx->saved_data;
+      d["temperature"] = temperature;
+      d["beta"] = beta;
+      d["alpha"] = alpha;
+      d["soft_weight"] = soft_weight;
+      d["hard_weight"] = hard_weight;
+      d["ignore_index"] = ignore_index;
+      d["reduction"] = std::string(reduction.data(), reduction.size());
+      d["scale_by_temperature"] = scale_by_temperature;
+    } else {
+      ctx->save_for_backward({gs, gt});
+    }
+    ctx->saved_data["recompute"] = recompute;
+    ctx->saved_data["divergence"] = std::string(divergence.data(), divergence.size());
     return {loss, soft, hard, gs, gt};
   }
 
@@ -73,8 +141,43 @@ class ResponseForward : public torch::autograd::Function<ResponseForward> {
     variable_list out(15);
     if (!grads[0].defined()) return out;  // the loss itself was not used
     const auto saved = ctx->get_saved_variables();
-    if (ctx->needs_input_grad(0)) out[0] = grad_from(saved[0], grads[0], "student");
-    if (ctx->needs_input_grad(1)) out[1] = grad_from(saved[1], grads[0], "teacher");
+    const std::string divergence = ctx->saved_data["divergence"].toStringRef();
+    if (ctx->saved_data["recompute"].toBool() && recompute_for(grads[0])) {
+      out = recompute(ctx, saved, grads[0]);
+    } else {
+      if (ctx->needs_input_grad(0)) out[0] = grad_from(saved[0], grads[0], "student");
+      if (ctx->needs_input_grad(1)) out[1] = grad_from(saved[1], grads[0], "teacher");
+    }
+    refuse_double_backward(response_loss_name(divergence));
+    return out;
+  }
+
+ private:
+  // float16 under a loss scale: the op again, for the gradients of g * loss. A scalar upstream g goes into
+  // the op's weights (the kernel rounds g * gradient once, in the input dtype); per-row upstreams (reduction
+  // "none") multiply a float32 recomputation, rounded once.
+  static variable_list recompute(AutogradContext* ctx, const variable_list& saved, const at::Tensor& g) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fastkd::response_forward", "")
+                         .typed<Five(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                     const std::optional<at::Tensor>&, c10::string_view, double, double, double, double,
+                                     double, int64_t, c10::string_view, bool, bool, bool)>();
+    auto& d = ctx->saved_data;
+    const bool want_s = ctx->needs_input_grad(0), want_t = ctx->needs_input_grad(1);
+    const at::Tensor &student = saved[2], &teacher = saved[3];
+    const bool scalar = g.dim() == 0;
+    const double w = scalar ? g.item<double>() : 1.0;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const at::Tensor s_in = scalar ? student : student.to(at::kFloat);
+    const at::Tensor t_in = scalar || teacher.scalar_type() == at::kDouble ? teacher : teacher.to(at::kFloat);
+    auto [loss, soft, hard, gs, gt] =
+        op.call(s_in, t_in, undefined_to_opt(saved[4]), undefined_to_opt(saved[5]), d["divergence"].toStringRef(),
+                d["temperature"].toDouble(), d["beta"].toDouble(), d["alpha"].toDouble(),
+                d["soft_weight"].toDouble() * w, d["hard_weight"].toDouble() * w, d["ignore_index"].toInt(),
+                d["reduction"].toStringRef(), d["scale_by_temperature"].toBool(), want_s, want_t);
+    variable_list out(15);
+    if (want_s) out[0] = scalar ? gs : scaled_to(gs, g, student.scalar_type());
+    if (want_t) out[1] = scalar ? gt : scaled_to(gt, g, teacher.scalar_type());
     return out;
   }
 };
@@ -98,7 +201,20 @@ class TopkForward : public torch::autograd::Function<TopkForward> {
                               tail_bucket, ignore_index, reduction, scale_by_temperature, grad_student);
     ctx->mark_non_differentiable({gs});
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({gs});
+    const bool recompute = needs_fp16_recompute(grad_student, student);
+    if (recompute) {  // the inputs and arguments of the op, for a backward under a loss scale
+      ctx->save_for_backward({gs, student, values, indices, opt_or_undefined(labels), opt_or_undefined(num_items)});
+      auto& d = ctx->saved_data;
+      d["temperature"] = temperature;
+      d["values_are_logprobs"] = values_are_logprobs;
+      d["tail_bucket"] = tail_bucket;
+      d["ignore_index"] = ignore_index;
+      d["reduction"] = std::string(reduction.data(), reduction.size());
+      d["scale_by_temperature"] = scale_by_temperature;
+    } else {
+      ctx->save_for_backward({gs});
+    }
+    ctx->saved_data["recompute"] = recompute;
     return {loss, gs};
   }
 
@@ -106,7 +222,26 @@ class TopkForward : public torch::autograd::Function<TopkForward> {
     variable_list out(12);
     if (!grads[0].defined()) return out;
     TORCH_CHECK(!ctx->needs_input_grad(1), "fastkd: topk_kd_forward gives the teacher values no gradient; detach them");
-    if (ctx->needs_input_grad(0)) out[0] = grad_from(ctx->get_saved_variables()[0], grads[0], "student");
+    if (!ctx->needs_input_grad(0)) return out;
+    const auto saved = ctx->get_saved_variables();
+    if (ctx->saved_data["recompute"].toBool() && recompute_for(grads[0])) {
+      // float16 under a loss scale (see needs_fp16_recompute): a float32 recomputation, scaled, rounded once.
+      static auto op = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("fastkd::topk_kd_forward", "")
+                           .typed<Two(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
+                                      bool, bool, int64_t, c10::string_view, bool, bool)>();
+      auto& d = ctx->saved_data;
+      at::AutoDispatchBelowADInplaceOrView guard;
+      auto [loss, gs] = op.call(saved[1].to(at::kFloat), saved[2], saved[3], undefined_to_opt(saved[4]),
+                                undefined_to_opt(saved[5]), d["temperature"].toDouble(),
+                                d["values_are_logprobs"].toBool(), d["tail_bucket"].toBool(), d["ignore_index"].toInt(),
+                                d["reduction"].toStringRef(), d["scale_by_temperature"].toBool(), true);
+      out[0] = scaled_to(gs, grads[0], saved[1].scalar_type());
+    } else {
+      out[0] = grad_from(saved[0], grads[0], "student");
+    }
+    refuse_double_backward("topk_kd_loss");
     return out;
   }
 };
@@ -143,7 +278,8 @@ c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-// Op: a struct with `static constexpr const char* name` and `using Sig = Three(const at::Tensor&, ...)`.
+// Op: a struct with `static constexpr const char* name` (the op), `loss` (its public function, for messages)
+// and `using Sig = Three(const at::Tensor&, ...)`.
 template <typename Op>
 class RelationForward : public torch::autograd::Function<RelationForward<Op>> {
  public:
@@ -166,6 +302,7 @@ class RelationForward : public torch::autograd::Function<RelationForward<Op>> {
     const auto saved = ctx->get_saved_variables();
     if (ctx->needs_input_grad(0)) out[0] = grad_from(saved[0], grads[0], "student");
     if (ctx->needs_input_grad(1)) out[1] = grad_from(saved[1], grads[0], "teacher");
+    refuse_double_backward(Op::loss);
     return out;
   }
 };
@@ -188,24 +325,29 @@ class RkdForward : public torch::autograd::Function<RkdForward> {
     if (grads[0].defined() && ctx->needs_input_grad(0)) {
       out[0] = grad_from(ctx->get_saved_variables()[0], grads[0], "student");
     }
+    refuse_double_backward("rkd_loss");
     return out;
   }
 };
 
 struct SpOp {
+  static constexpr const char* loss = "sp_loss";
   static constexpr const char* name = "fastkd::sp_forward";
   using Sig = Three(const at::Tensor&, const at::Tensor&, c10::string_view, bool, bool);
 };
 struct PktOp {
+  static constexpr const char* loss = "pkt_loss";
   static constexpr const char* name = "fastkd::pkt_forward";
   using Sig = Three(const at::Tensor&, const at::Tensor&, double, bool, bool);
 };
 struct CcOp {
+  static constexpr const char* loss = "cc_loss";
   static constexpr const char* name = "fastkd::cc_forward";
   using Sig = Three(const at::Tensor&, const at::Tensor&, c10::string_view, double, int64_t, c10::string_view, bool,
                     bool);
 };
 struct AtOp {
+  static constexpr const char* loss = "at_loss";
   static constexpr const char* name = "fastkd::at_forward";
   using Sig = Three(const at::Tensor&, const at::Tensor&, double, c10::string_view, bool, bool);
 };
@@ -305,6 +447,7 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
       if (ctx->needs_input_grad(0)) out[0] = grad_from(saved[0], grads[0], "hidden");
       if (ctx->needs_input_grad(1)) out[1] = grad_from(saved[1], grads[0], "weight");
       if (ctx->needs_input_grad(2)) out[2] = grad_from(saved[2], grads[0], "bias");
+      refuse_double_backward("fused_linear_kd_loss");
       return out;
     }
     static auto op = typed_op<FusedLinearSig>("fastkd::fused_linear_kd_forward");
@@ -325,6 +468,7 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
     if (want[0]) out[0] = gh;
     if (want[1]) out[1] = gw;
     if (want[2]) out[2] = gb;
+    refuse_double_backward("fused_linear_kd_loss");
     return out;
   }
 };
