@@ -184,8 +184,8 @@ def kd_loss(
     """
     t, n = _check_common(student_logits, teacher_logits, labels, temperature, reduction, ignore_index,
                          num_items_in_batch)
-    a = v.check_nonneg_weight("alpha", alpha)
-    b = 1.0 - a if beta is None else v.check_nonneg_weight("beta", beta)
+    a, b = v.check_mix_weights(alpha, beta)
+    v.check_flags(scale_by_temperature=scale_by_temperature, return_parts=return_parts)
     if a != 0.0:
         v.check_target(labels, student_logits, ignore_index, required=True, name="labels", check_range=False)
     if not _use_kernels():
@@ -218,6 +218,7 @@ def reverse_kl_loss(
     """
     t, n = _check_common(student_logits, teacher_logits, labels, temperature, reduction, ignore_index,
                          num_items_in_batch)
+    v.check_flags(scale_by_temperature=scale_by_temperature)
     if not _use_kernels():
         return reference.reverse_kl_loss(student_logits, teacher_logits, t, reduction=reduction, labels=labels,
                                          ignore_index=ignore_index, scale_by_temperature=scale_by_temperature,
@@ -327,7 +328,7 @@ def dkd_loss(
                          num_items_in_batch)
     a = v.check_nonneg_weight("alpha", alpha)
     b = v.check_nonneg_weight("beta", beta)
-    v.check_target(target, student_logits, ignore_index, required=True, name="target", check_range=False)
+    v.check_target(target, student_logits, ignore_index, required=True, name="target")
     if student_logits.shape[-1] < 2:
         raise ValueError(f"dkd_loss needs at least 2 classes, got V={student_logits.shape[-1]}")
     if not _use_kernels():
@@ -377,6 +378,7 @@ def topk_kd_loss(
     v.check_reduction(reduction)
     v.check_ignore_index(ignore_index)
     n = v.check_num_items(num_items_in_batch, reduction)
+    v.check_flags(scale_by_temperature=scale_by_temperature)
     if not _use_kernels():
         return reference.topk_kd_loss(student_logits, teacher_topk_values, teacher_topk_indices, t,
                                       values_are=values_are, tail=tail, reduction=reduction, labels=labels,
@@ -684,7 +686,7 @@ def cc_loss(
     v.check_feature_pair(f_s, f_t)
     v.check_choice("kernel", kernel, v.CC_KERNELS)
     gm = v.check_positive("gamma", gamma)
-    mp = v.check_int_at_least("max_p", max_p, 1)
+    mp = v.check_max_p(max_p)
     v.check_relation_reduction(reduction)
     if not _relation_kernel("cc_forward"):
         return reference.cc_loss(f_s, f_t, kernel, gm, mp, reduction)

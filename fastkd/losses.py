@@ -92,12 +92,12 @@ class KDLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.temperature = v.check_temperature(temperature)
-        self.alpha = v.check_nonneg_weight("alpha", alpha)
-        self.beta = None if beta is None else v.check_nonneg_weight("beta", beta)
+        self.alpha, _ = v.check_mix_weights(alpha, beta)
+        self.beta = None if beta is None else float(beta)
         self.reduction = v.check_reduction(reduction)
         self.ignore_index = v.check_ignore_index(ignore_index)
-        self.scale_by_temperature = bool(scale_by_temperature)
-        self.return_parts = bool(return_parts)
+        self.scale_by_temperature = v.check_bool("scale_by_temperature", scale_by_temperature)
+        self.return_parts = v.check_bool("return_parts", return_parts)
 
     def forward(
         self,
@@ -168,7 +168,7 @@ class ReverseKLLoss(_ResponseLoss):
         scale_by_temperature: bool = True,
     ) -> None:
         super().__init__(temperature, reduction, ignore_index)
-        self.scale_by_temperature = bool(scale_by_temperature)
+        self.scale_by_temperature = v.check_bool("scale_by_temperature", scale_by_temperature)
 
     def forward(
         self,
@@ -300,15 +300,13 @@ class TopKKDLoss(_ResponseLoss):
         scale_by_temperature: bool = True,
     ) -> None:
         super().__init__(temperature, reduction, ignore_index)
-        if values_are not in v.TOPK_VALUES_ARE:
-            raise ValueError(f"values_are must be one of {v.TOPK_VALUES_ARE}, got {values_are!r}")
-        if tail not in v.TOPK_TAILS:
-            raise ValueError(f"tail must be one of {v.TOPK_TAILS}, got {tail!r}")
+        v.check_choice("values_are", values_are, v.TOPK_VALUES_ARE)
+        v.check_choice("tail", tail, v.TOPK_TAILS)
         if tail == "bucket" and values_are != "logprobs":
             raise ValueError("tail='bucket' needs values_are='logprobs' (logits give no tail mass)")
         self.values_are = values_are
         self.tail = tail
-        self.scale_by_temperature = bool(scale_by_temperature)
+        self.scale_by_temperature = v.check_bool("scale_by_temperature", scale_by_temperature)
 
     def forward(
         self,
@@ -330,11 +328,18 @@ class TopKKDLoss(_ResponseLoss):
 
 class FusedLinearKDLoss(nn.Module):
     """Distillation through the student's linear head without the full logits; see
-    :func:`fastkd.fused_linear_kd_loss` (the arguments here are its keyword arguments).
+    :func:`fastkd.fused_linear_kd_loss` (the constructor's arguments are its keyword arguments, with the same
+    defaults: ``soft_weight=None`` is ``1 - hard_label_weight``, ``scale_by_temperature=None`` is ``T^2`` for
+    ``"kl"`` / ``"reverse_kl"`` and none for ``"jsd"``, as :class:`KDLoss` / :class:`JSDLoss`).
+
+    Args:
+        return_parts: make ``forward`` return a :class:`fastkd.LossParts` ``(loss, soft, hard)`` (detached parts,
+            for logging). A constructor argument, as for every fastkd module (:class:`KDLoss`); it was a
+            ``forward`` argument before.
 
     ``forward(student_hidden, student_weight, teacher, labels=None, *, student_bias=None,
-    num_items_in_batch=None, return_parts=False)`` where ``teacher`` is dense teacher logits, a
-    :class:`fastkd.TeacherHead` or a :class:`fastkd.TopKTeacher`. For a Hugging Face causal LM::
+    num_items_in_batch=None)`` where ``teacher`` is dense teacher logits, a :class:`fastkd.TeacherHead` or a
+    :class:`fastkd.TopKTeacher`. For a Hugging Face causal LM::
 
         criterion = fastkd.FusedLinearKDLoss(loss="jsd", beta=0.5, hard_label_weight=0.5)
         out_s = student(input_ids, output_hidden_states=True)
@@ -352,28 +357,25 @@ class FusedLinearKDLoss(nn.Module):
         temperature: float = 1.0,
         ignore_index: int = -100,
         hard_label_weight: float = 0.0,
-        soft_weight: float = 1.0,
+        soft_weight: Optional[float] = None,
         reduction: str = "batchmean",
         chunk_size: Optional[int] = None,
-        scale_by_temperature: bool = False,
+        scale_by_temperature: Optional[bool] = None,
+        return_parts: bool = False,
     ) -> None:
         super().__init__()
-        if loss not in v.FUSED_LINEAR_LOSSES:
-            raise ValueError(f"loss must be one of {v.FUSED_LINEAR_LOSSES}, got {loss!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-        if scale_by_temperature and loss == "jsd":
-            raise ValueError("scale_by_temperature applies to 'kl' and 'reverse_kl'; the generalized JSD has no T^2 "
-                             "factor")
-        self.loss = loss
+        self.loss = v.check_choice("loss", loss, v.FUSED_LINEAR_LOSSES)
+        self.chunk_size = v.check_chunk_size(chunk_size)
+        v.resolve_scale_by_temperature(scale_by_temperature, loss)  # checks it; None is kept (resolved per call)
+        self.scale_by_temperature = scale_by_temperature
         self.beta = v.check_beta_unit(beta)
         self.temperature = v.check_temperature(temperature)
         self.ignore_index = v.check_ignore_index(ignore_index)
-        self.hard_label_weight = v.check_nonneg_weight("hard_label_weight", hard_label_weight)
-        self.soft_weight = v.check_nonneg_weight("soft_weight", soft_weight)
+        self.hard_label_weight, _ = v.check_mix_weights(hard_label_weight, soft_weight,
+                                                        ("hard_label_weight", "soft_weight"))
+        self.soft_weight = None if soft_weight is None else float(soft_weight)
         self.reduction = v.check_reduction(reduction)
-        self.chunk_size = chunk_size
-        self.scale_by_temperature = bool(scale_by_temperature)
+        self.return_parts = v.check_bool("return_parts", return_parts)
 
     def forward(
         self,
@@ -384,18 +386,19 @@ class FusedLinearKDLoss(nn.Module):
         *,
         student_bias: Optional[torch.Tensor] = None,
         num_items_in_batch: NumItems = None,
-        return_parts: bool = False,
     ) -> Union[torch.Tensor, LossParts]:
         return fused_linear_kd_loss(
             student_hidden, student_weight, teacher, student_bias=student_bias, loss=self.loss, beta=self.beta,
             temperature=self.temperature, labels=labels, ignore_index=self.ignore_index,
             hard_label_weight=self.hard_label_weight, soft_weight=self.soft_weight, reduction=self.reduction,
             chunk_size=self.chunk_size, scale_by_temperature=self.scale_by_temperature,
-            num_items_in_batch=num_items_in_batch, return_parts=return_parts)
+            num_items_in_batch=num_items_in_batch, return_parts=self.return_parts)
 
     def extra_repr(self) -> str:
         return (f"loss={self.loss!r}, beta={self.beta}, temperature={self.temperature}, "
-                f"hard_label_weight={self.hard_label_weight}, reduction={self.reduction!r}, chunk_size={self.chunk_size}")
+                f"hard_label_weight={self.hard_label_weight}, soft_weight={self.soft_weight}, "
+                f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, "
+                f"scale_by_temperature={self.scale_by_temperature}, return_parts={self.return_parts}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -538,7 +541,7 @@ class CCLoss(nn.Module):
         super().__init__()
         self.kernel = v.check_choice("kernel", kernel, v.CC_KERNELS)
         self.gamma = v.check_positive("gamma", gamma)
-        self.max_p = v.check_int_at_least("max_p", max_p, 1)
+        self.max_p = v.check_max_p(max_p)
         self.reduction = v.check_relation_reduction(reduction)
 
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
