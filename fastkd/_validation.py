@@ -388,6 +388,9 @@ def check_topk_indices_range(
 # Features are [N, ...] tensors, one sample per leading index; the losses flatten the rest per sample.
 # --------------------------------------------------------------------------------------------------------
 CC_KERNELS = ("gaussian", "bilinear")
+# SP's row normalization of the Gram matrices: "l2" (RepDistiller Similarity, mdistiller) or "l1" (torchdistill's
+# SPKDLoss calls F.normalize(G, 1), whose second positional argument is p)
+SP_NORMALIZE = {"l2": 2.0, "l1": 1.0}
 AT_MODES = ("code", "paper")
 RELATION_REDUCTIONS = ("batchmean", "sum")
 

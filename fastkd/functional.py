@@ -563,8 +563,11 @@ def rkd_angle_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
 
 
 # ---- SP ----------------------------------------------------------------------------------------------------
-def _sp_pair(f_s: torch.Tensor, f_t: torch.Tensor, reduction: str) -> torch.Tensor:
-    """One validated layer pair: 0-dim loss."""
+def _sp_pair(f_s: torch.Tensor, f_t: torch.Tensor, reduction: str, normalize: str = "l2") -> torch.Tensor:
+    """One validated layer pair: 0-dim loss. The fused op normalizes the Gram rows by their L2 norm; the L1
+    normalization of torchdistill runs as the plain-PyTorch composition (exact value and gradient)."""
+    if normalize == "l1":
+        return reference._sp_single(f_s, f_t, reduction, p=1.0)
     if not _relation_kernel("sp_forward"):
         return reference.sp_loss(f_s, f_t, reduction=reduction)
     loss, _, _ = torch.ops.fastkd.sp_forward(
@@ -573,11 +576,13 @@ def _sp_pair(f_s: torch.Tensor, f_t: torch.Tensor, reduction: str) -> torch.Tens
     return loss
 
 
-def _sp_layers(g_s: Features, g_t: Features, reduction: str) -> Tuple[List[torch.Tensor], bool]:
-    """Validates (reduction, layers) and returns the per-layer 0-dim losses and whether lists were given."""
+def _sp_layers(g_s: Features, g_t: Features, reduction: str, normalize: str = "l2") -> Tuple[List[torch.Tensor], bool]:
+    """Validates (reduction, normalize, layers) and returns the per-layer 0-dim losses and whether lists were
+    given."""
     v.check_relation_reduction(reduction)
+    v.check_choice("normalize", normalize, tuple(v.SP_NORMALIZE))
     list_s, list_t, is_list = v.check_layers(g_s, g_t)
-    return [_sp_pair(a, b, reduction) for a, b in zip(list_s, list_t)], is_list
+    return [_sp_pair(a, b, reduction, normalize) for a, b in zip(list_s, list_t)], is_list
 
 
 def sp_loss(
@@ -586,6 +591,7 @@ def sp_loss(
     *,
     reduction: str = "batchmean",
     weights: Optional[Sequence[float]] = None,
+    normalize: str = "l2",
 ) -> torch.Tensor:
     r"""Similarity-preserving KD (Tung & Mori, ICCV 2019), fused. Per layer, with ``F`` the features flattened
     to ``[N, D]``:
@@ -595,9 +601,12 @@ def sp_loss(
 
     (row normalization as ``F.normalize(G)``, eps 1e-12; not centered, not translation invariant).
 
-    Anchors: RepDistiller ``Similarity()`` (per layer, batchmean; RepDistiller weights it by 3000),
-    mdistiller ``sp_loss(g_s, g_t)`` (the sum over layers), torchdistill ``SPKDLoss(reduction)``
-    ("batchmean" divides by N^2, any other reduction does not: our ``"sum"``).
+    Anchors: RepDistiller ``Similarity()`` (per layer, batchmean; RepDistiller weights it by 3000) and
+    mdistiller ``sp_loss(g_s, g_t)`` (the sum over layers) normalize the rows of ``G`` by their **L2** norm (the
+    default, ``normalize="l2"``). torchdistill's ``SPKDLoss(reduction)`` computes ``normalize(G, 1)``: the second
+    positional argument of ``F.normalize`` is ``p``, so its rows are **L1**-normalized and its values differ;
+    ``normalize="l1"`` reproduces it exactly (value and gradient), as does :class:`fastkd.SPKDLoss`
+    ("batchmean" divides by N^2, any other reduction of torchdistill does not: our ``"sum"``).
 
     Args:
         g_s, g_t: one feature pair (two tensors ``[N, ...]``, widths may differ) or two equal-length non-empty
@@ -605,6 +614,9 @@ def sp_loss(
         reduction: ``"batchmean"`` (default) or ``"sum"``.
         weights: for lists, one finite weight >= 0 per layer (default all 1): the result is
             ``sum_l weights[l] * loss_l`` (torchdistill's per-pair weights).
+        normalize: ``"l2"`` (default; RepDistiller, mdistiller) or ``"l1"`` (torchdistill ``SPKDLoss``). The
+            fused kernel implements ``"l2"``; ``"l1"`` runs as a plain-PyTorch composition (exact value and
+            gradient, not fused: two N x N Gram matrices and autograd's intermediates).
 
     Returns:
         A 0-dim loss (RepDistiller/mdistiller return shape (1,), which broadcasts the same; the
@@ -613,7 +625,7 @@ def sp_loss(
 
     Numerics: two N x N Gram matrices per layer (GEMMs), fp32 accumulation, memory O(N^2), deterministic.
     """
-    losses, _ = _sp_layers(g_s, g_t, reduction)
+    losses, _ = _sp_layers(g_s, g_t, reduction, normalize)
     w = v.check_layer_weights(weights, len(losses))
     return _weighted_sum(losses, w)
 

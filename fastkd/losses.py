@@ -39,6 +39,7 @@ __all__ = [
     "RKDLoss",
     "SPLoss",
     "Similarity",
+    "SPKDLoss",
     "PKTLoss",
     "PKT",
     "CCLoss",
@@ -47,6 +48,7 @@ __all__ = [
     "NSTLoss",
     "HintLoss",
     "ConvReg",
+    "LinearReg",
 ]
 
 LayerLosses = Union[torch.Tensor, List[torch.Tensor]]
@@ -442,6 +444,8 @@ class SPLoss(nn.Module):
     Args:
         reduction: ``"batchmean"`` (divide by N^2; RepDistiller, mdistiller, torchdistill's default) or
             ``"sum"`` (torchdistill ``SPKDLoss`` with another reduction).
+        normalize: ``"l2"`` (default; RepDistiller / mdistiller) or ``"l1"`` (torchdistill's ``SPKDLoss``, see
+            :class:`SPKDLoss`) row normalization of the Gram matrices.
 
     ``forward(g_s, g_t)``: two tensors ``[N, ...]`` -> a 0-dim loss; two equal-length lists of layer features
     -> a list of per-layer 0-dim losses. The teacher gets a gradient iff it requires grad.
@@ -453,16 +457,17 @@ class SPLoss(nn.Module):
         losses = criterion([feat_s[-2]], [feat_t[-2].detach()])                 # a list, one per layer
     """
 
-    def __init__(self, reduction: str = "batchmean") -> None:
+    def __init__(self, reduction: str = "batchmean", normalize: str = "l2") -> None:
         super().__init__()
         self.reduction = v.check_relation_reduction(reduction)
+        self.normalize = v.check_choice("normalize", normalize, tuple(v.SP_NORMALIZE))
 
     def forward(self, g_s: Features, g_t: Features) -> LayerLosses:
-        losses, is_list = _fn._sp_layers(g_s, g_t, self.reduction)
+        losses, is_list = _fn._sp_layers(g_s, g_t, self.reduction, self.normalize)
         return losses if is_list else losses[0]
 
     def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}"
+        return f"reduction={self.reduction!r}, normalize={self.normalize!r}"
 
 
 class Similarity(SPLoss):
@@ -516,6 +521,57 @@ class PKTLoss(nn.Module):
 
 
 PKT = PKTLoss
+
+
+_TORCHDISTILL_REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+class SPKDLoss(nn.Module):
+    """Drop-in for torchdistill's ``SPKDLoss(student_output_path, teacher_output_path, reduction)``, the same
+    value and gradient: ``G = F.normalize(F F^T, 1)`` per side, i.e. rows **L1**-normalized (the second
+    positional argument of ``F.normalize`` is ``p``), ``||G_t - G_s||_F^2``, divided by N^2 for
+    ``reduction="batchmean"`` and not divided for any other reduction (torchdistill's semantics). RepDistiller's
+    ``Similarity`` (:class:`Similarity`, :class:`SPLoss`) L2-normalizes the rows instead: the two anchors give
+    different values. Equal to ``fastkd.sp_loss(f_s, f_t, reduction=..., normalize="l1")``.
+
+    Args:
+        student_output_path, teacher_output_path: as torchdistill's: with them, ``forward(student_io_dict,
+            teacher_io_dict)`` reads ``io_dict[path]["output"]`` as torchdistill does; without them (None)
+            ``forward(f_s, f_t)`` takes the two feature tensors ``[N, ...]``.
+        reduction: ``"batchmean"`` (divide by N^2) or ``"sum"``, ``"mean"``, ``"none"`` (torchdistill does not
+            divide for these: the undivided sum).
+
+    The L1 normalization is not covered by the fused SP kernel: it runs as a plain-PyTorch composition (exact
+    value and gradient, autograd's memory).
+    """
+
+    def __init__(
+        self,
+        student_output_path: Optional[str] = None,
+        teacher_output_path: Optional[str] = None,
+        reduction: str = "batchmean",
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        if (student_output_path is None) != (teacher_output_path is None):
+            raise ValueError("student_output_path and teacher_output_path must be given together (or neither)")
+        for name, path in (("student_output_path", student_output_path), ("teacher_output_path", teacher_output_path)):
+            if path is not None and not isinstance(path, str):
+                raise TypeError(f"{name} must be a str (a module path) or None, got {type(path).__name__}")
+        self.student_output_path = student_output_path
+        self.teacher_output_path = teacher_output_path
+        self.reduction = v.check_choice("reduction", reduction, _TORCHDISTILL_REDUCTIONS)
+
+    def forward(self, student: Union[torch.Tensor, dict], teacher: Union[torch.Tensor, dict]) -> torch.Tensor:
+        if self.student_output_path is not None:
+            student = student[self.student_output_path]["output"]
+            teacher = teacher[self.teacher_output_path]["output"]
+        reduction = "batchmean" if self.reduction == "batchmean" else "sum"
+        return _fn.sp_loss(student, teacher, reduction=reduction, normalize="l1")
+
+    def extra_repr(self) -> str:
+        return (f"student_output_path={self.student_output_path!r}, teacher_output_path={self.teacher_output_path!r}, "
+                f"reduction={self.reduction!r}")
 
 
 class CCLoss(nn.Module):
@@ -627,7 +683,7 @@ class ConvReg(nn.Module):
         s_shape, t_shape = _shape4("s_shape", s_shape), _shape4("t_shape", t_shape)
         _, s_c, s_h, s_w = s_shape
         _, t_c, t_h, t_w = t_shape
-        self.use_relu = bool(use_relu)
+        self.use_relu = v.check_bool("use_relu", use_relu)
         if s_h == 2 * t_h:
             self.conv = nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
         elif 2 * s_h == t_h:
@@ -655,34 +711,97 @@ class ConvReg(nn.Module):
         return f"use_relu={self.use_relu}"
 
 
+def _dims(name: str, shape) -> tuple:
+    """A shape: a sequence of Python ints >= 0 (a torch.Size works); TypeError otherwise."""
+    if isinstance(shape, (str, bytes, torch.Tensor)) or not isinstance(shape, Sequence):
+        raise TypeError(f"{name} must be a shape (a sequence of ints), got {type(shape).__name__}")
+    dims = tuple(shape)
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int):
+            raise TypeError(f"{name} must be a shape of ints, got {dims!r}")
+        if d < 0:
+            raise ValueError(f"{name} must not have negative sizes, got {dims}")
+    return dims
+
+
 def _shape4(name: str, shape: Sequence[int]) -> tuple:
     """A 4-D shape ``(N, C, H, W)`` of ints (a torch.Size works)."""
-    try:
-        dims = tuple(int(d) for d in shape)
-    except TypeError:
-        raise TypeError(f"{name} must be a shape (N, C, H, W), got {type(shape).__name__}") from None
+    dims = _dims(name, shape)
     if len(dims) != 4:
         raise ValueError(f"{name} must be a 4-D shape (N, C, H, W) for a ConvReg regressor, got {dims}")
     return dims
 
 
+def _width(name: str, value) -> int:
+    """A feature width: an int >= 1 (not a bool)."""
+    return v.check_int_range(name, value, 1)
+
+
+class LinearReg(nn.Module):
+    """FitNet regressor for flat features (MLP and transformer hints): ``nn.Linear(s_dim, t_dim)`` on the last
+    dimension, then a ReLU if ``use_relu`` (off by default: hidden states are signed). The layer is named
+    ``linear``. :class:`HintLoss` picks it for int widths and 2-D / 3-D shapes (``[N, D]``, ``[N, T, D]``), as
+    torchdistill's configs put a linear regressor in front of the MSE for such features.
+
+    Args:
+        s_dim, t_dim: student and teacher feature widths (ints >= 1).
+        use_relu: end with a ReLU (bool).
+        bias: the linear layer's bias (bool).
+
+    Example::
+
+        reg = fastkd.LinearReg(384, 768)
+        loss = fastkd.hint_loss(reg(h_s), h_t.detach())   # or fastkd.HintLoss(384, 768)
+    """
+
+    def __init__(self, s_dim: int, t_dim: int, use_relu: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        s_dim, t_dim = _width("s_dim", s_dim), _width("t_dim", t_dim)
+        self.use_relu = v.check_bool("use_relu", use_relu)
+        self.linear = nn.Linear(s_dim, t_dim, bias=v.check_bool("bias", bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x)
+        return torch.relu(x) if self.use_relu else x
+
+    def extra_repr(self) -> str:
+        return f"use_relu={self.use_relu}"
+
+
 HINT_REGRESSORS = ("auto", "always", "none")
+
+
+def _hint_shape(name: str, shape) -> tuple:
+    """A hint shape for :class:`HintLoss`: an int width ``D`` (flat features, returned as ``(D,)``), a flat shape
+    ``(N, D)`` / ``(N, T, D)`` or a feature map shape ``(N, C, H, W)``. Returned without the batch size N."""
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        return (_width(name, shape),)
+    dims = _dims(name, shape)
+    if len(dims) not in (2, 3, 4):
+        raise ValueError(
+            f"{name} must be an int width, a flat shape (N, D) / (N, T, D) or a map shape (N, C, H, W), got {dims}"
+        )
+    return dims[1:]
 
 
 class HintLoss(nn.Module):
     """FitNets hint loss: ``MSE(regressor(f_s), f_t)``; see :func:`fastkd.hint_loss`.
 
     Args:
-        student_shape, teacher_shape: the shapes ``(N, C, H, W)`` of the hinted student feature and the
-            teacher's hint (N ignored), e.g. from one probe forward as RepDistiller does. Give both or neither.
-        use_relu: end the regressor with a ReLU (RepDistiller's ``ConvReg`` default).
-        regressor: ``"auto"`` (default): a :class:`ConvReg` when both shapes are given and differ beyond the
-            batch size, else none (plain MSE: RepDistiller ``HintLoss()``); ``"always"``: a ConvReg whenever
+        student_shape, teacher_shape: the shapes of the hinted student feature and the teacher's hint (N
+            ignored), e.g. from one probe forward as RepDistiller does. Give both or neither. Feature maps
+            ``(N, C, H, W)`` get a :class:`ConvReg`; flat features, given as int widths (``HintLoss(16, 256)``)
+            or shapes ``(N, D)`` / ``(N, T, D)``, get a :class:`LinearReg` on the last dimension (the other
+            dimensions must agree). A map and a flat shape together are a ValueError.
+        use_relu: end the regressor with a ReLU. None (default): True for a ConvReg (RepDistiller's default),
+            False for a LinearReg (hidden states are signed).
+        regressor: ``"auto"`` (default): a regressor when both shapes are given and differ beyond the
+            batch size, else none (plain MSE: RepDistiller ``HintLoss()``); ``"always"``: a regressor whenever
             the shapes are given (RepDistiller's and mdistiller's FitNet build one even for equal shapes);
             ``"none"``: never (the shapes must then match).
         reduction: ``"mean"`` (``nn.MSELoss()``, RepDistiller/mdistiller) or ``"sum"`` (torchdistill configs).
 
-    The regressor (``self.regressor``, None or a ConvReg) is a submodule with trainable parameters: pass
+    The regressor (``self.regressor``, None, a ConvReg or a LinearReg) is a submodule with trainable parameters: pass
     ``HintLoss.parameters()`` (or the module itself) to the optimizer along with the student's, and move the
     loss to the student's device (``.to(device)``).
 
@@ -697,10 +816,10 @@ class HintLoss(nn.Module):
 
     def __init__(
         self,
-        student_shape: Optional[Sequence[int]] = None,
-        teacher_shape: Optional[Sequence[int]] = None,
+        student_shape: Union[None, int, Sequence[int]] = None,
+        teacher_shape: Union[None, int, Sequence[int]] = None,
         *,
-        use_relu: bool = True,
+        use_relu: Optional[bool] = None,
         regressor: str = "auto",
         reduction: str = "mean",
     ) -> None:
@@ -712,11 +831,26 @@ class HintLoss(nn.Module):
                 "student_shape and teacher_shape must be given together (or neither), got "
                 f"student_shape={student_shape} and teacher_shape={teacher_shape}"
             )
-        reg: Optional[ConvReg] = None
-        if student_shape is not None and regressor != "none":
-            differ = tuple(student_shape)[1:] != tuple(teacher_shape)[1:]
-            if regressor == "always" or differ:
-                reg = ConvReg(student_shape, teacher_shape, use_relu=use_relu)
+        v.check_optional_bool("use_relu", use_relu)
+        reg: Optional[nn.Module] = None
+        if student_shape is not None:
+            s_dims, t_dims = _hint_shape("student_shape", student_shape), _hint_shape("teacher_shape", teacher_shape)
+            s_map, t_map = len(s_dims) == 3, len(t_dims) == 3
+            if s_map != t_map:
+                raise ValueError(
+                    f"student_shape and teacher_shape must both be feature maps (N, C, H, W) or both flat (an int "
+                    f"width, (N, D) or (N, T, D)), got {student_shape} and {teacher_shape}"
+                )
+            if not s_map and s_dims[:-1] != t_dims[:-1]:
+                raise ValueError(
+                    f"flat features: student_shape and teacher_shape may differ only in the last (feature) "
+                    f"dimension, got {student_shape} and {teacher_shape}"
+                )
+            if regressor != "none" and (regressor == "always" or s_dims != t_dims):
+                if s_map:
+                    reg = ConvReg(student_shape, teacher_shape, use_relu=True if use_relu is None else use_relu)
+                else:
+                    reg = LinearReg(s_dims[-1], t_dims[-1], use_relu=bool(use_relu))
         self.regressor = reg
 
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:

@@ -559,14 +559,15 @@ def _layers_sum(g_s, g_t, weights, single, min_dim=2, what="[N, ...]"):
     return total
 
 
-def _sp_single(f_s: torch.Tensor, f_t: torch.Tensor, reduction: str, names=("g_s", "g_t")) -> torch.Tensor:
+def _sp_single(f_s: torch.Tensor, f_t: torch.Tensor, reduction: str, names=("g_s", "g_t"),
+               p: float = 2.0) -> torch.Tensor:
     out_dtype, cdtype = _dtypes(f_s, f_t)
     n = f_s.shape[0]
     if n == 0:
         return _zero_loss(f_s, f_t, dtype=out_dtype)
     s, t = _flat(f_s, cdtype), _flat(f_t, cdtype)
-    g_s = F.normalize(s @ s.t(), p=2.0, dim=1, eps=_NORMALIZE_EPS)
-    g_t = F.normalize(t @ t.t(), p=2.0, dim=1, eps=_NORMALIZE_EPS)
+    g_s = F.normalize(s @ s.t(), p=p, dim=1, eps=_NORMALIZE_EPS)
+    g_t = F.normalize(t @ t.t(), p=p, dim=1, eps=_NORMALIZE_EPS)
     diff = g_t - g_s
     loss = (diff * diff).sum()
     if reduction == "batchmean":
@@ -574,14 +575,16 @@ def _sp_single(f_s: torch.Tensor, f_t: torch.Tensor, reduction: str, names=("g_s
     return loss.to(out_dtype)
 
 
-def sp_loss(g_s, g_t, *, reduction: str = "batchmean", weights=None) -> torch.Tensor:
+def sp_loss(g_s, g_t, *, reduction: str = "batchmean", weights=None, normalize: str = "l2") -> torch.Tensor:
     """Similarity-preserving KD (Tung & Mori 2019) in plain PyTorch: ``G = normalize(F F^T)`` row-wise
     (F.normalize, eps 1e-12) for each side, ``||G_t - G_s||_F^2``, divided by N^2 for "batchmean"
     (RepDistiller ``Similarity``, torchdistill ``SPKDLoss(reduction='batchmean')``), not for "sum".
     ``g_s``, ``g_t``: one feature pair or lists of layer pairs (weighted sum, mdistiller ``sp_loss``).
-    Not translation invariant: features are used as given. See :func:`fastkd.sp_loss`."""
+    Not translation invariant: features are used as given. ``normalize="l1"`` normalizes the rows of ``G`` by
+    their L1 norm instead (torchdistill's ``SPKDLoss``). See :func:`fastkd.sp_loss`."""
     v.check_relation_reduction(reduction)
-    return _layers_sum(g_s, g_t, weights, lambda a, b, names: _sp_single(a, b, reduction, names))
+    p = v.SP_NORMALIZE[v.check_choice("normalize", normalize, tuple(v.SP_NORMALIZE))]
+    return _layers_sum(g_s, g_t, weights, lambda a, b, names: _sp_single(a, b, reduction, names, p))
 
 
 def _pkt_probs(x: torch.Tensor, eps: float) -> torch.Tensor:
