@@ -518,7 +518,7 @@ def rkd_loss(
     the Gram matrix of the centered features in float64; pairs the Gram matrix cannot resolve (duplicates,
     near duplicates) are recomputed from their differences. This stays exact where the anchors' fp32
     ``|x_i|^2 + |x_j|^2 - 2 <x_i, x_j>`` cancels (features with a large common offset, e.g. post-ReLU).
-    Deterministic (no float atomics).
+    Deterministic run to run (no float atomics); the Gram GEMM is not bitwise across thread counts.
     """
     v.check_feature_pair(f_s, f_t)
     wd = v.check_nonneg_weight("distance_weight", distance_weight)
@@ -623,7 +623,7 @@ def sp_loss(
         :class:`fastkd.Similarity` module keeps their per-layer shape (1,)). The teacher gets the exact
         gradient iff it requires grad (the anchors do not detach it). N = 0 gives 0.
 
-    Numerics: two N x N Gram matrices per layer (GEMMs), fp32 accumulation, memory O(N^2), deterministic.
+    Numerics: two N x N Gram matrices per layer (GEMMs), fp32 accumulation, memory O(N^2), deterministic run to run (the Gram GEMMs are not bitwise across thread counts).
     """
     losses, _ = _sp_layers(g_s, g_t, reduction, normalize)
     w = v.check_layer_weights(weights, len(losses))
@@ -653,7 +653,7 @@ def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, eps: float = 1e-7) -> torch.T
     ``sqrt(sum(x^2))`` gives NaN there). N = 0 gives 0.
 
     Numerics: the loss is a mean of N^2 log-ratio terms that cancel: in fp32 it carries ~1e-8 absolute error
-    (so does the eager anchor). Memory O(N^2), deterministic.
+    (so does the eager anchor). Memory O(N^2), deterministic run to run (not bitwise across thread counts: GEMMs).
     """
     v.check_feature_pair(f_s, f_t)
     e = v.check_positive("eps", eps)
@@ -693,7 +693,7 @@ def cc_loss(
 
     torchdistill builds ``C`` with a Python loop over rows; here it is elementwise on ``G``. N = 0 gives 0
     (the anchor: NaN). RepDistiller's ``Correlation`` is a different loss (consecutive pairs only).
-    Memory O(N^2), deterministic.
+    Memory O(N^2), deterministic run to run (not bitwise across thread counts: GEMMs).
     """
     v.check_feature_pair(f_s, f_t)
     v.check_choice("kernel", kernel, v.CC_KERNELS)

@@ -138,6 +138,11 @@ def fused_linear_kd_loss(
     Returns:
         The loss in the promoted dtype of the student hidden states and the teacher (float32 accumulation).
 
+    Determinism: run to run (same thread count) the value and every gradient are bitwise reproducible. Across
+    CPU thread counts they are not: the logits and the gradients come from GEMMs, which the BLAS splits by
+    thread count (the hidden-state gradient differs by ~1e-9 relative between 1 and 2 threads); only float
+    rounding differs. (The response kernel itself has a fixed reduction order, see the README.)
+
     Memory: one ``[chunk_size, V]`` logits buffer (in the student's dtype; a second one for a TeacherHead, a
     padded teacher or a TopKTeacher with the cross-entropy), the weight gradient accumulated in float32 (float64 for float64 input), and the
     gradients themselves. With ``reduction="none"`` the gradients depend on each token's upstream gradient,
