@@ -62,7 +62,7 @@ class KDLoss(nn.Module):
         temperature: softmax temperature ``T > 0`` (default 4, the CIFAR KD setting).
         alpha: weight of the cross-entropy on ``target`` (temperature 1, computed in the same pass);
             0 (default) is plain KD.
-        beta: weight of the KD term; defaults to ``1 - alpha``.
+        beta: weight of the KD term; defaults to ``1 - alpha`` (``alpha`` must then be in ``[0, 1]``).
         reduction: ``"batchmean"`` (default), ``"sum"``, ``"mean"`` or ``"none"``; see :func:`fastkd.kd_loss`.
         ignore_index: rows whose target equals this are not counted (in either part).
         scale_by_temperature: multiply the KL by ``T^2`` (default True).
