@@ -54,28 +54,57 @@ def check_labels(labels: Optional[torch.Tensor], student_logits: torch.Tensor) -
     _check_index_tensor(labels, student_logits, "labels")
 
 
-def check_temperature(temperature: float) -> float:
-    if isinstance(temperature, torch.Tensor):
-        raise TypeError("temperature must be a Python number, not a tensor")
-    try:
-        t = float(temperature)
-    except (TypeError, ValueError):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}") from None
-    if not math.isfinite(t) or t <= 0.0:
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+# The temperature's valid range. The kernels compute in float32 and use 1/T (to scale the logits) and T^2
+# (Hinton's factor): both must be finite, nonzero, normal float32 numbers, i.e. 2**-63 <= T <= 2**63. Outside it
+# 1/T or T^2 overflows or underflows in float32 and the loss is NaN or 0 whatever the logits (T = 5e-324 gave NaN).
+TEMPERATURE_MIN = 2.0**-63
+TEMPERATURE_MAX = 2.0**63
+
+
+def check_temperature(temperature: float, name: str = "temperature") -> float:
+    """The softmax temperature: a real number (not a bool, a string or a tensor) with
+    ``2**-63 <= T <= 2**63`` (about 1.1e-19 to 9.2e18), so that ``1/T`` and ``T^2`` are finite, nonzero float32
+    numbers (the kernels compute in float32). Returns it as a float (as given where symbolic, see
+    :func:`_concrete`)."""
+    t = _real_number(name, temperature)
+    if _concrete(t) and not (TEMPERATURE_MIN <= t <= TEMPERATURE_MAX):  # NaN fails both comparisons
+        raise ValueError(
+            f"{name} must be finite and > 0, in [2**-63, 2**63] (~1.1e-19 to 9.2e18): the kernels compute in "
+            f"float32, where 1/T and the T^2 factor must be finite and nonzero; got {temperature!r}"
+        )
     return t
 
 
 def check_reduction(reduction: str) -> str:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return reduction
+    """One of :data:`REDUCTIONS` (a str; TypeError otherwise)."""
+    return check_choice("reduction", reduction, REDUCTIONS)
 
 
 def check_ignore_index(ignore_index: int) -> int:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    """The label value of rows that do not count: a Python int (not a bool); any value (it is compared, not
+    used as an index)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, torch.SymInt)):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     return ignore_index
+
+
+def check_bool(name: str, value) -> bool:
+    """A flag of the API (``scale_by_temperature``, ``return_parts``, ``use_relu``, ...): exactly a ``bool``.
+    Truthy strings and ints are refused: ``"no"`` would otherwise act as True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_flags(**flags) -> None:
+    """:func:`check_bool` on every keyword argument (name = the API's argument name)."""
+    for name, value in flags.items():
+        check_bool(name, value)
+
+
+def check_optional_bool(name: str, value) -> Optional[bool]:
+    """None (the documented default) or a bool, as :func:`check_bool`."""
+    return None if value is None else check_bool(name, value)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -99,29 +128,76 @@ def _inspectable(x: torch.Tensor) -> bool:
     return not is_fake(x)
 
 
+_SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+def _concrete(value) -> bool:
+    """Whether a Python number's *value* may be checked here. False for symbolic numbers (``torch.SymInt`` /
+    ``torch.SymFloat`` from dynamic shapes or export tracing) and while ``torch.compile`` traces: with
+    ``dynamic=True`` Dynamo turns number arguments into symbolic values on which ``math.isfinite`` and
+    ``float()`` cannot be traced (and with ``dynamic=False`` a raise would break a ``fullgraph`` graph). Types
+    are always checked; value (range) checks are skipped where this is False, as the data-dependent tensor
+    checks are (see :func:`_inspectable`): the compiled op still checks its own arguments at run time."""
+    return not isinstance(value, _SYMBOLIC) and not torch.compiler.is_compiling()
+
+
 def _real_number(name: str, value) -> float:
-    """A Python real number (not a bool, not a tensor) as a float; TypeError otherwise."""
+    """A real number (int or float, not a bool, a string or a tensor) as a float; TypeError otherwise.
+    A symbolic value (see :func:`_concrete`) is returned as given."""
     if isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a Python number, not a tensor")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)):
+        raise TypeError(f"{name} must be a real number (int or float, not bool or str), got {type(value).__name__}")
+    return float(value) if _concrete(value) else value
 
 
-def check_beta_unit(beta: float) -> float:
+def check_real(name: str, value, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
+               high_open: bool = False, why: str = "") -> float:
+    """A finite real number in the interval from ``low`` to ``high`` (closed unless ``low_open`` /
+    ``high_open``): TypeError for a wrong type (see :func:`_real_number`), ValueError naming ``name`` for a
+    value out of range (``why`` is appended to the message). Returns it as a float."""
+    x = _real_number(name, value)
+    if not _concrete(x):
+        return x
+    ok = math.isfinite(x) and (x > low if low_open else x >= low) and (x < high if high_open else x <= high)
+    if not ok:
+        bounds = []
+        if low != -math.inf:
+            bounds.append(("> " if low_open else ">= ") + f"{low:g}")
+        if high != math.inf:
+            bounds.append(("< " if high_open else "<= ") + f"{high:g}")
+        if low != -math.inf and high != math.inf:
+            rng = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        else:
+            rng = " and ".join(bounds)
+        raise ValueError(f"{name} must be finite{' and ' + rng if rng else ''}{why}, got {value!r}")
+    return x
+
+
+def check_beta_unit(beta: float, name: str = "beta") -> float:
     """The JSD mixing weight: a finite number in [0, 1] (0: forward KL, 1: reverse KL)."""
-    b = _real_number("beta", beta)
-    if not math.isfinite(b) or b < 0.0 or b > 1.0:
-        raise ValueError(f"beta must be finite and in [0, 1], got {beta}")
-    return b
+    return check_real(name, beta, 0.0, 1.0)
 
 
 def check_nonneg_weight(name: str, value: float) -> float:
     """A loss weight (alpha, beta of the hard-label mix and of DKD): a finite number >= 0."""
-    w = _real_number(name, value)
-    if not math.isfinite(w) or w < 0.0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    return w
+    return check_real(name, value, 0.0)
+
+
+def check_mix_weights(alpha: float, beta: Optional[float], names: tuple = ("alpha", "beta")) -> tuple:
+    """The hard-label mix ``alpha * CE + beta * KD`` (kd_loss, and the fused head's ``hard_label_weight`` /
+    ``soft_weight``): ``alpha`` finite >= 0; ``beta`` finite >= 0, or None for ``1 - alpha``, in which case
+    ``alpha`` must be in [0, 1] (the KD weight would be negative). Returns ``(alpha, beta)`` as floats."""
+    a_name, b_name = names
+    if beta is not None:
+        return check_nonneg_weight(a_name, alpha), check_nonneg_weight(b_name, beta)
+    a = check_nonneg_weight(a_name, alpha)
+    if _concrete(a) and a > 1.0:
+        raise ValueError(
+            f"{a_name} must be in [0, 1] when {b_name} is None: {b_name} then defaults to 1 - {a_name}, which "
+            f"must not be negative (pass {b_name} explicitly to weight the terms independently), got {alpha!r}"
+        )
+    return a, 1.0 - a
 
 
 def check_num_items(num_items_in_batch, reduction: str):
@@ -142,11 +218,17 @@ def check_num_items(num_items_in_batch, reduction: str):
             raise TypeError(f"num_items_in_batch must be a real (integer or float) tensor, got {n.dtype}")
         if n.dim() != 0:
             raise ValueError(f"num_items_in_batch must be a 0-dim tensor, got shape {tuple(n.shape)}")
+        # the value of a CPU tensor is read (free); a device tensor's is not (a sync every step)
+        if n.device.type == "cpu" and _inspectable(n):
+            value = n.item()
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"num_items_in_batch must be finite and > 0, got tensor({value})")
         return n
-    if isinstance(n, bool) or not isinstance(n, numbers.Real):
+    if isinstance(n, bool) or not isinstance(n, (numbers.Real, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"num_items_in_batch must be None, a number or a 0-dim tensor, got {type(n).__name__}")
-    if not math.isfinite(float(n)) or n <= 0:
-        raise ValueError(f"num_items_in_batch must be finite and > 0, got {n}")
+    if not _concrete(n):
+        return n
+    check_real("num_items_in_batch", n, 0.0, low_open=True)
     return int(n) if isinstance(n, numbers.Integral) else float(n)
 
 
@@ -242,10 +324,8 @@ def check_topk_teacher(lead: tuple, vocab: int, device: torch.device, values: to
         raise TypeError(f"teacher_topk_values must be float32, float16, bfloat16 or float64, got {values.dtype}")
     if indices.dtype not in _INDEX_DTYPES:
         raise TypeError(f"teacher_topk_indices must be int64 or int32, got {indices.dtype}")
-    if values_are not in TOPK_VALUES_ARE:
-        raise ValueError(f"values_are must be one of {TOPK_VALUES_ARE}, got {values_are!r}")
-    if tail not in TOPK_TAILS:
-        raise ValueError(f"tail must be one of {TOPK_TAILS}, got {tail!r}")
+    check_choice("values_are", values_are, TOPK_VALUES_ARE)
+    check_choice("tail", tail, TOPK_TAILS)
     if tail == "bucket" and values_are != "logprobs":
         raise ValueError(
             "tail='bucket' needs values_are='logprobs': the teacher's missing mass 1 - sum(exp(values)) is only "
@@ -308,6 +388,9 @@ def check_topk_indices_range(
 # Features are [N, ...] tensors, one sample per leading index; the losses flatten the rest per sample.
 # --------------------------------------------------------------------------------------------------------
 CC_KERNELS = ("gaussian", "bilinear")
+# SP's row normalization of the Gram matrices: "l2" (RepDistiller Similarity, mdistiller) or "l1" (torchdistill's
+# SPKDLoss calls F.normalize(G, 1), whose second positional argument is p)
+SP_NORMALIZE = {"l2": 2.0, "l1": 1.0}
 AT_MODES = ("code", "paper")
 RELATION_REDUCTIONS = ("batchmean", "sum")
 
@@ -423,23 +506,52 @@ def check_layer_weights(weights, n_layers: int):
 
 def check_positive(name: str, value) -> float:
     """A finite number > 0 (eps, gamma, p)."""
-    x = _real_number(name, value)
-    if not math.isfinite(x) or x <= 0.0:
-        raise ValueError(f"{name} must be finite and > 0, got {value}")
-    return x
+    return check_real(name, value, 0.0, low_open=True)
 
 
-def check_int_at_least(name: str, value, minimum: int) -> int:
-    """A Python int (not a bool) >= ``minimum`` (CC's ``max_p``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or isinstance(value, torch.Tensor):
+def check_int_range(name: str, value, minimum: int, maximum: Optional[int] = None, why: str = "") -> int:
+    """A Python int (not a bool, not a float) in ``[minimum, maximum]``: TypeError / ValueError naming it."""
+    if isinstance(value, bool) or isinstance(value, torch.Tensor) or not isinstance(
+        value, (numbers.Integral, torch.SymInt)
+    ):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if not _concrete(value):
+        return value
+    if value < minimum or (maximum is not None and value > maximum):
+        rng = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {rng}{why}, got {value}")
     return int(value)
 
 
+def check_int_at_least(name: str, value, minimum: int) -> int:
+    """A Python int (not a bool) >= ``minimum``."""
+    return check_int_range(name, value, minimum)
+
+
+# CC's Taylor order: every order is one more pass over the N x N Gram matrices, and the coefficients
+# (2 gamma)^p / p! need p! in float64 (171! overflows): max_p = 10**12 would run for hours.
+CC_MAX_P = 170
+
+
+def check_max_p(max_p) -> int:
+    """CC's ``max_p``: an int in ``[1, 170]``."""
+    return check_int_range("max_p", max_p, 1, CC_MAX_P, why=" (each order is one more pass over the N x N "
+                           "Gram matrices, and the series' coefficients (2 gamma)^p / p! need p! finite in "
+                           "float64: 171! overflows)")
+
+
+def check_chunk_size(chunk_size) -> Optional[int]:
+    """The fused head's rows per chunk: None (automatic) or an int >= 1."""
+    if chunk_size is None:
+        return None
+    return check_int_range("chunk_size", chunk_size, 1)
+
+
 def check_choice(name: str, value, choices: tuple) -> str:
-    if not isinstance(value, str) or value not in choices:
+    """One of the strings ``choices``: TypeError for a non-string, ValueError for another string."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {choices}, got {type(value).__name__}")
+    if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
 
@@ -484,6 +596,22 @@ def check_linear_head(hidden, weight, bias, lead: Optional[tuple], names: tuple)
             raise ValueError(f"{name} must be on {h_name}'s device {hidden.device}, got {x.device}")
 
 
+def resolve_scale_by_temperature(scale_by_temperature: Optional[bool], loss: str) -> bool:
+    """The fused head's and vocab_parallel_kd_loss's ``scale_by_temperature`` (``loss`` already checked): None
+    means the divergence's own default, True (``T^2``) for "kl" and "reverse_kl" (as :func:`fastkd.kd_loss` and
+    :func:`fastkd.reverse_kl_loss`), False for "jsd" (as :func:`fastkd.jsd_loss` and TRL); True with "jsd" is an
+    error (the generalized JSD has no T^2 factor)."""
+    scale = check_optional_bool("scale_by_temperature", scale_by_temperature)
+    if scale is None:
+        return loss != "jsd"
+    if scale and loss == "jsd":
+        raise ValueError(
+            "scale_by_temperature applies to 'kl' and 'reverse_kl'; the generalized JSD has no T^2 factor "
+            "(as fastkd.jsd_loss): pass None or False"
+        )
+    return scale
+
+
 def check_fused_linear(
     student_hidden,
     student_weight,
@@ -495,14 +623,17 @@ def check_fused_linear(
     labels,
     ignore_index: int,
     hard_label_weight: float,
-    soft_weight: float,
+    soft_weight: Optional[float],
     reduction: str,
     chunk_size,
     num_items_in_batch,
-    scale_by_temperature: bool = False,
+    scale_by_temperature: Optional[bool] = None,
+    return_parts: bool = False,
 ):
     """Every argument of :func:`fastkd.fused_linear_kd_loss`. Returns ``(kind, teacher_vocab, temperature,
-    beta, hard_label_weight, soft_weight, num_items)`` with ``kind`` one of "dense", "head", "topk"."""
+    beta, hard_label_weight, soft_weight, num_items, scale_by_temperature)`` with ``kind`` one of "dense",
+    "head", "topk", ``soft_weight`` resolved (None: ``1 - hard_label_weight``) and ``scale_by_temperature``
+    resolved (None: the divergence's default, see :func:`resolve_scale_by_temperature`)."""
     from fastkd.teachers import TeacherHead, TopKTeacher
 
     check_linear_head(student_hidden, student_weight, student_bias, None,
@@ -510,19 +641,16 @@ def check_fused_linear(
     lead = tuple(student_hidden.shape[:-1])
     vocab = student_weight.shape[0]
     device = student_hidden.device
-    if loss not in FUSED_LINEAR_LOSSES:
-        raise ValueError(f"loss must be one of {FUSED_LINEAR_LOSSES}, got {loss!r}")
-    if scale_by_temperature and loss == "jsd":
-        raise ValueError("scale_by_temperature applies to 'kl' and 'reverse_kl'; the generalized JSD has no T^2 factor")
+    check_choice("loss", loss, FUSED_LINEAR_LOSSES)
+    scale = resolve_scale_by_temperature(scale_by_temperature, loss)
+    check_bool("return_parts", return_parts)
     b = check_beta_unit(beta)
     t = check_temperature(temperature)
     check_reduction(reduction)
     check_ignore_index(ignore_index)
-    hard = check_nonneg_weight("hard_label_weight", hard_label_weight)
-    soft = check_nonneg_weight("soft_weight", soft_weight)
+    hard, soft = check_mix_weights(hard_label_weight, soft_weight, ("hard_label_weight", "soft_weight"))
     n = check_num_items(num_items_in_batch, reduction)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     proxy = _Shape(torch.Size(lead + (vocab,)), device)
     if labels is not None:
         _check_index_tensor(labels, proxy, "labels")
@@ -573,7 +701,7 @@ def check_fused_linear(
             f"teacher {teacher_vocab}): slice the student's head to the teacher's vocabulary "
             f"(student_weight[:{teacher_vocab}])"
         )
-    return kind, teacher_vocab, t, b, hard, soft, n
+    return kind, teacher_vocab, t, b, hard, soft, n, scale
 
 
 class _Shape:

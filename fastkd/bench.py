@@ -386,13 +386,14 @@ def fastkd_unfused_linear(h: torch.Tensor, w: torch.Tensor, inp: tuple, T: float
 
 def fastkd_fused_linear(h: torch.Tensor, w: torch.Tensor, inp: tuple, T: float) -> torch.Tensor:
     """fastkd.fused_linear_kd_loss at its default chunk size: never more than one chunk of the logits."""
-    return fastkd.fused_linear_kd_loss(h, w, inp[0], temperature=T, labels=inp[1], ignore_index=IGNORE_INDEX)
+    return fastkd.fused_linear_kd_loss(h, w, inp[0], temperature=T, labels=inp[1], ignore_index=IGNORE_INDEX,
+                                       scale_by_temperature=False)  # the bare KL, as the eager rows
 
 
 def fastkd_fused_linear_head(h: torch.Tensor, w: torch.Tensor, inp: tuple, T: float) -> torch.Tensor:
     """The teacher as hidden states + lm_head (its logits computed chunk by chunk too), as Liger-Kernel takes it."""
     return fastkd.fused_linear_kd_loss(h, w, fastkd.TeacherHead(inp[2], inp[3]), temperature=T, labels=inp[1],
-                                       ignore_index=IGNORE_INDEX)
+                                       ignore_index=IGNORE_INDEX, scale_by_temperature=False)
 
 
 def _error_text(e: BaseException) -> str:

@@ -12,15 +12,20 @@ the shards, exchanging only ``O(rows)`` numbers::
                                   labels=labels, group=tp_group)
     loss.backward()   # each rank gets the gradient of its own student slice
 
-The math, per row, with ``z = logits / T`` split into slices ``z^(r)``:
+The math, per row, with the raw logits ``x`` split into slices ``x^(r)``:
 
 .. math::
 
-    M = \max_r \max_{j} z^{(r)}_j \quad (\text{all-reduce MAX}), \qquad
-    S = \sum_r \sum_{j} e^{z^{(r)}_j - M} \quad (\text{all-reduce SUM}), \qquad
-    \log\mathrm{softmax}(z)_j = z_j - (M + \log S)
+    M = \max_r \max_{j} x^{(r)}_j \quad (\text{all-reduce MAX}), \qquad
+    z_j = (x_j - M) / T, \qquad
+    S = \sum_r \sum_{j} e^{z_j} \quad (\text{all-reduce SUM}), \qquad
+    \log\mathrm{softmax}(x / T)_j = z_j - \log S
 
 so each rank gets the exact log-probabilities of its own slice, ``log q`` (student) and ``log p`` (teacher).
+The row maximum is subtracted *before* the scaling by ``1/T``, as the fused kernels do: ``z_j <= 0`` and
+``log S`` is in ``[0, log V]``, so the log-probabilities come from well-conditioned differences even where
+``|x| / T`` is huge (``|x| ~ 300``, ``T = 1e-3``: forming ``x / T - lse`` in float32 instead lost ~1e-3 of the
+value and ~1e-2 of the gradient).
 Every divergence is a sum over the vocabulary of terms that depend only on the entry and on these row-level
 normalizers, so each rank sums its slice and one all-reduce SUM gives the row's divergence:
 
@@ -76,7 +81,7 @@ def vocab_parallel_kd_loss(
     labels: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     reduction: str = "batchmean",
-    scale_by_temperature: bool = False,
+    scale_by_temperature: Optional[bool] = None,
     group: Optional[dist.ProcessGroup] = None,
 ) -> torch.Tensor:
     r"""Distillation loss of vocabulary-sharded logits: every rank of ``group`` passes its slice of the
@@ -87,8 +92,8 @@ def vocab_parallel_kd_loss(
     rank) and each rank's student gradient equal, up to rounding, those of the single-process loss on the
     gathered logits ``s``, ``t``:
 
-    * ``loss="kl"``: ``fastkd.kd_loss(s, t, temperature, scale_by_temperature=scale_by_temperature,
-      labels=labels, ignore_index=ignore_index, reduction=reduction)``;
+    * ``loss="kl"``: ``fastkd.kd_loss(s, t, temperature, labels=labels, ignore_index=ignore_index,
+      reduction=reduction)`` (with ``scale_by_temperature`` passed on when given);
     * ``loss="reverse_kl"``: ``fastkd.reverse_kl_loss(...)`` with the same arguments;
     * ``loss="jsd"``: ``fastkd.jsd_loss(s, t, beta=beta, temperature=temperature, labels=labels,
       ignore_index=ignore_index, reduction=reduction)``, except that ``"batchmean"`` always divides by the
@@ -112,19 +117,25 @@ def vocab_parallel_kd_loss(
         reduction: ``"batchmean"`` (sum over counted rows / counted rows; 0 if none is counted), ``"sum"``,
             ``"mean"`` (sum / (counted rows * global V), as ``fastkd.kd_loss``) or ``"none"`` (one value per
             row, shape ``[...]``).
-        scale_by_temperature: multiply ``"kl"`` / ``"reverse_kl"`` by ``T^2`` (Hinton's convention; note the
-            default here is ``False``, the bare divergence). An error with ``loss="jsd"``, which has no ``T^2``.
+        scale_by_temperature: multiply ``"kl"`` / ``"reverse_kl"`` by ``T^2``. None (default) means the
+            divergence's own default, as in :func:`fastkd.fused_linear_kd_loss`: ``T^2`` for ``"kl"`` and
+            ``"reverse_kl"`` (as :func:`fastkd.kd_loss`), none for ``"jsd"`` (as :func:`fastkd.jsd_loss`); True
+            with ``"jsd"`` is an error. (The default was ``False`` before.) TRL and Liger-Kernel apply no ``T^2``
+            to their KL: pass ``scale_by_temperature=False`` to match them.
         group: the tensor-parallel process group whose ranks hold the vocabulary slices (default: the world).
 
     Returns:
         The loss in the promoted dtype of the inputs, computed in float32 (float64 for float64 input). The
         student's gradient has the student's dtype.
 
-    Vocabulary entries that are ``-inf`` in both student and teacher (padded vocabulary, even a whole shard)
-    contribute exactly 0 with a zero gradient; a row that is ``-inf`` everywhere in both gives 0 and a zero
-    gradient. Where the teacher gives an entry probability 0 but the student does not, ``"reverse_kl"`` is
-    ``+inf`` (and ``"kl"`` where the reverse holds), as the mathematics says. A NaN or ``+inf`` logit on any
-    rank makes its row NaN (on every rank), as in fastkd's other losses.
+    Special values, the rules of fastkd's other losses: vocabulary entries that are ``-inf`` in both student
+    and teacher (padded vocabulary, even a whole shard) contribute exactly 0 with a zero gradient; a row that is
+    ``-inf`` in every entry on both sides contributes exactly 0 with a zero gradient and *is counted* by
+    ``"batchmean"`` / ``"mean"`` (the divisor depends only on ``labels``, never on logit values). Where the
+    teacher gives an entry probability 0 but the student does not, ``"reverse_kl"`` is ``+inf`` (and ``"kl"``
+    where the reverse holds), as the mathematics says. A NaN or ``+inf`` logit on any rank in a counted row
+    makes the loss NaN (on every rank); a masked row (label ``ignore_index``) is dropped whatever it holds.
+    Empty input (no rows) gives 0, an empty tensor for ``"none"``.
 
     Raises:
         RuntimeError: ``torch.distributed`` is not available or not initialized.
@@ -133,25 +144,19 @@ def vocab_parallel_kd_loss(
     """
     _check_shards(student_logits_shard, teacher_logits_shard)
     v.check_choice("loss", loss, LOSSES)
+    scale_on = v.resolve_scale_by_temperature(scale_by_temperature, loss)
     t = v.check_temperature(temperature)
     v.check_reduction(reduction)
     v.check_ignore_index(ignore_index)
     v.check_labels(labels, student_logits_shard)
-    b = 0.0
-    if loss == "jsd":
-        b = v.check_beta_unit(beta)
-        if scale_by_temperature:
-            raise ValueError(
-                "scale_by_temperature applies to loss='kl' and loss='reverse_kl' only: the JSD has no T^2 "
-                "factor (as fastkd.jsd_loss)"
-            )
+    b = v.check_beta_unit(beta) if loss == "jsd" else 0.0
     _check_distributed()
 
     # beta = 0 / 1 are the forward / reverse KL (TRL's special cases), computed as such
     divergence = loss
     if loss == "jsd" and b in (0.0, 1.0):
         divergence = "kl" if b == 0.0 else "reverse_kl"
-    scale = t * t if scale_by_temperature else 1.0
+    scale = t * t if scale_on else 1.0
     keep = None if labels is None else labels.reshape(-1) != ignore_index
     return _VocabParallelKD.apply(
         student_logits_shard, teacher_logits_shard, keep, divergence, b, t, scale, reduction, group
@@ -193,29 +198,41 @@ def _check_distributed() -> None:
 # the computation
 # --------------------------------------------------------------------------------------------------------
 def _global_log_normalizers(
-    zs: torch.Tensor, zt: torch.Tensor, group: Optional[dist.ProcessGroup]
+    xs: torch.Tensor, xt: torch.Tensor, temperature: float, group: Optional[dist.ProcessGroup]
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For tempered shards ``[rows, V_r]``: the global log-sum-exps of each row (student, teacher; 0 instead of
-    -inf for a row with no mass anywhere, so that ``z - lse`` is -inf there, not NaN), whether the teacher row
-    has mass, and the global vocabulary size. Two all-reduces."""
-    rows, width = zs.shape
-    neg_inf = torch.full((), -math.inf, dtype=zs.dtype, device=zs.device)
+    """For raw shards ``[rows, V_r]`` in the compute dtype: ``(shift, log_s, teacher_has_mass, vocab)`` with
+    ``shift [2, rows]`` the global row maxima of the raw logits (student, teacher; 0 for a row with no finite
+    maximum, so that an all ``-inf`` row stays ``-inf`` and not NaN), ``log_s [2, rows]`` the global
+    ``log sum_j exp((x_j - shift) / T)`` (0 for a row with no mass), whether the teacher row has mass, and the
+    global vocabulary size. Two all-reduces. The log-probabilities are then ``(x - shift) / T - log_s``."""
+    rows, width = xs.shape
+    neg_inf = torch.full((), -math.inf, dtype=xs.dtype, device=xs.device)
     maxima = neg_inf.expand(2, rows).clone()
     if width > 0:
-        maxima[0] = zs.amax(dim=-1)
-        maxima[1] = zt.amax(dim=-1)
+        maxima[0] = xs.amax(dim=-1)
+        maxima[1] = xt.amax(dim=-1)
     dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
-    shift = torch.where(maxima == -math.inf, torch.zeros_like(maxima), maxima)  # empty row: exp(-inf - 0) = 0
+    # an all -inf row: shift 0 (exp(-inf) = 0); +inf or NaN stay in the shift and make the row NaN
+    shift = torch.where(maxima == -math.inf, torch.zeros_like(maxima), maxima)
 
-    sums = torch.empty(2 * rows + 1, dtype=zs.dtype, device=zs.device)
-    sums[:rows] = (zs - shift[0].unsqueeze(-1)).exp().sum(dim=-1)
-    sums[rows : 2 * rows] = (zt - shift[1].unsqueeze(-1)).exp().sum(dim=-1)
+    sums = torch.empty(2 * rows + 1, dtype=xs.dtype, device=xs.device)
+    sums[:rows] = _shifted(xs, shift[0], temperature).exp().sum(dim=-1)
+    sums[rows : 2 * rows] = _shifted(xt, shift[1], temperature).exp().sum(dim=-1)
     sums[2 * rows] = width
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     sum_exp, vocab = sums[: 2 * rows].reshape(2, rows), sums[2 * rows]
 
-    lse = torch.where(sum_exp == 0, torch.zeros_like(sum_exp), shift + sum_exp.log())
-    return lse[0], lse[1], sum_exp[1] > 0, vocab
+    log_s = torch.where(sum_exp == 0, torch.zeros_like(sum_exp), sum_exp.log())
+    return shift, log_s, sum_exp[1] > 0, vocab
+
+
+def _shifted(x: torch.Tensor, shift: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``(x - shift) / T`` per row: the row maximum is subtracted before the scaling (well conditioned)."""
+    return (x - shift.unsqueeze(-1)) / temperature
+
+
+def _log_probs(x: torch.Tensor, shift: torch.Tensor, log_s: torch.Tensor, temperature: float) -> torch.Tensor:
+    return _shifted(x, shift, temperature) - log_s.unsqueeze(-1)
 
 
 def _log_m(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
@@ -244,11 +261,12 @@ class _VocabParallelKD(torch.autograd.Function):
         out_dtype, cdtype = _dtypes(student, teacher)
         lead, width = student.shape[:-1], student.shape[-1]
         rows = math.prod(lead)
-        zs = student.reshape(rows, width).to(cdtype) / temperature
-        zt = teacher.reshape(rows, width).to(cdtype) / temperature
-        lse_s, lse_t, teacher_has_mass, vocab = _global_log_normalizers(zs, zt, group)
-        log_q = zs - lse_s.unsqueeze(-1)
-        log_p = zt - lse_t.unsqueeze(-1)
+        xs = student.reshape(rows, width).to(cdtype)
+        xt = teacher.reshape(rows, width).to(cdtype)
+        shift, log_s, teacher_has_mass, vocab = _global_log_normalizers(xs, xt, temperature, group)
+        log_q = _log_probs(xs, shift[0], log_s[0], temperature)
+        log_p = _log_probs(xt, shift[1], log_s[1], temperature)
+        bad = shift.isnan().any(dim=0) | (shift == math.inf).any(dim=0)  # a NaN or +inf logit in the row
         q, p = log_q.exp(), log_p.exp()
         zero = torch.zeros((), dtype=cdtype, device=q.device)
         nan = torch.full((), math.nan, dtype=cdtype, device=q.device)
@@ -275,7 +293,7 @@ class _VocabParallelKD(torch.autograd.Function):
             per_row = per_row * scale
         # a NaN (or +inf) logit anywhere in a row makes its normalizer NaN: the row is NaN, not silently 0 (the
         # probability-0 test of _plogp_ratio would drop NaN entries)
-        per_row = torch.where(lse_s.isnan() | lse_t.isnan(), nan, per_row)
+        per_row = torch.where(bad | log_s.isnan().any(dim=0), nan, per_row)
         if keep is not None:
             per_row = torch.where(keep, per_row, zero)
 
@@ -291,7 +309,7 @@ class _VocabParallelKD(torch.autograd.Function):
                 denom = denom * vocab.clamp_min(1)
             result = per_row.sum() / denom
 
-        ctx.save_for_backward(student, teacher, lse_s, lse_t, row_stat, keep, denom)
+        ctx.save_for_backward(student, teacher, shift, log_s, row_stat, keep, denom)
         ctx.config = (divergence, beta, temperature, scale, reduction, cdtype)
         return result.to(out_dtype)
 
@@ -301,10 +319,10 @@ class _VocabParallelKD(torch.autograd.Function):
         nothing = (None,) * 8
         if not ctx.needs_input_grad[0]:
             return (None,) + nothing
-        student, teacher, lse_s, lse_t, row_stat, keep, denom = ctx.saved_tensors
+        student, teacher, shift, log_s, row_stat, keep, denom = ctx.saved_tensors
         divergence, beta, temperature, scale, reduction, cdtype = ctx.config
         width = student.shape[-1]
-        rows = lse_s.shape[0]
+        rows = shift.shape[1]
 
         # the weight of each row in the reduced loss, times the chain rule's factor of the tempered logits
         g = grad_out.to(cdtype)
@@ -312,8 +330,9 @@ class _VocabParallelKD(torch.autograd.Function):
         factor = scale / temperature * (1.0 - beta if divergence == "jsd" else 1.0)
         coef = coef * factor
 
-        log_q = student.reshape(rows, width).to(cdtype) / temperature - lse_s.unsqueeze(-1)
-        log_p = teacher.reshape(rows, width).to(cdtype) / temperature - lse_t.unsqueeze(-1)
+        log_q = _log_probs(student.reshape(rows, width).to(cdtype), shift[0], log_s[0], temperature)
+        log_p = _log_probs(teacher.reshape(rows, width).to(cdtype), shift[1], log_s[1], temperature)
+        bad = shift.isnan().any(dim=0) | (shift == math.inf).any(dim=0) | log_s.isnan().any(dim=0)
         q = log_q.exp()
         zero = torch.zeros((), dtype=cdtype, device=q.device)
         nan = torch.full((), math.nan, dtype=cdtype, device=q.device)
@@ -325,7 +344,7 @@ class _VocabParallelKD(torch.autograd.Function):
             diff = torch.where(pos, log_q, zero) - torch.where(pos, log_r, zero) - row_stat.unsqueeze(-1)
             local = torch.where(pos, q * diff, zero)
         grad = coef.unsqueeze(-1) * local
-        grad = torch.where((lse_s.isnan() | lse_t.isnan()).unsqueeze(-1), nan, grad)  # NaN rows: NaN, not 0
+        grad = torch.where(bad.unsqueeze(-1), nan, grad)  # NaN rows: NaN, not 0
         if keep is not None:
             grad = torch.where(keep.unsqueeze(-1), grad, zero)
         return (grad.reshape(student.shape).to(student.dtype),) + nothing

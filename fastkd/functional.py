@@ -184,8 +184,8 @@ def kd_loss(
     """
     t, n = _check_common(student_logits, teacher_logits, labels, temperature, reduction, ignore_index,
                          num_items_in_batch)
-    a = v.check_nonneg_weight("alpha", alpha)
-    b = 1.0 - a if beta is None else v.check_nonneg_weight("beta", beta)
+    a, b = v.check_mix_weights(alpha, beta)
+    v.check_flags(scale_by_temperature=scale_by_temperature, return_parts=return_parts)
     if a != 0.0:
         v.check_target(labels, student_logits, ignore_index, required=True, name="labels", check_range=False)
     if not _use_kernels():
@@ -218,6 +218,7 @@ def reverse_kl_loss(
     """
     t, n = _check_common(student_logits, teacher_logits, labels, temperature, reduction, ignore_index,
                          num_items_in_batch)
+    v.check_flags(scale_by_temperature=scale_by_temperature)
     if not _use_kernels():
         return reference.reverse_kl_loss(student_logits, teacher_logits, t, reduction=reduction, labels=labels,
                                          ignore_index=ignore_index, scale_by_temperature=scale_by_temperature,
@@ -328,7 +329,7 @@ def dkd_loss(
                          num_items_in_batch)
     a = v.check_nonneg_weight("alpha", alpha)
     b = v.check_nonneg_weight("beta", beta)
-    v.check_target(target, student_logits, ignore_index, required=True, name="target", check_range=False)
+    v.check_target(target, student_logits, ignore_index, required=True, name="target")
     if student_logits.shape[-1] < 2:
         raise ValueError(f"dkd_loss needs at least 2 classes, got V={student_logits.shape[-1]}")
     if not _use_kernels():
@@ -378,6 +379,7 @@ def topk_kd_loss(
     v.check_reduction(reduction)
     v.check_ignore_index(ignore_index)
     n = v.check_num_items(num_items_in_batch, reduction)
+    v.check_flags(scale_by_temperature=scale_by_temperature)
     if not _use_kernels():
         return reference.topk_kd_loss(student_logits, teacher_topk_values, teacher_topk_indices, t,
                                       values_are=values_are, tail=tail, reduction=reduction, labels=labels,
@@ -517,7 +519,7 @@ def rkd_loss(
     the Gram matrix of the centered features in float64; pairs the Gram matrix cannot resolve (duplicates,
     near duplicates) are recomputed from their differences. This stays exact where the anchors' fp32
     ``|x_i|^2 + |x_j|^2 - 2 <x_i, x_j>`` cancels (features with a large common offset, e.g. post-ReLU).
-    Deterministic (no float atomics).
+    Deterministic run to run (no float atomics); the Gram GEMM is not bitwise across thread counts.
     """
     v.check_feature_pair(f_s, f_t)
     wd = v.check_nonneg_weight("distance_weight", distance_weight)
@@ -562,8 +564,11 @@ def rkd_angle_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
 
 
 # ---- SP ----------------------------------------------------------------------------------------------------
-def _sp_pair(f_s: torch.Tensor, f_t: torch.Tensor, reduction: str) -> torch.Tensor:
-    """One validated layer pair: 0-dim loss."""
+def _sp_pair(f_s: torch.Tensor, f_t: torch.Tensor, reduction: str, normalize: str = "l2") -> torch.Tensor:
+    """One validated layer pair: 0-dim loss. The fused op normalizes the Gram rows by their L2 norm; the L1
+    normalization of torchdistill runs as the plain-PyTorch composition (exact value and gradient)."""
+    if normalize == "l1":
+        return reference._sp_single(f_s, f_t, reduction, p=1.0)
     if not _relation_kernel("sp_forward"):
         return reference.sp_loss(f_s, f_t, reduction=reduction)
     loss, _, _ = torch.ops.fastkd.sp_forward(
@@ -572,11 +577,13 @@ def _sp_pair(f_s: torch.Tensor, f_t: torch.Tensor, reduction: str) -> torch.Tens
     return loss
 
 
-def _sp_layers(g_s: Features, g_t: Features, reduction: str) -> Tuple[List[torch.Tensor], bool]:
-    """Validates (reduction, layers) and returns the per-layer 0-dim losses and whether lists were given."""
+def _sp_layers(g_s: Features, g_t: Features, reduction: str, normalize: str = "l2") -> Tuple[List[torch.Tensor], bool]:
+    """Validates (reduction, normalize, layers) and returns the per-layer 0-dim losses and whether lists were
+    given."""
     v.check_relation_reduction(reduction)
+    v.check_choice("normalize", normalize, tuple(v.SP_NORMALIZE))
     list_s, list_t, is_list = v.check_layers(g_s, g_t)
-    return [_sp_pair(a, b, reduction) for a, b in zip(list_s, list_t)], is_list
+    return [_sp_pair(a, b, reduction, normalize) for a, b in zip(list_s, list_t)], is_list
 
 
 def sp_loss(
@@ -585,6 +592,7 @@ def sp_loss(
     *,
     reduction: str = "batchmean",
     weights: Optional[Sequence[float]] = None,
+    normalize: str = "l2",
 ) -> torch.Tensor:
     r"""Similarity-preserving KD (Tung & Mori, ICCV 2019), fused. Per layer, with ``F`` the features flattened
     to ``[N, D]``:
@@ -594,9 +602,12 @@ def sp_loss(
 
     (row normalization as ``F.normalize(G)``, eps 1e-12; not centered, not translation invariant).
 
-    Anchors: RepDistiller ``Similarity()`` (per layer, batchmean; RepDistiller weights it by 3000),
-    mdistiller ``sp_loss(g_s, g_t)`` (the sum over layers), torchdistill ``SPKDLoss(reduction)``
-    ("batchmean" divides by N^2, any other reduction does not: our ``"sum"``).
+    Anchors: RepDistiller ``Similarity()`` (per layer, batchmean; RepDistiller weights it by 3000) and
+    mdistiller ``sp_loss(g_s, g_t)`` (the sum over layers) normalize the rows of ``G`` by their **L2** norm (the
+    default, ``normalize="l2"``). torchdistill's ``SPKDLoss(reduction)`` computes ``normalize(G, 1)``: the second
+    positional argument of ``F.normalize`` is ``p``, so its rows are **L1**-normalized and its values differ;
+    ``normalize="l1"`` reproduces it exactly (value and gradient), as does :class:`fastkd.SPKDLoss`
+    ("batchmean" divides by N^2, any other reduction of torchdistill does not: our ``"sum"``).
 
     Args:
         g_s, g_t: one feature pair (two tensors ``[N, ...]``, widths may differ) or two equal-length non-empty
@@ -604,15 +615,18 @@ def sp_loss(
         reduction: ``"batchmean"`` (default) or ``"sum"``.
         weights: for lists, one finite weight >= 0 per layer (default all 1): the result is
             ``sum_l weights[l] * loss_l`` (torchdistill's per-pair weights).
+        normalize: ``"l2"`` (default; RepDistiller, mdistiller) or ``"l1"`` (torchdistill ``SPKDLoss``). The
+            fused kernel implements ``"l2"``; ``"l1"`` runs as a plain-PyTorch composition (exact value and
+            gradient, not fused: two N x N Gram matrices and autograd's intermediates).
 
     Returns:
         A 0-dim loss (RepDistiller/mdistiller return shape (1,), which broadcasts the same; the
         :class:`fastkd.Similarity` module keeps their per-layer shape (1,)). The teacher gets the exact
         gradient iff it requires grad (the anchors do not detach it). N = 0 gives 0.
 
-    Numerics: two N x N Gram matrices per layer (GEMMs), fp32 accumulation, memory O(N^2), deterministic.
+    Numerics: two N x N Gram matrices per layer (GEMMs), fp32 accumulation, memory O(N^2), deterministic run to run (the Gram GEMMs are not bitwise across thread counts).
     """
-    losses, _ = _sp_layers(g_s, g_t, reduction)
+    losses, _ = _sp_layers(g_s, g_t, reduction, normalize)
     w = v.check_layer_weights(weights, len(losses))
     return _weighted_sum(losses, w)
 
@@ -640,7 +654,7 @@ def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, eps: float = 1e-7) -> torch.T
     ``sqrt(sum(x^2))`` gives NaN there). N = 0 gives 0.
 
     Numerics: the loss is a mean of N^2 log-ratio terms that cancel: in fp32 it carries ~1e-8 absolute error
-    (so does the eager anchor). Memory O(N^2), deterministic.
+    (so does the eager anchor). Memory O(N^2), deterministic run to run (not bitwise across thread counts: GEMMs).
     """
     v.check_feature_pair(f_s, f_t)
     e = v.check_positive("eps", eps)
@@ -680,12 +694,12 @@ def cc_loss(
 
     torchdistill builds ``C`` with a Python loop over rows; here it is elementwise on ``G``. N = 0 gives 0
     (the anchor: NaN). RepDistiller's ``Correlation`` is a different loss (consecutive pairs only).
-    Memory O(N^2), deterministic.
+    Memory O(N^2), deterministic run to run (not bitwise across thread counts: GEMMs).
     """
     v.check_feature_pair(f_s, f_t)
     v.check_choice("kernel", kernel, v.CC_KERNELS)
     gm = v.check_positive("gamma", gamma)
-    mp = v.check_int_at_least("max_p", max_p, 1)
+    mp = v.check_max_p(max_p)
     v.check_relation_reduction(reduction)
     if not _relation_kernel("cc_forward"):
         return reference.cc_loss(f_s, f_t, kernel, gm, mp, reduction)

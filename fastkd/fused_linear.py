@@ -67,21 +67,28 @@ def fused_linear_kd_loss(
     labels: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     hard_label_weight: float = 0.0,
-    soft_weight: float = 1.0,
+    soft_weight: Optional[float] = None,
     reduction: str = "batchmean",
     chunk_size: Optional[int] = None,
-    scale_by_temperature: bool = False,
+    scale_by_temperature: Optional[bool] = None,
     num_items_in_batch: NumItems = None,
     return_parts: bool = False,
 ) -> Union[torch.Tensor, LossParts]:
     r"""Distillation loss of a student given by its hidden states and linear head, fused and chunked:
 
     .. math:: \text{soft\_weight} \cdot D\big(\mathrm{teacher},\ \mathrm{softmax}((h W^T + b) / T)\big)
-              + \text{hard\_label\_weight} \cdot \mathrm{CE}(h W^T + b,\ \text{labels})
+              + \text{hard\_label\_weight} \cdot \mathrm{CE}(h W^T + b,\ \text{labels}),
+              \qquad \text{soft\_weight} = 1 - \text{hard\_label\_weight} \text{ unless given}
 
     equal (to float tolerance, for any ``chunk_size``) to computing ``logits = F.linear(student_hidden,
     student_weight, student_bias)`` and then the matching fastkd loss on them (the composition
     ``fastkd.reference.fused_linear_kd_loss`` spells out), without ever holding the ``[tokens, V]`` logits.
+
+    One loss name, one value: with the same arguments, ``loss="kl"`` gives the value of
+    ``fastkd.kd_loss(logits, teacher_logits, T, alpha=hard_label_weight, beta=soft_weight, ...)``,
+    ``"reverse_kl"`` that of :func:`fastkd.reverse_kl_loss` and ``"jsd"`` that of :func:`fastkd.jsd_loss`
+    (whose ``"batchmean"`` of ``[B, T, V]`` input without labels divides by ``B``; here always by the counted
+    tokens), including their defaults: ``T^2`` for the KL-type losses, none for the JSD.
 
     Args:
         student_hidden: ``[..., H]`` last hidden states; every leading index is a token (a row).
@@ -108,15 +115,21 @@ def fused_linear_kd_loss(
         labels: integer ``[...]``: rows equal to ``ignore_index`` do not count (loss 0, gradient 0); with
             ``hard_label_weight != 0`` they are the cross-entropy targets, in ``[0, V)``.
         ignore_index: label value of ignored rows (prompt and padding tokens).
-        hard_label_weight: weight of the student's cross-entropy on ``labels``, computed in the same pass.
-        soft_weight: weight of the distillation term.
+        hard_label_weight: weight of the student's cross-entropy on ``labels``, computed in the same pass
+            (finite, >= 0; in ``[0, 1]`` when ``soft_weight`` is None).
+        soft_weight: weight of the distillation term; None (default) means ``1 - hard_label_weight``, as
+            :func:`fastkd.kd_loss`'s ``beta`` defaults to ``1 - alpha`` (``soft_weight=1.0`` before this default
+            changed: pass it explicitly to weight the two terms independently).
         reduction: ``"batchmean"`` (sum over counted tokens / counted tokens, the default), ``"sum"``, ``"mean"``
             (divides the distillation term by counted tokens * V, as :func:`fastkd.kd_loss`) or ``"none"``
             (one value per token, shape ``[...]``).
         chunk_size: tokens per chunk; None picks :func:`default_chunk_size` (about 16M logits per chunk on the
             CPU, 64M on a GPU). The result does not depend on it beyond float rounding.
-        scale_by_temperature: multiply the KL-type terms by ``T^2`` (Hinton). Off by default, as in TRL and
-            Liger-Kernel; an error with ``"jsd"``, which has no ``T^2`` (as :func:`fastkd.jsd_loss`).
+        scale_by_temperature: multiply the KL-type terms by ``T^2`` (Hinton). None (default) means the
+            divergence's own default: ``T^2`` for ``"kl"`` and ``"reverse_kl"`` (as :func:`fastkd.kd_loss` and
+            :func:`fastkd.reverse_kl_loss`), none for ``"jsd"`` (as :func:`fastkd.jsd_loss` and TRL); True with
+            ``"jsd"`` is an error. (The default was no ``T^2`` before: a change of ``T^2`` in value at ``T != 1``.)
+            TRL and Liger-Kernel apply no ``T^2`` to their KL: to match them pass ``scale_by_temperature=False``.
         num_items_in_batch: divisor replacing the counted tokens in ``"batchmean"``/``"mean"`` (gradient
             accumulation).
         return_parts: return a :class:`fastkd.LossParts` ``(loss, soft, hard)``, the unweighted distillation
@@ -125,19 +138,25 @@ def fused_linear_kd_loss(
     Returns:
         The loss in the promoted dtype of the student hidden states and the teacher (float32 accumulation).
 
+    Determinism: run to run (same thread count) the value and every gradient are bitwise reproducible. Across
+    CPU thread counts they are not: the logits and the gradients come from GEMMs, which the BLAS splits by
+    thread count (the hidden-state gradient differs by ~1e-9 relative between 1 and 2 threads); only float
+    rounding differs. (The response kernel itself has a fixed reduction order, see the README.)
+
     Memory: one ``[chunk_size, V]`` logits buffer (in the student's dtype; a second one for a TeacherHead, a
     padded teacher or a TopKTeacher with the cross-entropy), the weight gradient accumulated in float32 (float64 for float64 input), and the
     gradients themselves. With ``reduction="none"`` the gradients depend on each token's upstream gradient,
     so they are computed in the backward pass by running the chunks again.
     """
-    kind, _, t, b, hard, soft, n = v.check_fused_linear(
+    kind, _, t, b, hard, soft, n, scale = v.check_fused_linear(
         student_hidden, student_weight, teacher, student_bias, loss, beta, temperature, labels, ignore_index,
-        hard_label_weight, soft_weight, reduction, chunk_size, num_items_in_batch, scale_by_temperature)
+        hard_label_weight, soft_weight, reduction, chunk_size, num_items_in_batch, scale_by_temperature,
+        return_parts)
     if not _use_kernels():
         return reference.fused_linear_kd_loss(
             student_hidden, student_weight, teacher, student_bias=student_bias, loss=loss, beta=b, temperature=t,
             labels=labels, ignore_index=ignore_index, hard_label_weight=hard, soft_weight=soft, reduction=reduction,
-            scale_by_temperature=scale_by_temperature, num_items_in_batch=n, return_parts=return_parts)
+            scale_by_temperature=scale, num_items_in_batch=n, return_parts=return_parts)
 
     lead = student_hidden.shape[:-1]
     hidden = _rows(student_hidden)
@@ -145,7 +164,6 @@ def fused_linear_kd_loss(
     divergence = loss
     if loss == "jsd":
         divergence = "kl" if b == 0.0 else "reverse_kl" if b == 1.0 else "jsd"
-    scale = bool(scale_by_temperature)
     dense = _rows(teacher).detach() if kind == "dense" else None
     t_hidden = t_weight = t_bias = values = indices = None
     values_are_logprobs = tail_bucket = False

@@ -39,6 +39,7 @@ __all__ = [
     "RKDLoss",
     "SPLoss",
     "Similarity",
+    "SPKDLoss",
     "PKTLoss",
     "PKT",
     "CCLoss",
@@ -47,6 +48,7 @@ __all__ = [
     "NSTLoss",
     "HintLoss",
     "ConvReg",
+    "LinearReg",
 ]
 
 LayerLosses = Union[torch.Tensor, List[torch.Tensor]]
@@ -60,7 +62,7 @@ class KDLoss(nn.Module):
         temperature: softmax temperature ``T > 0`` (default 4, the CIFAR KD setting).
         alpha: weight of the cross-entropy on ``target`` (temperature 1, computed in the same pass);
             0 (default) is plain KD.
-        beta: weight of the KD term; defaults to ``1 - alpha``.
+        beta: weight of the KD term; defaults to ``1 - alpha`` (``alpha`` must then be in ``[0, 1]``).
         reduction: ``"batchmean"`` (default), ``"sum"``, ``"mean"`` or ``"none"``; see :func:`fastkd.kd_loss`.
         ignore_index: rows whose target equals this are not counted (in either part).
         scale_by_temperature: multiply the KL by ``T^2`` (default True).
@@ -92,12 +94,12 @@ class KDLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.temperature = v.check_temperature(temperature)
-        self.alpha = v.check_nonneg_weight("alpha", alpha)
-        self.beta = None if beta is None else v.check_nonneg_weight("beta", beta)
+        self.alpha, _ = v.check_mix_weights(alpha, beta)
+        self.beta = None if beta is None else float(beta)
         self.reduction = v.check_reduction(reduction)
         self.ignore_index = v.check_ignore_index(ignore_index)
-        self.scale_by_temperature = bool(scale_by_temperature)
-        self.return_parts = bool(return_parts)
+        self.scale_by_temperature = v.check_bool("scale_by_temperature", scale_by_temperature)
+        self.return_parts = v.check_bool("return_parts", return_parts)
 
     def forward(
         self,
@@ -168,7 +170,7 @@ class ReverseKLLoss(_ResponseLoss):
         scale_by_temperature: bool = True,
     ) -> None:
         super().__init__(temperature, reduction, ignore_index)
-        self.scale_by_temperature = bool(scale_by_temperature)
+        self.scale_by_temperature = v.check_bool("scale_by_temperature", scale_by_temperature)
 
     def forward(
         self,
@@ -300,15 +302,13 @@ class TopKKDLoss(_ResponseLoss):
         scale_by_temperature: bool = True,
     ) -> None:
         super().__init__(temperature, reduction, ignore_index)
-        if values_are not in v.TOPK_VALUES_ARE:
-            raise ValueError(f"values_are must be one of {v.TOPK_VALUES_ARE}, got {values_are!r}")
-        if tail not in v.TOPK_TAILS:
-            raise ValueError(f"tail must be one of {v.TOPK_TAILS}, got {tail!r}")
+        v.check_choice("values_are", values_are, v.TOPK_VALUES_ARE)
+        v.check_choice("tail", tail, v.TOPK_TAILS)
         if tail == "bucket" and values_are != "logprobs":
             raise ValueError("tail='bucket' needs values_are='logprobs' (logits give no tail mass)")
         self.values_are = values_are
         self.tail = tail
-        self.scale_by_temperature = bool(scale_by_temperature)
+        self.scale_by_temperature = v.check_bool("scale_by_temperature", scale_by_temperature)
 
     def forward(
         self,
@@ -330,11 +330,18 @@ class TopKKDLoss(_ResponseLoss):
 
 class FusedLinearKDLoss(nn.Module):
     """Distillation through the student's linear head without the full logits; see
-    :func:`fastkd.fused_linear_kd_loss` (the arguments here are its keyword arguments).
+    :func:`fastkd.fused_linear_kd_loss` (the constructor's arguments are its keyword arguments, with the same
+    defaults: ``soft_weight=None`` is ``1 - hard_label_weight``, ``scale_by_temperature=None`` is ``T^2`` for
+    ``"kl"`` / ``"reverse_kl"`` and none for ``"jsd"``, as :class:`KDLoss` / :class:`JSDLoss`).
+
+    Args:
+        return_parts: make ``forward`` return a :class:`fastkd.LossParts` ``(loss, soft, hard)`` (detached parts,
+            for logging). A constructor argument, as for every fastkd module (:class:`KDLoss`); it was a
+            ``forward`` argument before.
 
     ``forward(student_hidden, student_weight, teacher, labels=None, *, student_bias=None,
-    num_items_in_batch=None, return_parts=False)`` where ``teacher`` is dense teacher logits, a
-    :class:`fastkd.TeacherHead` or a :class:`fastkd.TopKTeacher`. For a Hugging Face causal LM::
+    num_items_in_batch=None)`` where ``teacher`` is dense teacher logits, a :class:`fastkd.TeacherHead` or a
+    :class:`fastkd.TopKTeacher`. For a Hugging Face causal LM::
 
         criterion = fastkd.FusedLinearKDLoss(loss="jsd", beta=0.5, hard_label_weight=0.5)
         out_s = student(input_ids, output_hidden_states=True)
@@ -352,28 +359,25 @@ class FusedLinearKDLoss(nn.Module):
         temperature: float = 1.0,
         ignore_index: int = -100,
         hard_label_weight: float = 0.0,
-        soft_weight: float = 1.0,
+        soft_weight: Optional[float] = None,
         reduction: str = "batchmean",
         chunk_size: Optional[int] = None,
-        scale_by_temperature: bool = False,
+        scale_by_temperature: Optional[bool] = None,
+        return_parts: bool = False,
     ) -> None:
         super().__init__()
-        if loss not in v.FUSED_LINEAR_LOSSES:
-            raise ValueError(f"loss must be one of {v.FUSED_LINEAR_LOSSES}, got {loss!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-        if scale_by_temperature and loss == "jsd":
-            raise ValueError("scale_by_temperature applies to 'kl' and 'reverse_kl'; the generalized JSD has no T^2 "
-                             "factor")
-        self.loss = loss
+        self.loss = v.check_choice("loss", loss, v.FUSED_LINEAR_LOSSES)
+        self.chunk_size = v.check_chunk_size(chunk_size)
+        v.resolve_scale_by_temperature(scale_by_temperature, loss)  # checks it; None is kept (resolved per call)
+        self.scale_by_temperature = scale_by_temperature
         self.beta = v.check_beta_unit(beta)
         self.temperature = v.check_temperature(temperature)
         self.ignore_index = v.check_ignore_index(ignore_index)
-        self.hard_label_weight = v.check_nonneg_weight("hard_label_weight", hard_label_weight)
-        self.soft_weight = v.check_nonneg_weight("soft_weight", soft_weight)
+        self.hard_label_weight, _ = v.check_mix_weights(hard_label_weight, soft_weight,
+                                                        ("hard_label_weight", "soft_weight"))
+        self.soft_weight = None if soft_weight is None else float(soft_weight)
         self.reduction = v.check_reduction(reduction)
-        self.chunk_size = chunk_size
-        self.scale_by_temperature = bool(scale_by_temperature)
+        self.return_parts = v.check_bool("return_parts", return_parts)
 
     def forward(
         self,
@@ -384,18 +388,19 @@ class FusedLinearKDLoss(nn.Module):
         *,
         student_bias: Optional[torch.Tensor] = None,
         num_items_in_batch: NumItems = None,
-        return_parts: bool = False,
     ) -> Union[torch.Tensor, LossParts]:
         return fused_linear_kd_loss(
             student_hidden, student_weight, teacher, student_bias=student_bias, loss=self.loss, beta=self.beta,
             temperature=self.temperature, labels=labels, ignore_index=self.ignore_index,
             hard_label_weight=self.hard_label_weight, soft_weight=self.soft_weight, reduction=self.reduction,
             chunk_size=self.chunk_size, scale_by_temperature=self.scale_by_temperature,
-            num_items_in_batch=num_items_in_batch, return_parts=return_parts)
+            num_items_in_batch=num_items_in_batch, return_parts=self.return_parts)
 
     def extra_repr(self) -> str:
         return (f"loss={self.loss!r}, beta={self.beta}, temperature={self.temperature}, "
-                f"hard_label_weight={self.hard_label_weight}, reduction={self.reduction!r}, chunk_size={self.chunk_size}")
+                f"hard_label_weight={self.hard_label_weight}, soft_weight={self.soft_weight}, "
+                f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, "
+                f"scale_by_temperature={self.scale_by_temperature}, return_parts={self.return_parts}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -439,6 +444,8 @@ class SPLoss(nn.Module):
     Args:
         reduction: ``"batchmean"`` (divide by N^2; RepDistiller, mdistiller, torchdistill's default) or
             ``"sum"`` (torchdistill ``SPKDLoss`` with another reduction).
+        normalize: ``"l2"`` (default; RepDistiller / mdistiller) or ``"l1"`` (torchdistill's ``SPKDLoss``, see
+            :class:`SPKDLoss`) row normalization of the Gram matrices.
 
     ``forward(g_s, g_t)``: two tensors ``[N, ...]`` -> a 0-dim loss; two equal-length lists of layer features
     -> a list of per-layer 0-dim losses. The teacher gets a gradient iff it requires grad.
@@ -450,16 +457,17 @@ class SPLoss(nn.Module):
         losses = criterion([feat_s[-2]], [feat_t[-2].detach()])                 # a list, one per layer
     """
 
-    def __init__(self, reduction: str = "batchmean") -> None:
+    def __init__(self, reduction: str = "batchmean", normalize: str = "l2") -> None:
         super().__init__()
         self.reduction = v.check_relation_reduction(reduction)
+        self.normalize = v.check_choice("normalize", normalize, tuple(v.SP_NORMALIZE))
 
     def forward(self, g_s: Features, g_t: Features) -> LayerLosses:
-        losses, is_list = _fn._sp_layers(g_s, g_t, self.reduction)
+        losses, is_list = _fn._sp_layers(g_s, g_t, self.reduction, self.normalize)
         return losses if is_list else losses[0]
 
     def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}"
+        return f"reduction={self.reduction!r}, normalize={self.normalize!r}"
 
 
 class Similarity(SPLoss):
@@ -515,6 +523,57 @@ class PKTLoss(nn.Module):
 PKT = PKTLoss
 
 
+_TORCHDISTILL_REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+class SPKDLoss(nn.Module):
+    """Drop-in for torchdistill's ``SPKDLoss(student_output_path, teacher_output_path, reduction)``, the same
+    value and gradient: ``G = F.normalize(F F^T, 1)`` per side, i.e. rows **L1**-normalized (the second
+    positional argument of ``F.normalize`` is ``p``), ``||G_t - G_s||_F^2``, divided by N^2 for
+    ``reduction="batchmean"`` and not divided for any other reduction (torchdistill's semantics). RepDistiller's
+    ``Similarity`` (:class:`Similarity`, :class:`SPLoss`) L2-normalizes the rows instead: the two anchors give
+    different values. Equal to ``fastkd.sp_loss(f_s, f_t, reduction=..., normalize="l1")``.
+
+    Args:
+        student_output_path, teacher_output_path: as torchdistill's: with them, ``forward(student_io_dict,
+            teacher_io_dict)`` reads ``io_dict[path]["output"]`` as torchdistill does; without them (None)
+            ``forward(f_s, f_t)`` takes the two feature tensors ``[N, ...]``.
+        reduction: ``"batchmean"`` (divide by N^2) or ``"sum"``, ``"mean"``, ``"none"`` (torchdistill does not
+            divide for these: the undivided sum).
+
+    The L1 normalization is not covered by the fused SP kernel: it runs as a plain-PyTorch composition (exact
+    value and gradient, autograd's memory).
+    """
+
+    def __init__(
+        self,
+        student_output_path: Optional[str] = None,
+        teacher_output_path: Optional[str] = None,
+        reduction: str = "batchmean",
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        if (student_output_path is None) != (teacher_output_path is None):
+            raise ValueError("student_output_path and teacher_output_path must be given together (or neither)")
+        for name, path in (("student_output_path", student_output_path), ("teacher_output_path", teacher_output_path)):
+            if path is not None and not isinstance(path, str):
+                raise TypeError(f"{name} must be a str (a module path) or None, got {type(path).__name__}")
+        self.student_output_path = student_output_path
+        self.teacher_output_path = teacher_output_path
+        self.reduction = v.check_choice("reduction", reduction, _TORCHDISTILL_REDUCTIONS)
+
+    def forward(self, student: Union[torch.Tensor, dict], teacher: Union[torch.Tensor, dict]) -> torch.Tensor:
+        if self.student_output_path is not None:
+            student = student[self.student_output_path]["output"]
+            teacher = teacher[self.teacher_output_path]["output"]
+        reduction = "batchmean" if self.reduction == "batchmean" else "sum"
+        return _fn.sp_loss(student, teacher, reduction=reduction, normalize="l1")
+
+    def extra_repr(self) -> str:
+        return (f"student_output_path={self.student_output_path!r}, teacher_output_path={self.teacher_output_path!r}, "
+                f"reduction={self.reduction!r}")
+
+
 class CCLoss(nn.Module):
     """Correlation congruence with torchdistill ``CCKDLoss`` semantics (the Frobenius norm, not squared); see
     :func:`fastkd.cc_loss`.
@@ -538,7 +597,7 @@ class CCLoss(nn.Module):
         super().__init__()
         self.kernel = v.check_choice("kernel", kernel, v.CC_KERNELS)
         self.gamma = v.check_positive("gamma", gamma)
-        self.max_p = v.check_int_at_least("max_p", max_p, 1)
+        self.max_p = v.check_max_p(max_p)
         self.reduction = v.check_relation_reduction(reduction)
 
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
@@ -624,7 +683,7 @@ class ConvReg(nn.Module):
         s_shape, t_shape = _shape4("s_shape", s_shape), _shape4("t_shape", t_shape)
         _, s_c, s_h, s_w = s_shape
         _, t_c, t_h, t_w = t_shape
-        self.use_relu = bool(use_relu)
+        self.use_relu = v.check_bool("use_relu", use_relu)
         if s_h == 2 * t_h:
             self.conv = nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
         elif 2 * s_h == t_h:
@@ -652,34 +711,97 @@ class ConvReg(nn.Module):
         return f"use_relu={self.use_relu}"
 
 
+def _dims(name: str, shape) -> tuple:
+    """A shape: a sequence of Python ints >= 0 (a torch.Size works); TypeError otherwise."""
+    if isinstance(shape, (str, bytes, torch.Tensor)) or not isinstance(shape, Sequence):
+        raise TypeError(f"{name} must be a shape (a sequence of ints), got {type(shape).__name__}")
+    dims = tuple(shape)
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int):
+            raise TypeError(f"{name} must be a shape of ints, got {dims!r}")
+        if d < 0:
+            raise ValueError(f"{name} must not have negative sizes, got {dims}")
+    return dims
+
+
 def _shape4(name: str, shape: Sequence[int]) -> tuple:
     """A 4-D shape ``(N, C, H, W)`` of ints (a torch.Size works)."""
-    try:
-        dims = tuple(int(d) for d in shape)
-    except TypeError:
-        raise TypeError(f"{name} must be a shape (N, C, H, W), got {type(shape).__name__}") from None
+    dims = _dims(name, shape)
     if len(dims) != 4:
         raise ValueError(f"{name} must be a 4-D shape (N, C, H, W) for a ConvReg regressor, got {dims}")
     return dims
 
 
+def _width(name: str, value) -> int:
+    """A feature width: an int >= 1 (not a bool)."""
+    return v.check_int_range(name, value, 1)
+
+
+class LinearReg(nn.Module):
+    """FitNet regressor for flat features (MLP and transformer hints): ``nn.Linear(s_dim, t_dim)`` on the last
+    dimension, then a ReLU if ``use_relu`` (off by default: hidden states are signed). The layer is named
+    ``linear``. :class:`HintLoss` picks it for int widths and 2-D / 3-D shapes (``[N, D]``, ``[N, T, D]``), as
+    torchdistill's configs put a linear regressor in front of the MSE for such features.
+
+    Args:
+        s_dim, t_dim: student and teacher feature widths (ints >= 1).
+        use_relu: end with a ReLU (bool).
+        bias: the linear layer's bias (bool).
+
+    Example::
+
+        reg = fastkd.LinearReg(384, 768)
+        loss = fastkd.hint_loss(reg(h_s), h_t.detach())   # or fastkd.HintLoss(384, 768)
+    """
+
+    def __init__(self, s_dim: int, t_dim: int, use_relu: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        s_dim, t_dim = _width("s_dim", s_dim), _width("t_dim", t_dim)
+        self.use_relu = v.check_bool("use_relu", use_relu)
+        self.linear = nn.Linear(s_dim, t_dim, bias=v.check_bool("bias", bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x)
+        return torch.relu(x) if self.use_relu else x
+
+    def extra_repr(self) -> str:
+        return f"use_relu={self.use_relu}"
+
+
 HINT_REGRESSORS = ("auto", "always", "none")
+
+
+def _hint_shape(name: str, shape) -> tuple:
+    """A hint shape for :class:`HintLoss`: an int width ``D`` (flat features, returned as ``(D,)``), a flat shape
+    ``(N, D)`` / ``(N, T, D)`` or a feature map shape ``(N, C, H, W)``. Returned without the batch size N."""
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        return (_width(name, shape),)
+    dims = _dims(name, shape)
+    if len(dims) not in (2, 3, 4):
+        raise ValueError(
+            f"{name} must be an int width, a flat shape (N, D) / (N, T, D) or a map shape (N, C, H, W), got {dims}"
+        )
+    return dims[1:]
 
 
 class HintLoss(nn.Module):
     """FitNets hint loss: ``MSE(regressor(f_s), f_t)``; see :func:`fastkd.hint_loss`.
 
     Args:
-        student_shape, teacher_shape: the shapes ``(N, C, H, W)`` of the hinted student feature and the
-            teacher's hint (N ignored), e.g. from one probe forward as RepDistiller does. Give both or neither.
-        use_relu: end the regressor with a ReLU (RepDistiller's ``ConvReg`` default).
-        regressor: ``"auto"`` (default): a :class:`ConvReg` when both shapes are given and differ beyond the
-            batch size, else none (plain MSE: RepDistiller ``HintLoss()``); ``"always"``: a ConvReg whenever
+        student_shape, teacher_shape: the shapes of the hinted student feature and the teacher's hint (N
+            ignored), e.g. from one probe forward as RepDistiller does. Give both or neither. Feature maps
+            ``(N, C, H, W)`` get a :class:`ConvReg`; flat features, given as int widths (``HintLoss(16, 256)``)
+            or shapes ``(N, D)`` / ``(N, T, D)``, get a :class:`LinearReg` on the last dimension (the other
+            dimensions must agree). A map and a flat shape together are a ValueError.
+        use_relu: end the regressor with a ReLU. None (default): True for a ConvReg (RepDistiller's default),
+            False for a LinearReg (hidden states are signed).
+        regressor: ``"auto"`` (default): a regressor when both shapes are given and differ beyond the
+            batch size, else none (plain MSE: RepDistiller ``HintLoss()``); ``"always"``: a regressor whenever
             the shapes are given (RepDistiller's and mdistiller's FitNet build one even for equal shapes);
             ``"none"``: never (the shapes must then match).
         reduction: ``"mean"`` (``nn.MSELoss()``, RepDistiller/mdistiller) or ``"sum"`` (torchdistill configs).
 
-    The regressor (``self.regressor``, None or a ConvReg) is a submodule with trainable parameters: pass
+    The regressor (``self.regressor``, None, a ConvReg or a LinearReg) is a submodule with trainable parameters: pass
     ``HintLoss.parameters()`` (or the module itself) to the optimizer along with the student's, and move the
     loss to the student's device (``.to(device)``).
 
@@ -694,10 +816,10 @@ class HintLoss(nn.Module):
 
     def __init__(
         self,
-        student_shape: Optional[Sequence[int]] = None,
-        teacher_shape: Optional[Sequence[int]] = None,
+        student_shape: Union[None, int, Sequence[int]] = None,
+        teacher_shape: Union[None, int, Sequence[int]] = None,
         *,
-        use_relu: bool = True,
+        use_relu: Optional[bool] = None,
         regressor: str = "auto",
         reduction: str = "mean",
     ) -> None:
@@ -709,11 +831,26 @@ class HintLoss(nn.Module):
                 "student_shape and teacher_shape must be given together (or neither), got "
                 f"student_shape={student_shape} and teacher_shape={teacher_shape}"
             )
-        reg: Optional[ConvReg] = None
-        if student_shape is not None and regressor != "none":
-            differ = tuple(student_shape)[1:] != tuple(teacher_shape)[1:]
-            if regressor == "always" or differ:
-                reg = ConvReg(student_shape, teacher_shape, use_relu=use_relu)
+        v.check_optional_bool("use_relu", use_relu)
+        reg: Optional[nn.Module] = None
+        if student_shape is not None:
+            s_dims, t_dims = _hint_shape("student_shape", student_shape), _hint_shape("teacher_shape", teacher_shape)
+            s_map, t_map = len(s_dims) == 3, len(t_dims) == 3
+            if s_map != t_map:
+                raise ValueError(
+                    f"student_shape and teacher_shape must both be feature maps (N, C, H, W) or both flat (an int "
+                    f"width, (N, D) or (N, T, D)), got {student_shape} and {teacher_shape}"
+                )
+            if not s_map and s_dims[:-1] != t_dims[:-1]:
+                raise ValueError(
+                    f"flat features: student_shape and teacher_shape may differ only in the last (feature) "
+                    f"dimension, got {student_shape} and {teacher_shape}"
+                )
+            if regressor != "none" and (regressor == "always" or s_dims != t_dims):
+                if s_map:
+                    reg = ConvReg(student_shape, teacher_shape, use_relu=True if use_relu is None else use_relu)
+                else:
+                    reg = LinearReg(s_dims[-1], t_dims[-1], use_relu=bool(use_relu))
         self.regressor = reg
 
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:

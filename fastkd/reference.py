@@ -182,8 +182,8 @@ def kd_loss(
     t, num = _check_pair(
         student_logits, teacher_logits, temperature, reduction, labels, ignore_index, num_items_in_batch
     )
-    a = v.check_nonneg_weight("alpha", alpha)
-    w = 1.0 - a if beta is None else v.check_nonneg_weight("beta", beta)
+    a, w = v.check_mix_weights(alpha, beta)
+    v.check_flags(scale_by_temperature=scale_by_temperature, return_parts=return_parts)
     if a != 0.0:
         if labels is None:
             raise ValueError(
@@ -236,6 +236,7 @@ def reverse_kl_loss(
     t, num = _check_pair(
         student_logits, teacher_logits, temperature, reduction, labels, ignore_index, num_items_in_batch
     )
+    v.check_flags(scale_by_temperature=scale_by_temperature)
     out_dtype, cdtype = _dtypes(student_logits, teacher_logits)
     student_logits, teacher_logits, empty = _fully_masked(student_logits, teacher_logits)
     log_q, log_p = _log_softmaxes(student_logits, teacher_logits, t, cdtype)
@@ -396,6 +397,7 @@ def topk_kd_loss(
     v.check_reduction(reduction)
     v.check_ignore_index(ignore_index)
     num = v.check_num_items(num_items_in_batch, reduction)
+    v.check_flags(scale_by_temperature=scale_by_temperature)
     vocab, k = student_logits.shape[-1], teacher_topk_values.shape[-1]
     v.check_topk_indices_range(teacher_topk_indices, vocab, labels, ignore_index)
     out_dtype, cdtype = _dtypes(student_logits, teacher_topk_values)
@@ -583,14 +585,15 @@ def _layers_sum(g_s, g_t, weights, single, min_dim=2, what="[N, ...]"):
     return total
 
 
-def _sp_single(f_s: torch.Tensor, f_t: torch.Tensor, reduction: str, names=("g_s", "g_t")) -> torch.Tensor:
+def _sp_single(f_s: torch.Tensor, f_t: torch.Tensor, reduction: str, names=("g_s", "g_t"),
+               p: float = 2.0) -> torch.Tensor:
     out_dtype, cdtype = _dtypes(f_s, f_t)
     n = f_s.shape[0]
     if n == 0:
         return _zero_loss(f_s, f_t, dtype=out_dtype)
     s, t = _flat(f_s, cdtype), _flat(f_t, cdtype)
-    g_s = F.normalize(s @ s.t(), p=2.0, dim=1, eps=_NORMALIZE_EPS)
-    g_t = F.normalize(t @ t.t(), p=2.0, dim=1, eps=_NORMALIZE_EPS)
+    g_s = F.normalize(s @ s.t(), p=p, dim=1, eps=_NORMALIZE_EPS)
+    g_t = F.normalize(t @ t.t(), p=p, dim=1, eps=_NORMALIZE_EPS)
     diff = g_t - g_s
     loss = (diff * diff).sum()
     if reduction == "batchmean":
@@ -598,14 +601,16 @@ def _sp_single(f_s: torch.Tensor, f_t: torch.Tensor, reduction: str, names=("g_s
     return loss.to(out_dtype)
 
 
-def sp_loss(g_s, g_t, *, reduction: str = "batchmean", weights=None) -> torch.Tensor:
+def sp_loss(g_s, g_t, *, reduction: str = "batchmean", weights=None, normalize: str = "l2") -> torch.Tensor:
     """Similarity-preserving KD (Tung & Mori 2019) in plain PyTorch: ``G = normalize(F F^T)`` row-wise
     (F.normalize, eps 1e-12) for each side, ``||G_t - G_s||_F^2``, divided by N^2 for "batchmean"
     (RepDistiller ``Similarity``, torchdistill ``SPKDLoss(reduction='batchmean')``), not for "sum".
     ``g_s``, ``g_t``: one feature pair or lists of layer pairs (weighted sum, mdistiller ``sp_loss``).
-    Not translation invariant: features are used as given. See :func:`fastkd.sp_loss`."""
+    Not translation invariant: features are used as given. ``normalize="l1"`` normalizes the rows of ``G`` by
+    their L1 norm instead (torchdistill's ``SPKDLoss``). See :func:`fastkd.sp_loss`."""
     v.check_relation_reduction(reduction)
-    return _layers_sum(g_s, g_t, weights, lambda a, b, names: _sp_single(a, b, reduction, names))
+    p = v.SP_NORMALIZE[v.check_choice("normalize", normalize, tuple(v.SP_NORMALIZE))]
+    return _layers_sum(g_s, g_t, weights, lambda a, b, names: _sp_single(a, b, reduction, names, p))
 
 
 def _pkt_probs(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -660,7 +665,7 @@ def cc_loss(
     v.check_feature_pair(f_s, f_t)
     v.check_choice("kernel", kernel, v.CC_KERNELS)
     gm = v.check_positive("gamma", gamma)
-    mp = v.check_int_at_least("max_p", max_p, 1)
+    mp = v.check_max_p(max_p)
     v.check_relation_reduction(reduction)
     out_dtype, cdtype = _dtypes(f_s, f_t)
     n = f_s.shape[0]
@@ -779,10 +784,10 @@ def fused_linear_kd_loss(
     labels: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     hard_label_weight: float = 0.0,
-    soft_weight: float = 1.0,
+    soft_weight: Optional[float] = None,
     reduction: str = "batchmean",
     chunk_size: Optional[int] = None,
-    scale_by_temperature: bool = False,
+    scale_by_temperature: Optional[bool] = None,
     num_items_in_batch: NumItems = None,
     return_parts: bool = False,
 ) -> Union[torch.Tensor, LossParts]:
@@ -790,10 +795,14 @@ def fused_linear_kd_loss(
     ``F.linear(student_hidden, student_weight, student_bias)`` (and the teacher's, for a ``TeacherHead``; a
     smaller teacher vocabulary padded with -inf), then :func:`kd_loss` / :func:`reverse_kl_loss` /
     :func:`jsd_loss` / :func:`topk_kd_loss` on the rows, plus ``hard_label_weight`` times the cross-entropy.
-    The teacher is detached. ``chunk_size`` is accepted and ignored (nothing is chunked here)."""
-    kind, teacher_vocab, t, b, hard, soft, num = v.check_fused_linear(
+    The teacher is detached. ``chunk_size`` is accepted and ignored (nothing is chunked here). Defaults as
+    :func:`fastkd.fused_linear_kd_loss`: ``soft_weight=None`` is ``1 - hard_label_weight`` and
+    ``scale_by_temperature=None`` the divergence's own (``T^2`` for "kl" / "reverse_kl", none for "jsd")."""
+    kind, teacher_vocab, t, b, hard, soft, num, scale = v.check_fused_linear(
         student_hidden, student_weight, teacher, student_bias, loss, beta, temperature, labels, ignore_index,
-        hard_label_weight, soft_weight, reduction, chunk_size, num_items_in_batch, scale_by_temperature)
+        hard_label_weight, soft_weight, reduction, chunk_size, num_items_in_batch, scale_by_temperature,
+        return_parts)
+    scale_by_temperature = scale
     lead = student_hidden.shape[:-1]
     logits = F.linear(student_hidden, student_weight, student_bias).reshape(-1, student_weight.shape[0])
     vocab = logits.shape[-1]

@@ -214,8 +214,9 @@ def mdistiller_sp(g_s, g_t):
 
 
 def torchdistill_spkd(f_s, f_t, reduction="batchmean"):
-    """torchdistill SPKDLoss: row-normalized flatten(1) Gram matrices, squared Frobenius norm of the
-    difference; / N^2 for 'batchmean', else as is."""
+    """torchdistill SPKDLoss's structure with RepDistiller's L2 row normalization (``F.normalize(G, dim=1)``):
+    squared Frobenius norm of the difference; / N^2 for 'batchmean', else as is. torchdistill itself
+    L1-normalizes the rows: see :func:`torchdistill_spkd_verbatim`."""
     def gram(z):
         z = torch.flatten(z, 1)
         return F.normalize(z @ z.t(), dim=1)
@@ -223,6 +224,19 @@ def torchdistill_spkd(f_s, f_t, reduction="batchmean"):
     loss = (torch.norm(gram(f_t) - gram(f_s)) ** 2).sum()
     n = f_t.shape[0]
     return loss / (n * n) if reduction == "batchmean" else loss
+
+
+def torchdistill_spkd_verbatim(f_s, f_t, reduction="batchmean"):
+    """torchdistill 1.1.5 ``SPKDLoss`` (losses/mid_level.py), verbatim in formula: ``normalize(torch.matmul(z,
+    torch.t(z)), 1)`` (p = 1, dim = 1: L1 rows), ``torch.norm(g_t - g_s) ** 2``, summed, / N^2 for
+    'batchmean', else as is."""
+    def matmul_and_normalize(z):
+        z = torch.flatten(z, 1)
+        return F.normalize(torch.matmul(z, torch.t(z)), 1)
+
+    batch_size = f_t.shape[0]
+    spkd_loss = (torch.norm(matmul_and_normalize(f_t) - matmul_and_normalize(f_s)) ** 2).sum()
+    return spkd_loss / (batch_size ** 2) if reduction == "batchmean" else spkd_loss
 
 
 def repdistiller_pkt(f_s, f_t, eps=1e-7):

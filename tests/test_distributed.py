@@ -52,7 +52,9 @@ class Case:
     ignore_index: int = -100
     dtype: torch.dtype = torch.float64
     teacher_dtype: Optional[torch.dtype] = None
-    pad: str = "none"  # "none", "last_shard" (last rank's slice -inf on both sides), "empty_row", "nan"
+    # "none", "last_shard" (last rank's slice -inf on both sides), "empty_row", "nan", "nan_masked" (NaN / +inf
+    # only in ignored rows), "offset" (|logits| ~ 300 with a small spread: at T = 1e-3, s / T ~ 3e5)
+    pad: str = "none"
     split: Optional[Tuple[int, ...]] = None  # default: SPLITS[world]
 
 
@@ -77,7 +79,15 @@ def _cases(world: int) -> Dict[str, Case]:
             cases.append(Case(f"{k}-{red}-empty-row", loss, beta, red, lead=(4,), pad="empty_row"))
             if world == 3:
                 cases.append(Case(f"{k}-{red}-zero-width-shard", loss, beta, red, split=(8, 0, 5)))
-        cases.append(Case(f"{k}-none-nan-logits", loss, beta, "none", lead=(5,), labels="some", pad="nan"))
+        for red in ("batchmean", "none"):
+            cases.append(Case(f"{k}-{red}-nan-logits", loss, beta, red, lead=(5,), labels="some", pad="nan"))
+            cases.append(Case(f"{k}-{red}-nan-in-masked-rows", loss, beta, red, lead=(5,), labels="some",
+                              pad="nan_masked"))
+            # the row maximum must be subtracted before the 1/T scaling (float32: z - lse at |z| ~ 3e5 loses ~1e-2)
+            cases.append(Case(f"{k}-{red}-offset-float32-T1e-3", loss, beta, red, lead=(6,), temperature=1e-3,
+                              scale=scale, dtype=torch.float32, pad="offset"))
+        for red in REDUCTIONS:
+            cases.append(Case(f"{k}-{red}-empty-input", loss, beta, red, lead=(0,)))
     cases.append(Case("kl-mean-ignore-index-7", "kl", 0.5, "mean", labels="some", ignore_index=7))
     cases.append(Case("kl-sum-bf16-student", "kl", 0.5, "sum", scale=True, dtype=torch.bfloat16,
                       teacher_dtype=torch.float32))
@@ -95,6 +105,9 @@ def _inputs(case: Case):
     shape = case.lead + (VOCAB,)
     s = torch.randn(shape, generator=g, dtype=torch.float64) * 3.0
     t = torch.randn(shape, generator=g, dtype=torch.float64) * 3.0
+    if case.pad == "offset":
+        s = 300.0 + s * 1e-3
+        t = -300.0 + t * 1e-3
     if case.pad == "last_shard":
         pad = torch.zeros(VOCAB, dtype=torch.bool)
         pad[7:] = True  # the whole last slice in both worlds (7/6 and 5/5/3): padded vocabulary
@@ -108,6 +121,10 @@ def _inputs(case: Case):
         t[0, 2] = math.nan
         t[1, 9] = math.inf
         s[4, 11] = math.nan
+    if case.pad == "nan_masked":  # rows 0 and 3 are ignored (below): dropped whatever they hold
+        t[0, 2] = math.nan
+        s[0, 5] = math.inf
+        s[3, 1] = math.nan
     labels = None
     if case.labels != "none":
         labels = torch.randint(0, VOCAB, case.lead, generator=g)
@@ -115,8 +132,9 @@ def _inputs(case: Case):
             labels.fill_(case.ignore_index)
         else:
             flat = labels.view(-1)
-            flat[0] = case.ignore_index
-            flat[-2] = case.ignore_index
+            if flat.numel():
+                flat[0] = case.ignore_index
+                flat[-2] = case.ignore_index
     if case.reduction == "none":
         grad_out = torch.rand(case.lead, generator=g, dtype=torch.float64) + 0.5
     else:
@@ -133,10 +151,11 @@ def _bounds(case: Case, world: int, rank: int) -> Tuple[int, int]:
 NAN_ROWS = torch.tensor([False, True, False, False, True])  # the counted rows of the "nan" cases with a bad logit
 
 
-def _single_process(case: Case):
-    """The single-process fastkd loss of the gathered logits, in float64: (loss, student gradient)."""
+def _single_process(case: Case, dtype: torch.dtype = torch.float64):
+    """The single-process fastkd loss of the gathered logits, in float64 (or ``dtype``): (loss, student
+    gradient)."""
     s, t, labels, grad_out = _inputs(case)
-    s, t = s.double(), t.double()
+    s, t = s.to(dtype), t.to(dtype)
     if case.pad == "empty_row":
         # fastkd's single-process losses give NaN for a row that is -inf everywhere; vocab_parallel_kd_loss
         # gives 0 with a zero gradient there, which is the value of a row with student == teacher
@@ -151,8 +170,9 @@ def _single_process(case: Case):
     else:
         # vocab_parallel_kd_loss's "batchmean" always divides by the rows (no TRL batch-size convention)
         rows = math.prod(case.lead) if case.reduction == "batchmean" and labels is None else None
+        rows = rows or None  # no rows: nothing to divide
         loss = fastkd.jsd_loss(s, t, beta=case.beta, temperature=case.temperature, num_items_in_batch=rows, **kw)
-    loss.backward(grad_out.double())
+    loss.backward(grad_out.to(dtype))
     return loss.detach(), s.grad
 
 
@@ -290,11 +310,22 @@ def test_vocab_parallel_matches_single_process(world, name, tmp_path_factory):
     assert loss.dtype == _out_dtype(case)
     assert loss.shape == expected.shape
     if case.pad == "nan":
-        # a NaN or +inf logit on one rank makes its row NaN (value and gradient) everywhere, as single-process
-        assert torch.equal(expected.isnan(), NAN_ROWS)
-        assert torch.equal(loss.isnan(), NAN_ROWS)
+        # a NaN or +inf logit on one rank makes its row NaN (value and gradient) everywhere, as single-process;
+        # a reduced loss with such a counted row is NaN
         assert grad[NAN_ROWS].isnan().all()
-        loss, expected, grad, expected_grad = (x[~NAN_ROWS] for x in (loss, expected, grad, expected_grad))
+        if case.reduction == "none":
+            assert torch.equal(expected.isnan(), NAN_ROWS)
+            assert torch.equal(loss.isnan(), NAN_ROWS)
+            loss, expected = loss[~NAN_ROWS], expected[~NAN_ROWS]
+        else:
+            assert loss.isnan() and expected.isnan()
+            loss, expected = loss.new_zeros(()), expected.new_zeros(())
+        if case.reduction == "none":
+            grad, expected_grad = grad[~NAN_ROWS], expected_grad[~NAN_ROWS]
+        else:  # the reduced loss is NaN, so is every gradient of the single-process loss: check the rows only
+            grad = grad[~NAN_ROWS]
+            assert torch.isfinite(grad).all()
+            expected_grad = grad
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
 
     if case.dtype == torch.float64:
@@ -303,6 +334,15 @@ def test_vocab_parallel_matches_single_process(world, name, tmp_path_factory):
         loss_rtol, grad_rtol, atol = 1e-5, 1e-5, 1e-7
     else:  # bfloat16 student, float32 computation: only the gradient is rounded (to 8 significant bits)
         loss_rtol, grad_rtol, atol = 1e-5, 2.0**-8, 1e-7
+    if case.pad == "offset":
+        # float32 at T = 1e-3 and |logits| ~ 300: within 16 float32 epsilons of the largest value (the error of
+        # the single-process float32 kernel on this input is of the same order, ~1e-7 relative; forming
+        # s / T - lse without the row shift was ~1e-3 off in value and ~1e-2 in the gradient)
+        for what, mine, ref in (("loss", loss, expected), ("gradient", grad, expected_grad)):
+            bound = 2.0**-19 * ref.abs().max().item()
+            err = (mine.double() - ref).abs().max().item()
+            assert err <= bound, f"{what}: error {err:.3g} > {bound:.3g}"
+        return
     assert_close(loss, expected, rtol=loss_rtol, atol=atol, what="loss")
     assert_close(grad, expected_grad, rtol=grad_rtol, atol=atol, what="student gradient")
 
@@ -316,6 +356,11 @@ def test_vocab_parallel_matches_single_process(world, name, tmp_path_factory):
         assert (grad[both_inf] == 0).all(), "entries -inf on both sides must get an exactly zero gradient"
     if case.pad == "empty_row" and case.reduction == "none":
         assert loss[1] == 0
+    if case.pad == "empty_row":  # the all -inf row gives exactly 0 with a zero gradient, and it is counted
+        assert (grad[1] == 0).all()
+    if math.prod(case.lead) == 0:
+        assert loss.shape == ((0,) if case.reduction == "none" else ())
+        assert (loss == 0).all() and grad.numel() == 0
 
 
 @needs_gloo

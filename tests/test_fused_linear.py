@@ -167,7 +167,7 @@ def test_smaller_teacher_vocabulary(device, kind, loss, beta):
     # the composition users would write by hand
     t_logits = F.linear(th, tw, tb)
     padded = torch.cat([t_logits, torch.full((13, 8), -math.inf, device=device)], dim=-1)
-    manual = (fastkd.kd_loss(F.linear(h, w, b), padded, 1.3, labels=labels, scale_by_temperature=False)
+    manual = (fastkd.kd_loss(F.linear(h, w, b), padded, 1.3, labels=labels)  # T^2, the fused default
               if loss == "kl" else fastkd.jsd_loss(F.linear(h, w, b), padded, beta, 1.3, labels=labels))
     assert_close(fused[0], manual, rtol=1e-5, atol=0, what="hand composition")
 
@@ -219,7 +219,7 @@ def _composition(h, w, teacher, *, student_bias=None, labels=None, temperature=1
     logits = F.linear(h, w, student_bias)
     t = teacher if isinstance(teacher, torch.Tensor) else F.linear(*teacher)
     if loss == "kl":
-        return fastkd.kd_loss(logits, t.detach(), temperature, labels=labels, scale_by_temperature=False)
+        return fastkd.kd_loss(logits, t.detach(), temperature, labels=labels)  # T^2: the fused default
     return fastkd.jsd_loss(logits, t.detach(), beta, temperature, labels=labels)
 
 

@@ -33,8 +33,9 @@ def test_tiny_causal_lm_pair(loss, beta, hard):
     teacher = _llama(VOCAB_T, 48, 2, seed=0, tie=False)
     student_fused = _llama(VOCAB_S, 32, 1, seed=1, tie=True)
     student_plain = copy.deepcopy(student_fused)
+    # TRL / Liger conventions on purpose: no T^2, and the soft term's weight 1 whatever the hard weight
     criterion = fastkd.FusedLinearKDLoss(loss=loss, beta=beta, temperature=2.0, hard_label_weight=hard,
-                                         chunk_size=7)
+                                         soft_weight=1.0, scale_by_temperature=False, chunk_size=7)
     opt_fused = torch.optim.SGD(student_fused.parameters(), lr=0.5)
     opt_plain = torch.optim.SGD(student_plain.parameters(), lr=0.5)
     g = torch.Generator().manual_seed(2)

@@ -969,7 +969,7 @@ def test_bad_input_sp_pkt_cc(device):
         ((s, t), {"kernel": "rbf"}, ValueError, r"kernel must be one of \('gaussian', 'bilinear'\)"),
         ((s, t), {"gamma": 0.0}, ValueError, "gamma"),
         ((s, t), {"gamma": math.inf}, ValueError, "gamma"),
-        ((s, t), {"max_p": 0}, ValueError, r"max_p must be >= 1"),
+        ((s, t), {"max_p": 0}, ValueError, r"max_p must be in \[1, 170\]"),
         ((s, t), {"max_p": True}, TypeError, "max_p"),
         ((s, t), {"max_p": 2.5}, TypeError, "max_p"),
         ((s, t), {"reduction": "mean"}, ValueError, "reduction"),
@@ -1021,3 +1021,104 @@ def test_bad_input_devices():
             fn(s, t)
     with pytest.raises(ValueError, match="g_t must be on the student's device"):
         fastkd.sp_loss(s, t)
+
+
+# --------------------------------------------------------------------------------------------------------
+# torchdistill's SPKDLoss (L1 rows) and the linear FitNet regressor for flat features
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reduction", ["batchmean", "sum"])
+def test_sp_l1_matches_torchdistill_float64(device, reduction):
+    from helpers import torchdistill_spkd_verbatim
+
+    s, t = _feat((9, 3, 2), device, seed=120).double(), _feat((9, 5), device, seed=121).double()
+    # torchdistill does not detach the teacher: it gets the exact gradient too
+    fast, fast_gs, fast_gt = _run(lambda a, b: fastkd.sp_loss(a, b, reduction=reduction, normalize="l1"), s, t,
+                                  teacher_grad=True)
+    ref, ref_gs, ref_gt = _run(lambda a, b: torchdistill_spkd_verbatim(a, b, reduction), s, t, teacher_grad=True)
+    assert_close(fast, ref, rtol=1e-12, atol=0, what="SP l1 value")
+    assert_close(fast_gs, ref_gs, rtol=1e-12, atol=1e-15, what="SP l1 student gradient")
+    assert_close(fast_gt, ref_gt, rtol=1e-12, atol=1e-15, what="SP l1 teacher gradient")
+    # the two anchors differ: L2 rows (RepDistiller, the default) give another value
+    l2 = fastkd.sp_loss(s, t, reduction=reduction)
+    assert (l2 - fast).abs() > 1e-3 * fast.abs()
+    # the drop-in module: tensors, or torchdistill's io dicts and module paths; its reductions
+    crit = fastkd.SPKDLoss(reduction=reduction)
+    assert_close(crit(s, t), ref, rtol=1e-12, atol=0, what="SPKDLoss")
+    by_path = fastkd.SPKDLoss("layer4", "layer4", reduction)
+    assert_close(by_path({"layer4": {"output": s}}, {"layer4": {"output": t}}), ref, rtol=1e-12, atol=0,
+                 what="SPKDLoss io dicts")
+    if reduction == "sum":
+        for other in ("mean", "none"):  # torchdistill divides only for 'batchmean'
+            assert_close(fastkd.SPKDLoss(reduction=other)(s, t), ref, rtol=1e-12, atol=0, what=other)
+    assert_close(fastkd.SPLoss(reduction, normalize="l1")(s, t), ref, rtol=1e-12, atol=0, what="SPLoss l1")
+    assert_close(R.sp_loss(s, t, reduction=reduction, normalize="l1"), ref, rtol=1e-12, atol=0, what="reference")
+
+
+def test_sp_l1_float32_and_bad_input(device):
+    from helpers import torchdistill_spkd_verbatim
+
+    s, t = _feat((12, 7), device, seed=122), _feat((12, 4), device, seed=123)
+    fast = fastkd.sp_loss([s, s], [t, t], weights=[1.0, 0.5], normalize="l1")
+    ref = 1.5 * torchdistill_spkd_verbatim(s.double(), t.double())
+    assert_close(fast, ref, rtol=1e-5, atol=0, what="SP l1 float32")
+    with pytest.raises(ValueError, match=r"normalize must be one of \('l2', 'l1'\)"):
+        fastkd.sp_loss(s, t, normalize="torchdistill")
+    with pytest.raises(TypeError, match="normalize must be a str"):
+        fastkd.SPLoss(normalize=1)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fastkd.SPKDLoss(reduction="avg")
+    with pytest.raises(ValueError, match="given together"):
+        fastkd.SPKDLoss("layer4")
+    with pytest.raises(TypeError, match="student_output_path must be a str"):
+        fastkd.SPKDLoss(3, "layer4")
+
+
+@pytest.mark.parametrize("shapes", [(16, 256), ((128, 16), (128, 256)), ((4, 6, 16), (4, 6, 24))])
+def test_hint_loss_linear_regressor_matches_eager(device, shapes):
+    s_shape, t_shape = shapes
+    crit = fastkd.HintLoss(s_shape, t_shape).to(device).double()
+    assert isinstance(crit.regressor, fastkd.LinearReg) and not crit.regressor.use_relu
+    s_dim = s_shape if isinstance(s_shape, int) else s_shape[-1]
+    t_dim = t_shape if isinstance(t_shape, int) else t_shape[-1]
+    lead = (10,) if isinstance(s_shape, int) or len(s_shape) == 2 else tuple(s_shape[:-1])
+    f_s = _feat(lead + (s_dim,), device, seed=130).double().requires_grad_(True)
+    f_t = _feat(lead + (t_dim,), device, seed=131).double()
+    eager = torch.nn.Linear(s_dim, t_dim).to(device).double()
+    eager.load_state_dict(crit.regressor.linear.state_dict())
+    loss = crit(f_s, f_t)
+    loss.backward()
+    f_s2 = f_s.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.mse_loss(eager(f_s2), f_t)
+    ref.backward()
+    assert_close(loss, ref, rtol=1e-12, atol=0, what="hint value")
+    assert_close(f_s.grad, f_s2.grad, rtol=1e-12, atol=1e-16, what="hint input gradient")
+    assert_close(crit.regressor.linear.weight.grad, eager.weight.grad, rtol=1e-12, atol=1e-16, what="weight grad")
+    assert_close(crit.regressor.linear.bias.grad, eager.bias.grad, rtol=1e-12, atol=1e-16, what="bias grad")
+    # use_relu=True ends with a ReLU; equal widths: no regressor unless "always"
+    relu = fastkd.HintLoss(16, 8, use_relu=True)
+    assert relu.regressor.use_relu
+    x = torch.randn(5, 16, dtype=relu.regressor.linear.weight.dtype)
+    assert torch.equal(relu.regressor(x), torch.relu(relu.regressor.linear(x)))
+    assert fastkd.HintLoss(16, 16).regressor is None
+    assert isinstance(fastkd.HintLoss(16, 16, regressor="always").regressor, fastkd.LinearReg)
+
+
+def test_hint_loss_shape_checks():
+    cases = [
+        (lambda: fastkd.HintLoss(16, (2, 8, 4, 4)), ValueError, "both be feature maps"),
+        (lambda: fastkd.HintLoss((4, 6, 16), (4, 5, 24)), ValueError, "only in the last"),
+        (lambda: fastkd.HintLoss(0, 8), ValueError, "student_shape must be >= 1"),
+        (lambda: fastkd.HintLoss(16.0, 8), TypeError, "student_shape must be a shape"),
+        (lambda: fastkd.HintLoss(True, 8), TypeError, "student_shape must be a shape"),
+        (lambda: fastkd.HintLoss((2, 16.5), (2, 8)), TypeError, "student_shape must be a shape of ints"),
+        (lambda: fastkd.HintLoss((2,), (2, 8)), ValueError, "student_shape must be an int width"),
+        (lambda: fastkd.HintLoss(16, 8, use_relu="no"), TypeError, "use_relu must be a bool"),
+        (lambda: fastkd.ConvReg((2, 3, 8, 8), (2, 4, 4, 4), use_relu=1), TypeError, "use_relu must be a bool"),
+        (lambda: fastkd.ConvReg("abcd", (2, 4, 4, 4)), TypeError, "s_shape must be a shape"),
+        (lambda: fastkd.LinearReg(16, 0), ValueError, "t_dim must be >= 1"),
+        (lambda: fastkd.LinearReg(16, 8, bias="yes"), TypeError, "bias must be a bool"),
+        (lambda: fastkd.HintLoss(16, None), ValueError, "given together"),
+    ]
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()
