@@ -67,7 +67,7 @@ bool needs_fp16_recompute(bool wanted, const at::Tensor& input) { return wanted 
 // the backward refuses, naming the loss.
 void refuse_double_backward(const std::string& loss) {
   TORCH_CHECK(!at::GradMode::is_enabled(), "fastkd: ", loss,
-              " does not support double backward (create_graph=True, torch.func transforms): its gradient is "
+              ": double backward is not supported (create_graph=True, torch.func transforms): the gradient is "
               "computed by a fused kernel and is not differentiable. For a gradient penalty or higher-order "
               "gradients use fastkd.reference.", loss.substr(0, loss.find(' ')),
               " (plain PyTorch, twice differentiable).");

@@ -323,13 +323,16 @@ def dkd_loss(
         reduction: ``"batchmean"`` (mdistiller: sum / batch size), ``"sum"``, ``"mean"``, ``"none"``.
 
     The warmup factor ``min(epoch / warmup, 1)`` of mdistiller's DKD distiller is applied by
-    :class:`fastkd.DKDLoss`. Needs ``V >= 2`` and finite logits.
+    :class:`fastkd.DKDLoss`. Needs ``V >= 2``. A row that is -inf everywhere on both sides (target
+    included) contributes 0, as in every response loss; a row whose non-target entries are all -inf on both
+    sides has no non-target distribution and gives NaN.
     """
     t, n = _check_common(student_logits, teacher_logits, None, temperature, reduction, ignore_index,
                          num_items_in_batch)
     a = v.check_nonneg_weight("alpha", alpha)
     b = v.check_nonneg_weight("beta", beta)
-    v.check_target(target, student_logits, ignore_index, required=True, name="target")
+    # the range of the targets is checked by the op (one pass; its message names 'target')
+    v.check_target(target, student_logits, ignore_index, required=True, name="target", check_range=False)
     if student_logits.shape[-1] < 2:
         raise ValueError(f"dkd_loss needs at least 2 classes, got V={student_logits.shape[-1]}")
     if not _use_kernels():

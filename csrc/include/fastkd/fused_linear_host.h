@@ -125,8 +125,7 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
   const Reduction red = parse_reduction(o.reduction);
   FASTKD_CHECK_ARG(div == Divergence::KL || div == Divergence::ReverseKL || div == Divergence::JSD, "divergence",
                    "the fused linear head supports 'kl', 'reverse_kl' and 'jsd', got '", o.divergence, "'");
-  FASTKD_CHECK_ARG(std::isfinite(o.temperature) && o.temperature > 0.0, "temperature",
-                   "expected a finite value > 0, got ", o.temperature);
+  check_temperature_arg(o.temperature);
   FASTKD_CHECK_ARG(div != Divergence::JSD || (o.beta > 0.0 && o.beta < 1.0), "beta",
                    "the 'jsd' kernel expects 0 < beta < 1 (beta 0 and 1 are 'kl' and 'reverse_kl'), got ", o.beta);
   FASTKD_CHECK_ARG(std::isfinite(o.soft_weight), "soft_weight", "expected a finite value, got ", o.soft_weight);

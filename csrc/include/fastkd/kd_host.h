@@ -88,7 +88,18 @@ inline at::Tensor prepare_labels(const std::optional<at::Tensor>& labels, const 
 // Labels used as class targets (cross-entropy, DKD): every counted one must index the vocabulary. A
 // ValueError, as for the Python-side checks. On CUDA this costs one host sync (the alternative, a
 // device-side assert, would poison the context); on the CPU it is one pass over the labels.
-inline void check_targets_in_range(const at::Tensor& labels, int64_t ignore_index, int64_t vocab) {
+// The temperature range every op accepts (fastkd/_validation.py has the same): the kernels compute in float32,
+// where 1/T and T^2 must be finite, nonzero normal numbers.
+inline void check_temperature_arg(double temperature) {
+  constexpr double kMin = 0x1p-63, kMax = 0x1p63;
+  FASTKD_CHECK_ARG(temperature >= kMin && temperature <= kMax, "temperature",
+                   "expected a finite value in [2**-63, 2**63] (1/T and T^2 must stay normal float32 numbers), got ",
+                   temperature);
+}
+
+// `name`: the user-facing argument ('labels', or 'target' for DKD).
+inline void check_targets_in_range(const at::Tensor& labels, int64_t ignore_index, int64_t vocab,
+                                   const char* name = "labels") {
   if (labels.numel() == 0) return;
   int64_t bad_value = 0;
   bool bad = false;
@@ -104,7 +115,7 @@ inline void check_targets_in_range(const at::Tensor& labels, int64_t ignore_inde
     const at::Tensor mask = labels.ne(ignore_index).logical_and(labels.lt(0).logical_or(labels.ge(vocab)));
     if ((bad = mask.any().item<bool>())) bad_value = labels.masked_select(mask)[0].item<int64_t>();
   }
-  TORCH_CHECK_VALUE(!bad, "fastkd: argument 'labels': class targets must be in [0, ", vocab,
+  TORCH_CHECK_VALUE(!bad, "fastkd: argument '", name, "': class targets must be in [0, ", vocab,
                     ") or equal ignore_index (", ignore_index, "), got ", bad_value);
 }
 
@@ -124,12 +135,14 @@ inline at::Tensor prepare_count(const std::optional<at::Tensor>& num_items, cons
   if (num_items.has_value()) {
     const at::Tensor& n = *num_items;
     FASTKD_CHECK_ARG(n.numel() == 1 && !at::isComplexType(n.scalar_type()) && n.scalar_type() != at::kBool,
-                     "num_items", "expected a real scalar tensor, got ", n.scalar_type(), " of shape ", n.sizes());
-    FASTKD_CHECK_ARG(n.is_cpu() || n.device() == like.device(), "num_items", "expected device ", like.device(),
-                     " or cpu, got ", n.device());
+                     "num_items_in_batch", "expected a real scalar tensor, got ", n.scalar_type(), " of shape ",
+                     n.sizes());
+    FASTKD_CHECK_ARG(n.is_cpu() || n.device() == like.device(), "num_items_in_batch", "expected device ",
+                     like.device(), " or cpu, got ", n.device());
     if (n.is_cpu()) {
       const double value = n.item<double>();
-      FASTKD_CHECK_ARG(std::isfinite(value) && value > 0.0, "num_items", "expected a finite value > 0, got ", value);
+      FASTKD_CHECK_ARG(std::isfinite(value) && value > 0.0, "num_items_in_batch", "expected a finite value > 0, got ",
+                       value);
     }
     return n.reshape({}).to(like.device(), at::kDouble);
   }
@@ -162,8 +175,7 @@ KdCall kd_prepare(const at::Tensor& student, const at::Tensor& teacher, const st
   FASTKD_CHECK_ARG(teacher.device() == student.device(), "teacher_logits", "expected device ", student.device(),
                    " (the student's), got ", teacher.device());
   FASTKD_CHECK_ARG(student.size(1) > 0, "student_logits", "the vocabulary (last) dimension must not be empty");
-  FASTKD_CHECK_ARG(std::isfinite(temperature) && temperature > 0.0, "temperature",
-                   "expected a finite value > 0, got ", temperature);
+  check_temperature_arg(temperature);
   const Divergence div = parse_divergence(divergence);
   const Reduction red = parse_reduction(reduction);
   FASTKD_CHECK_ARG(std::isfinite(beta), "beta", "expected a finite value, got ", beta);
@@ -191,7 +203,9 @@ KdCall kd_prepare(const at::Tensor& student, const at::Tensor& teacher, const st
   c.teacher = rows_with_unit_stride(teacher, t_type);
   const int64_t rows = student.size(0), vocab = student.size(1);
   c.labels = prepare_labels(labels, student, rows);
-  if (needs_target) check_targets_in_range(c.labels, ignore_index, vocab);
+  if (needs_target) {
+    check_targets_in_range(c.labels, ignore_index, vocab, div == Divergence::DKD ? "target" : "labels");
+  }
   c.count = prepare_count(num_items, c.labels, ignore_index, student);
 
   const auto acc_dtype = any_double ? at::kDouble : at::kFloat;
@@ -348,8 +362,7 @@ TopkCall topk_prepare(const at::Tensor& student, const at::Tensor& values, const
   check_logits_arg(student, "student_logits");
   const int64_t rows = student.size(0), vocab = student.size(1), k = values.dim() == 2 ? values.size(1) : 0;
   check_topk_args(values, indices, rows, vocab, student.device());
-  FASTKD_CHECK_ARG(std::isfinite(temperature) && temperature > 0.0, "temperature",
-                   "expected a finite value > 0, got ", temperature);
+  check_temperature_arg(temperature);
   FASTKD_CHECK_ARG(!tail_bucket || values_are_logprobs, "tail",
                    "a tail bucket needs log-probabilities (values_are='logprobs'): logits give no tail mass");
 
