@@ -76,7 +76,20 @@ inline at::Tensor relation_loss_like(const at::Tensor& s, const at::Tensor& t) {
   return at::zeros({}, s.options().dtype(at::promote_types(s.scalar_type(), t.scalar_type())));
 }
 
-inline at::Tensor no_grad_output(const at::Tensor& x) { return at::empty({0}, x.options()); }
+// The dtype of an input's gradient output: float32 for float16 / bfloat16 inputs. The op computes the gradient
+// for an upstream gradient of 1; autograd (csrc/autograd.cpp) multiplies it by the real upstream gradient (a
+// loss scale of up to 2^16, or 1 / accumulation steps) in float32 and rounds to the input dtype once, so that
+// no value underflows or overflows in float16 / bfloat16 on the way.
+inline at::ScalarType relation_grad_type(const at::Tensor& x) {
+  const at::ScalarType t = x.scalar_type();
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+inline at::Tensor no_grad_output(const at::Tensor& x) { return at::empty({0}, x.options().dtype(relation_grad_type(x))); }
+
+inline at::Tensor zero_grad_output(const at::Tensor& x) {
+  return at::zeros(x.sizes(), x.options().dtype(relation_grad_type(x)));
+}
 
 inline at::Tensor contiguous_as(const at::Tensor& x, at::ScalarType type) { return x.to(type).contiguous(); }
 
@@ -133,7 +146,7 @@ Tensor4 rkd_forward_impl(const at::Tensor& student, const at::Tensor& teacher, d
   at::Tensor grad = no_grad_output(student);
   // N < 2: no pairs (the reference's mean over no distances is NaN; fastkd defines the loss as 0).
   if (n < 2 || (distance_weight == 0 && angle_weight == 0)) {
-    if (grad_student) grad = at::zeros_like(student, at::MemoryFormat::Contiguous);
+    if (grad_student) grad = zero_grad_output(student);
     return {loss, part_d, part_a, grad};
   }
 
@@ -207,7 +220,7 @@ Tensor4 rkd_forward_impl(const at::Tensor& student, const at::Tensor& teacher, d
                                  dc.data_ptr<double>()});
   }
   // The centering's Jacobian leaves dL/dC unchanged: L is translation invariant, so the rows of dL/dC sum to 0.
-  grad = dc.to(student.scalar_type());
+  grad = dc.to(relation_grad_type(student));
   return {loss, part_d, part_a, grad};
 }
 
@@ -226,8 +239,8 @@ struct RelationOutputs {
   at::Tensor loss, grad_s, grad_t;
   RelationOutputs(const at::Tensor& s, const at::Tensor& t, bool gs, bool gt)
       : loss(relation_loss_like(s, t)),
-        grad_s(gs && s.size(0) == 0 ? at::zeros_like(s, at::MemoryFormat::Contiguous) : no_grad_output(s)),
-        grad_t(gt && t.size(0) == 0 ? at::zeros_like(t, at::MemoryFormat::Contiguous) : no_grad_output(t)) {}
+        grad_s(gs && s.size(0) == 0 ? zero_grad_output(s) : no_grad_output(s)),
+        grad_t(gt && t.size(0) == 0 ? zero_grad_output(t) : no_grad_output(t)) {}
   Tensor3 tuple() const { return {loss, grad_s, grad_t}; }
 };
 
@@ -255,8 +268,8 @@ Tensor3 sp_forward_impl(const at::Tensor& student, const at::Tensor& teacher, st
   });
   B::rows(1, n, SumInOrder{rows.data_ptr<double>(), n, 1.0 / div, total.data_ptr<double>()});
   out.loss = total.to(out.loss.scalar_type());
-  if (grad_s) out.grad_s = gram_input_grad(D_s, x_s).to(student.scalar_type());
-  if (grad_t) out.grad_t = gram_input_grad(D_t, x_t).to(teacher.scalar_type());
+  if (grad_s) out.grad_s = gram_input_grad(D_s, x_s).to(relation_grad_type(student));
+  if (grad_t) out.grad_t = gram_input_grad(D_t, x_t).to(relation_grad_type(teacher));
   return out.tuple();
 }
 
@@ -297,8 +310,8 @@ Tensor3 pkt_forward_impl(const at::Tensor& student, const at::Tensor& teacher, d
                                             inv.data_ptr<double>(), n, M.data_ptr<A>()});
       return at::matmul(M, x);
     };
-    if (grad_s) out.grad_s = input_grad(D_s, G_s, x_s, norm_s, inv_s).to(student.scalar_type());
-    if (grad_t) out.grad_t = input_grad(D_t, G_t, x_t, norm_t, inv_t).to(teacher.scalar_type());
+    if (grad_s) out.grad_s = input_grad(D_s, G_s, x_s, norm_s, inv_s).to(relation_grad_type(student));
+    if (grad_t) out.grad_t = input_grad(D_t, G_t, x_t, norm_t, inv_t).to(relation_grad_type(teacher));
   });
   out.loss = total.to(out.loss.scalar_type());
   return out.tuple();
@@ -334,8 +347,8 @@ Tensor3 cc_forward_impl(const at::Tensor& student, const at::Tensor& teacher, st
     }
   });
   out.loss = scal[1].to(out.loss.scalar_type());
-  if (grad_s) out.grad_s = gram_input_grad(D_s, x_s).to(student.scalar_type());
-  if (grad_t) out.grad_t = gram_input_grad(D_t, x_t).to(teacher.scalar_type());
+  if (grad_s) out.grad_s = gram_input_grad(D_s, x_s).to(relation_grad_type(student));
+  if (grad_t) out.grad_t = gram_input_grad(D_t, x_t).to(relation_grad_type(teacher));
   return out.tuple();
 }
 
@@ -369,8 +382,8 @@ Tensor3 at_forward_impl(const at::Tensor& student, const at::Tensor& teacher, do
   });
   B::rows(1, n, SumInOrder{rows.data_ptr<double>(), n, 1.0, total.data_ptr<double>()});
   out.loss = total.to(out.loss.scalar_type());
-  if (grad_s) out.grad_s = g_s.to(student.scalar_type());
-  if (grad_t) out.grad_t = g_t.to(teacher.scalar_type());
+  if (grad_s) out.grad_s = g_s.to(relation_grad_type(student));
+  if (grad_t) out.grad_t = g_t.to(relation_grad_type(teacher));
   return out.tuple();
 }
 
