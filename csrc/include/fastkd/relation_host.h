@@ -26,12 +26,12 @@ using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // Arguments of the RKD angle pass. For every triplet (apex i, legs j, k) it evaluates rkd_angle_entry and
 // produces: loss_rows[j] = sum_{i,k} h (rows indexed by the leg j), and, when T is not null,
 // T_ij = sum_k h'_ijk s_ik, U_ij = sum_k h'_ijk a_ijk, H_jk = sum_i h'_ijk s_ij s_ik.
+// The numerators P^(i)_jk come from rkd_numerator where a row i has direct pairs (row_direct[i] > 0), and the
+// gradient sums use rkd_gram_inverse (s' = 0 for direct pairs: their terms are RkdDirectGradRow's):
+// T_ij = sum_k h'_ijk s'_ik, H_jk = sum_i h'_ijk s'_ij s'_ik.
 struct RkdTriplets {
   int64_t n;
-  const double* gram_s;
-  const double* gram_t;
-  const double* inv_s;
-  const double* inv_t;
+  RkdSide s, t;
   double* loss_rows;  // [N]
   double* T;          // [N, N] or null (no gradient)
   double* U;
@@ -112,18 +112,15 @@ struct ColumnMean {  // column d of X [N, D]: the mean over rows, in double, rou
 // RKD
 // ------------------------------------------------------------------------------------------------------------
 
-// x [N, D] -> (x - mean over rows) in float64. The subtraction is done in the compute type (float32, or
-// float64 when an input is float64), where it is exact for a common offset much larger than the spread
-// (Sterbenz): centered rows keep their differences exactly.
+// x [N, D] -> (x - mean over rows), all in float64 (x converted exactly): for a common offset much larger than
+// the spread the subtraction is exact (Sterbenz), and it never rounds by more than float64's unit roundoff.
+// Only the Gram matrix is formed from these; differences of rows come from x itself (RkdSide::feat).
 template <class B>
-at::Tensor rkd_centered(const at::Tensor& x, at::ScalarType type) {
-  at::Tensor xa = contiguous_as(x, type);
-  at::Tensor mean = at::empty({xa.size(1)}, xa.options());
-  AT_DISPATCH_FLOATING_TYPES(type, "rkd_centered", [&] {
-    B::rows(xa.size(1), xa.size(0), ColumnMean<scalar_t>{xa.data_ptr<scalar_t>(), xa.size(0), xa.size(1),
-                                                         mean.data_ptr<scalar_t>()});
-  });
-  return (xa - mean).to(at::kDouble).contiguous();
+at::Tensor rkd_centered(const at::Tensor& x64) {
+  at::Tensor mean = at::empty({x64.size(1)}, x64.options());
+  B::rows(x64.size(1), x64.size(0),
+          ColumnMean<double>{x64.data_ptr<double>(), x64.size(0), x64.size(1), mean.data_ptr<double>()});
+  return (x64 - mean).contiguous();
 }
 
 // The Gram matrix, made exactly symmetric (the GEMM need not round G_ij and G_ji alike).
@@ -152,9 +149,10 @@ Tensor4 rkd_forward_impl(const at::Tensor& student, const at::Tensor& teacher, d
 
   const bool with_d = distance_weight > 0, with_a = angle_weight > 0;
   const double nn = static_cast<double>(n);
-  const at::ScalarType type = relation_compute_type(student, teacher);
-  at::Tensor c_s = rkd_centered<B>(student, type), c_t = rkd_centered<B>(teacher, type);
+  at::Tensor x_s = contiguous_as(student, at::kDouble), x_t = contiguous_as(teacher, at::kDouble);
+  at::Tensor c_s = rkd_centered<B>(x_s), c_t = rkd_centered<B>(x_t);
   at::Tensor gram_s = symmetric_gram(c_s), gram_t = symmetric_gram(c_t);
+  c_t = at::Tensor();
   auto f64 = c_s.options();
   auto square = [&] { return at::empty({n, n}, f64); };
   at::Tensor q_s = square(), q_t = square();
@@ -167,16 +165,18 @@ Tensor4 rkd_forward_impl(const at::Tensor& student, const at::Tensor& teacher, d
   double* sc = scal.data_ptr<double>();
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<double>() : nullptr; };
 
-  auto pairs = [&](const at::Tensor& gram, const at::Tensor& c, const at::Tensor& q, const at::Tensor& dist,
-                   const at::Tensor& inv, const at::Tensor& rows) {
-    RkdSide side{gram.data_ptr<double>(), c.data_ptr<double>(), c.size(1), q.data_ptr<double>(), ptr(dist), ptr(inv),
-                 rows.data_ptr<double>()};
+  // direct-pair masks and per-row counts (relation_math.h, RKD)
+  at::Tensor direct_s = at::empty({n, n}, f64.dtype(at::kByte)), direct_t = at::empty_like(direct_s);
+  at::Tensor count_s = at::empty({n}, f64.dtype(at::kLong)), count_t = at::empty_like(count_s);
+  auto pairs = [&](const at::Tensor& gram, const at::Tensor& x, const at::Tensor& q, const at::Tensor& dist,
+                   const at::Tensor& inv, const at::Tensor& rows, const at::Tensor& direct, const at::Tensor& count) {
+    RkdSide side{gram.data_ptr<double>(), x.data_ptr<double>(), x.size(1), q.data_ptr<double>(), ptr(dist), ptr(inv),
+                 rows.data_ptr<double>(), direct.data_ptr<unsigned char>(), count.data_ptr<int64_t>()};
     B::rows(n, n, RkdPairsRow{side, n});
+    return side;
   };
-  pairs(gram_s, c_s, q_s, dist_s, inv_s, rows_s);
-  pairs(gram_t, c_t, q_t, dist_t, inv_t, rows_t);
-  c_t = at::Tensor();  // only the pairs pass reads these
-  q_t = at::Tensor();
+  const RkdSide side_s = pairs(gram_s, x_s, q_s, dist_s, inv_s, rows_s, direct_s, count_s);
+  const RkdSide side_t = pairs(gram_t, x_t, q_t, dist_t, inv_t, rows_t, direct_t, count_t);
 
   if (with_d) {
     const double inv_pairs = 1.0 / (nn * (nn - 1.0));
@@ -194,8 +194,7 @@ Tensor4 rkd_forward_impl(const at::Tensor& student, const at::Tensor& teacher, d
       U = square();
       H = square();
     }
-    B::rkd_triplets(RkdTriplets{n, gram_s.data_ptr<double>(), gram_t.data_ptr<double>(), ptr(inv_s), ptr(inv_t),
-                                rows_a.data_ptr<double>(), ptr(T), ptr(U), ptr(H)});
+    B::rkd_triplets(RkdTriplets{n, side_s, side_t, rows_a.data_ptr<double>(), ptr(T), ptr(U), ptr(H)});
     B::rows(1, n, SumInOrder{rows_a.data_ptr<double>(), n, 1.0 / (nn * nn * nn), sc + 4});
   }
   const at::ScalarType out = loss.scalar_type();
@@ -205,20 +204,17 @@ Tensor4 rkd_forward_impl(const at::Tensor& student, const at::Tensor& teacher, d
   if (!grad_student) return {loss, part_d, part_a, grad};
 
   at::Tensor M = at::zeros({n, n}, f64);
-  if (with_d) {
-    B::rows(n, n, RkdDistanceGradRow{q_s.data_ptr<double>(), ptr(dist_s), ptr(dist_t), sc, sc + 3, n, distance_weight,
-                                     M.data_ptr<double>()});
-  }
+  const RkdDistanceGradRow distance{q_s.data_ptr<double>(), ptr(dist_s), ptr(dist_t), sc, sc + 3,
+                                    side_s.direct, n, with_d ? distance_weight : 0.0, M.data_ptr<double>()};
+  if (with_d) B::rows(n, n, distance);
   if (with_a) {
-    B::rows(n, n, RkdAngleRRow{q_s.data_ptr<double>(), ptr(inv_s), n, ptr(T), ptr(U)});
+    B::rows(n, n, RkdAngleRRow{side_s, n, ptr(T), ptr(U)});
     B::rows(n, n, RkdAngleGradRow{ptr(H), ptr(T), ptr(U), n, angle_weight * 2.0 / (nn * nn * nn), M.data_ptr<double>()});
   }
   at::Tensor dc = at::matmul(M, c_s).contiguous();
-  if (with_a) {
-    B::rows(n, n, RkdZeroPairRow{q_s.data_ptr<double>(), ptr(inv_s), gram_t.data_ptr<double>(), ptr(inv_t),
-                                 c_s.data_ptr<double>(), n, c_s.size(1), angle_weight / (nn * nn * nn),
+  // the terms of direct pairs, from the differences (only rows that have some do any work)
+  B::rows(n, n, RkdDirectGradRow{side_s, side_t, n, with_a ? angle_weight * 2.0 / (nn * nn * nn) : 0.0, distance,
                                  dc.data_ptr<double>()});
-  }
   // The centering's Jacobian leaves dL/dC unchanged: L is translation invariant, so the rows of dL/dC sum to 0.
   grad = dc.to(relation_grad_type(student));
   return {loss, part_d, part_a, grad};
