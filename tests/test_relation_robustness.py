@@ -211,3 +211,110 @@ def test_nst_under_autocast_accumulates_in_float32():
         loss = fastkd.nst_loss(m_s, m_t)
     assert loss.dtype == torch.float32
     assert abs(loss.double().item() - ref.item()) <= 1e-5 * abs(ref.item())
+
+
+# --------------------------------------------------------------------------------------------------------
+# RKD on near-duplicate rows: every quantity of a pair the Gram matrix cannot resolve comes from x_j - x_i
+# --------------------------------------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_U64 = 2.0**-53
+
+
+def _gram_condition(x):
+    """How much the Gram identity q_ij = g_i + g_j - 2 G_ij (centered rows) can amplify rounding on the pairs
+    the kernel leaves to it: max (g_i + g_j) / q_ij over the pairs with q_ij > kappa (g_i + g_j), kappa = D 2^-26
+    (relation_math.h; the other pairs are computed from the differences, with the reference's conditioning)."""
+    c = x.double() - x.double().mean(0)
+    g = (c * c).sum(1)
+    q = torch.cdist(x.double(), x.double(), compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+    scale = g[:, None] + g[None, :]
+    kappa = min(x.shape[1] * 2.0**-26, 0.25)
+    resolved = q > kappa * scale
+    resolved.fill_diagonal_(False)
+    return max(1.0, (scale[resolved] / q[resolved]).max().item()) if resolved.any() else 1.0
+
+
+def _rkd_tolerance(s, t):
+    """Relative tolerance from the conditioning: float64 rounding of the dot products and of the O(N) sums
+    ((N + D) N u, for the kernel and the reference alike) times the Gram condition of either side."""
+    n, d = s.shape[0], max(s.shape[1], t.shape[1])
+    return 8.0 * (n + d) * n * _U64 * max(_gram_condition(s), _gram_condition(t)) + 64 * _U64
+
+
+def _assert_rkd_close(loss, gs, ref, ref_gs, s, weights, tol, what):
+    # SmoothL1 of residuals r that nearly cancel (a tiny loss): the absolute error of the loss is ~ tol |r| w
+    w = sum(weights)
+    loss_floor = tol * w * (abs(ref.item()) / w) ** 0.5
+    assert abs(loss.double().item() - ref.item()) <= tol * abs(ref.item()) + loss_floor, (what, loss, ref, tol)
+    # rows compared to their own size (student-only duplicates have ~1/|v| rows next to ordinary ones); the
+    # floor for rows that nearly cancel: tol times the gradient's typical term, w / (N median distance)
+    err = (gs.double() - ref_gs).norm(dim=1)
+    size = ref_gs.norm(dim=1)
+    dist = torch.pdist(s.double())
+    term = w / (s.shape[0] * max(dist.median().item(), 1e-300))
+    floor = tol * (size.median().item() + term)
+    assert torch.all(err <= tol * size + floor), (what, (err / (tol * size + floor)).max().item(), tol)
+
+
+def _rkd_exact(s, t, weights, what, tol=None):
+    loss, gs, _ = _grads(lambda a, b: fastkd.rkd_loss(a, b, *weights), s, t, False, 1.0)
+    ref, ref_gs, _ = _grads(lambda a, b: R.rkd_loss(a, b, *weights), s.double(), t.double(), False, 1.0)
+    tol = _rkd_tolerance(s, t) if tol is None else tol
+    _assert_rkd_close(loss, gs, ref, ref_gs, s, weights, tol, what)
+
+
+def test_rkd_angle_of_a_near_duplicate_is_exact():
+    # one row 1e-9 from another on a line: every angle of the student equals the teacher's (0 or +-1)
+    x = torch.tensor([[0.0], [1e-9], [1.0], [3.0]], dtype=torch.float64)
+    y = torch.tensor([[0.0], [1.0], [2.0], [3.0]], dtype=torch.float64)
+    assert R.rkd_angle_loss(x, y).item() == 0.0
+    assert abs(fastkd.rkd_angle_loss(x, y).item()) <= 1e-30
+    loss, g, _ = _grads(fastkd.rkd_angle_loss, x, y, False, 1.0)
+    _, ref_g, _ = _grads(R.rkd_angle_loss, x, y, False, 1.0)
+    assert torch.allclose(g, ref_g, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("weights", [(25.0, 50.0), (1.0, 0.0), (0.0, 1.0)])
+def test_rkd_pair_1e8_apart_in_a_spread_out_batch(device, weights):
+    # 19 x 8, sigma 30, one pair 1e-8 apart (the Gram identity resolves it to ~1e-4 only): 20x off before
+    g = torch.Generator().manual_seed(21)
+    s = (torch.randn(19, 8, generator=g, dtype=torch.float64) * 30).to(device)
+    t = torch.randn(19, 8, generator=g, dtype=torch.float64).to(device)
+    s[3] = s[5] + 1e-8
+    _rkd_exact(s, t, weights, "pair 1e-8 apart")
+    t[3] = t[5] + 1e-8 * torch.arange(8, dtype=torch.float64, device=device)  # the teacher too
+    _rkd_exact(s, t, weights, "pairs 1e-8 apart on both sides")
+
+
+@st.composite
+def _near_duplicate_batches(draw):
+    n = draw(st.integers(3, 12))
+    d_s, d_t = draw(st.integers(2, 16)), draw(st.integers(2, 16))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+
+    def side(d):
+        x = torch.randn(n, d, generator=g, dtype=torch.float64)
+        x = x + draw(st.sampled_from([0.0, 1.0, 10.0, 100.0])) * torch.randn(d, generator=g, dtype=torch.float64)
+        for _ in range(draw(st.integers(0, 3))):
+            i, j = draw(st.integers(0, n - 1)), draw(st.integers(0, n - 1))
+            rel = draw(st.sampled_from([0.0, 1e-6, 1e-8, 1e-10, 1e-12]))  # 0: an exact duplicate
+            u = torch.randn(d, generator=g, dtype=torch.float64)
+            x[i] = x[j] + rel * x[j].norm() * u / u.norm()
+        return x
+
+    weights = draw(st.sampled_from([(25.0, 50.0), (1.0, 0.0), (0.0, 1.0)]))
+    return side(d_s), side(d_t), weights
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_near_duplicate_batches())
+def test_rkd_near_duplicates_property(batch):
+    s, t, weights = batch
+    _rkd_exact(s, t, weights, f"N={s.shape[0]} D={s.shape[1]},{t.shape[1]} w={weights}")
+    # float32 input: the same rows rounded to float32 (the kernel works in float64 from there on), plus the
+    # final rounding to float32
+    s32, t32 = s.float(), t.float()
+    _rkd_exact(s32, t32, weights, "float32 " + str(weights), tol=_rkd_tolerance(s32, t32) + 2.0**-23)

@@ -213,8 +213,11 @@ Tensor4 rkd_forward_impl(const at::Tensor& student, const at::Tensor& teacher, d
   }
   at::Tensor dc = at::matmul(M, c_s).contiguous();
   // the terms of direct pairs, from the differences (only rows that have some do any work)
-  B::rows(n, n, RkdDirectGradRow{side_s, side_t, n, with_a ? angle_weight * 2.0 / (nn * nn * nn) : 0.0, distance,
-                                 dc.data_ptr<double>()});
+  if (count_s.sum().item<int64_t>() > 0) {  // one sync: most batches have no direct pair
+    at::Tensor scratch = at::empty_like(x_s);
+    B::rows(n, n, RkdDirectGradRow{side_s, side_t, n, with_a ? angle_weight * 2.0 / (nn * nn * nn) : 0.0, distance,
+                                   dc.data_ptr<double>(), scratch.data_ptr<double>()});
+  }
   // The centering's Jacobian leaves dL/dC unchanged: L is translation invariant, so the rows of dL/dC sum to 0.
   grad = dc.to(relation_grad_type(student));
   return {loss, part_d, part_a, grad};

@@ -293,6 +293,7 @@ struct RkdDirectGradRow {
   double angle_coef;       // 2 angle_weight / N^3 (0: no angle term)
   RkdDistanceGradRow distance;  // its pair_weight (M unused); weight 0: no distance term
   double* grad;
+  double* scratch;  // [N, D]: row r's work space
 
   // gamma_ijk and the student's a_ijk, numerators by rkd_numerator
   FASTKD_HOST_DEVICE double gamma(int64_t i, int64_t j, int64_t k, double& a_s) const {
@@ -302,30 +303,34 @@ struct RkdDirectGradRow {
                     t.inv_norm[i * n + j] * t.inv_norm[i * n + k], a_s, g, ClampUnit{});
     return g;
   }
-  // out += sign * dL/dv_im for the direct pair (i, m)
-  FASTKD_HOST_DEVICE void add_leg(int64_t i, int64_t m, double sign, double* out) const {
+  // out += sign * dL/dv_im for the direct pair (i, m), in the reference's order (F.normalize's backward):
+  // g = dL/de_im / c = sum_k gamma_imk e_ik with e = v / max(||v||, eps) (divisions), then
+  // dL/dv_im = c (g - e_im <e_im, g>) / ||v_im||, or c g / eps below the clamp. g is summed apart (in tmp,
+  // [D]) so that its cancellation against the projection (exact when the legs are collinear) is not mixed
+  // with the other terms of out.
+  FASTKD_HOST_DEVICE void add_leg(int64_t i, int64_t m, double sign, double* out, double* tmp) const {
     const int64_t dim = s.dim;
-    const double s_im = s.inv_norm[i * n + m];
-    const bool clamped = ::sqrt(s.q[i * n + m]) < kNormalizeEps;  // e = v / 1e-12: de/dv = I / 1e-12
-    const double lead = sign * angle_coef * (clamped ? 1.0 / kNormalizeEps : s_im);
+    const double r_im = ::sqrt(s.q[i * n + m]);
+    const bool clamped = r_im < kNormalizeEps;  // e = v / 1e-12: de/dv = I / 1e-12
+    const double n_im = clamped ? kNormalizeEps : r_im;
     const double* xi = s.feat + i * dim;
-    double proj = 0.0;  // <e_im, dL/de_im> / c = sum_k gamma a_imk
+    const double* xm = s.feat + m * dim;
+    for (int64_t d = 0; d < dim; ++d) tmp[d] = 0.0;
     for (int64_t k = 0; k < n; ++k) {
-      const double s_ik = s.inv_norm[i * n + k];
-      if (k == i) continue;
+      if (k == i || s.inv_norm[i * n + k] == 0.0) continue;  // e_ik = 0
       double a_s;
       const double g = gamma(i, m, k, a_s);
-      proj += g * a_s;
-      const double w = lead * g * s_ik;
-      if (w == 0.0) continue;
+      if (g == 0.0) continue;
+      const double r_ik = ::sqrt(s.q[i * n + k]), n_ik = r_ik < kNormalizeEps ? kNormalizeEps : r_ik;
       const double* xk = s.feat + k * dim;
-      for (int64_t d = 0; d < dim; ++d) out[d] += w * (xk[d] - xi[d]);
+      for (int64_t d = 0; d < dim; ++d) tmp[d] += g * ((xk[d] - xi[d]) / n_ik);
     }
-    if (!clamped) {  // the projection: - c s_im <e_im, g> e_im
-      const double w = -sign * angle_coef * s_im * s_im * proj;
-      const double* xm = s.feat + m * dim;
-      for (int64_t d = 0; d < dim; ++d) out[d] += w * (xm[d] - xi[d]);
+    double proj = 0.0;
+    if (!clamped) {
+      for (int64_t d = 0; d < dim; ++d) proj += ((xm[d] - xi[d]) / n_im) * tmp[d];
     }
+    const double c = sign * angle_coef;
+    for (int64_t d = 0; d < dim; ++d) out[d] += c * ((tmp[d] - ((xm[d] - xi[d]) / n_im) * proj) / n_im);
   }
   // W^(i)_jm for a resolved leg j and the direct leg m (multiplies v_im)
   FASTKD_HOST_DEVICE double partner(int64_t i, int64_t j, int64_t m) const {
@@ -335,6 +340,7 @@ struct RkdDirectGradRow {
   FASTKD_HOST_DEVICE void operator()(int64_t r) const {
     const int64_t dim = s.dim;
     double* out = grad + r * dim;
+    double* tmp = scratch + r * dim;
     const double* xr = s.feat + r * dim;
     if (distance.weight != 0.0 && s.row_direct[r] > 0) {  // dL/dx_r += W_ro (x_r - x_o)
       for (int64_t o = 0; o < n; ++o) {
@@ -352,9 +358,9 @@ struct RkdDirectGradRow {
         const int64_t im = i * n + m;
         if (!s.direct[im]) continue;
         const double* xm = s.feat + m * dim;
-        if (r == m) add_leg(i, m, 1.0, out);
+        if (r == m) add_leg(i, m, 1.0, out, tmp);
         if (r == i) {
-          add_leg(i, m, -1.0, out);
+          add_leg(i, m, -1.0, out, tmp);
           if (s.inv_norm[im] == 0.0) continue;  // a zero pair: v_im = 0
           double w = 0.0;  // - sum over the resolved legs j of W^(i)_jm v_im
           for (int64_t j = 0; j < n; ++j) {
