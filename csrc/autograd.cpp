@@ -278,6 +278,19 @@ c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
+// The relation ops return the gradient of a float16 / bfloat16 input in float32 (computed for an upstream
+// gradient of 1, see relation_host.h): grad_from scales it in float32, and it is rounded to the input dtype
+// once, so a loss scale (GradScaler: up to 2^16) neither flushes small entries to 0 nor overflows large ones.
+void save_input_type(AutogradContext* ctx, const char* key, const at::Tensor& input) {
+  ctx->saved_data[key] = static_cast<int64_t>(input.scalar_type());
+}
+
+at::Tensor relation_grad_from(AutogradContext* ctx, const char* key, const at::Tensor& saved,
+                              const at::Tensor& grad_loss, const char* which) {
+  const auto input_type = static_cast<at::ScalarType>(ctx->saved_data[key].toInt());
+  return grad_from(saved, grad_loss, which).to(input_type);
+}
+
 // Op: a struct with `static constexpr const char* name` (the op), `loss` (its public function, for messages)
 // and `using Sig = Three(const at::Tensor&, ...)`.
 template <typename Op>
@@ -293,6 +306,8 @@ class RelationForward : public torch::autograd::Function<RelationForward<Op>> {
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({gs, gt});
     ctx->saved_data["inputs"] = static_cast<int64_t>(2 + sizeof...(Args));
+    save_input_type(ctx, "type_s", student);
+    save_input_type(ctx, "type_t", teacher);
     return {loss, gs, gt};
   }
 
@@ -300,8 +315,8 @@ class RelationForward : public torch::autograd::Function<RelationForward<Op>> {
     variable_list out(ctx->saved_data["inputs"].toInt());
     if (!grads[0].defined()) return out;
     const auto saved = ctx->get_saved_variables();
-    if (ctx->needs_input_grad(0)) out[0] = grad_from(saved[0], grads[0], "student");
-    if (ctx->needs_input_grad(1)) out[1] = grad_from(saved[1], grads[0], "teacher");
+    if (ctx->needs_input_grad(0)) out[0] = relation_grad_from(ctx, "type_s", saved[0], grads[0], "student");
+    if (ctx->needs_input_grad(1)) out[1] = relation_grad_from(ctx, "type_t", saved[1], grads[0], "teacher");
     refuse_double_backward(Op::loss);
     return out;
   }
@@ -317,13 +332,14 @@ class RkdForward : public torch::autograd::Function<RkdForward> {
     ctx->mark_non_differentiable({distance, angle, gs});
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({gs});
+    save_input_type(ctx, "type_s", student);
     return {loss, distance, angle, gs};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list out(5);  // the teacher never gets a gradient (the reference computes it under no_grad)
     if (grads[0].defined() && ctx->needs_input_grad(0)) {
-      out[0] = grad_from(ctx->get_saved_variables()[0], grads[0], "student");
+      out[0] = relation_grad_from(ctx, "type_s", ctx->get_saved_variables()[0], grads[0], "student");
     }
     refuse_double_backward("rkd_loss");
     return out;

@@ -63,7 +63,8 @@ TORCH_LIBRARY(fastkd, m) {
   // Relation- and feature-based losses (fused: the loss and, when asked, the gradients of the loss with
   // respect to the inputs, from Gram matrices; nothing of size N x N x D or N x N x N is allocated). Inputs are
   // [N, D] features (flattened per sample by the Python layer), AT's are [N, C, S] maps. Losses are 0-dim in
-  // the promoted input type; a gradient not asked for is an empty tensor.
+  // the promoted input type; gradients are in the input's dtype, float32 for float16 / bfloat16 inputs (the
+  // autograd rounds them after scaling); a gradient not asked for is an empty tensor.
   // RKD: loss = distance_weight * distance + angle_weight * angle, also returned as detached parts; the
   // teacher never gets a gradient (the reference computes it under no_grad).
   m.def(

@@ -809,13 +809,20 @@ def _nst_pair(f_s: torch.Tensor, f_t: torch.Tensor, out_dtype: torch.dtype) -> t
     n = f_s.shape[0]
     if n == 0:
         return _zero_loss(f_s, f_t, dtype=out_dtype)
+    # Under torch.autocast the bmm would run in float16 / bfloat16: the composition runs with autocast off,
+    # in float32 (float64 for float64 input), as every fastkd op does.
+    with torch.autocast(f_s.device.type, enabled=False):
+        return _nst_terms(f_s, f_t, cdtype).to(out_dtype)
+
+
+def _nst_terms(f_s: torch.Tensor, f_t: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
     s = F.normalize(_flat3d(f_s).to(cdtype), p=2.0, dim=2, eps=_NORMALIZE_EPS)  # [N, C_s, S]
     t = F.normalize(_flat3d(f_t).to(cdtype), p=2.0, dim=2, eps=_NORMALIZE_EPS)  # [N, C_t, S]
     with torch.no_grad():  # RepDistiller detaches K(t, t) only
         k_tt = torch.bmm(t, t.transpose(1, 2)).pow(2).mean()
     k_ss = torch.bmm(s, s.transpose(1, 2)).pow(2).mean()
     k_st = torch.bmm(s, t.transpose(1, 2)).pow(2).mean()
-    return (k_tt + k_ss - 2.0 * k_st).to(out_dtype)
+    return k_tt + k_ss - 2.0 * k_st
 
 
 def _nst_layers(g_s: Features, g_t: Features) -> Tuple[List[torch.Tensor], bool]:

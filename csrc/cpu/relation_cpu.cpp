@@ -4,7 +4,8 @@
 // with at::vec::Vectorized<double>, and attention transfer one sample per task.
 //
 // RKD triplet pass: the thread owning leg j walks every apex i and, vectorized over the other leg k, forms
-// the angles of both sides from rows i and j of the Gram matrices. Everything the gradient needs (T_ij, U_ij
+// the angles of both sides from rows i and j of the Gram matrices (apexes with direct pairs, near-duplicate
+// rows, in scalar code with rkd_numerator). Everything the gradient needs (T_ij, U_ij
 // and row j of H) belongs to j alone, so no two threads ever write the same value and the result does not
 // depend on the thread count. Work: N^3 angle entries, memory: a few N x N float64 matrices.
 #include <algorithm>
@@ -29,6 +30,34 @@ using VecD = at::vec::Vectorized<double>;
 // (at N = 1024 they no longer fit in the last-level cache).
 constexpr int64_t kLegBlock = 16;
 
+// Apex i, leg j, the other leg k over the whole row, for an apex with direct pairs on either side: scalar,
+// the numerators by rkd_numerator and the gradient sums with the Gram route's s' (RkdTriplets).
+template <bool kGrad>
+double rkd_direct_apex(const RkdTriplets& a, int64_t i, int64_t j) {
+  const int64_t n = a.n, ij = i * n + j;
+  const double s_ij = a.s.inv_norm[ij], t_ij = a.t.inv_norm[ij], sg_ij = rkd_gram_inverse(a.s, ij);
+  double loss = 0.0, t_sum = 0.0, u_sum = 0.0;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t ik = i * n + k;
+    const double s_ik = a.s.inv_norm[ik], t_ik = a.t.inv_norm[ik];
+    if (s_ik == 0.0 && t_ik == 0.0) continue;  // k == i or a zero pair on both sides: no term
+    double a_s, gamma;
+    loss += rkd_angle_entry(rkd_numerator(a.s, n, i, j, k), s_ij * s_ik, rkd_numerator(a.t, n, i, j, k),
+                            t_ij * t_ik, a_s, gamma, ClampUnit{});
+    if (kGrad) {
+      const double w = gamma * rkd_gram_inverse(a.s, ik);
+      t_sum += w;
+      u_sum += gamma * a_s;
+      a.H[j * n + k] += w * sg_ij;
+    }
+  }
+  if (kGrad) {
+    a.T[ij] = t_sum;
+    a.U[ij] = u_sum;
+  }
+  return loss;
+}
+
 template <bool kGrad>
 void rkd_triplets_impl(const RkdTriplets& a) {
   constexpr int64_t W = VecD::size();
@@ -38,26 +67,33 @@ void rkd_triplets_impl(const RkdTriplets& a) {
   auto load = [](const double* p, int64_t count) { return count == W ? VecD::loadu(p) : VecD::loadu(p, count); };
   at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
     std::array<VecD, kLegBlock> loss;
+    std::array<double, kLegBlock> loss_direct;  // the apexes with direct pairs
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t j0 = b * kLegBlock, j1 = std::min(n, j0 + kLegBlock);
       for (int64_t j = j0; j < j1; ++j) {
         loss[j - j0] = VecD(0.0);
+        loss_direct[j - j0] = 0.0;
         if (kGrad) std::fill(a.H + j * n, a.H + (j + 1) * n, 0.0);
       }
       for (int64_t i = 0; i < n; ++i) {
-        const double* gs_i = a.gram_s + i * n;
-        const double* gt_i = a.gram_t + i * n;
-        const double* s_i = a.inv_s + i * n;
-        const double* t_i = a.inv_t + i * n;
+        const double* gs_i = a.s.gram + i * n;
+        const double* gt_i = a.t.gram + i * n;
+        const double* s_i = a.s.inv_norm + i * n;
+        const double* t_i = a.t.inv_norm + i * n;
+        const bool direct_apex = a.s.row_direct[i] > 0 || a.t.row_direct[i] > 0;
         for (int64_t j = j0; j < j1; ++j) {
           const int64_t ij = i * n + j;
-          const double s_ij = a.inv_s[ij], t_ij = a.inv_t[ij];
+          const double s_ij = s_i[j], t_ij = t_i[j];
           if (s_ij == 0.0 && t_ij == 0.0) {  // i == j, or a duplicate on both sides: every angle is 0 on both
             if (kGrad) a.T[ij] = a.U[ij] = 0.0;
             continue;
           }
-          const double* gs_j = a.gram_s + j * n;
-          const double* gt_j = a.gram_t + j * n;
+          if (direct_apex) {  // rare: near-duplicate rows
+            loss_direct[j - j0] += rkd_direct_apex<kGrad>(a, i, j);
+            continue;
+          }
+          const double* gs_j = a.s.gram + j * n;
+          const double* gt_j = a.t.gram + j * n;
           double* h_row = kGrad ? a.H + j * n : nullptr;
           const VecD gs_ij_ii(gs_i[j] - gs_i[i]), gt_ij_ii(gt_i[j] - gt_i[i]), vs_ij(s_ij), vt_ij(t_ij);
           VecD acc(0.0), t_acc(0.0), u_acc(0.0);
@@ -65,8 +101,9 @@ void rkd_triplets_impl(const RkdTriplets& a) {
             const int64_t cnt = std::min<int64_t>(W, n - k);  // zero-filled lanes have s_ik = t_ik = 0: no term
             const VecD s_ik = load(s_i + k, cnt), t_ik = load(t_i + k, cnt);
             VecD a_s, gamma;
-            acc += rkd_angle_entry(load(gs_j + k, cnt), load(gs_i + k, cnt), gs_ij_ii, vs_ij * s_ik,
-                                   load(gt_j + k, cnt), load(gt_i + k, cnt), gt_ij_ii, vt_ij * t_ik, a_s, gamma, clamp);
+            acc += rkd_angle_entry((load(gs_j + k, cnt) - load(gs_i + k, cnt)) - gs_ij_ii, vs_ij * s_ik,
+                                   (load(gt_j + k, cnt) - load(gt_i + k, cnt)) - gt_ij_ii, vt_ij * t_ik, a_s, gamma,
+                                   clamp);
             if (kGrad) {
               const VecD w = gamma * s_ik;
               t_acc += w;
@@ -82,7 +119,7 @@ void rkd_triplets_impl(const RkdTriplets& a) {
           }
         }
       }
-      for (int64_t j = j0; j < j1; ++j) a.loss_rows[j] = lane_sum<double>(loss[j - j0]);
+      for (int64_t j = j0; j < j1; ++j) a.loss_rows[j] = lane_sum<double>(loss[j - j0]) + loss_direct[j - j0];
     }
   });
 }

@@ -27,22 +27,23 @@ __global__ void rows_kernel(F f, int64_t count) {
 }
 
 // Thread (i, j): apex i, leg j; x indexes j so that a warp reads G[k][j] = G[j][k] contiguously.
+// Numerators by rkd_numerator (the Gram matrix unless a leg is a direct pair), gradient sums with s'.
 __global__ void rkd_legs_kernel(RkdTriplets a, double* loss_ij) {
   const int64_t n = a.n;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.x;
   const int64_t i = static_cast<int64_t>(blockIdx.y) * kTile + threadIdx.y;
   if (i >= n || j >= n) return;
   const int64_t ij = i * n + j;
-  const double s_ij = a.inv_s[ij], t_ij = a.inv_t[ij];
+  const double s_ij = a.s.inv_norm[ij], t_ij = a.t.inv_norm[ij];
   double loss = 0.0, t_sum = 0.0, u_sum = 0.0;
   if (s_ij != 0.0 || t_ij != 0.0) {
-    const double gs_ij_ii = a.gram_s[ij] - a.gram_s[i * n + i], gt_ij_ii = a.gram_t[ij] - a.gram_t[i * n + i];
     for (int64_t k = 0; k < n; ++k) {
-      const double s_ik = a.inv_s[i * n + k], t_ik = a.inv_t[i * n + k];
+      const int64_t ik = i * n + k;
+      const double s_ik = a.s.inv_norm[ik], t_ik = a.t.inv_norm[ik];
       double a_s, gamma;
-      loss += rkd_angle_entry(a.gram_s[k * n + j], a.gram_s[i * n + k], gs_ij_ii, s_ij * s_ik, a.gram_t[k * n + j],
-                              a.gram_t[i * n + k], gt_ij_ii, t_ij * t_ik, a_s, gamma, ClampUnit{});
-      t_sum += gamma * s_ik;
+      loss += rkd_angle_entry(rkd_numerator(a.s, n, i, j, k), s_ij * s_ik, rkd_numerator(a.t, n, i, j, k),
+                              t_ij * t_ik, a_s, gamma, ClampUnit{});
+      t_sum += gamma * rkd_gram_inverse(a.s, ik);
       u_sum += gamma * a_s;
     }
   }
@@ -59,16 +60,15 @@ __global__ void rkd_apex_kernel(RkdTriplets a) {
   const int64_t k = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.x;
   const int64_t j = static_cast<int64_t>(blockIdx.y) * kTile + threadIdx.y;
   if (j >= n || k >= n) return;
-  const double gs_jk = a.gram_s[j * n + k], gt_jk = a.gram_t[j * n + k];
   double h = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t ij = i * n + j, ik = i * n + k;
-    const double s_ij = a.inv_s[ij], s_ik = a.inv_s[ik];
-    if (s_ij == 0.0 || s_ik == 0.0) continue;  // B^(i)_jk = 0
+    const double sg_ij = rkd_gram_inverse(a.s, ij), sg_ik = rkd_gram_inverse(a.s, ik);
+    if (sg_ij == 0.0 || sg_ik == 0.0) continue;  // no Gram-route term
     double a_s, gamma;
-    rkd_angle_entry(gs_jk, a.gram_s[ik], a.gram_s[ij] - a.gram_s[i * n + i], s_ij * s_ik, gt_jk, a.gram_t[ik],
-                    a.gram_t[ij] - a.gram_t[i * n + i], a.inv_t[ij] * a.inv_t[ik], a_s, gamma, ClampUnit{});
-    h += gamma * s_ij * s_ik;
+    rkd_angle_entry(rkd_numerator(a.s, n, i, j, k), a.s.inv_norm[ij] * a.s.inv_norm[ik],
+                    rkd_numerator(a.t, n, i, j, k), a.t.inv_norm[ij] * a.t.inv_norm[ik], a_s, gamma, ClampUnit{});
+    h += gamma * sg_ij * sg_ik;
   }
   a.H[j * n + k] = h;
 }

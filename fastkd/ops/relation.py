@@ -2,10 +2,10 @@
 sp_forward, pkt_forward, cc_forward and at_forward, for torch.compile and torch.library.opcheck.
 
 Every op returns the 0-dim loss in ``promote_types(student, teacher)`` and, for each input whose flag is
-set, the gradient of the loss computed in the same pass (in that input's dtype and shape; an empty ``(0,)``
-tensor when not asked for). ``rkd_forward`` also returns the unweighted distance and angle terms (detached,
+set, the gradient of the loss computed in the same pass (in that input's shape and dtype, float32 for
+float16 / bfloat16 inputs; an empty ``(0,)`` tensor when not asked for). ``rkd_forward`` also returns the unweighted distance and angle terms (detached,
 for logging) and never a teacher gradient. Their autograd is registered in C++ (csrc/autograd.cpp): the
-backward returns the saved gradient times the incoming gradient.
+backward returns the saved gradient times the incoming gradient, in the input's dtype.
 
 An op that the loaded build does not define (a build older than these losses) is skipped: importing fastkd
 must not fail, and :mod:`fastkd.functional` then runs the plain-PyTorch reference. :func:`register_fakes`
@@ -27,7 +27,9 @@ def _loss_like(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 def _grad_like(x: torch.Tensor, wanted: bool) -> torch.Tensor:
-    return x.new_empty(x.shape if wanted else (0,))
+    # float16 / bfloat16 inputs get a float32 gradient (autograd scales it, then rounds to x.dtype once)
+    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return x.new_empty(x.shape if wanted else (0,), dtype=dtype)
 
 
 def _check_pair(student: torch.Tensor, teacher: torch.Tensor, dim: int) -> None:

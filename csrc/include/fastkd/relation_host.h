@@ -26,12 +26,12 @@ using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // Arguments of the RKD angle pass. For every triplet (apex i, legs j, k) it evaluates rkd_angle_entry and
 // produces: loss_rows[j] = sum_{i,k} h (rows indexed by the leg j), and, when T is not null,
 // T_ij = sum_k h'_ijk s_ik, U_ij = sum_k h'_ijk a_ijk, H_jk = sum_i h'_ijk s_ij s_ik.
+// The numerators P^(i)_jk come from rkd_numerator where a row i has direct pairs (row_direct[i] > 0), and the
+// gradient sums use rkd_gram_inverse (s' = 0 for direct pairs: their terms are RkdDirectGradRow's):
+// T_ij = sum_k h'_ijk s'_ik, H_jk = sum_i h'_ijk s'_ij s'_ik.
 struct RkdTriplets {
   int64_t n;
-  const double* gram_s;
-  const double* gram_t;
-  const double* inv_s;
-  const double* inv_t;
+  RkdSide s, t;
   double* loss_rows;  // [N]
   double* T;          // [N, N] or null (no gradient)
   double* U;
@@ -76,7 +76,20 @@ inline at::Tensor relation_loss_like(const at::Tensor& s, const at::Tensor& t) {
   return at::zeros({}, s.options().dtype(at::promote_types(s.scalar_type(), t.scalar_type())));
 }
 
-inline at::Tensor no_grad_output(const at::Tensor& x) { return at::empty({0}, x.options()); }
+// The dtype of an input's gradient output: float32 for float16 / bfloat16 inputs. The op computes the gradient
+// for an upstream gradient of 1; autograd (csrc/autograd.cpp) multiplies it by the real upstream gradient (a
+// loss scale of up to 2^16, or 1 / accumulation steps) in float32 and rounds to the input dtype once, so that
+// no value underflows or overflows in float16 / bfloat16 on the way.
+inline at::ScalarType relation_grad_type(const at::Tensor& x) {
+  const at::ScalarType t = x.scalar_type();
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+inline at::Tensor no_grad_output(const at::Tensor& x) { return at::empty({0}, x.options().dtype(relation_grad_type(x))); }
+
+inline at::Tensor zero_grad_output(const at::Tensor& x) {
+  return at::zeros(x.sizes(), x.options().dtype(relation_grad_type(x)));
+}
 
 inline at::Tensor contiguous_as(const at::Tensor& x, at::ScalarType type) { return x.to(type).contiguous(); }
 
@@ -99,18 +112,15 @@ struct ColumnMean {  // column d of X [N, D]: the mean over rows, in double, rou
 // RKD
 // ------------------------------------------------------------------------------------------------------------
 
-// x [N, D] -> (x - mean over rows) in float64. The subtraction is done in the compute type (float32, or
-// float64 when an input is float64), where it is exact for a common offset much larger than the spread
-// (Sterbenz): centered rows keep their differences exactly.
+// x [N, D] -> (x - mean over rows), all in float64 (x converted exactly): for a common offset much larger than
+// the spread the subtraction is exact (Sterbenz), and it never rounds by more than float64's unit roundoff.
+// Only the Gram matrix is formed from these; differences of rows come from x itself (RkdSide::feat).
 template <class B>
-at::Tensor rkd_centered(const at::Tensor& x, at::ScalarType type) {
-  at::Tensor xa = contiguous_as(x, type);
-  at::Tensor mean = at::empty({xa.size(1)}, xa.options());
-  AT_DISPATCH_FLOATING_TYPES(type, "rkd_centered", [&] {
-    B::rows(xa.size(1), xa.size(0), ColumnMean<scalar_t>{xa.data_ptr<scalar_t>(), xa.size(0), xa.size(1),
-                                                         mean.data_ptr<scalar_t>()});
-  });
-  return (xa - mean).to(at::kDouble).contiguous();
+at::Tensor rkd_centered(const at::Tensor& x64) {
+  at::Tensor mean = at::empty({x64.size(1)}, x64.options());
+  B::rows(x64.size(1), x64.size(0),
+          ColumnMean<double>{x64.data_ptr<double>(), x64.size(0), x64.size(1), mean.data_ptr<double>()});
+  return (x64 - mean).contiguous();
 }
 
 // The Gram matrix, made exactly symmetric (the GEMM need not round G_ij and G_ji alike).
@@ -133,15 +143,16 @@ Tensor4 rkd_forward_impl(const at::Tensor& student, const at::Tensor& teacher, d
   at::Tensor grad = no_grad_output(student);
   // N < 2: no pairs (the reference's mean over no distances is NaN; fastkd defines the loss as 0).
   if (n < 2 || (distance_weight == 0 && angle_weight == 0)) {
-    if (grad_student) grad = at::zeros_like(student, at::MemoryFormat::Contiguous);
+    if (grad_student) grad = zero_grad_output(student);
     return {loss, part_d, part_a, grad};
   }
 
   const bool with_d = distance_weight > 0, with_a = angle_weight > 0;
   const double nn = static_cast<double>(n);
-  const at::ScalarType type = relation_compute_type(student, teacher);
-  at::Tensor c_s = rkd_centered<B>(student, type), c_t = rkd_centered<B>(teacher, type);
+  at::Tensor x_s = contiguous_as(student, at::kDouble), x_t = contiguous_as(teacher, at::kDouble);
+  at::Tensor c_s = rkd_centered<B>(x_s), c_t = rkd_centered<B>(x_t);
   at::Tensor gram_s = symmetric_gram(c_s), gram_t = symmetric_gram(c_t);
+  c_t = at::Tensor();
   auto f64 = c_s.options();
   auto square = [&] { return at::empty({n, n}, f64); };
   at::Tensor q_s = square(), q_t = square();
@@ -154,16 +165,18 @@ Tensor4 rkd_forward_impl(const at::Tensor& student, const at::Tensor& teacher, d
   double* sc = scal.data_ptr<double>();
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<double>() : nullptr; };
 
-  auto pairs = [&](const at::Tensor& gram, const at::Tensor& c, const at::Tensor& q, const at::Tensor& dist,
-                   const at::Tensor& inv, const at::Tensor& rows) {
-    RkdSide side{gram.data_ptr<double>(), c.data_ptr<double>(), c.size(1), q.data_ptr<double>(), ptr(dist), ptr(inv),
-                 rows.data_ptr<double>()};
+  // direct-pair masks and per-row counts (relation_math.h, RKD)
+  at::Tensor direct_s = at::empty({n, n}, f64.dtype(at::kByte)), direct_t = at::empty_like(direct_s);
+  at::Tensor count_s = at::empty({n}, f64.dtype(at::kLong)), count_t = at::empty_like(count_s);
+  auto pairs = [&](const at::Tensor& gram, const at::Tensor& x, const at::Tensor& q, const at::Tensor& dist,
+                   const at::Tensor& inv, const at::Tensor& rows, const at::Tensor& direct, const at::Tensor& count) {
+    RkdSide side{gram.data_ptr<double>(), x.data_ptr<double>(), x.size(1), q.data_ptr<double>(), ptr(dist), ptr(inv),
+                 rows.data_ptr<double>(), direct.data_ptr<unsigned char>(), count.data_ptr<int64_t>()};
     B::rows(n, n, RkdPairsRow{side, n});
+    return side;
   };
-  pairs(gram_s, c_s, q_s, dist_s, inv_s, rows_s);
-  pairs(gram_t, c_t, q_t, dist_t, inv_t, rows_t);
-  c_t = at::Tensor();  // only the pairs pass reads these
-  q_t = at::Tensor();
+  const RkdSide side_s = pairs(gram_s, x_s, q_s, dist_s, inv_s, rows_s, direct_s, count_s);
+  const RkdSide side_t = pairs(gram_t, x_t, q_t, dist_t, inv_t, rows_t, direct_t, count_t);
 
   if (with_d) {
     const double inv_pairs = 1.0 / (nn * (nn - 1.0));
@@ -181,8 +194,7 @@ Tensor4 rkd_forward_impl(const at::Tensor& student, const at::Tensor& teacher, d
       U = square();
       H = square();
     }
-    B::rkd_triplets(RkdTriplets{n, gram_s.data_ptr<double>(), gram_t.data_ptr<double>(), ptr(inv_s), ptr(inv_t),
-                                rows_a.data_ptr<double>(), ptr(T), ptr(U), ptr(H)});
+    B::rkd_triplets(RkdTriplets{n, side_s, side_t, rows_a.data_ptr<double>(), ptr(T), ptr(U), ptr(H)});
     B::rows(1, n, SumInOrder{rows_a.data_ptr<double>(), n, 1.0 / (nn * nn * nn), sc + 4});
   }
   const at::ScalarType out = loss.scalar_type();
@@ -192,22 +204,22 @@ Tensor4 rkd_forward_impl(const at::Tensor& student, const at::Tensor& teacher, d
   if (!grad_student) return {loss, part_d, part_a, grad};
 
   at::Tensor M = at::zeros({n, n}, f64);
-  if (with_d) {
-    B::rows(n, n, RkdDistanceGradRow{q_s.data_ptr<double>(), ptr(dist_s), ptr(dist_t), sc, sc + 3, n, distance_weight,
-                                     M.data_ptr<double>()});
-  }
+  const RkdDistanceGradRow distance{q_s.data_ptr<double>(), ptr(dist_s), ptr(dist_t), sc, sc + 3,
+                                    side_s.direct, n, with_d ? distance_weight : 0.0, M.data_ptr<double>()};
+  if (with_d) B::rows(n, n, distance);
   if (with_a) {
-    B::rows(n, n, RkdAngleRRow{q_s.data_ptr<double>(), ptr(inv_s), n, ptr(T), ptr(U)});
+    B::rows(n, n, RkdAngleRRow{side_s, n, ptr(T), ptr(U)});
     B::rows(n, n, RkdAngleGradRow{ptr(H), ptr(T), ptr(U), n, angle_weight * 2.0 / (nn * nn * nn), M.data_ptr<double>()});
   }
   at::Tensor dc = at::matmul(M, c_s).contiguous();
-  if (with_a) {
-    B::rows(n, n, RkdZeroPairRow{q_s.data_ptr<double>(), ptr(inv_s), gram_t.data_ptr<double>(), ptr(inv_t),
-                                 c_s.data_ptr<double>(), n, c_s.size(1), angle_weight / (nn * nn * nn),
-                                 dc.data_ptr<double>()});
+  // the terms of direct pairs, from the differences (only rows that have some do any work)
+  if (count_s.sum().item<int64_t>() > 0) {  // one sync: most batches have no direct pair
+    at::Tensor scratch = at::empty_like(x_s);
+    B::rows(n, n, RkdDirectGradRow{side_s, side_t, n, with_a ? angle_weight * 2.0 / (nn * nn * nn) : 0.0, distance,
+                                   dc.data_ptr<double>(), scratch.data_ptr<double>()});
   }
   // The centering's Jacobian leaves dL/dC unchanged: L is translation invariant, so the rows of dL/dC sum to 0.
-  grad = dc.to(student.scalar_type());
+  grad = dc.to(relation_grad_type(student));
   return {loss, part_d, part_a, grad};
 }
 
@@ -226,8 +238,8 @@ struct RelationOutputs {
   at::Tensor loss, grad_s, grad_t;
   RelationOutputs(const at::Tensor& s, const at::Tensor& t, bool gs, bool gt)
       : loss(relation_loss_like(s, t)),
-        grad_s(gs && s.size(0) == 0 ? at::zeros_like(s, at::MemoryFormat::Contiguous) : no_grad_output(s)),
-        grad_t(gt && t.size(0) == 0 ? at::zeros_like(t, at::MemoryFormat::Contiguous) : no_grad_output(t)) {}
+        grad_s(gs && s.size(0) == 0 ? zero_grad_output(s) : no_grad_output(s)),
+        grad_t(gt && t.size(0) == 0 ? zero_grad_output(t) : no_grad_output(t)) {}
   Tensor3 tuple() const { return {loss, grad_s, grad_t}; }
 };
 
@@ -255,8 +267,8 @@ Tensor3 sp_forward_impl(const at::Tensor& student, const at::Tensor& teacher, st
   });
   B::rows(1, n, SumInOrder{rows.data_ptr<double>(), n, 1.0 / div, total.data_ptr<double>()});
   out.loss = total.to(out.loss.scalar_type());
-  if (grad_s) out.grad_s = gram_input_grad(D_s, x_s).to(student.scalar_type());
-  if (grad_t) out.grad_t = gram_input_grad(D_t, x_t).to(teacher.scalar_type());
+  if (grad_s) out.grad_s = gram_input_grad(D_s, x_s).to(relation_grad_type(student));
+  if (grad_t) out.grad_t = gram_input_grad(D_t, x_t).to(relation_grad_type(teacher));
   return out.tuple();
 }
 
@@ -297,8 +309,8 @@ Tensor3 pkt_forward_impl(const at::Tensor& student, const at::Tensor& teacher, d
                                             inv.data_ptr<double>(), n, M.data_ptr<A>()});
       return at::matmul(M, x);
     };
-    if (grad_s) out.grad_s = input_grad(D_s, G_s, x_s, norm_s, inv_s).to(student.scalar_type());
-    if (grad_t) out.grad_t = input_grad(D_t, G_t, x_t, norm_t, inv_t).to(teacher.scalar_type());
+    if (grad_s) out.grad_s = input_grad(D_s, G_s, x_s, norm_s, inv_s).to(relation_grad_type(student));
+    if (grad_t) out.grad_t = input_grad(D_t, G_t, x_t, norm_t, inv_t).to(relation_grad_type(teacher));
   });
   out.loss = total.to(out.loss.scalar_type());
   return out.tuple();
@@ -334,8 +346,8 @@ Tensor3 cc_forward_impl(const at::Tensor& student, const at::Tensor& teacher, st
     }
   });
   out.loss = scal[1].to(out.loss.scalar_type());
-  if (grad_s) out.grad_s = gram_input_grad(D_s, x_s).to(student.scalar_type());
-  if (grad_t) out.grad_t = gram_input_grad(D_t, x_t).to(teacher.scalar_type());
+  if (grad_s) out.grad_s = gram_input_grad(D_s, x_s).to(relation_grad_type(student));
+  if (grad_t) out.grad_t = gram_input_grad(D_t, x_t).to(relation_grad_type(teacher));
   return out.tuple();
 }
 
@@ -369,8 +381,8 @@ Tensor3 at_forward_impl(const at::Tensor& student, const at::Tensor& teacher, do
   });
   B::rows(1, n, SumInOrder{rows.data_ptr<double>(), n, 1.0, total.data_ptr<double>()});
   out.loss = total.to(out.loss.scalar_type());
-  if (grad_s) out.grad_s = g_s.to(student.scalar_type());
-  if (grad_t) out.grad_t = g_t.to(teacher.scalar_type());
+  if (grad_s) out.grad_s = g_s.to(relation_grad_type(student));
+  if (grad_t) out.grad_t = g_t.to(relation_grad_type(teacher));
   return out.tuple();
 }
 

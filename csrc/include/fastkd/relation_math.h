@@ -43,15 +43,29 @@ struct ClampUnit {  // clamp to [-1, 1] (scalar code)
 FASTKD_HOST_DEVICE double smooth_l1(double r, double& slope) { return smooth_l1(r, slope, ClampUnit{}); }
 
 // ----------------------------------------------------------------------------------------------------------
-// RKD (Park et al. 2019), RepDistiller formulation, on centered features C (translation invariant).
-// Pair (i, j): q_ij = ||c_i - c_j||^2 = g_i + g_j - 2 G_ij, recomputed directly where the Gram matrix
-// cannot resolve it (q <= tau, the worst-case rounding of the three dot products): then exact duplicates
-// give q = 0 exactly ("zero pairs", whose normalized difference vector is the zero vector).
-// Distance: d_ij = sqrt(max(q, 1e-12)) (i != j), d_ii = 0. Angle: e_ij = (c_j - c_i) / max(sqrt(q), 1e-12),
-// a_ijk = <e_ij, e_ik> = P^(i)_jk * s_ij * s_ik with the numerator from the Gram matrix
-// P^(i)_jk = G_jk - G_ik - (G_ij - G_ii) and the inverse norms s_ij = 1 / max(sqrt(q_ij), 1e-12), set to 0
-// for i == j and for zero pairs (a_ijk = 0 there, as in the reference).
+// RKD (Park et al. 2019), RepDistiller formulation. The Gram matrix G is that of the centered features C
+// (translation invariant); the differences v_ij = x_j - x_i come from the raw features X (float64), where
+// near-duplicate rows keep every digit of their difference (Sterbenz).
+// Pair (i, j): q_ij = ||v_ij||^2 = g_i + g_j - 2 G_ij where the Gram matrix resolves it; "direct" pairs, those
+// with q <= kappa (g_i + g_j) (kappa: rkd_direct_kappa), are pairs the Gram matrix cannot resolve to float64
+// accuracy: for them *every* quantity comes from the differences: q, the angle numerators of every triplet
+// with a direct leg, and the gradient with respect to v_ij (RkdDirectGradRow). Exact duplicates give q = 0
+// ("zero pairs", whose normalized difference vector is the zero vector).
+// Distance: d_ij = sqrt(max(q, 1e-12)) (i != j), d_ii = 0. Angle: e_ij = v_ij / max(sqrt(q), 1e-12),
+// a_ijk = <e_ij, e_ik> = P^(i)_jk * s_ij * s_ik with the numerator P^(i)_jk = <v_ij, v_ik>, from the Gram
+// matrix G_jk - G_ik - (G_ij - G_ii) when both legs are resolved, and the inverse norms
+// s_ij = 1 / max(sqrt(q_ij), 1e-12), set to 0 for i == j and for zero pairs (a_ijk = 0 there, as in the
+// reference).
 // ----------------------------------------------------------------------------------------------------------
+
+// The Gram identity's rounding error on q_ij is at most about 2 D u (g_i + g_j) (u = 2^-53): pairs with
+// q > kappa (g_i + g_j), kappa = D 2^-26, get q to ~2^-26 relative accuracy and angle numerators to ~2^-25
+// (worst case; typically sqrt(D) times better), below every tolerance a float64 caller can see; the rest are
+// direct. Real batches rarely have such pairs (duplicates, near duplicates), so the direct work is small.
+FASTKD_HOST_DEVICE double rkd_direct_kappa(int64_t dim) {
+  const double kappa = static_cast<double>(dim) * 1.4901161193847656e-08;  // D 2^-26
+  return kappa < 0.25 ? kappa : 0.25;
+}
 
 // Inverse norm of the difference vector of a pair (0 on the diagonal and for zero pairs).
 FASTKD_HOST_DEVICE double rkd_inverse_norm(double q, bool diagonal) {
@@ -60,27 +74,49 @@ FASTKD_HOST_DEVICE double rkd_inverse_norm(double q, bool diagonal) {
   return 1.0 / (n < kNormalizeEps ? kNormalizeEps : n);
 }
 
-// One angle entry (apex i, legs j, k) of both sides: the student's angle a_s, the SmoothL1 value h and its
-// slope gamma = h'(a_s - a_t). Instantiated with double (CUDA, scalar code) and at::vec::Vectorized<double>.
-//   gs_jk, gs_ik: G_s[j][k], G_s[i][k];   gs_ij_ii: G_s[i][j] - G_s[i][i];   scale_s = s_ij * s_ik (student)
+// One angle entry (apex i, legs j, k) of both sides from its numerators: the student's angle a_s, the
+// SmoothL1 value h and its slope gamma = h'(a_s - a_t). Instantiated with double and at::vec::Vectorized<double>.
+//   num_*: P^(i)_jk;   scale_* = s_ij * s_ik
 template <typename X, typename Clamp>
-FASTKD_HOST_DEVICE X rkd_angle_entry(X gs_jk, X gs_ik, X gs_ij_ii, X scale_s, X gt_jk, X gt_ik, X gt_ij_ii,
-                                     X scale_t, X& a_s, X& gamma, Clamp clamp) {
-  a_s = ((gs_jk - gs_ik) - gs_ij_ii) * scale_s;
-  const X a_t = ((gt_jk - gt_ik) - gt_ij_ii) * scale_t;
+FASTKD_HOST_DEVICE X rkd_angle_entry(X num_s, X scale_s, X num_t, X scale_t, X& a_s, X& gamma, Clamp clamp) {
+  a_s = num_s * scale_s;
+  const X a_t = num_t * scale_t;
   return smooth_l1(a_s - a_t, gamma, clamp);
 }
 
-// Pointers the RKD row functors share. Matrices are N x N, row-major, float64.
+// <x_j - x_i, x_k - x_i> from the raw rows (the direct angle numerator; the squared distance for k = j).
+FASTKD_HOST_DEVICE double rkd_direct_dot(const double* feat, int64_t dim, int64_t i, int64_t j, int64_t k) {
+  const double* xi = feat + i * dim;
+  const double* xj = feat + j * dim;
+  const double* xk = feat + k * dim;
+  double s = 0.0;
+  for (int64_t d = 0; d < dim; ++d) s += (xj[d] - xi[d]) * (xk[d] - xi[d]);
+  return s;
+}
+
+// Pointers of one side. Matrices are N x N, row-major, float64 (direct: uint8).
 struct RkdSide {
-  const double* gram = nullptr;  // G (symmetrized)
-  const double* feat = nullptr;  // C, [N, D] float64 (centered): for the direct recomputation of close pairs
+  const double* gram = nullptr;   // G of the centered features (symmetrized)
+  const double* feat = nullptr;   // X, [N, D] float64 (raw): the direct differences
   int64_t dim = 0;
-  double* q = nullptr;         // squared distances
-  double* dist = nullptr;      // d_ij (distance term), 0 on the diagonal
-  double* inv_norm = nullptr;  // s_ij (angle term)
-  double* row_sum = nullptr;   // [N]: sum_j d_ij
+  double* q = nullptr;            // squared distances
+  double* dist = nullptr;         // d_ij (distance term), 0 on the diagonal
+  double* inv_norm = nullptr;     // s_ij (angle term)
+  double* row_sum = nullptr;      // [N]: sum_j d_ij
+  unsigned char* direct = nullptr;  // [N, N]: 1 for a direct pair (never on the diagonal)
+  int64_t* row_direct = nullptr;    // [N]: direct pairs in row i
 };
+
+// The angle numerator P^(i)_jk of one side: from the Gram matrix when both legs are resolved, else direct.
+FASTKD_HOST_DEVICE double rkd_numerator(const RkdSide& a, int64_t n, int64_t i, int64_t j, int64_t k) {
+  if (a.direct[i * n + j] || a.direct[i * n + k]) return rkd_direct_dot(a.feat, a.dim, i, j, k);
+  const double* G = a.gram;
+  return (G[j * n + k] - G[i * n + k]) - (G[i * n + j] - G[i * n + i]);
+}
+
+// The inverse norm the Gram route of the gradient uses: s_ij for resolved pairs, 0 for direct ones (their
+// terms are RkdDirectGradRow's).
+FASTKD_HOST_DEVICE double rkd_gram_inverse(const RkdSide& a, int64_t ij) { return a.direct[ij] ? 0.0 : a.inv_norm[ij]; }
 
 // Pairs of row i: q (direct where the Gram matrix cannot resolve the pair), d, s, and sum_j d_ij.
 struct RkdPairsRow {
@@ -88,31 +124,29 @@ struct RkdPairsRow {
   int64_t n;
   FASTKD_HOST_DEVICE void operator()(int64_t i) const {
     const double* G = side.gram;
-    const double unit_roundoff = 1.1102230246251565e-16;  // 2^-53
-    const double tau_scale = 2.0 * static_cast<double>(side.dim) * unit_roundoff;
+    const double kappa = rkd_direct_kappa(side.dim);
     const double gi = G[i * n + i];
     double sum = 0.0;
+    int64_t direct_count = 0;
     for (int64_t j = 0; j < n; ++j) {
       double q = 0.0;
+      bool direct = false;
       if (j != i) {
         const double gj = G[j * n + j];
         q = gi + gj - 2.0 * G[i * n + j];
-        if (q <= tau_scale * (gi + gj)) {  // recompute: sum (c_j - c_i)^2, symmetric in (i, j)
-          const double* a = side.feat + (i < j ? i : j) * side.dim;
-          const double* b = side.feat + (i < j ? j : i) * side.dim;
-          q = 0.0;
-          for (int64_t d = 0; d < side.dim; ++d) {
-            const double v = b[d] - a[d];
-            q += v * v;
-          }
-        }
+        direct = q <= kappa * (gi + gj);
+        // recompute: sum (x_j - x_i)^2, symmetric in (i, j)
+        if (direct) q = rkd_direct_dot(side.feat, side.dim, i < j ? i : j, i < j ? j : i, i < j ? j : i);
       }
       side.q[i * n + j] = q;
+      side.direct[i * n + j] = direct ? 1 : 0;
+      direct_count += direct ? 1 : 0;
       const double d = j == i ? 0.0 : ::sqrt(q < kPdistEps ? kPdistEps : q);
       if (side.dist) side.dist[i * n + j] = d;
       if (side.inv_norm) side.inv_norm[i * n + j] = rkd_inverse_norm(q, j == i);
       sum += d;
     }
+    side.row_direct[i] = direct_count;
     if (side.row_sum) side.row_sum[i] = sum;
   }
 };
@@ -170,26 +204,32 @@ struct RkdDistanceRow {
 // W_ij = [q_ij >= eps] (h'_ij - rho) / (2 N^2 m d_ij) (the pdist clamp blocks the gradient below eps) and
 // rho = sum_kl h'_kl d_kl / (m N (N - 1)) (through the mean). dL/dC = M C. With the normalized distances
 // u = d / m: W_ij = (h'_ij - rho) / (2 N^2 m^2 u_ij), rho = rho_sum / (N (N - 1)).
+// Direct pairs are left out (RkdDirectGradRow adds W_ij (x_i - x_j) for them).
 struct RkdDistanceGradRow {
   const double* q_s;
   const double* dist_s;  // normalized
   const double* dist_t;  // normalized
   const double* means;
   const double* rho_sum;
+  const unsigned char* direct;  // null: every pair through M
   int64_t n;
   double weight;
   double* M;
-  FASTKD_HOST_DEVICE void operator()(int64_t i) const {
+  // W_ij (without the direct test)
+  FASTKD_HOST_DEVICE double pair_weight(int64_t ij) const {
     const double nn = static_cast<double>(n), m = means[0];
     const double rho = *rho_sum / (nn * (nn - 1.0));
     const double c = weight * 2.0 / (nn * nn * m * m);
+    double slope;
+    smooth_l1(dist_s[ij] - dist_t[ij], slope);
+    return q_s[ij] >= kPdistEps ? c * (slope - rho) / dist_s[ij] : 0.0;
+  }
+  FASTKD_HOST_DEVICE void operator()(int64_t i) const {
     double diag = 0.0;
     for (int64_t j = 0; j < n; ++j) {
-      if (j == i) continue;
       const int64_t ij = i * n + j;
-      double slope;
-      smooth_l1(dist_s[ij] - dist_t[ij], slope);
-      const double w = q_s[ij] >= kPdistEps ? c * (slope - rho) / dist_s[ij] : 0.0;
+      if (j == i || (direct && direct[ij])) continue;
+      const double w = pair_weight(ij);
       M[ij] -= w;
       diag += w;
     }
@@ -197,21 +237,20 @@ struct RkdDistanceGradRow {
   }
 };
 
-// Angle term's Gram-space gradient, step 1 (row = apex i): from T_ij = sum_k gamma_ijk s_ik and
-// U_ij = sum_k gamma_ijk a_ijk (the triplet pass), R_ij = s_ij T_ij + beta_ij with
-// beta_ij = -[||v_ij|| >= eps] U_ij s_ij^2 (the gradient through the norm of v_ij; 0 for zero pairs).
+// Angle term's Gram-space gradient, step 1 (row = apex i): from T_ij = sum_k gamma_ijk s'_ik and
+// U_ij = sum_k gamma_ijk a_ijk (the triplet pass; s' = rkd_gram_inverse), R_ij = s'_ij T_ij + beta_ij with
+// beta_ij = -[||v_ij|| >= eps] U_ij s_ij^2 (the gradient through the norm of v_ij; 0 for direct pairs).
 // R and beta overwrite T and U.
 struct RkdAngleRRow {
-  const double* q_s;
-  const double* inv_s;
+  RkdSide side;  // student
   int64_t n;
   double* T;  // in: T, out: R
   double* U;  // in: U, out: beta
   FASTKD_HOST_DEVICE void operator()(int64_t i) const {
     for (int64_t j = 0; j < n; ++j) {
       const int64_t ij = i * n + j;
-      const double s = inv_s[ij];
-      const double beta = ::sqrt(q_s[ij]) >= kNormalizeEps ? -U[ij] * s * s : 0.0;
+      const double s = rkd_gram_inverse(side, ij);
+      const double beta = ::sqrt(side.q[ij]) >= kNormalizeEps ? -U[ij] * s * s : 0.0;
       T[ij] = s * T[ij] + beta;
       U[ij] = beta;
     }
@@ -238,44 +277,101 @@ struct RkdAngleGradRow {
   }
 };
 
-// The angle gradient of zero pairs (student rows i != j with c_i == c_j), which the Gram route cannot
-// carry: e_ij = v_ij / 1e-12 there, so dL/dv_ij = (2 / 1e-12) sum_k gamma_ijk e_ik (the reference's
-// gradient, ~1e12 / N^3 where the teacher's angle differs; 0 where the teacher has the duplicate too).
-// Row m (owner, deterministic) adds sum_{i: (i, m) zero} dL/dv_im and subtracts sum_{j: (m, j) zero} dL/dv_mj.
-// O(N D) per zero pair; zero pairs are rare (exact duplicates in a batch).
-struct RkdZeroPairRow {
-  const double* q_s;
-  const double* inv_s;
-  const double* gram_t;
-  const double* inv_t;
-  const double* feat;  // student C, [N, D] float64
-  int64_t n, dim;
-  double weight;  // angle weight / N^3
-  double* grad;   // [N, D] float64, dL/dC
-  FASTKD_HOST_DEVICE void add_pair(int64_t i, int64_t j, double sign, double* g) const {
-    // dL/dv_ij = (2 / eps) sum_k clamp(-a^t_ijk) s_ik (c_k - c_i)
-    const double coef = sign * weight * 2.0 / kNormalizeEps;
-    const double* Gt = gram_t;
-    const double gt_ij_ii = Gt[i * n + j] - Gt[i * n + i];
-    for (int64_t k = 0; k < n; ++k) {
-      const double s_ik = inv_s[i * n + k];
-      if (s_ik == 0.0) continue;
-      const double a_t = ((Gt[j * n + k] - Gt[i * n + k]) - gt_ij_ii) * (inv_t[i * n + j] * inv_t[i * n + k]);
-      double slope;
-      smooth_l1(-a_t, slope);
-      const double w = coef * slope * s_ik;
-      if (w == 0.0) continue;
-      const double* ck = feat + k * dim;
-      const double* ci = feat + i * dim;
-      for (int64_t d = 0; d < dim; ++d) g[d] += w * (ck[d] - ci[d]);
-    }
+// The gradient terms of direct student pairs, from the differences (the Gram route, dL/dC = M C, would lose
+// their digits: its coefficients grow like 1 / ||v_ij|| and multiply rows of size ||c||).
+// Per apex i, dL/dv_ij = sum_k W^(i)_jk v_ik with W^(i)_jk = c s_ij gamma_ijk s_ik + delta_jk beta_ij
+// (c = 2 weight / N^3) and dL/dx_j += dL/dv_ij, dL/dx_i -= dL/dv_ij. The Gram route carries the entries
+// with both legs resolved; this functor the others: the whole row j of a direct leg (dL/dv_ij, with
+// e_ij's clamp: dL/dv_ij = dL/de_ij / 1e-12 below it, the reference's ~1e12-scale gradient of duplicates)
+// and, for a resolved leg j, the entry k = m of each direct leg m. Also the distance term of direct pairs.
+// Row r (the owner: deterministic, no two rows write the same output) of dL/dX [N, D] float64.
+// O(N D) per direct pair and row it touches.
+struct RkdDirectGradRow {
+  RkdSide s;               // student (q, inv_norm, direct, row_direct, feat)
+  RkdSide t;               // teacher (gram, feat, inv_norm, direct): its angles
+  int64_t n;
+  double angle_coef;       // 2 angle_weight / N^3 (0: no angle term)
+  RkdDistanceGradRow distance;  // its pair_weight (M unused); weight 0: no distance term
+  double* grad;
+  double* scratch;  // [N, D]: row r's work space
+
+  // gamma_ijk and the student's a_ijk, numerators by rkd_numerator
+  FASTKD_HOST_DEVICE double gamma(int64_t i, int64_t j, int64_t k, double& a_s) const {
+    const double num_s = rkd_numerator(s, n, i, j, k), num_t = rkd_numerator(t, n, i, j, k);
+    double g;
+    rkd_angle_entry(num_s, s.inv_norm[i * n + j] * s.inv_norm[i * n + k], num_t,
+                    t.inv_norm[i * n + j] * t.inv_norm[i * n + k], a_s, g, ClampUnit{});
+    return g;
   }
-  FASTKD_HOST_DEVICE void operator()(int64_t m) const {
-    double* g = grad + m * dim;
-    for (int64_t o = 0; o < n; ++o) {
-      if (o == m || q_s[m * n + o] != 0.0) continue;
-      add_pair(o, m, 1.0, g);   // (apex o, leg m): dL/dc_m += dL/dv_om
-      add_pair(m, o, -1.0, g);  // (apex m, leg o): dL/dc_m -= dL/dv_mo
+  // out += sign * dL/dv_im for the direct pair (i, m), in the reference's order (F.normalize's backward):
+  // g = dL/de_im / c = sum_k gamma_imk e_ik with e = v / max(||v||, eps) (divisions), then
+  // dL/dv_im = c (g - e_im <e_im, g>) / ||v_im||, or c g / eps below the clamp. g is summed apart (in tmp,
+  // [D]) so that its cancellation against the projection (exact when the legs are collinear) is not mixed
+  // with the other terms of out.
+  FASTKD_HOST_DEVICE void add_leg(int64_t i, int64_t m, double sign, double* out, double* tmp) const {
+    const int64_t dim = s.dim;
+    const double r_im = ::sqrt(s.q[i * n + m]);
+    const bool clamped = r_im < kNormalizeEps;  // e = v / 1e-12: de/dv = I / 1e-12
+    const double n_im = clamped ? kNormalizeEps : r_im;
+    const double* xi = s.feat + i * dim;
+    const double* xm = s.feat + m * dim;
+    for (int64_t d = 0; d < dim; ++d) tmp[d] = 0.0;
+    for (int64_t k = 0; k < n; ++k) {
+      if (k == i || s.inv_norm[i * n + k] == 0.0) continue;  // e_ik = 0
+      double a_s;
+      const double g = gamma(i, m, k, a_s);
+      if (g == 0.0) continue;
+      const double r_ik = ::sqrt(s.q[i * n + k]), n_ik = r_ik < kNormalizeEps ? kNormalizeEps : r_ik;
+      const double* xk = s.feat + k * dim;
+      for (int64_t d = 0; d < dim; ++d) tmp[d] += g * ((xk[d] - xi[d]) / n_ik);
+    }
+    double proj = 0.0;
+    if (!clamped) {
+      for (int64_t d = 0; d < dim; ++d) proj += ((xm[d] - xi[d]) / n_im) * tmp[d];
+    }
+    const double c = sign * angle_coef;
+    for (int64_t d = 0; d < dim; ++d) out[d] += c * ((tmp[d] - ((xm[d] - xi[d]) / n_im) * proj) / n_im);
+  }
+  // W^(i)_jm for a resolved leg j and the direct leg m (multiplies v_im)
+  FASTKD_HOST_DEVICE double partner(int64_t i, int64_t j, int64_t m) const {
+    double a_s;
+    return angle_coef * s.inv_norm[i * n + j] * gamma(i, j, m, a_s) * s.inv_norm[i * n + m];
+  }
+  FASTKD_HOST_DEVICE void operator()(int64_t r) const {
+    const int64_t dim = s.dim;
+    double* out = grad + r * dim;
+    double* tmp = scratch + r * dim;
+    const double* xr = s.feat + r * dim;
+    if (distance.weight != 0.0 && s.row_direct[r] > 0) {  // dL/dx_r += W_ro (x_r - x_o)
+      for (int64_t o = 0; o < n; ++o) {
+        if (!s.direct[r * n + o]) continue;
+        const double w = distance.pair_weight(r * n + o);
+        const double* xo = s.feat + o * dim;
+        for (int64_t d = 0; d < dim; ++d) out[d] += w * (xr[d] - xo[d]);
+      }
+    }
+    if (angle_coef == 0.0) return;
+    for (int64_t i = 0; i < n; ++i) {
+      if (s.row_direct[i] == 0) continue;
+      const double* xi = s.feat + i * dim;
+      for (int64_t m = 0; m < n; ++m) {
+        const int64_t im = i * n + m;
+        if (!s.direct[im]) continue;
+        const double* xm = s.feat + m * dim;
+        if (r == m) add_leg(i, m, 1.0, out, tmp);
+        if (r == i) {
+          add_leg(i, m, -1.0, out, tmp);
+          if (s.inv_norm[im] == 0.0) continue;  // a zero pair: v_im = 0
+          double w = 0.0;  // - sum over the resolved legs j of W^(i)_jm v_im
+          for (int64_t j = 0; j < n; ++j) {
+            if (j != i && !s.direct[i * n + j]) w += partner(i, j, m);
+          }
+          for (int64_t d = 0; d < dim; ++d) out[d] -= w * (xm[d] - xi[d]);
+        } else if (r != m && !s.direct[i * n + r] && s.inv_norm[im] != 0.0) {
+          const double w = partner(i, r, m);
+          for (int64_t d = 0; d < dim; ++d) out[d] += w * (xm[d] - xi[d]);
+        }
+      }
     }
   }
 };
