@@ -430,13 +430,20 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
       return {loss, soft, hard, gh, gw, gb};
     }
     ctx->mark_non_differentiable({soft, hard, gh, gw, gb});
-    if (!per_row) {
+    // float16 under a loss scale (see needs_fp16_recompute): the op runs again in backward, with the upstream
+    // gradient in its weights.
+    const bool recompute = !per_row && (needs_fp16_recompute(grad_hidden, hidden) ||
+                                        needs_fp16_recompute(grad_weight, weight) ||
+                                        (bias.has_value() && needs_fp16_recompute(grad_bias, *bias)));
+    ctx->saved_data["recompute"] = recompute;
+    if (!per_row && !recompute) {
       ctx->save_for_backward({gh, gw, gb});
     } else {
       auto value = [](const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); };
       ctx->save_for_backward({hidden, weight, value(bias), value(teacher_logits), value(teacher_hidden),
                               value(teacher_weight), value(teacher_bias), value(topk_values), value(topk_indices),
-                              value(labels), value(num_items)});
+                              value(labels), value(num_items), gh, gw, gb});
+      ctx->saved_data["reduction"] = std::string(reduction.data(), reduction.size());
       ctx->saved_data["divergence"] = std::string(divergence.data(), divergence.size());
       ctx->saved_data["temperature"] = temperature;
       ctx->saved_data["beta"] = beta;
@@ -459,28 +466,34 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
     variable_list out(26);
     if (!grads[0].defined()) return out;
     const auto saved = ctx->get_saved_variables();
-    if (!ctx->saved_data["per_row"].toBool()) {
-      if (ctx->needs_input_grad(0)) out[0] = grad_from(saved[0], grads[0], "hidden");
-      if (ctx->needs_input_grad(1)) out[1] = grad_from(saved[1], grads[0], "weight");
-      if (ctx->needs_input_grad(2)) out[2] = grad_from(saved[2], grads[0], "bias");
+    auto& d = ctx->saved_data;
+    const bool per_row = d["per_row"].toBool();
+    if (!per_row && !(d["recompute"].toBool() && recompute_for(grads[0]))) {
+      const size_t g0 = d["recompute"].toBool() ? 11 : 0;  // where gh, gw, gb are among the saved tensors
+      if (ctx->needs_input_grad(0)) out[0] = grad_from(saved[g0], grads[0], "hidden");
+      if (ctx->needs_input_grad(1)) out[1] = grad_from(saved[g0 + 1], grads[0], "weight");
+      if (ctx->needs_input_grad(2)) out[2] = grad_from(saved[g0 + 2], grads[0], "bias");
       refuse_double_backward("fused_linear_kd_loss");
       return out;
     }
+    // The op again: reduction "none" with grad_rows = the per-row upstream gradients, or (float16 under a
+    // loss scale) the scalar reduction with the upstream gradient folded into the weights.
     static auto op = typed_op<FusedLinearSig>("fastkd::fused_linear_kd_forward");
     auto opt = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
-    auto& d = ctx->saved_data;
     const std::string divergence = d["divergence"].toStringRef();
     const bool want[3] = {d["grad_hidden"].toBool() && ctx->needs_input_grad(0),
                           d["grad_weight"].toBool() && ctx->needs_input_grad(1),
                           d["grad_bias"].toBool() && ctx->needs_input_grad(2)};
+    const double w = per_row ? 1.0 : grads[0].item<double>();
     at::AutoDispatchBelowADInplaceOrView guard;  // the kernels themselves, not this autograd function again
     auto [loss, soft, hard, gh, gw, gb] =
         op.call(saved[0], saved[1], opt(saved[2]), opt(saved[3]), opt(saved[4]), opt(saved[5]), opt(saved[6]),
-                opt(saved[7]), opt(saved[8]), opt(saved[9]), opt(saved[10]), grads[0], divergence,
-                d["temperature"].toDouble(), d["beta"].toDouble(), d["soft_weight"].toDouble(),
-                d["hard_weight"].toDouble(), d["ignore_index"].toInt(), "none", d["scale_by_temperature"].toBool(),
-                d["values_are_logprobs"].toBool(), d["tail_bucket"].toBool(), d["chunk_size"].toInt(),
-                want[0], want[1], want[2]);
+                opt(saved[7]), opt(saved[8]), opt(saved[9]), opt(saved[10]),
+                per_row ? OptTensor(grads[0]) : OptTensor(), divergence, d["temperature"].toDouble(),
+                d["beta"].toDouble(), d["soft_weight"].toDouble() * w, d["hard_weight"].toDouble() * w,
+                d["ignore_index"].toInt(), per_row ? std::string("none") : d["reduction"].toStringRef(),
+                d["scale_by_temperature"].toBool(), d["values_are_logprobs"].toBool(), d["tail_bucket"].toBool(),
+                d["chunk_size"].toInt(), want[0], want[1], want[2]);
     if (want[0]) out[0] = gh;
     if (want[1]) out[1] = gw;
     if (want[2]) out[2] = gb;

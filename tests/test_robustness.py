@@ -444,10 +444,20 @@ def test_topk_bucket_student_tail_below_fp32_range(path, gap):
 def test_rkd_angle_near_duplicate_rows_exact_zero(path):
     """RKD angle on near-duplicate rows: x = [[0], [1e-9], [1], [3]] vs [[0], [1], [2], [3]] (float64). In 1-D
     every e_ij is sign(x_j - x_i) (0 for i == j), and both sides have the same ordering, so every angle
-    <e_ij, e_ik> is identical on both sides: rkd_angle_loss is exactly 0 (today 0.015625)."""
+    <e_ij, e_ik> is identical on both sides: rkd_angle_loss is exactly 0 (it was 0.015625: the near-duplicate
+    pair's angles came from the Gram matrix).
+
+    The fused kernel still forms the angles of *resolved* pairs from the Gram matrix, (G_jk - G_ij - G_ik +
+    G_ii) / (d_ij d_ik), which is ±1 only to a few float64 ulps, so its loss is 0 to float64 tolerance: each
+    angle within 16 eps of the exact one gives a SmoothL1 term below 0.5 (16 eps)^2 ~ 6e-30 (the reference,
+    which normalizes the differences, gives exactly 0)."""
     x = torch.tensor([[0.0], [1e-9], [1.0], [3.0]], dtype=torch.float64)
     y = torch.tensor([[0.0], [1.0], [2.0], [3.0]], dtype=torch.float64)
-    assert PATHS[path].rkd_angle_loss(x, y).item() == 0.0
+    loss = PATHS[path].rkd_angle_loss(x, y).item()
+    eps = torch.finfo(torch.float64).eps
+    assert 0.0 <= loss <= 0.5 * (16 * eps) ** 2, loss
+    if path == "reference":
+        assert loss == 0.0
 
 
 @pytest.mark.parametrize("path", list(PATHS))
