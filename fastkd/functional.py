@@ -16,7 +16,12 @@ Conventions shared by every response-based loss:
 * ``num_items_in_batch``: replaces the number of counted rows as the divisor of ``"batchmean"`` and
   ``"mean"`` (gradient accumulation: divide by the global count of items, as Hugging Face / TRL do).
 * Vocabulary entries that are ``-inf`` in both student and teacher (masked tokens) contribute exactly 0.
-* Computed in float32 (float64 for float64 input); the result has the inputs' promoted dtype.
+  A row that is ``-inf`` in every entry of both sides (fully masked) contributes exactly 0 with a zero
+  gradient and still counts in the divisor (which depends only on ``labels`` / ``num_items_in_batch``).
+* A NaN or ``+inf`` logit in a counted row makes the loss NaN (never a finite number); empty input gives 0.
+* Computed in float32 (float64 for float64 input); the result has the inputs' promoted dtype. Float16
+  gradients are recomputed in backward under a loss scale (an upstream gradient != 1), so that entries
+  below float16's range are not flushed before the scale applies. Double backward raises.
 """
 
 from __future__ import annotations

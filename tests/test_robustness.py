@@ -379,6 +379,43 @@ def test_loss_scaling_response(name, dtype):
                   s, f"{name} {dtype}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_loss_scaling_reduction_none(dtype):
+    """Loss scaling with per-row upstream gradients (reduction "none", then a weighted sum): the recomputed
+    float32 gradient is scaled per row and rounded once; error at most 2x eager's (RepDistiller's KL per row)
+    in the same dtype."""
+    s = _randn(32, 2000, seed=30, scale=2.0).to(dtype)
+    t = _randn(32, 2000, seed=31, scale=2.0).to(dtype)
+    w = torch.rand(32, generator=_g(32)) + 0.5
+
+    def eager(a):
+        rows = F.kl_div(F.log_softmax(a / 2.0, -1), F.softmax(t / 2.0, -1), reduction="none").sum(-1) * 4.0
+        return (rows * w.to(a.dtype)).sum() / 32
+
+    _check_scaled(lambda a: (fastkd.kd_loss(a, t, 2.0, reduction="none") * w.to(a.dtype)).sum() / 32, eager,
+                  lambda a: (R.kd_loss(a, t.double(), 2.0, reduction="none") * w.double()).sum() / 32,
+                  s, f"kd none {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_loss_scaling_fused_linear(dtype):
+    """Loss scaling through the fused linear head ([64, 32] hidden, V = 4000): the hidden-state gradient's
+    error vs the float64 composition is at most 2x that of the eager composition (``F.linear`` + the KL) in
+    the same dtype, for scales 2^0..2^16 (float16: the op runs again with the upstream gradient in its
+    weights)."""
+    h = _randn(64, 32, seed=33).to(dtype)
+    w = (_randn(4000, 32, seed=34) * 0.3).to(dtype)
+    t = _randn(64, 4000, seed=35, scale=2.0).to(dtype)
+
+    def eager(a):
+        logits = F.linear(a, w)
+        return F.kl_div(F.log_softmax(logits / 2.0, -1), F.softmax(t / 2.0, -1), reduction="batchmean") * 4.0
+
+    _check_scaled(lambda a: fastkd.fused_linear_kd_loss(a, w, t, temperature=2.0), eager,
+                  lambda a: R.fused_linear_kd_loss(a, w.double(), t.double(), temperature=2.0),
+                  h, f"fused linear {dtype}")
+
+
 RELATION_EAGER = {
     "rkd": (lambda s, t: fastkd.rkd_loss(s, t), lambda s, t: repdistiller_rkd(s, t), lambda s, t: R.rkd_loss(s, t)),
     "sp": (lambda s, t: fastkd.sp_loss(s, t), torchdistill_spkd, lambda s, t: R.sp_loss(s, t)),
