@@ -168,8 +168,9 @@ class ResponseForward : public torch::autograd::Function<ResponseForward> {
     const bool scalar = g.dim() == 0;
     const double w = scalar ? g.item<double>() : 1.0;
     at::AutoDispatchBelowADInplaceOrView guard;
-    const at::Tensor s_in = scalar ? student : student.to(at::kFloat);
-    const at::Tensor t_in = scalar || teacher.scalar_type() == at::kDouble ? teacher : teacher.to(at::kFloat);
+    // per-row upstreams: the float16 side(s) widened to float32 (a float32 / float64 side as it is)
+    auto widen = [&](const at::Tensor& x) { return !scalar && x.scalar_type() == at::kHalf ? x.to(at::kFloat) : x; };
+    const at::Tensor s_in = widen(student), t_in = widen(teacher);
     auto [loss, soft, hard, gs, gt] =
         op.call(s_in, t_in, undefined_to_opt(saved[4]), undefined_to_opt(saved[5]), d["divergence"].toStringRef(),
                 d["temperature"].toDouble(), d["beta"].toDouble(), d["alpha"].toDouble(),

@@ -767,3 +767,19 @@ def test_reference_accepts_narrow_integer_labels(dtype):
         ref = R.kd_loss(s, t, 2.0, labels=y64, ignore_index=ignore, **kw)
         got = R.kd_loss(s, t, 2.0, labels=y64.to(dtype), ignore_index=ignore, **kw)
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_fp16_recompute_keeps_the_other_side_precision():
+    """The float16 recomputation under a non-unit upstream (here reduction "none" with per-row weights, a
+    float16 teacher that requires grad and a float64 student) widens only the float16 side: the float64
+    student's gradient stays float64-exact (found by the long fuzzing profile: the student was narrowed to
+    float32, a 4e-9 error where float64 rounding allows 1e-14)."""
+    s = _randn(2, 33, seed=40, dtype=torch.float64).requires_grad_(True)
+    t = _randn(2, 33, seed=41).half().requires_grad_(True)
+    w = torch.tensor([0.3, 1.7], dtype=torch.float64)
+    (fastkd.kd_loss(s, t, reduction="none") * w).sum().backward()
+    s64, t64 = s.detach().clone().requires_grad_(True), t.detach().double().requires_grad_(True)
+    (R.kd_loss(s64, t64, reduction="none") * w).sum().backward()
+    torch.testing.assert_close(s.grad, s64.grad, rtol=1e-12, atol=1e-15)
+    assert t.grad.dtype == torch.float16
+    torch.testing.assert_close(t.grad.double(), t64.grad, rtol=2e-3, atol=1e-6)

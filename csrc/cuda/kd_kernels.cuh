@@ -321,11 +321,11 @@ __global__ void __launch_bounds__(kBlock) topk_kernel(TopkParams p) {
     mb = block_reduce<kBlock>(mb, MaxOp<double, 1>());
     const double b_origin = kd_origin(mb.v[0]);
     const TopkTeacher tt = topk_teacher(origin_v, z.v[1], p.values_are_logprobs, bucket, p.inv_temperature);
-    // The kept entries' sum of exp(b_k) (bucket) and the row loss over them.
-    Acc4<double, 2> kl{{0.0, 0.0}};
-    for (int64_t k = threadIdx.x; k < K; k += kBlock) kl.v[0] += ::exp(b_of(idx[k]) - b_origin);
-    kl = block_reduce<kBlock>(kl, SumOp<double, 2>());
-    const double lse_kept = bucket ? b_origin + ::log(kl.v[0]) : -INFINITY;
+    // The kept entries' sum of exp(b_k) (their log-sum-exp: bucket only), then the row loss over them.
+    Acc4<double, 1> z_kept{{0.0}};
+    for (int64_t k = threadIdx.x; k < K; k += kBlock) z_kept.v[0] += ::exp(b_of(idx[k]) - b_origin);
+    z_kept = block_reduce<kBlock>(z_kept, SumOp<double, 1>());
+    const double lse_kept = bucket ? b_origin + ::log(z_kept.v[0]) : -INFINITY;
     const TopkStudent st = topk_student(::log(z.v[0]), lse_kept, bucket, tt.p_tail);
     Acc4<double, 1> row{{0.0}};
     for (int64_t k = threadIdx.x; k < K; k += kBlock) {

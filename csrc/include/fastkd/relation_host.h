@@ -85,7 +85,9 @@ inline at::ScalarType relation_grad_type(const at::Tensor& x) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
-inline at::Tensor no_grad_output(const at::Tensor& x) { return at::empty({0}, x.options().dtype(relation_grad_type(x))); }
+inline at::Tensor no_grad_output(const at::Tensor& x) {
+  return at::empty({0}, x.options().dtype(relation_grad_type(x)));
+}
 
 inline at::Tensor zero_grad_output(const at::Tensor& x) {
   return at::zeros(x.sizes(), x.options().dtype(relation_grad_type(x)));
