@@ -389,7 +389,7 @@ def topk_kd_loss(
     ``softmax(values / T)`` (``values_are="logits"``) or the given log-probabilities (``"logprobs"``, no /T),
     renormalized over the kept entries (``tail="renormalize"``) or completed by one tail bucket matched
     against the student's mass outside the kept set (``tail="bucket"``; with ``k == V`` there is no tail
-    and no tail term, whatever rounding residue ``1 - sum(exp(values))`` has). The student is
+    and no tail term, whatever rounding residue ``1 - sum(exp(values))`` has: the values are renormalized). The student is
     ``softmax(student / T)`` over the full vocabulary. See :func:`fastkd.topk_kd_loss`."""
     v.check_topk(student_logits, teacher_topk_values, teacher_topk_indices, values_are, tail)
     v.check_labels(labels, student_logits)
@@ -414,17 +414,18 @@ def topk_kd_loss(
     elif tail == "renormalize":
         log_p = vals - torch.logsumexp(vals, dim=-1, keepdim=True)
     else:
-        # used as given; if they sum past 1 (rounding in a cached low-precision teacher) they are renormalized
-        # and the tail is empty, as in the kernels (a +inf or NaN value makes the row NaN)
-        log_p = vals - torch.logsumexp(vals, dim=-1, keepdim=True).clamp_min(0.0)
+        # Used as given, with the missing mass p_tail = 1 - sum exp(values) = -expm1(LSE(values)) as one extra
+        # bucket, exactly as the kernels decide it (kd_math.h, topk_teacher): with k == V there is no tail, and
+        # values that sum to 1 or more (rounding in a cached teacher) have none; then they are renormalized.
+        lse = torch.logsumexp(vals, dim=-1, keepdim=True)
+        p_tail = -torch.expm1(lse)
+        has_tail = (lse < 0) & (k < vocab)  # False for NaN: the NaN renormalized values propagate
+        log_p = vals - torch.where(has_tail, torch.zeros((), dtype=cdtype, device=vals.device), lse)
+        p_tail = torch.where(has_tail, p_tail, torch.zeros((), dtype=cdtype, device=vals.device)).squeeze(-1)
     p = log_p.exp()
     rows = _plogp_ratio(p, log_p, log_q_k).sum(-1)
     if tail == "bucket" and k < vocab:  # with k == V the kept set is the vocabulary: there is no tail
-        p_kept = p.sum(-1)
-        p_tail = (1.0 - p_kept).clamp_min(0.0)
-        # log(1 - kept mass) by log1p while the kept mass is small (a tail near 1 would otherwise lose its
-        # digits to cancellation), else by a log-sum-exp over the entries outside the kept set
-        log_p_tail = torch.where(p_kept < 0.5, torch.log1p(-p_kept.clamp(max=0.5)), p_tail.log())
+        log_p_tail = torch.where(p_tail > 0, p_tail, torch.ones((), dtype=cdtype, device=vals.device)).log()
         q_kept = log_q_k.exp().sum(-1)
         kept = torch.zeros(log_q.shape, dtype=torch.bool, device=log_q.device).scatter(-1, idx, True)
         outside = torch.where(kept, torch.full((), -math.inf, dtype=cdtype, device=log_q.device), log_q)

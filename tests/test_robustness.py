@@ -783,3 +783,4 @@ def test_fp16_recompute_keeps_the_other_side_precision():
     torch.testing.assert_close(s.grad, s64.grad, rtol=1e-12, atol=1e-15)
     assert t.grad.dtype == torch.float16
     torch.testing.assert_close(t.grad.double(), t64.grad, rtol=2e-3, atol=1e-6)
+

@@ -174,6 +174,7 @@ Tensor4 rkd_forward_impl(const at::Tensor& student, const at::Tensor& teacher, d
                    const at::Tensor& inv, const at::Tensor& rows, const at::Tensor& direct, const at::Tensor& count) {
     RkdSide side{gram.data_ptr<double>(), x.data_ptr<double>(), x.size(1), q.data_ptr<double>(), ptr(dist), ptr(inv),
                  rows.data_ptr<double>(), direct.data_ptr<unsigned char>(), count.data_ptr<int64_t>()};
+    side.float64_result = loss.scalar_type() == at::kDouble;
     B::rows(n, n, RkdPairsRow{side, n});
     return side;
   };

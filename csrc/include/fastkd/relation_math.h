@@ -59,10 +59,14 @@ FASTKD_HOST_DEVICE double smooth_l1(double r, double& slope) { return smooth_l1(
 // ----------------------------------------------------------------------------------------------------------
 
 // The Gram identity's rounding error on q_ij is at most about 2 D u (g_i + g_j) (u = 2^-53): pairs with
-// q > kappa (g_i + g_j), kappa = D 2^-26, get q to ~2^-26 relative accuracy and angle numerators to ~2^-25
-// (worst case; typically sqrt(D) times better), below every tolerance a float64 caller can see; the rest are
-// direct. Real batches rarely have such pairs (duplicates, near duplicates), so the direct work is small.
-FASTKD_HOST_DEVICE double rkd_direct_kappa(int64_t dim) {
+// q > kappa (g_i + g_j) get q and the angle numerators to ~2 D u / kappa relative accuracy; the rest are
+// direct. For a float32 result kappa = D 2^-26 (~2^-26, below float32's rounding); real batches rarely have
+// such pairs (duplicates, near duplicates), so the direct work is small. A float64 result must be exact to
+// float64 rounding: kappa = 1/4, every pair closer than half the rows' norms goes direct (~8 D u for the rest;
+// a pair 100x closer than the spread had a 1e-12 relative error through the Gram route). That costs O(N D) per
+// such pair in the triplet pass: float64 (the oracle / gradcheck dtype) trades speed for exactness.
+FASTKD_HOST_DEVICE double rkd_direct_kappa(int64_t dim, bool float64_result) {
+  if (float64_result) return 0.25;
   const double kappa = static_cast<double>(dim) * 1.4901161193847656e-08;  // D 2^-26
   return kappa < 0.25 ? kappa : 0.25;
 }
@@ -105,6 +109,7 @@ struct RkdSide {
   double* row_sum = nullptr;      // [N]: sum_j d_ij
   unsigned char* direct = nullptr;  // [N, N]: 1 for a direct pair (never on the diagonal)
   int64_t* row_direct = nullptr;    // [N]: direct pairs in row i
+  bool float64_result = false;      // the loss is float64: the direct threshold of float64 (rkd_direct_kappa)
 };
 
 // The angle numerator P^(i)_jk of one side: from the Gram matrix when both legs are resolved, else direct.
@@ -124,7 +129,7 @@ struct RkdPairsRow {
   int64_t n;
   FASTKD_HOST_DEVICE void operator()(int64_t i) const {
     const double* G = side.gram;
-    const double kappa = rkd_direct_kappa(side.dim);
+    const double kappa = rkd_direct_kappa(side.dim, side.float64_result);
     const double gi = G[i * n + i];
     double sum = 0.0;
     int64_t direct_count = 0;
