@@ -125,6 +125,30 @@ def eager_tvd(student_logits, teacher_logits, temperature=1.0):
 # originals, including their numerically weak steps (Gram-identity pdist, N x N x D differences, the Python
 # loop over rows in CCKD), so they are run in float64 to serve as value/gradient anchors.
 # --------------------------------------------------------------------------------------------------------
+def eager_response(name, s, t, T, y=None, k=None):
+    """The eager composition users run today for a response loss ("batchmean"), in whatever dtype it is given:
+    the anchors' formulas (RepDistiller-style reverse KL, TRL's JSD, eager TVD, mdistiller's DKD, torchdistill's
+    CE + KD mix with alpha 0.3 / beta 0.8, a gathered top-k KD over the teacher's ``k`` largest logits)."""
+    if name == "reverse_kl":
+        return F.kl_div(F.log_softmax(t / T, -1), F.log_softmax(s / T, -1), reduction="batchmean",
+                        log_target=True) * T * T
+    if name == "jsd0.5":
+        return trl_generalized_jsd(s, t, None, 0.5, T)
+    if name == "tvd":
+        return 0.5 * (F.softmax(t / T, -1) - F.softmax(s / T, -1)).abs().sum(-1).mean()
+    if name == "dkd":
+        return mdistiller_dkd(s, t, y, 1.0, 8.0, T)
+    if name == "kd_mix":
+        return 0.3 * F.cross_entropy(s, y) + 0.8 * T * T * F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1),
+                                                                      reduction="batchmean")
+    if name == "topk_logits":
+        vals, idx = t.topk(k, dim=-1)
+        p = F.softmax(vals / T, -1)
+        log_q = F.log_softmax(s / T, -1).gather(-1, idx)
+        return (p * (p.log() - log_q)).sum() / s.shape[0] * T * T
+    raise AssertionError(name)
+
+
 def anchor_pdist(e, squared=False, eps=1e-12):
     """RepDistiller / mdistiller / torchdistill pdist: |e_i|^2 + |e_j|^2 - 2 <e_i, e_j>, clamped below at eps,
     square-rooted unless squared, then the diagonal overwritten with 0 (on a copy)."""

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
+    eager_response,
     assert_close,
     mdistiller_dkd,
     torchdistill_kd,
@@ -700,21 +701,6 @@ def test_torch_compile_fullgraph(device):
 # --------------------------------------------------------------------------------------------------------
 # dtypes
 # --------------------------------------------------------------------------------------------------------
-def _eager(name, s, t, T, y):
-    """The eager composition users run today, in whatever dtype it is given (batchmean)."""
-    if name == "reverse_kl":
-        return F.kl_div(F.log_softmax(t / T, -1), F.log_softmax(s / T, -1), reduction="batchmean",
-                        log_target=True) * T * T
-    if name == "jsd0.5":
-        return trl_generalized_jsd(s, t, None, 0.5, T)
-    if name == "tvd":
-        return 0.5 * (F.softmax(t / T, -1) - F.softmax(s / T, -1)).abs().sum(-1).mean()
-    if name == "dkd":
-        return mdistiller_dkd(s, t, y, 1.0, 8.0, T)
-    if name == "kd_mix":
-        return 0.3 * F.cross_entropy(s, y) + 0.8 * T * T * F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1),
-                                                                      reduction="batchmean")
-    raise AssertionError(name)
 
 
 @pytest.mark.parametrize("name", ["reverse_kl", "jsd0.5", "tvd", "dkd", "kd_mix"])
@@ -732,7 +718,7 @@ def test_low_precision_error_within_2x_of_eager(device, name, dtype):
     # The oracle sees the same rounded inputs, in float64: only the computation's error is measured.
     ref, (g_ref,) = value_and_grads(ref_f, s.double(), t.double(), 2.0, labels=y)
     loss, (g,) = value_and_grads(f, s, t, 2.0, labels=y)
-    eager, (g_eager,) = value_and_grads(lambda a, b: _eager(name, a, b, 2.0, y), s, t)
+    eager, (g_eager,) = value_and_grads(lambda a, b: eager_response(name, a, b, 2.0, y), s, t)
     assert loss.dtype == dtype and g.dtype == dtype
     err = (loss.double() - ref).abs().item()
     err_eager = (eager.double() - ref).abs().item()

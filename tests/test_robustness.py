@@ -22,14 +22,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
-    mdistiller_dkd,
+    eager_response,
     repdistiller_attention,
     repdistiller_distill_kl,
     repdistiller_pkt,
     repdistiller_rkd,
     torchdistill_cckd,
     torchdistill_spkd,
-    trl_generalized_jsd,
 )
 
 import fastkd
@@ -337,24 +336,6 @@ def test_loss_scaling_kd_fp16_large_vocab():
                   lambda a: R.kd_loss(a, t.double(), 2.0), x, "kd fp16 [64, 32000]")
 
 
-def _eager_response(name, s, t, y, T=2.0):
-    if name == "reverse_kl":
-        return F.kl_div(F.log_softmax(t / T, -1), F.log_softmax(s / T, -1), reduction="batchmean",
-                        log_target=True) * T * T
-    if name == "jsd0.5":
-        return trl_generalized_jsd(s, t, None, 0.5, T)
-    if name == "tvd":
-        return 0.5 * (F.softmax(t / T, -1) - F.softmax(s / T, -1)).abs().sum(-1).mean()
-    if name == "dkd":
-        return mdistiller_dkd(s, t, y, 1.0, 8.0, T)
-    if name == "topk_logits":
-        vals, idx = t.topk(TOPK_K, dim=-1)
-        p = F.softmax(vals / T, -1)
-        log_q = F.log_softmax(s / T, -1).gather(-1, idx)
-        return (p * (p.log() - log_q)).sum() / s.shape[0] * T * T
-    raise AssertionError(name)
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("name", ["reverse_kl", "jsd0.5", "tvd", "dkd", "topk_logits"])
 def test_loss_scaling_response(name, dtype):
@@ -373,7 +354,7 @@ def test_loss_scaling_response(name, dtype):
     lab = y if name == "dkd" else None
     topk = _topk_of(name, t) if name in TOPK else None
     _check_scaled(lambda a: _response(fastkd, name, a, t, labels=lab, topk=topk),
-                  lambda a: _eager_response(name, a, t, y),
+                  lambda a: eager_response(name, a, t, 2.0, y, k=TOPK_K),
                   lambda a: _response(R, name, a, t.double(), labels=lab,
                                       topk=None if topk is None else (topk[0].double(), topk[1])),
                   s, f"{name} {dtype}")

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from fastkd import TeacherHead
 from fastkd import reference as R
 from helpers import assert_close
 
