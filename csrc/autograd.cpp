@@ -73,14 +73,15 @@ void refuse_double_backward(const std::string& loss) {
               " (plain PyTorch, twice differentiable).");
 }
 
-// The public function behind a response divergence, for messages.
+// The public function behind a response divergence, for messages (every divergence also runs through
+// fastkd.divergence_loss).
 std::string response_loss_name(c10::string_view divergence) {
   if (divergence == "kl") return "kd_loss (divergence 'kl')";
   if (divergence == "reverse_kl") return "reverse_kl_loss (divergence 'reverse_kl')";
   if (divergence == "jsd") return "jsd_loss";
   if (divergence == "tvd") return "tvd_loss";
   if (divergence == "dkd") return "dkd_loss";
-  return std::string(divergence.data(), divergence.size());
+  return "divergence_loss (divergence '" + std::string(divergence.data(), divergence.size()) + "')";
 }
 
 // (saved * upstream) in float32, rounded to `dtype` once: the product of a float32 gradient recomputed for an
@@ -95,22 +96,25 @@ std::optional<at::Tensor> undefined_to_opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> typed_op(const char* name);
+
 using Five = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ResponseSig = Five(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                         const std::optional<at::Tensor>&, c10::string_view, c10::ArrayRef<double>, double, double,
+                         double, int64_t, c10::string_view, bool, bool, bool);
+constexpr size_t kResponseArgs = 14;
 
 class ResponseForward : public torch::autograd::Function<ResponseForward> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
                                const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& num_items,
-                               c10::string_view divergence, double temperature, double beta, double alpha,
+                               c10::string_view divergence, c10::ArrayRef<double> params, double temperature,
                                double soft_weight, double hard_weight, int64_t ignore_index, c10::string_view reduction,
                                bool scale_by_temperature, bool grad_student, bool grad_teacher) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("fastkd::response_forward", "")
-                         .typed<Five(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                     const std::optional<at::Tensor>&, c10::string_view, double, double, double, double,
-                                     double, int64_t, c10::string_view, bool, bool, bool)>();
+    static auto op = typed_op<ResponseSig>("fastkd::response_forward");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, soft, hard, gs, gt] = op.call(student, teacher, labels, num_items, divergence, temperature, beta, alpha,
+    auto [loss, soft, hard, gs, gt] = op.call(student, teacher, labels, num_items, divergence, params, temperature,
                                              soft_weight, hard_weight, ignore_index, reduction, scale_by_temperature,
                                              grad_student, grad_teacher);
     ctx->mark_non_differentiable({soft, hard, gs, gt});
@@ -122,8 +126,7 @@ class ResponseForward : public torch::autograd::Function<ResponseForward> {
       ctx->save_for_backward({gs, gt, student, teacher, opt_or_undefined(labels), opt_or_undefined(num_items)});
       auto& d = ctx->saved_data;
       d["temperature"] = temperature;
-      d["beta"] = beta;
-      d["alpha"] = alpha;
+      d["params"] = params.vec();
       d["soft_weight"] = soft_weight;
       d["hard_weight"] = hard_weight;
       d["ignore_index"] = ignore_index;
@@ -138,7 +141,7 @@ class ResponseForward : public torch::autograd::Function<ResponseForward> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(15);
+    variable_list out(kResponseArgs);
     if (!grads[0].defined()) return out;  // the loss itself was not used
     const auto saved = ctx->get_saved_variables();
     const std::string divergence = ctx->saved_data["divergence"].toStringRef();
@@ -157,11 +160,7 @@ class ResponseForward : public torch::autograd::Function<ResponseForward> {
   // the op's weights (the kernel rounds g * gradient once, in the input dtype); per-row upstreams (reduction
   // "none") multiply a float32 recomputation, rounded once.
   static variable_list recompute(AutogradContext* ctx, const variable_list& saved, const at::Tensor& g) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("fastkd::response_forward", "")
-                         .typed<Five(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                     const std::optional<at::Tensor>&, c10::string_view, double, double, double, double,
-                                     double, int64_t, c10::string_view, bool, bool, bool)>();
+    static auto op = typed_op<ResponseSig>("fastkd::response_forward");
     auto& d = ctx->saved_data;
     const bool want_s = ctx->needs_input_grad(0), want_t = ctx->needs_input_grad(1);
     const at::Tensor &student = saved[2], &teacher = saved[3];
@@ -173,10 +172,10 @@ class ResponseForward : public torch::autograd::Function<ResponseForward> {
     const at::Tensor s_in = widen(student), t_in = widen(teacher);
     auto [loss, soft, hard, gs, gt] =
         op.call(s_in, t_in, undefined_to_opt(saved[4]), undefined_to_opt(saved[5]), d["divergence"].toStringRef(),
-                d["temperature"].toDouble(), d["beta"].toDouble(), d["alpha"].toDouble(),
-                d["soft_weight"].toDouble() * w, d["hard_weight"].toDouble() * w, d["ignore_index"].toInt(),
+                d["params"].toDoubleVector(), d["temperature"].toDouble(), d["soft_weight"].toDouble() * w,
+                d["hard_weight"].toDouble() * w, d["ignore_index"].toInt(),
                 d["reduction"].toStringRef(), d["scale_by_temperature"].toBool(), want_s, want_t);
-    variable_list out(15);
+    variable_list out(kResponseArgs);
     if (want_s) out[0] = scalar ? gs : scaled_to(gs, g, student.scalar_type());
     if (want_t) out[1] = scalar ? gt : scaled_to(gt, g, teacher.scalar_type());
     return out;
@@ -249,10 +248,10 @@ class TopkForward : public torch::autograd::Function<TopkForward> {
 
 Five response_forward_autograd(const at::Tensor& student, const at::Tensor& teacher,
                                const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& num_items,
-                               c10::string_view divergence, double temperature, double beta, double alpha,
+                               c10::string_view divergence, c10::ArrayRef<double> params, double temperature,
                                double soft_weight, double hard_weight, int64_t ignore_index, c10::string_view reduction,
                                bool scale_by_temperature, bool grad_student, bool grad_teacher) {
-  auto r = ResponseForward::apply(student, teacher, labels, num_items, divergence, temperature, beta, alpha,
+  auto r = ResponseForward::apply(student, teacher, labels, num_items, divergence, params, temperature,
                                   soft_weight, hard_weight, ignore_index, reduction, scale_by_temperature, grad_student,
                                   grad_teacher);
   return {r[0], r[1], r[2], r[3], r[4]};
@@ -394,8 +393,9 @@ using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 using OptTensor = std::optional<at::Tensor>;
 using FusedLinearSig = Six(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                            const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                           const OptTensor&, const OptTensor&, c10::string_view, double, double, double, double,
-                           int64_t, c10::string_view, bool, bool, bool, int64_t, bool, bool, bool);
+                           const OptTensor&, const OptTensor&, c10::string_view, c10::ArrayRef<double>, double, double,
+                           double, int64_t, c10::string_view, bool, bool, bool, int64_t, bool, bool, bool);
+constexpr size_t kFusedLinearArgs = 26;
 
 // The fused linear head. Scalar reductions: the forward computes the gradients of hidden, weight and bias
 // with the loss (the logits exist one chunk at a time, so they cannot wait for backward) and the backward
@@ -409,7 +409,7 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
                                const OptTensor& teacher_weight, const OptTensor& teacher_bias,
                                const OptTensor& topk_values, const OptTensor& topk_indices, const OptTensor& labels,
                                const OptTensor& num_items, const OptTensor& grad_rows, c10::string_view divergence,
-                               double temperature, double beta, double soft_weight, double hard_weight,
+                               c10::ArrayRef<double> params, double temperature, double soft_weight, double hard_weight,
                                int64_t ignore_index, c10::string_view reduction, bool scale_by_temperature,
                                bool values_are_logprobs, bool tail_bucket, int64_t chunk_size, bool grad_hidden,
                                bool grad_weight, bool grad_bias) {
@@ -421,7 +421,7 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
     const bool per_row = reduction == "none" && !weighted;
     auto [loss, soft, hard, gh, gw, gb] =
         op.call(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, topk_values,
-                topk_indices, labels, num_items, grad_rows, divergence, temperature, beta, soft_weight, hard_weight,
+                topk_indices, labels, num_items, grad_rows, divergence, params, temperature, soft_weight, hard_weight,
                 ignore_index, reduction, scale_by_temperature, values_are_logprobs, tail_bucket, chunk_size,
                 grad_hidden && !per_row, grad_weight && !per_row, grad_bias && !per_row);
     ctx->set_materialize_grads(false);
@@ -447,7 +447,7 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
       ctx->saved_data["reduction"] = std::string(reduction.data(), reduction.size());
       ctx->saved_data["divergence"] = std::string(divergence.data(), divergence.size());
       ctx->saved_data["temperature"] = temperature;
-      ctx->saved_data["beta"] = beta;
+      ctx->saved_data["params"] = params.vec();
       ctx->saved_data["soft_weight"] = soft_weight;
       ctx->saved_data["hard_weight"] = hard_weight;
       ctx->saved_data["ignore_index"] = ignore_index;
@@ -464,7 +464,7 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(26);
+    variable_list out(kFusedLinearArgs);
     if (!grads[0].defined()) return out;
     const auto saved = ctx->get_saved_variables();
     auto& d = ctx->saved_data;
@@ -490,8 +490,8 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
     auto [loss, soft, hard, gh, gw, gb] =
         op.call(saved[0], saved[1], opt(saved[2]), opt(saved[3]), opt(saved[4]), opt(saved[5]), opt(saved[6]),
                 opt(saved[7]), opt(saved[8]), opt(saved[9]), opt(saved[10]),
-                per_row ? OptTensor(grads[0]) : OptTensor(), divergence, d["temperature"].toDouble(),
-                d["beta"].toDouble(), d["soft_weight"].toDouble() * w, d["hard_weight"].toDouble() * w,
+                per_row ? OptTensor(grads[0]) : OptTensor(), divergence, d["params"].toDoubleVector(),
+                d["temperature"].toDouble(), d["soft_weight"].toDouble() * w, d["hard_weight"].toDouble() * w,
                 d["ignore_index"].toInt(), per_row ? std::string("none") : d["reduction"].toStringRef(),
                 d["scale_by_temperature"].toBool(), d["values_are_logprobs"].toBool(), d["tail_bucket"].toBool(),
                 d["chunk_size"].toInt(), want[0], want[1], want[2]);
@@ -507,13 +507,13 @@ Six fused_linear_kd_forward_autograd(
     const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias, const OptTensor& teacher_logits,
     const OptTensor& teacher_hidden, const OptTensor& teacher_weight, const OptTensor& teacher_bias,
     const OptTensor& topk_values, const OptTensor& topk_indices, const OptTensor& labels, const OptTensor& num_items,
-    const OptTensor& grad_rows, c10::string_view divergence, double temperature, double beta, double soft_weight,
-    double hard_weight, int64_t ignore_index, c10::string_view reduction, bool scale_by_temperature,
+    const OptTensor& grad_rows, c10::string_view divergence, c10::ArrayRef<double> params, double temperature,
+    double soft_weight, double hard_weight, int64_t ignore_index, c10::string_view reduction, bool scale_by_temperature,
     bool values_are_logprobs, bool tail_bucket, int64_t chunk_size, bool grad_hidden, bool grad_weight,
     bool grad_bias) {
   auto r = FusedLinearForward::apply(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,
                                      teacher_bias, topk_values, topk_indices, labels, num_items, grad_rows, divergence,
-                                     temperature, beta, soft_weight, hard_weight, ignore_index, reduction,
+                                     params, temperature, soft_weight, hard_weight, ignore_index, reduction,
                                      scale_by_temperature, values_are_logprobs, tail_bucket, chunk_size, grad_hidden,
                                      grad_weight, grad_bias);
   return {r[0], r[1], r[2], r[3], r[4], r[5]};

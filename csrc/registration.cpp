@@ -7,6 +7,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "fastkd/divergences.h"
+
 #ifndef FASTKD_CUDA_ARCHS
 #define FASTKD_CUDA_ARCHS ""
 #endif
@@ -21,18 +23,19 @@ int cuda_compiled_version();  // defined in cuda/kd_cuda.cu
 }  // namespace fastkd
 
 TORCH_LIBRARY(fastkd, m) {
-  // Response-based losses, fused forward: per-row soft loss (divergence "kl" | "reverse_kl" | "jsd" | "tvd" |
-  // "dkd") and, when hard_weight != 0, the student's cross-entropy on the labels at temperature 1, plus
-  // (when asked) the gradients of the reduced loss = soft_weight * soft + hard_weight * hard with respect
-  // to student and teacher, computed in the same pass over the logits.
+  // Response-based losses, fused forward: per-row soft loss (a divergence of csrc/include/fastkd/divergences.h
+  // by name, with its parameters in registry order, e.g. "jsd" [beta], "dkd" [alpha, beta]) and, when
+  // hard_weight != 0, the student's cross-entropy on the labels at temperature 1, plus (when asked) the
+  // gradients of the reduced loss = soft_weight * soft + hard_weight * hard with respect to student and
+  // teacher, computed in the same pass over the logits.
   //   student, teacher: [rows, vocab]; labels: [rows] integer or None (rows == ignore_index are not
   //   counted; class targets of the CE and of "dkd"); num_items: scalar divisor replacing the counted rows
-  //   in batchmean/mean, or None; beta: JSD mixing weight or DKD's NCKD weight; alpha: DKD's TCKD weight.
+  //   in batchmean/mean, or None.
   // Returns (loss, soft, hard, grad_student, grad_teacher); soft and hard are the reduced parts; a gradient
   // not asked for is an empty tensor.
   m.def(
       "response_forward(Tensor student, Tensor teacher, Tensor? labels, Tensor? num_items, str divergence, "
-      "float temperature, float beta, float alpha, float soft_weight, float hard_weight, int ignore_index, "
+      "float[] params, float temperature, float soft_weight, float hard_weight, int ignore_index, "
       "str reduction, bool scale_by_temperature, bool grad_student, bool grad_teacher) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // KD against a sparse teacher: k kept entries per row (values: logits, or log-probabilities used as
@@ -44,7 +47,7 @@ TORCH_LIBRARY(fastkd, m) {
       "bool scale_by_temperature, bool grad_student) -> (Tensor, Tensor)");
 
   // Distillation through the student's linear head, never holding the [rows, vocab] logits: rows in chunks
-  // of chunk_size, logits = hidden @ weight^T + bias, then the response kernel ("kl" | "reverse_kl" | "jsd";
+  // of chunk_size, logits = hidden @ weight^T + bias, then the response kernel (any divergence but "dkd";
   // top-k teacher: "kl") writing the logit gradient in place, then the gradients of hidden, weight and bias
   // by GEMMs (weight and bias accumulated in float32). The teacher is exactly one of: teacher_logits
   // [rows, Vt]; a head teacher_hidden [rows, Ht], teacher_weight [Vt, Ht], teacher_bias [Vt]; a top-k teacher
@@ -56,7 +59,7 @@ TORCH_LIBRARY(fastkd, m) {
       "fused_linear_kd_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor? teacher_logits, "
       "Tensor? teacher_hidden, Tensor? teacher_weight, Tensor? teacher_bias, Tensor? topk_values, "
       "Tensor? topk_indices, Tensor? labels, Tensor? num_items, Tensor? grad_rows, str divergence, "
-      "float temperature, float beta, float soft_weight, float hard_weight, int ignore_index, str reduction, "
+      "float[] params, float temperature, float soft_weight, float hard_weight, int ignore_index, str reduction, "
       "bool scale_by_temperature, bool values_are_logprobs, bool tail_bucket, int chunk_size, bool grad_hidden, "
       "bool grad_weight, bool grad_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
@@ -99,4 +102,26 @@ PYBIND11_MODULE(_C, m) {
     d["built_with_torch"] = std::string(FASTKD_TORCH_VERSION);
     return d;
   }, "What the compiled extension contains (CUDA compiled, CUDA archs, torch it was built with).");
+  m.def("divergences", [] {
+    using namespace fastkd;
+    pybind11::list out;
+    static const char* kFamilies[] = {"kl_type", "psi", "decoupled"};
+#define FASTKD_DIV_DESCRIBE(id, trait, family)                                                              \
+  {                                                                                                       \
+    pybind11::list params;                                                                                \
+    for (int i = 0; i < trait::kNumParams; ++i) {                                                         \
+      const fastkd::ParamSpec& p = trait::kParams[i];                                                     \
+      params.append(pybind11::make_tuple(p.name, p.default_value, p.lo, p.hi, p.lo_open, p.hi_open));     \
+    }                                                                                                     \
+    pybind11::dict d;                                                                                     \
+    d["name"] = trait::kName;                                                                             \
+    d["family"] = kFamilies[static_cast<int>(trait::kFamily)];                                            \
+    d["params"] = params;                                                                                 \
+    out.append(d);                                                                                        \
+  }
+    FASTKD_DIVERGENCES(FASTKD_DIV_DESCRIBE)
+#undef FASTKD_DIV_DESCRIBE
+    return out;
+  }, "The compiled divergence registry (csrc/include/fastkd/divergences.h), in order: name, family and "
+     "parameters (name, default, lo, hi, lo_open, hi_open).");
 }

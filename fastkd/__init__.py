@@ -80,6 +80,17 @@ from fastkd.losses import (  # noqa: E402
 )
 from fastkd.outputs import LossParts  # noqa: E402
 from fastkd import distributed  # noqa: E402,F401
+from fastkd import divergences  # noqa: E402
+from fastkd import functional as _functional  # noqa: E402
+from fastkd import losses as _losses  # noqa: E402
+from fastkd.functional import divergence_loss  # noqa: E402
+from fastkd.losses import DivergenceLoss  # noqa: E402
+
+# The functions and modules generated from the divergence registry (fastkd/divergences.py).
+_GENERATED = [s.function for s in divergences.REGISTRY.values() if s.generated] + \
+    [s.module for s in divergences.REGISTRY.values() if s.generated]
+for _name in _GENERATED:
+    globals()[_name] = getattr(_functional, _name, None) or getattr(_losses, _name)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -122,12 +133,15 @@ __all__ = [
     "HintLoss",
     "ConvReg",
     "LinearReg",
+    "divergence_loss",
+    "DivergenceLoss",
+    "divergences",
     "LossParts",
     "reference",
     "distributed",
     "build_info",
     "__version__",
-]
+] + _GENERATED
 
 
 def build_info() -> Dict[str, Any]:

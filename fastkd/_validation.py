@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -565,7 +565,11 @@ def check_relation_reduction(reduction: str) -> str:
 # --------------------------------------------------------------------------------------------------------
 # Checks of the fused linear head (fused_linear_kd_loss).
 # --------------------------------------------------------------------------------------------------------
-FUSED_LINEAR_LOSSES = ("kl", "reverse_kl", "jsd")
+def fused_linear_losses() -> Tuple[str, ...]:
+    """The divergences the fused head and vocab_parallel_kd_loss run: every registered one but "dkd"."""
+    from fastkd import divergences
+
+    return divergences.names(fused_head=True)
 
 
 def check_linear_head(hidden, weight, bias, lead: Optional[tuple], names: tuple) -> None:
@@ -597,19 +601,42 @@ def check_linear_head(hidden, weight, bias, lead: Optional[tuple], names: tuple)
 
 
 def resolve_scale_by_temperature(scale_by_temperature: Optional[bool], loss: str) -> bool:
-    """The fused head's and vocab_parallel_kd_loss's ``scale_by_temperature`` (``loss`` already checked): None
-    means the divergence's own default, True (``T^2``) for "kl" and "reverse_kl" (as :func:`fastkd.kd_loss` and
-    :func:`fastkd.reverse_kl_loss`), False for "jsd" (as :func:`fastkd.jsd_loss` and TRL); True with "jsd" is an
-    error (the generalized JSD has no T^2 factor)."""
+    """``scale_by_temperature`` of a registered divergence (``loss`` already checked): None means the
+    divergence's own default (fastkd/divergences.py), True (``T^2``) for the KL-type divergences (as
+    :func:`fastkd.kd_loss` and :func:`fastkd.reverse_kl_loss`), False for "jsd" and "tvd" (as
+    :func:`fastkd.jsd_loss` and TRL); True where the divergence has no T^2 factor is an error."""
+    from fastkd import divergences
+
+    spec = divergences.get(loss)
     scale = check_optional_bool("scale_by_temperature", scale_by_temperature)
     if scale is None:
-        return loss != "jsd"
-    if scale and loss == "jsd":
+        return spec.temperature_squared
+    if scale and not spec.temperature_squared_allowed:
+        if loss == "jsd":
+            raise ValueError(
+                "scale_by_temperature applies to 'kl' and 'reverse_kl'; the generalized JSD has no T^2 factor "
+                "(as fastkd.jsd_loss): pass None or False"
+            )
         raise ValueError(
-            "scale_by_temperature applies to 'kl' and 'reverse_kl'; the generalized JSD has no T^2 factor "
-            "(as fastkd.jsd_loss): pass None or False"
+            f"scale_by_temperature=True does not apply to {loss!r}: the {spec.doc} has no T^2 factor (as "
+            f"fastkd.{spec.function}): pass None or False"
         )
     return scale
+
+
+def resolve_divergence_params(loss: str, beta: Optional[float], params, where: str) -> Tuple[float, ...]:
+    """The parameters of divergence ``loss`` for the fused head and vocab_parallel_kd_loss, in registry order:
+    ``params`` by name, plus ``beta`` for divergences that have one (None: its default; ignored, as documented
+    there, by divergences without a beta). Types are checked here, ranges by the op (or ``check_ranges``)."""
+    from fastkd import divergences
+
+    spec = divergences.get(loss)
+    given = dict(params)
+    if beta is not None and "beta" in spec.param_names:
+        if "beta" in given:
+            raise TypeError(f"{where}: beta given twice")
+        given["beta"] = beta
+    return spec.resolve(given, where)
 
 
 def check_fused_linear(
@@ -629,11 +656,16 @@ def check_fused_linear(
     num_items_in_batch,
     scale_by_temperature: Optional[bool] = None,
     return_parts: bool = False,
+    params=(),
 ):
     """Every argument of :func:`fastkd.fused_linear_kd_loss`. Returns ``(kind, teacher_vocab, temperature,
-    beta, hard_label_weight, soft_weight, num_items, scale_by_temperature)`` with ``kind`` one of "dense",
-    "head", "topk", ``soft_weight`` resolved (None: ``1 - hard_label_weight``) and ``scale_by_temperature``
-    resolved (None: the divergence's default, see :func:`resolve_scale_by_temperature`)."""
+    divergence parameters, hard_label_weight, soft_weight, num_items, scale_by_temperature)`` with ``kind`` one
+    of "dense", "head", "topk", the parameters in registry order (``beta`` and ``params`` resolved, see
+    :func:`resolve_divergence_params`), ``soft_weight`` resolved (None: ``1 - hard_label_weight``) and
+    ``scale_by_temperature`` resolved (None: the divergence's default, see
+    :func:`resolve_scale_by_temperature`)."""
+    from fastkd import divergences
+
     from fastkd.teachers import TeacherHead, TopKTeacher
 
     check_linear_head(student_hidden, student_weight, student_bias, None,
@@ -641,10 +673,12 @@ def check_fused_linear(
     lead = tuple(student_hidden.shape[:-1])
     vocab = student_weight.shape[0]
     device = student_hidden.device
-    check_choice("loss", loss, FUSED_LINEAR_LOSSES)
+    check_choice("loss", loss, fused_linear_losses())
     scale = resolve_scale_by_temperature(scale_by_temperature, loss)
     check_bool("return_parts", return_parts)
-    b = check_beta_unit(beta)
+    spec = divergences.get(loss)
+    div_params = resolve_divergence_params(loss, beta, dict(params), "fused_linear_kd_loss")
+    spec.check_ranges(div_params)  # before any work (the op checks again, one rule and message)
     t = check_temperature(temperature)
     check_reduction(reduction)
     check_ignore_index(ignore_index)
@@ -694,14 +728,14 @@ def check_fused_linear(
             "columns are entries the teacher gives probability 0, but a larger teacher vocabulary has no student "
             "counterpart; slice the teacher's head to the shared vocabulary"
         )
-    reverse = loss == "reverse_kl" or (loss == "jsd" and b == 1.0)
-    if reverse and teacher_vocab < vocab:
+    if spec.infinite_on_padding is not None and spec.infinite_on_padding(*div_params) and teacher_vocab < vocab:
+        what = "reverse KL" if loss in ("reverse_kl", "jsd") else f"{loss!r} with these parameters"
         raise ValueError(
-            f"reverse KL is infinite when the student has vocabulary entries the teacher lacks (student {vocab}, "
+            f"{what} is infinite when the student has vocabulary entries the teacher lacks (student {vocab}, "
             f"teacher {teacher_vocab}): slice the student's head to the teacher's vocabulary "
             f"(student_weight[:{teacher_vocab}])"
         )
-    return kind, teacher_vocab, t, b, hard, soft, n, scale
+    return kind, teacher_vocab, t, div_params, hard, soft, n, scale
 
 
 class _Shape:

@@ -83,6 +83,12 @@ DEFAULT_SHAPES = {
     },
 }
 LOSSES = ("kd", "reverse_kl", "jsd", "tvd", "dkd", "topk")
+# Every other divergence of the registry (fastkd/divergences.py), at its first test parameters, against the
+# eager composition of its spec's formula (fastkd.reference) in the input dtype.
+REGISTRY_LOSSES = tuple(s.name for s in fastkd.divergences.REGISTRY.values() if s.generated)
+for _name in REGISTRY_LOSSES:
+    DEFAULT_SHAPES["cpu"][_name] = DEFAULT_SHAPES["cpu"]["jsd"]
+    DEFAULT_SHAPES["cuda"][_name] = DEFAULT_SHAPES["cuda"]["jsd"]
 
 # Relation- and feature-based losses: feature shapes [N, ...] ("STUDENT:TEACHER" when they differ).
 RELATION_SHAPES = {
@@ -119,9 +125,10 @@ LLM_SLOW_REPEATS = {"fused_linear": 2, "fused_linear_sweep": 0}  # 0: the first 
 # Estimated peak extra memory of the unfused baselines in [tokens, V] tensors of the input dtype (measured on the
 # CPU, fp32, V = 32000: eager 6.0 at 1024 and 2048 tokens); fastkd fused needs no guard.
 LLM_TOKENS_X_V = {"eager": 6, "torch.compile": 6, "fastkd unfused": 2}
-ALL_LOSSES = LOSSES + RELATION_LOSSES + LLM_LOSSES
-LOSS_GROUPS = {"response": LOSSES, "relation": RELATION_LOSSES, "llm": LLM_LOSSES, "all": ALL_LOSSES}
-DEFAULT_LOSSES = ALL_LOSSES
+ALL_LOSSES = LOSSES + REGISTRY_LOSSES + RELATION_LOSSES + LLM_LOSSES
+LOSS_GROUPS = {"response": LOSSES + REGISTRY_LOSSES, "relation": RELATION_LOSSES, "llm": LLM_LOSSES,
+               "all": ALL_LOSSES}
+DEFAULT_LOSSES = LOSSES + RELATION_LOSSES + LLM_LOSSES  # the registry's others: --loss NAME or --loss response
 # torch.compile baselines left out unless --slow-compile: compiling them takes minutes.
 SLOW_COMPILE = {
     "cc": "compiling the per-row Python loop unrolls N iterations: 7 min at N=256 on a 2-core CPU; "
@@ -342,7 +349,18 @@ def fastkd_fn(name: str) -> Callable:
     def at(s, inp, T):
         return fastkd.at_loss(s, inp[0], 2)
 
+    if name in REGISTRY_LOSSES:
+        return _registry_fn(fastkd.divergence_loss, name)
     return locals()[name]
+
+
+def _registry_fn(loss_fn: Callable, name: str) -> Callable:
+    params = dict(fastkd.divergences.get(name).test_params[0])
+
+    def fn(s, inp, T):
+        return loss_fn(s, inp[0], name, T, **params)
+
+    return fn
 
 
 def _liger(name: str) -> Optional[Callable]:
@@ -462,6 +480,10 @@ LOSS_TITLES = {
     "fused_linear": "LLM head: hidden states + lm_head -> forward KL vs dense teacher logits (TRL / DistillKit)",
     "fused_linear_sweep": "LLM head over the tokens, H x V fixed (memory: eager ~ tokens x V, fastkd ~ H x V)",
 }
+for _name in REGISTRY_LOSSES:
+    _spec = fastkd.divergences.get(_name)
+    EAGER[_name] = _registry_fn(fastkd.reference.divergence_loss, _name)
+    LOSS_TITLES[_name] = f"{_spec.doc} {dict(_spec.test_params[0])} (eager: its formula, fastkd.reference)"
 TOPK_K = 64
 
 

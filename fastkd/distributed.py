@@ -49,9 +49,15 @@ its slice of the gradient of the full logits.
 
 Communication per call: three all-reduces, on the logits' device (any backend: gloo, NCCL):
 a MAX of ``[2, rows]`` row maxima, a SUM of ``[2 * rows + 1]`` row sum-exps and shard widths (the global ``V``
-for ``reduction="mean"``), a SUM of ``[rows]`` (``[2, rows]`` for the mixed JSD) partial divergences, all in the
-compute dtype (float32, or float64 for float64 input). Logits are never gathered. The per-shard arithmetic is
-plain PyTorch (no fused kernel): it allocates a few temporaries of the shard's size ``[rows, V_r]``.
+for ``reduction="mean"``), a SUM of ``[2, rows]``: the partial divergences and the partial sums of
+``psi_q = q dphi/dq``, all in the compute dtype (float32, or float64 for float64 input). Logits are never
+gathered.
+
+Every divergence of the registry but ``"dkd"`` runs here (``loss=`` its name, its parameters by keyword): its
+spec's per-entry formula ``phi`` (fastkd/divergences.py, shared with ``fastkd.reference``) gives each entry's
+term and, differentiated entry by entry, ``psi_q``; the gradient is ``psi_q(j) - q_j sum psi_q`` (the Psi form of
+the kernels, kd_math.h). The per-shard arithmetic is plain PyTorch, not the fused kernels: it allocates a few
+temporaries of the shard's size ``[rows, V_r]``.
 """
 
 from __future__ import annotations
@@ -64,11 +70,12 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from fastkd import _validation as v
-from fastkd.reference import _dtypes, _plogp_ratio, _safe_logaddexp
+from fastkd import divergences
+from fastkd.reference import _dtypes
 
 __all__ = ["vocab_parallel_kd_loss", "LOSSES"]
 
-LOSSES = ("kl", "reverse_kl", "jsd")
+LOSSES = v.fused_linear_losses()  # the divergences it runs (every registered one but "dkd")
 
 
 def vocab_parallel_kd_loss(
@@ -76,13 +83,14 @@ def vocab_parallel_kd_loss(
     teacher_logits_shard: torch.Tensor,
     *,
     loss: str = "kl",
-    beta: float = 0.5,
+    beta: Optional[float] = None,
     temperature: float = 1.0,
     labels: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     reduction: str = "batchmean",
     scale_by_temperature: Optional[bool] = None,
     group: Optional[dist.ProcessGroup] = None,
+    **params: float,
 ) -> torch.Tensor:
     r"""Distillation loss of vocabulary-sharded logits: every rank of ``group`` passes its slice of the
     vocabulary and gets the loss of the full logits (concatenated along the vocabulary in rank order).
@@ -108,8 +116,12 @@ def vocab_parallel_kd_loss(
         teacher_logits_shard: the teacher's slice, same shape and device as the student's (its dtype may
             differ). The teacher is a constant: it never receives a gradient (``.grad`` stays None even if it
             requires grad).
-        loss: ``"kl"`` (forward KL, Hinton KD), ``"reverse_kl"`` or ``"jsd"``.
-        beta: JSD mixing weight in ``[0, 1]`` (``loss="jsd"`` only; ignored otherwise).
+        loss: any registered divergence but ``"dkd"`` (fastkd/divergences.py): ``"kl"`` (forward KL, Hinton KD),
+            ``"reverse_kl"``, ``"jsd"``, ``"tvd"``, ...; each equals :func:`fastkd.divergence_loss` on the gathered
+            logits (the cases above are the named functions).
+        beta: the divergence's ``beta`` (JSD mixing weight in ``[0, 1]``); None means its default (0.5 for the
+            JSD); ignored by divergences without one.
+        **params: the divergence's other parameters by name (e.g. ``skew=0.1``).
         temperature: softmax temperature ``T > 0``.
         labels: integer tensor with the rows' shape ``[...]``, identical on every rank: rows equal to
             ``ignore_index`` do not count (value 0, gradient 0).
@@ -143,23 +155,22 @@ def vocab_parallel_kd_loss(
             fastkd's other losses).
     """
     _check_shards(student_logits_shard, teacher_logits_shard)
-    v.check_choice("loss", loss, LOSSES)
+    v.check_choice("loss", loss, v.fused_linear_losses())
     scale_on = v.resolve_scale_by_temperature(scale_by_temperature, loss)
     t = v.check_temperature(temperature)
     v.check_reduction(reduction)
     v.check_ignore_index(ignore_index)
     v.check_labels(labels, student_logits_shard)
-    b = v.check_beta_unit(beta) if loss == "jsd" else 0.0
+    spec = divergences.get(loss)
+    values = v.resolve_divergence_params(loss, beta, params, "vocab_parallel_kd_loss")
+    spec.check_ranges(values)
     _check_distributed()
 
-    # beta = 0 / 1 are the forward / reverse KL (TRL's special cases), computed as such
-    divergence = loss
-    if loss == "jsd" and b in (0.0, 1.0):
-        divergence = "kl" if b == 0.0 else "reverse_kl"
     scale = t * t if scale_on else 1.0
     keep = None if labels is None else labels.reshape(-1) != ignore_index
     return _VocabParallelKD.apply(
-        student_logits_shard, teacher_logits_shard, keep, divergence, b, t, scale, reduction, group
+        student_logits_shard, teacher_logits_shard, keep, spec, dict(zip(spec.param_names, values)), t, scale,
+        reduction, group
     )
 
 
@@ -235,15 +246,24 @@ def _log_probs(x: torch.Tensor, shift: torch.Tensor, log_s: torch.Tensor, temper
     return _shifted(x, shift, temperature) - log_s.unsqueeze(-1)
 
 
-def _log_m(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
-    """log of the mixture ``beta * p + (1 - beta) * q`` (0 < beta < 1); -inf where both are 0."""
-    return _safe_logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+def _entry_terms(spec, named, log_p: torch.Tensor, log_q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The divergence's per-entry terms ``phi`` (its spec's formula) and ``psi_q = q dphi/dq = dphi/d(log q)``,
+    the student's share of the gradient through the softmax, by differentiating the formula entry by entry."""
+    with torch.enable_grad():
+        lq = log_q.detach().requires_grad_(True)
+        phi = spec.formula(log_p.exp(), lq.exp(), log_p, lq, **named)
+        (psi_q,) = torch.autograd.grad(phi.sum(), lq)
+    return phi.detach(), psi_q
 
 
 class _VocabParallelKD(torch.autograd.Function):
     """Forward: the three all-reduces and the loss; backward: the local student gradient (the teacher gets
-    none). Inputs after the validated arguments of :func:`vocab_parallel_kd_loss`; ``divergence`` is "kl",
-    "reverse_kl" or "jsd" (0 < beta < 1), ``scale`` the T^2 factor or 1, ``keep`` the counted rows or None."""
+    none). Inputs after the validated arguments of :func:`vocab_parallel_kd_loss`: the divergence's spec and
+    parameters, ``scale`` the T^2 factor or 1, ``keep`` the counted rows or None.
+
+    Any divergence sum_j phi(p_j, q_j) works the same way: each rank sums phi and psi_q = q dphi/dq over its
+    slice, one all-reduce gives the row's divergence and sum psi_q, and the gradient with respect to the
+    tempered logits is psi_q(j) - q_j sum psi_q (the kernels' Psi family, kd_math.h)."""
 
     @staticmethod
     def forward(
@@ -251,8 +271,8 @@ class _VocabParallelKD(torch.autograd.Function):
         student: torch.Tensor,
         teacher: torch.Tensor,
         keep: Optional[torch.Tensor],
-        divergence: str,
-        beta: float,
+        spec,
+        named: dict,
         temperature: float,
         scale: float,
         reduction: str,
@@ -263,36 +283,21 @@ class _VocabParallelKD(torch.autograd.Function):
         rows = math.prod(lead)
         xs = student.reshape(rows, width).to(cdtype)
         xt = teacher.reshape(rows, width).to(cdtype)
-        shift, log_s, teacher_has_mass, vocab = _global_log_normalizers(xs, xt, temperature, group)
+        shift, log_s, _, vocab = _global_log_normalizers(xs, xt, temperature, group)
         log_q = _log_probs(xs, shift[0], log_s[0], temperature)
         log_p = _log_probs(xt, shift[1], log_s[1], temperature)
         bad = shift.isnan().any(dim=0) | (shift == math.inf).any(dim=0)  # a NaN or +inf logit in the row
-        q, p = log_q.exp(), log_p.exp()
-        zero = torch.zeros((), dtype=cdtype, device=q.device)
-        nan = torch.full((), math.nan, dtype=cdtype, device=q.device)
+        zero = torch.zeros((), dtype=cdtype, device=xs.device)
+        nan = torch.full((), math.nan, dtype=cdtype, device=xs.device)
 
-        if divergence == "kl":
-            parts = _plogp_ratio(p, log_p, log_q).sum(dim=-1)
-        elif divergence == "reverse_kl":
-            parts = _plogp_ratio(q, log_q, log_p).sum(dim=-1)
-        else:
-            log_m = _log_m(log_p, log_q, beta)
-            parts = torch.stack(
-                [_plogp_ratio(p, log_p, log_m).sum(dim=-1), _plogp_ratio(q, log_q, log_m).sum(dim=-1)]
-            )
+        phi, psi_q = _entry_terms(spec, named, log_p, log_q)
+        parts = torch.stack([phi.sum(dim=-1), psi_q.sum(dim=-1)])
         dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=group)
-
-        if divergence == "jsd":
-            per_row = beta * parts[0] + (1.0 - beta) * parts[1]
-            row_stat = parts[1]  # KL(q || m), for the gradient
-        else:
-            per_row = parts
-            # kl: the gradient is q * sum(p) - p, where sum(p) is 1 if the teacher row has mass, else 0
-            row_stat = teacher_has_mass.to(cdtype) if divergence == "kl" else parts  # reverse_kl: KL(q || p)
+        per_row, sum_psi_q = parts[0], parts[1]
         if scale != 1.0:
             per_row = per_row * scale
         # a NaN (or +inf) logit anywhere in a row makes its normalizer NaN: the row is NaN, not silently 0 (the
-        # probability-0 test of _plogp_ratio would drop NaN entries)
+        # probability-0 tests of the formulas would drop NaN entries)
         per_row = torch.where(bad | log_s.isnan().any(dim=0), nan, per_row)
         if keep is not None:
             per_row = torch.where(keep, per_row, zero)
@@ -303,14 +308,14 @@ class _VocabParallelKD(torch.autograd.Function):
         elif reduction == "sum":
             result = per_row.sum()
         else:
-            counted = keep.sum() if keep is not None else torch.tensor(rows, device=q.device)
+            counted = keep.sum() if keep is not None else torch.tensor(rows, device=xs.device)
             denom = counted.clamp_min(1).to(cdtype)
             if reduction == "mean":
                 denom = denom * vocab.clamp_min(1)
             result = per_row.sum() / denom
 
-        ctx.save_for_backward(student, teacher, shift, log_s, row_stat, keep, denom)
-        ctx.config = (divergence, beta, temperature, scale, reduction, cdtype)
+        ctx.save_for_backward(student, teacher, shift, log_s, sum_psi_q, keep, denom)
+        ctx.config = (spec, named, temperature, scale, reduction, cdtype)
         return result.to(out_dtype)
 
     @staticmethod
@@ -319,31 +324,23 @@ class _VocabParallelKD(torch.autograd.Function):
         nothing = (None,) * 8
         if not ctx.needs_input_grad[0]:
             return (None,) + nothing
-        student, teacher, shift, log_s, row_stat, keep, denom = ctx.saved_tensors
-        divergence, beta, temperature, scale, reduction, cdtype = ctx.config
+        student, teacher, shift, log_s, sum_psi_q, keep, denom = ctx.saved_tensors
+        spec, named, temperature, scale, reduction, cdtype = ctx.config
         width = student.shape[-1]
         rows = shift.shape[1]
 
         # the weight of each row in the reduced loss, times the chain rule's factor of the tempered logits
         g = grad_out.to(cdtype)
         coef = g.reshape(rows) if reduction == "none" else (g if denom is None else g / denom).expand(rows)
-        factor = scale / temperature * (1.0 - beta if divergence == "jsd" else 1.0)
-        coef = coef * factor
+        coef = coef * (scale / temperature)
 
         log_q = _log_probs(student.reshape(rows, width).to(cdtype), shift[0], log_s[0], temperature)
         log_p = _log_probs(teacher.reshape(rows, width).to(cdtype), shift[1], log_s[1], temperature)
         bad = shift.isnan().any(dim=0) | (shift == math.inf).any(dim=0) | log_s.isnan().any(dim=0)
-        q = log_q.exp()
-        zero = torch.zeros((), dtype=cdtype, device=q.device)
-        nan = torch.full((), math.nan, dtype=cdtype, device=q.device)
-        if divergence == "kl":
-            local = q * row_stat.unsqueeze(-1) - log_p.exp()
-        else:
-            log_r = log_p if divergence == "reverse_kl" else _log_m(log_p, log_q, beta)
-            pos = q > 0  # q_j = 0 contributes exactly 0; both branches finite there
-            diff = torch.where(pos, log_q, zero) - torch.where(pos, log_r, zero) - row_stat.unsqueeze(-1)
-            local = torch.where(pos, q * diff, zero)
-        grad = coef.unsqueeze(-1) * local
+        zero = torch.zeros((), dtype=cdtype, device=log_q.device)
+        nan = torch.full((), math.nan, dtype=cdtype, device=log_q.device)
+        _, psi_q = _entry_terms(spec, named, log_p, log_q)
+        grad = coef.unsqueeze(-1) * (psi_q - log_q.exp() * sum_psi_q.unsqueeze(-1))
         grad = torch.where(bad.unsqueeze(-1), nan, grad)  # NaN rows: NaN, not 0
         if keep is not None:
             grad = torch.where(keep.unsqueeze(-1), grad, zero)

@@ -90,15 +90,15 @@ def _response(
     divergence: str,
     temperature: float,
     *,
-    beta: float = 0.0,
-    alpha: float = 0.0,
+    params: Sequence[float] = (),
     soft_weight: float = 1.0,
     hard_weight: float = 0.0,
     ignore_index: int = -100,
     reduction: str = "batchmean",
     scale_by_temperature: bool = False,
 ):
-    """Runs fastkd::response_forward on [..., V] logits; returns (loss, soft, hard) shaped for reduction."""
+    """Runs fastkd::response_forward on [..., V] logits; returns (loss, soft, hard) shaped for reduction.
+    ``params``: the divergence's parameters in registry order (fastkd/divergences.py)."""
     vocab = student_logits.shape[-1]
     grad_on = torch.is_grad_enabled()
     loss, soft, hard, _, _ = torch.ops.fastkd.response_forward(
@@ -107,9 +107,8 @@ def _response(
         None if labels is None else labels.reshape(-1),
         _num_items_tensor(num_items),
         divergence,
+        list(params),
         temperature,
-        beta,
-        alpha,
         soft_weight,
         hard_weight,
         ignore_index,
@@ -272,8 +271,8 @@ def jsd_loss(
     if reduction == "batchmean" and labels is None and n is None and student_logits.dim() >= 3 \
             and student_logits.shape[0] > 0:
         n = student_logits.shape[0]  # TRL: jsd.sum() / jsd.size(0) (empty input: 0, as every loss)
-    divergence = "kl" if b == 0.0 else "reverse_kl" if b == 1.0 else "jsd"
-    return _response(student_logits, teacher_logits, labels, n, divergence, t, beta=b, ignore_index=ignore_index,
+    # beta 0 and 1 (forward and reverse KL, TRL's convention) are run by those kernels: the op resolves them
+    return _response(student_logits, teacher_logits, labels, n, "jsd", t, params=(b,), ignore_index=ignore_index,
                      reduction=reduction)[0]
 
 
@@ -343,8 +342,86 @@ def dkd_loss(
     if not _use_kernels():
         return reference.dkd_loss(student_logits, teacher_logits, target, a, b, t, reduction=reduction,
                                   ignore_index=ignore_index, num_items_in_batch=n)
-    return _response(student_logits, teacher_logits, target, n, "dkd", t, beta=b, alpha=a,
+    return _response(student_logits, teacher_logits, target, n, "dkd", t, params=(a, b),
                      ignore_index=ignore_index, reduction=reduction, scale_by_temperature=True)[0]
+
+
+def _resolve_scale(spec, scale_by_temperature, where: str) -> bool:
+    """``scale_by_temperature`` for a divergence: None is its own default (T^2 for the KL-type divergences);
+    True where the divergence has no T^2 factor (JSD, TVD) is an error."""
+    return v.resolve_scale_by_temperature(scale_by_temperature, spec.name)
+
+
+def _divergence(spec, where: str, student_logits, teacher_logits, params, temperature, *, reduction="batchmean",
+                labels=None, ignore_index=-100, scale_by_temperature=None, num_items_in_batch=None):
+    """The response op for any registered divergence. Python checks what the op cannot see (tensor and Python
+    types); the op checks the parameters' ranges (ValueError naming the parameter)."""
+    values = spec.resolve(params, where)
+    scale = _resolve_scale(spec, scale_by_temperature, where)
+    t, n = _check_common(student_logits, teacher_logits, labels, temperature, reduction, ignore_index,
+                         num_items_in_batch)
+    if spec.family == "decoupled":
+        v.check_target(labels, student_logits, ignore_index, required=True, name="labels", check_range=False)
+    if not _use_kernels():
+        return reference.divergence_loss(student_logits, teacher_logits, spec.name, t, reduction=reduction,
+                                         labels=labels, ignore_index=ignore_index, scale_by_temperature=scale,
+                                         num_items_in_batch=n, **dict(zip(spec.param_names, values)))
+    return _response(student_logits, teacher_logits, labels, n, spec.name, t, params=values,
+                     ignore_index=ignore_index, reduction=reduction, scale_by_temperature=scale)[0]
+
+
+def divergence_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    divergence: str,
+    temperature: float = 1.0,
+    *,
+    reduction: str = "batchmean",
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    scale_by_temperature: Optional[bool] = None,
+    num_items_in_batch: NumItems = None,
+    **params: float,
+) -> torch.Tensor:
+    r"""Any registered response divergence by name, fused (one read of the logits for the loss and its
+    gradients): ``divergence_loss(s, t, "skew_kl", 2.0, skew=0.2)``. The divergences, their parameters and
+    defaults are listed in :data:`fastkd.divergences.REGISTRY` (and the README's table).
+
+    Args:
+        student_logits, teacher_logits: raw logits ``[..., V]``, as :func:`fastkd.kd_loss`.
+        divergence: its name, e.g. ``"kl"``, ``"reverse_kl"``, ``"jsd"``, ``"tvd"``, ``"dkd"``.
+        temperature: softmax temperature ``T > 0``.
+        reduction, labels, ignore_index, num_items_in_batch: as :func:`fastkd.kd_loss`. For ``"dkd"`` the labels
+            are the class targets (required). ``"batchmean"`` always divides by the counted rows (the named
+            :func:`fastkd.jsd_loss` keeps TRL's division of ``[B, T, V]`` input by ``B``).
+        scale_by_temperature: multiply by ``T^2``; None means the divergence's default (yes for the KL-type
+            divergences, no for ``"jsd"`` and ``"tvd"``, where True is an error).
+        **params: the divergence's parameters by name (e.g. ``beta=0.3`` for ``"jsd"``); omitted ones take
+            their defaults. A parameter the divergence does not have is a TypeError, one out of its range a
+            ValueError.
+
+    The special-value rules of every response loss apply (module docstring).
+    """
+    from fastkd import divergences
+
+    return _divergence(divergences.get(divergence), "divergence_loss", student_logits, teacher_logits, params,
+                       temperature, reduction=reduction, labels=labels, ignore_index=ignore_index,
+                       scale_by_temperature=scale_by_temperature, num_items_in_batch=num_items_in_batch)
+
+
+def _generate_functions() -> List[str]:
+    """The functions of the registered divergences that are not written by hand (fastkd/divergences.py)."""
+    from fastkd import _codegen, divergences
+
+    made = []
+    for spec in divergences.REGISTRY.values():
+        if spec.generated:
+            globals()[spec.function] = _codegen.make_function(spec, _divergence, __name__, "fused")
+            made.append(spec.function)
+    return made
+
+
+__all__ += ["divergence_loss"] + _generate_functions()
 
 
 def topk_kd_loss(

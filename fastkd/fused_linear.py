@@ -23,7 +23,7 @@ from typing import Optional, Union
 import torch
 
 from fastkd import _validation as v
-from fastkd import reference
+from fastkd import divergences, reference
 from fastkd.functional import NumItems, _num_items_tensor, _use_kernels
 from fastkd.outputs import LossParts
 from fastkd.teachers import TeacherHead, TopKTeacher
@@ -62,7 +62,7 @@ def fused_linear_kd_loss(
     *,
     student_bias: Optional[torch.Tensor] = None,
     loss: str = "kl",
-    beta: float = 0.5,
+    beta: Optional[float] = None,
     temperature: float = 1.0,
     labels: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
@@ -73,6 +73,7 @@ def fused_linear_kd_loss(
     scale_by_temperature: Optional[bool] = None,
     num_items_in_batch: NumItems = None,
     return_parts: bool = False,
+    **params: float,
 ) -> Union[torch.Tensor, LossParts]:
     r"""Distillation loss of a student given by its hidden states and linear head, fused and chunked:
 
@@ -107,10 +108,15 @@ def fused_linear_kd_loss(
             student's softmax, so the student learns to put no mass there. ``reverse_kl`` is then infinite and
             refused: slice the student's head to the teacher's vocabulary instead.
         student_bias: ``[V]`` or None.
-        loss: ``"kl"`` (forward KL, :func:`fastkd.kd_loss`), ``"reverse_kl"`` (:func:`fastkd.reverse_kl_loss`) or
-            ``"jsd"`` (the generalized JSD of :func:`fastkd.jsd_loss` with mixing weight ``beta``; ``beta`` 0 and
-            1 are forward and reverse KL, as in TRL).
-        beta: JSD mixing weight in ``[0, 1]`` (``loss="jsd"`` only).
+        loss: any registered divergence but ``"dkd"`` (fastkd/divergences.py, the README's table): ``"kl"``
+            (forward KL, :func:`fastkd.kd_loss`), ``"reverse_kl"`` (:func:`fastkd.reverse_kl_loss`), ``"jsd"`` (the
+            generalized JSD of :func:`fastkd.jsd_loss` with mixing weight ``beta``; ``beta`` 0 and 1 are forward and
+            reverse KL, as in TRL), ``"tvd"``, ...; each gives the value of :func:`fastkd.divergence_loss` on the
+            logits.
+        beta: the divergence's ``beta`` (JSD's mixing weight in ``[0, 1]``); None (default) means its default
+            (0.5 for the JSD). Ignored by divergences without a ``beta`` (as before).
+        **params: the divergence's other parameters by name (e.g. ``skew=0.1``); a parameter it does not have
+            is a TypeError.
         temperature: softmax temperature ``T > 0`` of the distillation term (the cross-entropy uses ``T = 1``).
         labels: integer ``[...]``: rows equal to ``ignore_index`` do not count (loss 0, gradient 0); with
             ``hard_label_weight != 0`` they are the cross-entropy targets, in ``[0, V)``.
@@ -148,22 +154,20 @@ def fused_linear_kd_loss(
     gradients themselves. With ``reduction="none"`` the gradients depend on each token's upstream gradient,
     so they are computed in the backward pass by running the chunks again.
     """
-    kind, _, t, b, hard, soft, n, scale = v.check_fused_linear(
+    kind, _, t, div_params, hard, soft, n, scale = v.check_fused_linear(
         student_hidden, student_weight, teacher, student_bias, loss, beta, temperature, labels, ignore_index,
         hard_label_weight, soft_weight, reduction, chunk_size, num_items_in_batch, scale_by_temperature,
-        return_parts)
+        return_parts, params)
     if not _use_kernels():
         return reference.fused_linear_kd_loss(
-            student_hidden, student_weight, teacher, student_bias=student_bias, loss=loss, beta=b, temperature=t,
+            student_hidden, student_weight, teacher, student_bias=student_bias, loss=loss, temperature=t,
             labels=labels, ignore_index=ignore_index, hard_label_weight=hard, soft_weight=soft, reduction=reduction,
-            scale_by_temperature=scale, num_items_in_batch=n, return_parts=return_parts)
+            scale_by_temperature=scale, num_items_in_batch=n, return_parts=return_parts,
+            **dict(zip(divergences.get(loss).param_names, div_params)))
 
     lead = student_hidden.shape[:-1]
     hidden = _rows(student_hidden)
     rows, vocab = hidden.shape[0], student_weight.shape[0]
-    divergence = loss
-    if loss == "jsd":
-        divergence = "kl" if b == 0.0 else "reverse_kl" if b == 1.0 else "jsd"
     dense = _rows(teacher).detach() if kind == "dense" else None
     t_hidden = t_weight = t_bias = values = indices = None
     values_are_logprobs = tail_bucket = False
@@ -178,7 +182,7 @@ def fused_linear_kd_loss(
     grad_on = torch.is_grad_enabled()
     out, soft_part, hard_part, _, _, _ = torch.ops.fastkd.fused_linear_kd_forward(
         hidden, student_weight, student_bias, dense, t_hidden, t_weight, t_bias, values, indices,
-        _rows(labels, last=False), _num_items_tensor(n), None, divergence, t, b, soft, hard, ignore_index,
+        _rows(labels, last=False), _num_items_tensor(n), None, loss, list(div_params), t, soft, hard, ignore_index,
         reduction, scale, values_are_logprobs, tail_bucket,
         default_chunk_size(rows, vocab, hidden.device) if chunk_size is None else int(chunk_size),
         grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fastkd import _validation as v
+from fastkd import divergences
 from fastkd import functional as _fn
 from fastkd import reference as _reference
 from fastkd.functional import (
@@ -328,6 +329,52 @@ class TopKKDLoss(_ResponseLoss):
         return f"values_are={self.values_are!r}, tail={self.tail!r}, " + super().extra_repr()
 
 
+class DivergenceLoss(nn.Module):
+    """Module form of :func:`fastkd.divergence_loss`: ``DivergenceLoss("skew_kl", temperature=2.0, skew=0.2)``;
+    ``forward(student_logits, teacher_logits, labels=None, num_items_in_batch=None)``. The divergence's
+    parameters are checked when the module is built."""
+
+    def __init__(self, divergence: str, temperature: float = 1.0, *, reduction: str = "batchmean",
+                 ignore_index: int = -100, scale_by_temperature: Optional[bool] = None, **params: float) -> None:
+        super().__init__()
+        spec = divergences.get(divergence)
+        values = spec.resolve(params, "DivergenceLoss")
+        spec.check_ranges(values)
+        v.resolve_scale_by_temperature(scale_by_temperature, divergence)
+        self.divergence = divergence
+        self.params = dict(zip(spec.param_names, values))
+        self.temperature = v.check_temperature(temperature)
+        self.reduction = v.check_reduction(reduction)
+        self.ignore_index = v.check_ignore_index(ignore_index)
+        self.scale_by_temperature = scale_by_temperature
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                labels: Optional[torch.Tensor] = None, num_items_in_batch: NumItems = None) -> torch.Tensor:
+        return _fn.divergence_loss(student_logits, teacher_logits, self.divergence, self.temperature,
+                                   reduction=self.reduction, labels=labels, ignore_index=self.ignore_index,
+                                   scale_by_temperature=self.scale_by_temperature,
+                                   num_items_in_batch=num_items_in_batch, **self.params)
+
+    def extra_repr(self) -> str:
+        params = "".join(f", {k}={x}" for k, x in self.params.items())
+        return f"{self.divergence!r}, temperature={self.temperature}{params}, reduction={self.reduction!r}"
+
+
+def _generate_modules() -> List[str]:
+    """The modules of the registered divergences that are not written by hand (fastkd/divergences.py)."""
+    from fastkd import _codegen
+
+    made = []
+    for spec in divergences.REGISTRY.values():
+        if spec.generated:
+            globals()[spec.module] = _codegen.make_module(spec, getattr(_fn, spec.function), __name__)
+            made.append(spec.module)
+    return made
+
+
+__all__ += ["DivergenceLoss"] + _generate_modules()
+
+
 class FusedLinearKDLoss(nn.Module):
     """Distillation through the student's linear head without the full logits; see
     :func:`fastkd.fused_linear_kd_loss` (the constructor's arguments are its keyword arguments, with the same
@@ -355,7 +402,7 @@ class FusedLinearKDLoss(nn.Module):
     def __init__(
         self,
         loss: str = "kl",
-        beta: float = 0.5,
+        beta: Optional[float] = None,
         temperature: float = 1.0,
         ignore_index: int = -100,
         hard_label_weight: float = 0.0,
@@ -364,13 +411,18 @@ class FusedLinearKDLoss(nn.Module):
         chunk_size: Optional[int] = None,
         scale_by_temperature: Optional[bool] = None,
         return_parts: bool = False,
+        **params: float,
     ) -> None:
         super().__init__()
-        self.loss = v.check_choice("loss", loss, v.FUSED_LINEAR_LOSSES)
+        self.loss = v.check_choice("loss", loss, v.fused_linear_losses())
         self.chunk_size = v.check_chunk_size(chunk_size)
         v.resolve_scale_by_temperature(scale_by_temperature, loss)  # checks it; None is kept (resolved per call)
         self.scale_by_temperature = scale_by_temperature
-        self.beta = v.check_beta_unit(beta)
+        spec = divergences.get(loss)
+        values = v.resolve_divergence_params(loss, beta, params, "FusedLinearKDLoss")
+        spec.check_ranges(values)
+        self.params = dict(zip(spec.param_names, values))  # the divergence's parameters, beta included
+        self.beta = self.params.get("beta", beta)
         self.temperature = v.check_temperature(temperature)
         self.ignore_index = v.check_ignore_index(ignore_index)
         self.hard_label_weight, _ = v.check_mix_weights(hard_label_weight, soft_weight,
@@ -390,14 +442,15 @@ class FusedLinearKDLoss(nn.Module):
         num_items_in_batch: NumItems = None,
     ) -> Union[torch.Tensor, LossParts]:
         return fused_linear_kd_loss(
-            student_hidden, student_weight, teacher, student_bias=student_bias, loss=self.loss, beta=self.beta,
+            student_hidden, student_weight, teacher, student_bias=student_bias, loss=self.loss, **self.params,
             temperature=self.temperature, labels=labels, ignore_index=self.ignore_index,
             hard_label_weight=self.hard_label_weight, soft_weight=self.soft_weight, reduction=self.reduction,
             chunk_size=self.chunk_size, scale_by_temperature=self.scale_by_temperature,
             num_items_in_batch=num_items_in_batch, return_parts=self.return_parts)
 
     def extra_repr(self) -> str:
-        return (f"loss={self.loss!r}, beta={self.beta}, temperature={self.temperature}, "
+        params = "".join(f"{k}={x}, " for k, x in self.params.items())
+        return (f"loss={self.loss!r}, {params}temperature={self.temperature}, "
                 f"hard_label_weight={self.hard_label_weight}, soft_weight={self.soft_weight}, "
                 f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, "
                 f"scale_by_temperature={self.scale_by_temperature}, return_parts={self.return_parts}")

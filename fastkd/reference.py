@@ -369,6 +369,68 @@ def dkd_loss(
 
 
 # --------------------------------------------------------------------------------------------------------
+# any registered divergence, from its spec's formula (fastkd/divergences.py)
+# --------------------------------------------------------------------------------------------------------
+def _divergence(spec, where: str, student_logits, teacher_logits, params, temperature, *, reduction="batchmean",
+                labels=None, ignore_index=-100, scale_by_temperature=None, num_items_in_batch=None):
+    values = spec.resolve(params, where)
+    spec.check_ranges(values)
+    scale = v.resolve_scale_by_temperature(scale_by_temperature, spec.name)
+    t, num = _check_pair(
+        student_logits, teacher_logits, temperature, reduction, labels, ignore_index, num_items_in_batch
+    )
+    named = dict(zip(spec.param_names, values))
+    if spec.family == "decoupled":  # DKD: the labels are the class targets
+        out = dkd_loss(student_logits, teacher_logits, labels, **named, temperature=t, reduction=reduction,
+                       ignore_index=ignore_index, num_items_in_batch=num)
+        return out if scale else out / (t * t)
+    out_dtype, cdtype = _dtypes(student_logits, teacher_logits)
+    student_logits, teacher_logits, empty = _fully_masked(student_logits, teacher_logits)
+    log_q, log_p = _log_softmaxes(student_logits, teacher_logits, t, cdtype)
+    rows = _drop_masked(spec.formula(log_p.exp(), log_q.exp(), log_p, log_q, **named).sum(-1), empty)
+    if scale:
+        rows = rows * (t * t)
+    keep, counted = _keep_rows(labels, ignore_index, rows.shape, rows.device)
+    return reduce_rows(_mask(rows, keep), reduction, counted, student_logits.shape[-1], num).to(out_dtype)
+
+
+def divergence_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    divergence: str,
+    temperature: float = 1.0,
+    *,
+    reduction: str = "batchmean",
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    scale_by_temperature: Optional[bool] = None,
+    num_items_in_batch: NumItems = None,
+    **params: float,
+) -> torch.Tensor:
+    """Any registered divergence in plain PyTorch, from its spec's per-entry formula (the oracle of
+    :func:`fastkd.divergence_loss`, twice differentiable). Arguments as there."""
+    from fastkd import divergences
+
+    return _divergence(divergences.get(divergence), "divergence_loss", student_logits, teacher_logits, params,
+                       temperature, reduction=reduction, labels=labels, ignore_index=ignore_index,
+                       scale_by_temperature=scale_by_temperature, num_items_in_batch=num_items_in_batch)
+
+
+def _generate_functions():
+    from fastkd import _codegen, divergences
+
+    made = []
+    for spec in divergences.REGISTRY.values():
+        if spec.generated:
+            globals()[spec.function] = _codegen.make_function(spec, _divergence, __name__, "plain PyTorch")
+            made.append(spec.function)
+    return made
+
+
+__all__ += ["divergence_loss"] + _generate_functions()
+
+
+# --------------------------------------------------------------------------------------------------------
 # top-k teacher KD
 # --------------------------------------------------------------------------------------------------------
 def topk_kd_loss(
@@ -780,7 +842,7 @@ def fused_linear_kd_loss(
     *,
     student_bias: Optional[torch.Tensor] = None,
     loss: str = "kl",
-    beta: float = 0.5,
+    beta: Optional[float] = None,
     temperature: float = 1.0,
     labels: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
@@ -791,18 +853,19 @@ def fused_linear_kd_loss(
     scale_by_temperature: Optional[bool] = None,
     num_items_in_batch: NumItems = None,
     return_parts: bool = False,
+    **params: float,
 ) -> Union[torch.Tensor, LossParts]:
     """The composition :func:`fastkd.fused_linear_kd_loss` fuses, in plain PyTorch: the full logits
     ``F.linear(student_hidden, student_weight, student_bias)`` (and the teacher's, for a ``TeacherHead``; a
-    smaller teacher vocabulary padded with -inf), then :func:`kd_loss` / :func:`reverse_kl_loss` /
-    :func:`jsd_loss` / :func:`topk_kd_loss` on the rows, plus ``hard_label_weight`` times the cross-entropy.
+    smaller teacher vocabulary padded with -inf), then :func:`divergence_loss` (``loss`` and its parameters)
+    or :func:`topk_kd_loss` on the rows, plus ``hard_label_weight`` times the cross-entropy.
     The teacher is detached. ``chunk_size`` is accepted and ignored (nothing is chunked here). Defaults as
     :func:`fastkd.fused_linear_kd_loss`: ``soft_weight=None`` is ``1 - hard_label_weight`` and
     ``scale_by_temperature=None`` the divergence's own (``T^2`` for "kl" / "reverse_kl", none for "jsd")."""
-    kind, teacher_vocab, t, b, hard, soft, num, scale = v.check_fused_linear(
+    kind, teacher_vocab, t, values, hard, soft, num, scale = v.check_fused_linear(
         student_hidden, student_weight, teacher, student_bias, loss, beta, temperature, labels, ignore_index,
         hard_label_weight, soft_weight, reduction, chunk_size, num_items_in_batch, scale_by_temperature,
-        return_parts)
+        return_parts, params)
     scale_by_temperature = scale
     lead = student_hidden.shape[:-1]
     logits = F.linear(student_hidden, student_weight, student_bias).reshape(-1, student_weight.shape[0])
@@ -824,12 +887,11 @@ def fused_linear_kd_loss(
             pad = torch.full((t_logits.shape[0], vocab - teacher_vocab), -math.inf, dtype=t_logits.dtype,
                              device=t_logits.device)
             t_logits = torch.cat([t_logits, pad], dim=-1)
-        if loss == "kl":
-            soft_loss = kd_loss(logits, t_logits, t, scale_by_temperature=scale_by_temperature, **common)
-        elif loss == "reverse_kl":
-            soft_loss = reverse_kl_loss(logits, t_logits, t, scale_by_temperature=scale_by_temperature, **common)
-        else:
-            soft_loss = jsd_loss(logits, t_logits, b, t, **common)
+        from fastkd import divergences
+
+        named = dict(zip(divergences.get(loss).param_names, values))
+        soft_loss = divergence_loss(logits, t_logits, loss, t, scale_by_temperature=scale_by_temperature, **common,
+                                    **named)
     if hard != 0.0:
         # the cross-entropy alone: alpha=1, beta=0 (the KD term against the student itself is 0 anyway)
         hard_loss = kd_loss(logits, logits.detach(), 1.0, alpha=1.0, beta=0.0, **common)

@@ -33,6 +33,9 @@ needs_gloo = pytest.mark.skipif(
 VOCAB = 13
 SPLITS = {2: (7, 6), 3: (5, 5, 3)}  # uneven vocabulary slices, in rank order
 KINDS = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.0), ("jsd", 1.0)]
+# every other divergence of the registry the vocab-parallel path runs, at its test parameters
+REGISTRY_KINDS = [(s.name, tuple(sorted(p.items()))) for s in fastkd.divergences.REGISTRY.values()
+                  if s.fused_head and s.name not in ("kl", "reverse_kl", "jsd") for p in s.test_params]
 REDUCTIONS = ["batchmean", "sum", "mean", "none"]
 
 
@@ -56,6 +59,7 @@ class Case:
     # only in ignored rows), "offset" (|logits| ~ 300 with a small spread: at T = 1e-3, s / T ~ 3e5)
     pad: str = "none"
     split: Optional[Tuple[int, ...]] = None  # default: SPLITS[world]
+    params: Tuple[Tuple[str, float], ...] = ()  # a registry divergence's parameters (REGISTRY_KINDS)
 
 
 def _kind_name(loss, beta):
@@ -88,6 +92,20 @@ def _cases(world: int) -> Dict[str, Case]:
                               scale=scale, dtype=torch.float32, pad="offset"))
         for red in REDUCTIONS:
             cases.append(Case(f"{k}-{red}-empty-input", loss, beta, red, lead=(0,)))
+    for loss, params in REGISTRY_KINDS:
+        k = loss + "".join(f"-{n}{x:g}" for n, x in params)
+        spec = fastkd.divergences.get(loss)
+        infinite_on_padding = spec.infinite_on_padding is not None and spec.infinite_on_padding(**dict(params))
+        for red in ("batchmean", "none"):
+            cases.append(Case(f"{k}-{red}-3d-labels", loss, 0.5, red, scale=spec.temperature_squared, labels="some",
+                              params=params))
+            if not infinite_on_padding:  # padded entries have teacher probability 0, where the student has mass
+                cases.append(Case(f"{k}-{red}-padded-shard", loss, 0.5, red, labels="some", pad="last_shard",
+                                  params=params))
+        cases.append(Case(f"{k}-mean-2d-float32", loss, 0.5, "mean", lead=(5,), temperature=0.7,
+                          dtype=torch.float32, params=params))
+        cases.append(Case(f"{k}-batchmean-nan-logits", loss, 0.5, "batchmean", lead=(5,), labels="some", pad="nan",
+                          params=params))
     cases.append(Case("kl-mean-ignore-index-7", "kl", 0.5, "mean", labels="some", ignore_index=7))
     cases.append(Case("kl-sum-bf16-student", "kl", 0.5, "sum", scale=True, dtype=torch.bfloat16,
                       teacher_dtype=torch.float32))
@@ -163,7 +181,10 @@ def _single_process(case: Case, dtype: torch.dtype = torch.float64):
         t[1] = 0.0
     s.requires_grad_(True)
     kw = dict(labels=labels, ignore_index=case.ignore_index, reduction=case.reduction)
-    if case.loss == "kl":
+    if case.params or case.loss not in ("kl", "reverse_kl", "jsd"):
+        loss = fastkd.divergence_loss(s, t, case.loss, case.temperature, scale_by_temperature=case.scale, **kw,
+                                      **dict(case.params))
+    elif case.loss == "kl":
         loss = fastkd.kd_loss(s, t, case.temperature, scale_by_temperature=case.scale, **kw)
     elif case.loss == "reverse_kl":
         loss = fastkd.reverse_kl_loss(s, t, case.temperature, scale_by_temperature=case.scale, **kw)
@@ -244,9 +265,10 @@ def _run_case(case: Case, world: int, rank: int):
     lo, hi = _bounds(case, world, rank)
     s_shard = s[..., lo:hi].clone().requires_grad_(True)
     t_shard = t[..., lo:hi].clone().requires_grad_(True)  # the teacher is a constant even if it requires grad
+    extra = dict(case.params) if case.params or case.loss not in ("kl", "reverse_kl", "jsd") else {"beta": case.beta}
     loss = vocab_parallel_kd_loss(
-        s_shard, t_shard, loss=case.loss, beta=case.beta, temperature=case.temperature, labels=labels,
-        ignore_index=case.ignore_index, reduction=case.reduction, scale_by_temperature=case.scale,
+        s_shard, t_shard, loss=case.loss, temperature=case.temperature, labels=labels,
+        ignore_index=case.ignore_index, reduction=case.reduction, scale_by_temperature=case.scale, **extra,
     )
     loss.backward(grad_out)
     return {"loss": loss.detach(), "grad": s_shard.grad, "teacher_grad": t_shard.grad}
@@ -426,8 +448,8 @@ def test_requires_initialized_process_group():
     [
         ({}, ((4, 5), (4, 6)), ValueError, r"teacher_logits_shard must have the student shard's shape \(4, 5\)"),
         ({}, ((4, 5), (3, 5)), ValueError, "teacher_logits_shard must have the student shard's shape"),
-        ({"loss": "kld"}, None, ValueError, r"loss must be one of \('kl', 'reverse_kl', 'jsd'\), got 'kld'"),
-        ({"loss": "tvd"}, None, ValueError, "loss must be one of"),
+        ({"loss": "kld"}, None, ValueError, r"loss must be one of \('kl', 'reverse_kl', 'jsd', 'tvd'.*\), got 'kld'"),
+        ({"loss": "dkd"}, None, ValueError, "loss must be one of"),  # every registered divergence but dkd
         ({"temperature": 0.0}, None, ValueError, "temperature must be finite and > 0"),
         ({"temperature": -2.0}, None, ValueError, "temperature must be finite and > 0"),
         ({"temperature": math.inf}, None, ValueError, "temperature must be finite and > 0"),

@@ -277,15 +277,15 @@ def _op_samples(device):
     req = lambda x: x.clone().requires_grad_(True)  # noqa: E731
     n = torch.tensor(5.0)
     # (hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, topk_values,
-    #  topk_indices, labels, num_items, grad_rows, divergence, T, beta, soft_w, hard_w, ignore_index, reduction,
+    #  topk_indices, labels, num_items, grad_rows, divergence, params, T, soft_w, hard_w, ignore_index, reduction,
     #  scale_by_temperature, values_are_logprobs, tail_bucket, chunk_size, grad_hidden, grad_weight, grad_bias)
-    yield (req(h), req(w), req(b), dense, None, None, None, None, None, labels, None, None, "kl", 2.0, 0.5, 1.0,
+    yield (req(h), req(w), req(b), dense, None, None, None, None, None, labels, None, None, "kl", [], 2.0, 1.0,
            0.5, -100, "batchmean", True, False, False, 3, True, True, True)
-    yield (req(h), req(w), None, None, th, tw, tb, None, None, labels, n, None, "jsd", 1.0, 0.3, 1.0, 0.0, -100,
+    yield (req(h), req(w), None, None, th, tw, tb, None, None, labels, n, None, "jsd", [0.3], 1.0, 1.0, 0.0, -100,
            "mean", False, False, False, 4, True, True, False)
-    yield (req(h), w, b, None, None, None, None, vals, idx, None, None, None, "kl", 1.5, 0.5, 1.0, 0.0, -100,
+    yield (req(h), w, b, None, None, None, None, vals, idx, None, None, None, "kl", [], 1.5, 1.0, 0.0, -100,
            "sum", True, False, False, 2, True, False, False)
-    yield (h, req(w), req(b), None, th, tw, tb, None, None, labels, None, None, "reverse_kl", 1.0, 0.5, 1.0, 0.0,
+    yield (h, req(w), req(b), None, th, tw, tb, None, None, labels, None, None, "reverse_kl", [], 1.0, 1.0, 0.0,
            -100, "none", False, False, False, 5, False, False, False)
 
 
@@ -372,7 +372,7 @@ def test_bad_input(device):
     f = fastkd.fused_linear_kd_loss
     cases = [
         (TypeError, "teacher must be", lambda: f(h, w, "teacher")),
-        (ValueError, "loss must be one of", lambda: f(h, w, dense, loss="tvd")),
+        (ValueError, "loss must be one of", lambda: f(h, w, dense, loss="dkd")),  # every divergence but dkd
         (ValueError, "temperature", lambda: f(h, w, dense, temperature=0.0)),
         (ValueError, "beta", lambda: f(h, w, dense, loss="jsd", beta=1.5)),
         (ValueError, "chunk_size", lambda: f(h, w, dense, chunk_size=0)),
@@ -405,9 +405,9 @@ def test_op_rejects_bad_arguments_by_name(device):
     h, w, b, th, tw, tb, labels = _problem(device, seed=20)
     dense = F.linear(th, tw, tb)
     op = torch.ops.fastkd.fused_linear_kd_forward
-    base = [h, w, b, dense, None, None, None, None, None, labels, None, None, "kl", 1.0, 0.5, 1.0, 0.0, -100,
+    base = [h, w, b, dense, None, None, None, None, None, labels, None, None, "kl", [], 1.0, 1.0, 0.0, -100,
             "batchmean", False, False, False, 4, False, False, False]
-    for index, value, match in [(3, None, "exactly one of"), (12, "tvd", "supports 'kl', 'reverse_kl'"),
+    for index, value, match in [(3, None, "exactly one of"), (12, "dkd", "does not run 'dkd'"),
                                 (22, 0, "chunk_size"), (1, w[:, :3], "student_weight"),
                                 (11, torch.ones(13, device=device), "grad_rows")]:
         args = list(base)

@@ -275,7 +275,7 @@ def _opcheck_samples(device):
 
 def _kd_op_args(s, t, labels, temperature, ignore_index, reduction, scale, grad_s, grad_t):
     """Arguments of torch.ops.fastkd.response_forward for plain Hinton KD."""
-    return (s, t, labels, None, "kl", temperature, 0.0, 0.0, 1.0, 0.0, ignore_index, reduction, scale, grad_s, grad_t)
+    return (s, t, labels, None, "kl", [], temperature, 1.0, 0.0, ignore_index, reduction, scale, grad_s, grad_t)
 
 
 def test_opcheck(device):

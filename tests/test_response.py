@@ -638,17 +638,17 @@ def _response_samples(device):
     y = torch.tensor([0, -100, 4, 1, 32], device=device)
     n = torch.tensor(9.0)
     req = lambda x: x.clone().requires_grad_(True)  # noqa: E731
-    # (student, teacher, labels, num_items, divergence, T, beta, alpha, soft_w, hard_w, ignore_index,
+    # (student, teacher, labels, num_items, divergence, params (registry order), T, soft_w, hard_w, ignore_index,
     #  reduction, scale_by_temperature, grad_student, grad_teacher)
-    yield (req(s), t, None, None, "kl", 4.0, 0.0, 0.0, 1.0, 0.0, -100, "batchmean", True, True, False)
-    yield (req(s), req(t), y, None, "kl", 2.0, 0.0, 0.0, 0.7, 0.3, -100, "mean", True, True, True)
-    yield (req(s), req(t), y, n, "reverse_kl", 2.0, 0.0, 0.0, 1.0, 0.0, -100, "batchmean", True, True, True)
-    yield (req(s), t, y, None, "jsd", 1.5, 0.3, 0.0, 1.0, 0.0, -100, "none", False, True, False)
-    yield (req(s.double()), req(t.double()), None, n, "jsd", 1.0, 0.7, 0.0, 1.0, 0.0, -100, "mean", False, True,
+    yield (req(s), t, None, None, "kl", [], 4.0, 1.0, 0.0, -100, "batchmean", True, True, False)
+    yield (req(s), req(t), y, None, "kl", [], 2.0, 0.7, 0.3, -100, "mean", True, True, True)
+    yield (req(s), req(t), y, n, "reverse_kl", [], 2.0, 1.0, 0.0, -100, "batchmean", True, True, True)
+    yield (req(s), t, y, None, "jsd", [0.3], 1.5, 1.0, 0.0, -100, "none", False, True, False)
+    yield (req(s.double()), req(t.double()), None, n, "jsd", [0.7], 1.0, 1.0, 0.0, -100, "mean", False, True,
            True)
-    yield (req(s), req(t.bfloat16()), y, None, "tvd", 2.0, 0.0, 0.0, 1.0, 0.0, -100, "sum", False, True, True)
-    yield (req(s), req(t), y, None, "dkd", 4.0, 8.0, 1.0, 1.0, 0.0, -100, "batchmean", True, True, True)
-    yield (s, t, y, n, "dkd", 1.0, 2.0, 0.5, 1.0, 0.0, -100, "none", True, False, False)
+    yield (req(s), req(t.bfloat16()), y, None, "tvd", [], 2.0, 1.0, 0.0, -100, "sum", False, True, True)
+    yield (req(s), req(t), y, None, "dkd", [1.0, 8.0], 4.0, 1.0, 0.0, -100, "batchmean", True, True, True)
+    yield (s, t, y, n, "dkd", [0.5, 2.0], 1.0, 1.0, 0.0, -100, "none", True, False, False)
 
 
 def _topk_samples(device):

@@ -16,7 +16,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/bit_cast.h>
 
-#include "fastkd/kd_math.h"
+#include "fastkd/divergences.h"
 
 // Vector overloads of the kd_math.h primitives. They live in Vectorized's own namespace so that the
 // templates in kd_math.h find them by argument-dependent lookup.
@@ -74,8 +74,32 @@ template <typename A>
 inline Vectorized<A> fk_select_positive(const Vectorized<A>& cond, const Vectorized<A>& value) {
   return Vectorized<A>::blendv(Vectorized<A>(A(0)), value, cond > Vectorized<A>(A(0)));
 }
+// Lane by lane through the library's expm1 (no vector expm1 without Sleef); used by divergences that need
+// it (alpha-beta), not by the hot KL / JSD paths.
+template <typename A>
+inline Vectorized<A> fk_expm1(const Vectorized<A>& x) {
+  return x.map([](A v) -> A { return std::expm1(v); });
+}
+template <typename A>
+inline Vectorized<A> fk_where_zero(const Vectorized<A>& cond, const Vectorized<A>& if_zero,
+                                   const Vectorized<A>& otherwise) {
+  return Vectorized<A>::blendv(otherwise, if_zero, cond == Vectorized<A>(A(0)));
+}
+template <typename A>
+inline Vectorized<A> fk_where_finite(const Vectorized<A>& x, const Vectorized<A>& if_finite,
+                                     const Vectorized<A>& otherwise) {
+  return Vectorized<A>::blendv(otherwise, if_finite, (x - x) == Vectorized<A>(A(0)));
+}
 }  // namespace CPU_CAPABILITY
 }  // namespace at::vec
+
+namespace fastkd {
+// fk_splat<Vectorized<A>>(d): a per-call constant broadcast to every lane (divergences.h).
+template <typename A>
+struct FkScalar<at::vec::Vectorized<A>> {
+  using type = A;
+};
+}  // namespace fastkd
 
 namespace fastkd {
 namespace cpu {

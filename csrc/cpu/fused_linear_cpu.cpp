@@ -11,14 +11,7 @@ namespace cpu {
 namespace {
 
 struct CpuFusedBackend {
-  static void response(const KdCall& c, double count) {
-    switch (c.p.divergence) {
-      case Divergence::KL: run_response_rows<Divergence::KL>(c, count); break;
-      case Divergence::ReverseKL: run_response_rows<Divergence::ReverseKL>(c, count); break;
-      case Divergence::JSD: run_response_rows<Divergence::JSD>(c, count); break;
-      default: TORCH_INTERNAL_ASSERT(false, "fastkd: unexpected divergence in the fused linear head");
-    }
-  }
+  static void response(const KdCall& c, double count) { run_response(c, count); }
   static void topk(const TopkCall& c, double count) { run_topk_rows(c, count); }
   // acc += g^T h. Reduced-precision operands are widened chunk by chunk (O(chunk * (vocab + hidden))): the
   // CPU GEMMs have no float32 output for bfloat16 / float16 input.
@@ -34,12 +27,12 @@ Tensor6 fused_linear_kd_forward_cpu(
     const std::optional<at::Tensor>& teacher_weight, const std::optional<at::Tensor>& teacher_bias,
     const std::optional<at::Tensor>& topk_values, const std::optional<at::Tensor>& topk_indices,
     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& num_items,
-    const std::optional<at::Tensor>& grad_rows, c10::string_view divergence, double temperature, double beta,
-    double soft_weight, double hard_weight, int64_t ignore_index, c10::string_view reduction,
+    const std::optional<at::Tensor>& grad_rows, c10::string_view divergence, c10::ArrayRef<double> params,
+    double temperature, double soft_weight, double hard_weight, int64_t ignore_index, c10::string_view reduction,
     bool scale_by_temperature, bool values_are_logprobs, bool tail_bucket, int64_t chunk_size, bool grad_hidden,
     bool grad_weight, bool grad_bias) {
   const FusedLinearOptions o =
-      fused_linear_options(divergence, temperature, beta, soft_weight, hard_weight, ignore_index, reduction,
+      fused_linear_options(divergence, params, temperature, soft_weight, hard_weight, ignore_index, reduction,
                            scale_by_temperature, values_are_logprobs, tail_bucket, chunk_size, grad_hidden,
                            grad_weight, grad_bias);
   return fused_linear_kd<CpuFusedBackend>(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,

@@ -1,5 +1,5 @@
 // CPU implementation of fastkd::response_forward: Hinton KD, reverse KL, generalized JSD, TVD and
-// decoupled KD, optionally fused with the student's hard-label cross-entropy, in one kernel family.
+// decoupled KD and every other divergence of divergences.h, optionally fused with the student's hard-label cross-entropy, in one kernel family.
 //
 // Work split: rows in parallel (at::parallel_for), each row handled by one thread in sweeps:
 //   1. row maxima of student and teacher (streams the row from memory; DKD leaves the target out),
@@ -16,32 +16,29 @@
 namespace fastkd {
 namespace cpu {
 inline namespace CPU_CAPABILITY {
-template void run_response_rows<Divergence::KL>(const KdCall&, double);
-template void run_response_rows<Divergence::ReverseKL>(const KdCall&, double);
-template void run_response_rows<Divergence::DKD>(const KdCall&, double);
+// The KL-type and decoupled divergences; the Psi family is instantiated in kd_cpu_psi.cpp.
+#define FASTKD_INSTANTIATE_kl_type(id) template void run_response_rows<Divergence::id>(const KdCall&, double);
+#define FASTKD_INSTANTIATE_decoupled(id) FASTKD_INSTANTIATE_kl_type(id)
+#define FASTKD_INSTANTIATE_psi(id)
+#define FASTKD_DIV_INSTANTIATE(id, trait, family) FASTKD_INSTANTIATE_##family(id)
+FASTKD_DIVERGENCES(FASTKD_DIV_INSTANTIATE)
+
+void run_response(const KdCall& c, double count) {
+  dispatch_divergence(c.p.divergence, [&](auto tag) { run_response_rows<decltype(tag)::value>(c, count); });
+}
 }  // namespace CPU_CAPABILITY
 
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> response_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-    const std::optional<at::Tensor>& num_items, c10::string_view divergence, double temperature, double beta,
-    double alpha, double soft_weight, double hard_weight, int64_t ignore_index, c10::string_view reduction,
+    const std::optional<at::Tensor>& num_items, c10::string_view divergence, c10::ArrayRef<double> params,
+    double temperature, double soft_weight, double hard_weight, int64_t ignore_index, c10::string_view reduction,
     bool scale_by_temperature, bool grad_student, bool grad_teacher) {
-  KdCall c = kd_prepare(student, teacher, labels, num_items, std::string_view(divergence.data(), divergence.size()),
-                        temperature, beta, alpha, soft_weight, hard_weight, ignore_index,
-                        std::string_view(reduction.data(), reduction.size()), scale_by_temperature, grad_student,
-                        grad_teacher, alloc_grad);
-  if (c.p.rows > 0) {
-    const double count = host_count(c.count, c.p.rows);
-    switch (c.p.divergence) {
-      case Divergence::KL: run_response_rows<Divergence::KL>(c, count); break;
-      case Divergence::ReverseKL: run_response_rows<Divergence::ReverseKL>(c, count); break;
-      case Divergence::JSD: run_response_rows<Divergence::JSD>(c, count); break;
-      case Divergence::TVD: run_response_rows<Divergence::TVD>(c, count); break;
-      case Divergence::DKD: run_response_rows<Divergence::DKD>(c, count); break;
-    }
-  }
+  const LossConfig cfg = make_loss_config(to_view(divergence), params, temperature, scale_by_temperature, soft_weight,
+                                          hard_weight, ignore_index, to_view(reduction));
+  KdCall c = kd_prepare(student, teacher, labels, num_items, cfg, grad_student, grad_teacher, alloc_grad);
+  if (c.p.rows > 0) run_response(c, host_count(c.count, c.p.rows));
   return kd_outputs(c);
 }
 

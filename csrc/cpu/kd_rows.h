@@ -25,9 +25,12 @@ inline bool in_chunk(int64_t x, int64_t i, int64_t n) {
 
 template <Divergence D, typename S, typename T, typename Acc>
 void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) {
+  using Trait = DivergenceTrait<D>;
   constexpr int64_t W = Vec<Acc>::size();
-  constexpr bool kKLType = D == Divergence::KL || D == Divergence::ReverseKL || D == Divergence::DKD;
-  constexpr bool kPsi = D == Divergence::JSD || D == Divergence::TVD;
+  constexpr bool kDkd = Trait::kFamily == Family::Decoupled;
+  constexpr bool kKLType = Trait::kFamily == Family::KLType || kDkd;
+  constexpr bool kSwap = Trait::kSwap;
+  constexpr bool kPsi = Trait::kFamily == Family::Psi;
   constexpr int64_t kSumBlock = 64 * W;
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   const int64_t V = p.vocab;
@@ -62,7 +65,7 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
       continue;
     }
     const int64_t y = p.labels ? p.labels[r] : -1;           // class target (CE, DKD)
-    const int64_t excl = D == Divergence::DKD ? y : -1;      // DKD: sweeps 1-2 run over non-target classes
+    const int64_t excl = kDkd ? y : -1;      // DKD: sweeps 1-2 run over non-target classes
     auto masked = [&](const Vec<Acc>& v, int64_t i) { return in_chunk(excl, i, W) ? with_lane(v, excl - i, neg_inf) : v; };
 
     // Sweep 1: row maxima.
@@ -81,7 +84,7 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     const Acc max_t = lane_max<Acc>(at::vec::maximum(mt0, mt1));
     // Fully masked (-inf in every entry of both sides; for DKD the target entries too): contributes 0.
     if (kd_row_empty(max_s, max_t) &&
-        (D != Divergence::DKD || kd_row_empty(static_cast<Acc>(s[y]), static_cast<Acc>(t[y])))) {
+        (!kDkd || kd_row_empty(static_cast<Acc>(s[y]), static_cast<Acc>(t[y])))) {
       zero_row();
       continue;
     }
@@ -93,7 +96,7 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     // JSD and TVD park it the same way, for sweep 3 to read q = e_s / Z_s instead of another exponential.
     // Not when the gradient overwrites the student row in place (fastkd::fused_linear_kd_forward): parking
     // would clobber logits that sweeps 3-4 still read.
-    const bool park = (D == Divergence::KL || kPsi) && std::is_same_v<S, Acc> && gs != nullptr && gt == nullptr &&
+    const bool park = ((kKLType && !kSwap && !kDkd) || kPsi) && std::is_same_v<S, Acc> && gs != nullptr && gt == nullptr &&
                       !hard && p.grad_student != p.student;
     double z_s = 0.0, z_t = 0.0, dot = 0.0, z_1 = 0.0;
     auto sweep2 = [&](const Vec<Acc>& sv, const Vec<Acc>& tv, Vec<Acc>& zs, Vec<Acc>& zt, Vec<Acc>& d, Vec<Acc>& z1,
@@ -107,7 +110,7 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
       }
       zs += es;
       zt += et;
-      if constexpr (D == Divergence::ReverseKL) d += kd_dot_term(es, b, a);
+      if constexpr (kSwap) d += kd_dot_term(es, b, a);
       else if constexpr (kKLType) d += kd_dot_term(et, a, b);
       if (z1_separate) z1 += fk_exp(sv - max_s_v);
     };
@@ -146,7 +149,6 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
 
     // Sweep 3 (JSD, TVD): sums over the normalized distributions.
     double sum_psi_p = 0.0, sum_psi_q = 0.0, divergence = 0.0;
-    const Vec<Acc> beta_v(static_cast<Acc>(p.beta)), one_minus_beta_v(static_cast<Acc>(1.0 - p.beta));
     // qq may come in already computed (q_given: from the parked e_s).
     auto entry_terms = [&](const Vec<Acc>& sv, const Vec<Acc>& tv, Vec<Acc>& lp, Vec<Acc>& lq, Vec<Acc>& pp,
                          Vec<Acc>& qq, Vec<Acc>& psi_p, Vec<Acc>& psi_q, Vec<Acc>& phi, bool q_given = false) {
@@ -159,7 +161,7 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
         pp = fk_exp(lp);
         qq = fk_exp(lq);
       }
-      if constexpr (kPsi) psi_terms<D>(lp, lq, pp, qq, beta_v, one_minus_beta_v, psi_p, psi_q, phi);
+      if constexpr (kPsi) Trait::terms(lp, lq, pp, qq, p.div, psi_p, psi_q, phi);
     };
     // With only the student gradient asked for (full-precision dtype), psi_q is parked in the gradient row
     // so that sweep 4 needs one exponential instead of two and a logarithm.
@@ -191,17 +193,16 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
 
     // The row's soft loss, and the scalars of its gradient.
     DkdRow dkd{};
-    if constexpr (D == Divergence::KL) divergence = kd_row_kl(z_s, z_t, dot);
-    if constexpr (D == Divergence::ReverseKL) divergence = kd_row_kl(z_t, z_s, dot);
-    if constexpr (D == Divergence::DKD) {
+    if constexpr (kKLType && !kDkd) divergence = kSwap ? kd_row_kl(z_t, z_s, dot) : kd_row_kl(z_s, z_t, dot);
+    if constexpr (kDkd) {
       dkd = dkd_row(max_s, max_t, z_s, z_t, dot, static_cast<Acc>(s[y]), static_cast<Acc>(t[y]), p.inv_temperature);
-      divergence = p.alpha * dkd.tckd + p.beta * dkd.nckd;
+      divergence = p.div.param[0] * dkd.tckd + p.div.param[1] * dkd.nckd;
     }
     row_soft[r] = static_cast<Acc>(p.loss_factor * divergence);
     if (!gs && !gt) continue;
 
     // Sweep 4: gradients.
-    if (park && D == Divergence::KL) {
+    if (park && !kPsi) {
       for (int64_t i = 0; i < V1; i += W) {
         const Vec<Acc> a = kd_shift(load<Acc>(t + i), max_t_v, inv_t_v);
         store<S>(gs + i, kd_grad_student_from_es(load<Acc>(gs + i), inv_zs_v, a, log_zt_v, coef_v));
@@ -214,15 +215,11 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
       continue;
     }
     // Per-divergence coefficients: student c_q * q - c_p * p, teacher p * (c * (log p - log q) - k) (KL type).
-    Vec<Acc> cq_v = coef_v, cp_v = coef_v, ct_v = coef_v, kt_v(static_cast<Acc>(coef * divergence));
-    Acc gs_y = 0, gt_y = 0;  // DKD: the target entry's gradients
-    if constexpr (D == Divergence::DKD) {
-      cq_v = Vec<Acc>(static_cast<Acc>(coef * (p.beta + p.alpha * (dkd.p_y - dkd.q_y))));
-      cp_v = ct_v = Vec<Acc>(static_cast<Acc>(coef * p.beta));
-      kt_v = Vec<Acc>(static_cast<Acc>(coef * (p.beta * dkd.nckd + p.alpha * dkd.g * dkd.p_y * (1.0 - dkd.p_y))));
-      gs_y = static_cast<Acc>(coef * p.alpha * (dkd.q_y - dkd.p_y));
-      gt_y = static_cast<Acc>(coef * p.alpha * dkd.g * dkd.p_y * (1.0 - dkd.p_y));
-    }
+    const KlGradScalars gk =
+        kDkd ? dkd_grad_scalars(dkd, p.div.param[0], p.div.param[1], coef) : kl_grad_scalars(coef, divergence);
+    const Vec<Acc> cq_v(static_cast<Acc>(gk.c_q)), cp_v(static_cast<Acc>(gk.c_p)), ct_v(static_cast<Acc>(gk.c_t)),
+        kt_v(static_cast<Acc>(gk.k_t));
+    const Acc gs_y = static_cast<Acc>(gk.student_target), gt_y = static_cast<Acc>(gk.teacher_target);  // DKD
     const Vec<Acc> sum_psi_p_v(static_cast<Acc>(sum_psi_p)), sum_psi_q_v(static_cast<Acc>(sum_psi_q));
     const Vec<Acc> log_z1_v(static_cast<Acc>(log_z1)), ce_coef_v(ce_coef);
     auto grad_chunk = [&](int64_t i, int64_t n) {
@@ -242,7 +239,7 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
       } else {
         const Vec<Acc> a = kd_shift(load_t(), max_t_v, inv_t_v);
         const Vec<Acc> b = kd_shift(sv, max_s_v, inv_t_v);
-        if constexpr (D == Divergence::ReverseKL) {  // KL(q || p): the roles of the two sides swap
+        if constexpr (kSwap) {  // KL(q || p): the roles of the two sides swap
           if (gs) g_s = kd_grad_teacher2(b, a, log_zs_v, log_zt_v, ct_v, kt_v);
           if (gt) g_t = kd_grad_student2(b, a, log_zs_v, log_zt_v, cq_v, cp_v);
         } else {
@@ -252,9 +249,9 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
       }
       if (gs) {
         if (hard) g_s = g_s + ce_coef_v * fk_exp(sv - max_s_v - log_z1_v);
-        if (in_chunk(y, i, n) && (hard || D == Divergence::DKD)) {
+        if (in_chunk(y, i, n) && (hard || kDkd)) {
           store_fixed<S>(gs + i, g_s, n, y - i, [&](Acc g) {
-            if constexpr (D == Divergence::DKD) g = gs_y;
+            if constexpr (kDkd) g = gs_y;
             return hard ? g - ce_coef : g;
           });
         } else if (n == W) {
@@ -264,7 +261,7 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
         }
       }
       if (gt) {
-        if (D == Divergence::DKD && in_chunk(y, i, n)) store_fixed<T>(gt + i, g_t, n, y - i, [&](Acc) { return gt_y; });
+        if (kDkd && in_chunk(y, i, n)) store_fixed<T>(gt + i, g_t, n, y - i, [&](Acc) { return gt_y; });
         else if (n == W) store<T>(gt + i, g_t);
         else store_tail<T>(gt + i, g_t, n);
       }
@@ -289,14 +286,16 @@ void run_response_rows(const KdCall& c, double count) {
   });
 }
 
+// The rows of a KdCall, through the divergence registry.
+void run_response(const KdCall& c, double count);
+
 // fastkd::topk_kd_forward's rows (topk_cpu.cpp).
 void run_topk_rows(const TopkCall& c, double count);
 
-extern template void run_response_rows<Divergence::KL>(const KdCall&, double);
-extern template void run_response_rows<Divergence::ReverseKL>(const KdCall&, double);
-extern template void run_response_rows<Divergence::DKD>(const KdCall&, double);
-extern template void run_response_rows<Divergence::JSD>(const KdCall&, double);
-extern template void run_response_rows<Divergence::TVD>(const KdCall&, double);
+// Instantiated once per divergence, in kd_cpu.cpp (KL type, decoupled) and kd_cpu_psi.cpp (Psi family).
+#define FASTKD_DIV_EXTERN(id, trait, family) extern template void run_response_rows<Divergence::id>(const KdCall&, double);
+FASTKD_DIVERGENCES(FASTKD_DIV_EXTERN)
+#undef FASTKD_DIV_EXTERN
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu

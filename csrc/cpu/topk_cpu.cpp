@@ -64,7 +64,7 @@ void topk_rows(const TopkParams& p, double count, int64_t begin, int64_t end) {
   const int64_t V1 = V - V % W;
   const double inv_t = p.inv_temperature;
   const Vec<Acc> inv_t_v(static_cast<Acc>(inv_t));
-  const double coef = p.loss_factor * inv_t / kd_denominator(p.reduction, count, V);
+  const double coef = kd_grad_coef(p, count);
   const bool bucket = p.tail_bucket;
   auto* S_out = static_cast<S*>(p.grad_student);
   auto* row_soft = static_cast<Acc*>(p.row_soft);
@@ -184,8 +184,8 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_forward_cpu(const at::Tensor& student
                                                        bool values_are_logprobs, bool tail_bucket, int64_t ignore_index,
                                                        c10::string_view reduction, bool scale_by_temperature,
                                                        bool grad_student) {
-  TopkCall c = topk_prepare(student, values, indices, labels, num_items, temperature, values_are_logprobs, tail_bucket,
-                            ignore_index, std::string_view(reduction.data(), reduction.size()), scale_by_temperature,
+  const LossConfig cfg = make_topk_config(temperature, scale_by_temperature, ignore_index, to_view(reduction));
+  TopkCall c = topk_prepare(student, values, indices, labels, num_items, cfg, values_are_logprobs, tail_bucket,
                             grad_student, alloc_grad);
   if (c.p.rows > 0) run_topk_rows(c, host_count(c.count, c.p.rows));
   return topk_outputs(c);

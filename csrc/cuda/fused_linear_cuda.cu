@@ -14,15 +14,7 @@ namespace fastkd {
 namespace {
 
 struct CudaFusedBackend {
-  static void response(const KdCall& c, double) {
-    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    switch (c.p.divergence) {
-      case Divergence::KL: cuda::launch_response<Divergence::KL>(c, stream); break;
-      case Divergence::ReverseKL: cuda::launch_response<Divergence::ReverseKL>(c, stream); break;
-      case Divergence::JSD: cuda::launch_response<Divergence::JSD>(c, stream); break;
-      default: TORCH_INTERNAL_ASSERT(false, "fastkd: unexpected divergence in the fused linear head");
-    }
-  }
+  static void response(const KdCall& c, double) { cuda::launch_response_any(c, at::cuda::getCurrentCUDAStream()); }
   static void topk(const TopkCall& c, double) { cuda::launch_topk(c, at::cuda::getCurrentCUDAStream()); }
   // acc += g^T h in float32. bfloat16 / float16 operands go through cuBLAS with a float32 output
   // (aten::addmm.dtype_out); where this torch rejects that form, they are widened chunk by chunk instead.
@@ -50,13 +42,13 @@ Tensor6 fused_linear_kd_forward_cuda(
     const std::optional<at::Tensor>& teacher_weight, const std::optional<at::Tensor>& teacher_bias,
     const std::optional<at::Tensor>& topk_values, const std::optional<at::Tensor>& topk_indices,
     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& num_items,
-    const std::optional<at::Tensor>& grad_rows, c10::string_view divergence, double temperature, double beta,
-    double soft_weight, double hard_weight, int64_t ignore_index, c10::string_view reduction,
+    const std::optional<at::Tensor>& grad_rows, c10::string_view divergence, c10::ArrayRef<double> params,
+    double temperature, double soft_weight, double hard_weight, int64_t ignore_index, c10::string_view reduction,
     bool scale_by_temperature, bool values_are_logprobs, bool tail_bucket, int64_t chunk_size, bool grad_hidden,
     bool grad_weight, bool grad_bias) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   const FusedLinearOptions o =
-      fused_linear_options(divergence, temperature, beta, soft_weight, hard_weight, ignore_index, reduction,
+      fused_linear_options(divergence, params, temperature, soft_weight, hard_weight, ignore_index, reduction,
                            scale_by_temperature, values_are_logprobs, tail_bucket, chunk_size, grad_hidden,
                            grad_weight, grad_bias);
   return fused_linear_kd<CudaFusedBackend>(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,

@@ -14,9 +14,12 @@
 
 namespace fastkd {
 namespace cuda {
-template void launch_response<Divergence::KL>(const KdCall&, cudaStream_t);
-template void launch_response<Divergence::ReverseKL>(const KdCall&, cudaStream_t);
-template void launch_response<Divergence::DKD>(const KdCall&, cudaStream_t);
+// The KL-type and decoupled divergences; the Psi family is instantiated in kd_cuda_psi.cu.
+#define FASTKD_INSTANTIATE_kl_type(id) template void launch_response<Divergence::id>(const KdCall&, cudaStream_t);
+#define FASTKD_INSTANTIATE_decoupled(id) FASTKD_INSTANTIATE_kl_type(id)
+#define FASTKD_INSTANTIATE_psi(id)
+#define FASTKD_DIV_INSTANTIATE(id, trait, family) FASTKD_INSTANTIATE_##family(id)
+FASTKD_DIVERGENCES(FASTKD_DIV_INSTANTIATE)
 }  // namespace cuda
 
 // The CUDA version the kernels were compiled with (no driver call: works on machines without a GPU).
@@ -28,25 +31,14 @@ at::Tensor alloc_grad_cuda(at::IntArrayRef sizes, const at::TensorOptions& o) { 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> response_forward_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-    const std::optional<at::Tensor>& num_items, c10::string_view divergence, double temperature, double beta,
-    double alpha, double soft_weight, double hard_weight, int64_t ignore_index, c10::string_view reduction,
+    const std::optional<at::Tensor>& num_items, c10::string_view divergence, c10::ArrayRef<double> params,
+    double temperature, double soft_weight, double hard_weight, int64_t ignore_index, c10::string_view reduction,
     bool scale_by_temperature, bool grad_student, bool grad_teacher) {
   const c10::cuda::CUDAGuard guard(student.device());
-  KdCall c = kd_prepare(student, teacher, labels, num_items, std::string_view(divergence.data(), divergence.size()),
-                        temperature, beta, alpha, soft_weight, hard_weight, ignore_index,
-                        std::string_view(reduction.data(), reduction.size()), scale_by_temperature, grad_student,
-                        grad_teacher, alloc_grad_cuda);
-  const KdParams& p = c.p;
-  if (p.rows > 0) {
-    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    switch (p.divergence) {
-      case Divergence::KL: cuda::launch_response<Divergence::KL>(c, stream); break;
-      case Divergence::ReverseKL: cuda::launch_response<Divergence::ReverseKL>(c, stream); break;
-      case Divergence::JSD: cuda::launch_response<Divergence::JSD>(c, stream); break;
-      case Divergence::TVD: cuda::launch_response<Divergence::TVD>(c, stream); break;
-      case Divergence::DKD: cuda::launch_response<Divergence::DKD>(c, stream); break;
-    }
-  }
+  const LossConfig cfg = make_loss_config(to_view(divergence), params, temperature, scale_by_temperature, soft_weight,
+                                          hard_weight, ignore_index, to_view(reduction));
+  KdCall c = kd_prepare(student, teacher, labels, num_items, cfg, grad_student, grad_teacher, alloc_grad_cuda);
+  if (c.p.rows > 0) cuda::launch_response_any(c, at::cuda::getCurrentCUDAStream());
   return kd_outputs(c);
 }
 
@@ -57,8 +49,8 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_forward_cuda(const at::Tensor& studen
                                                         int64_t ignore_index, c10::string_view reduction,
                                                         bool scale_by_temperature, bool grad_student) {
   const c10::cuda::CUDAGuard guard(student.device());
-  TopkCall c = topk_prepare(student, values, indices, labels, num_items, temperature, values_are_logprobs, tail_bucket,
-                            ignore_index, std::string_view(reduction.data(), reduction.size()), scale_by_temperature,
+  const LossConfig cfg = make_topk_config(temperature, scale_by_temperature, ignore_index, to_view(reduction));
+  TopkCall c = topk_prepare(student, values, indices, labels, num_items, cfg, values_are_logprobs, tail_bucket,
                             grad_student, alloc_grad_cuda);
   const TopkParams& p = c.p;
   if (p.rows > 0) cuda::launch_topk(c, at::cuda::getCurrentCUDAStream());

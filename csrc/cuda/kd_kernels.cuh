@@ -91,8 +91,11 @@ __device__ __forceinline__ void for_each_in_row(const S* s, const T* t, int64_t 
 
 template <Divergence D, typename S, typename T, typename Acc, int kBlock>
 __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
-  constexpr bool kKLType = D == Divergence::KL || D == Divergence::ReverseKL || D == Divergence::DKD;
-  constexpr bool kPsi = D == Divergence::JSD || D == Divergence::TVD;
+  using Trait = DivergenceTrait<D>;
+  constexpr bool kDkd = Trait::kFamily == Family::Decoupled;
+  constexpr bool kKLType = Trait::kFamily == Family::KLType || kDkd;
+  constexpr bool kSwap = Trait::kSwap;
+  constexpr bool kPsi = Trait::kFamily == Family::Psi;
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   const int64_t V = p.vocab;
   const double count = kd_count(p.count, p.rows);
@@ -100,7 +103,6 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
   const Acc ce_coef = static_cast<Acc>(p.hard ? ce_grad_coef(p, count) : 0.0);
   const Acc inv_t = static_cast<Acc>(p.inv_temperature);
   const bool z1_separate = p.hard && p.inv_temperature != 1.0;
-  const Acc beta = static_cast<Acc>(p.beta), one_minus_beta = static_cast<Acc>(1.0 - p.beta);
   auto* row_soft = static_cast<Acc*>(p.row_soft);
   auto* row_hard = static_cast<Acc*>(p.row_hard);
 
@@ -126,7 +128,7 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
       continue;
     }
     const int64_t y = p.labels ? p.labels[r] : -1;
-    const int64_t excl = D == Divergence::DKD ? y : -1;
+    const int64_t excl = kDkd ? y : -1;
     const bool packed = is_pack_aligned<S>(s) && is_pack_aligned<T>(t);
 
     // Sweep 1: row maxima (DKD: over the non-target classes).
@@ -141,7 +143,7 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
     // Fully masked (-inf in every entry of both sides; for DKD the target entries too): contributes 0. The
     // test is uniform over the block (the maxima are broadcast), so the whole block skips the row.
     if (kd_row_empty(max_s, max_t) &&
-        (D != Divergence::DKD || kd_row_empty(static_cast<Acc>(s[y]), static_cast<Acc>(t[y])))) {
+        (!kDkd || kd_row_empty(static_cast<Acc>(s[y]), static_cast<Acc>(t[y])))) {
       zero_row();
       continue;
     }
@@ -155,7 +157,7 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
       const Acc et = fk_exp(a), es = fk_exp(b);
       z.v[0] += es;
       z.v[1] += et;
-      if constexpr (D == Divergence::ReverseKL) z.v[2] += kd_dot_term(es, b, a);
+      if constexpr (kSwap) z.v[2] += kd_dot_term(es, b, a);
       else if constexpr (kKLType) z.v[2] += kd_dot_term(et, a, b);
       if (z1_separate) z.v[3] += fk_exp(sv - max_s);
     });
@@ -175,7 +177,7 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
       const Acc lq = kd_shift(sv, max_s, inv_t) - log_zs;
       pp = fk_exp(lp);
       qq = fk_exp(lq);
-      if constexpr (kPsi) psi_terms<D>(lp, lq, pp, qq, beta, one_minus_beta, psi_p, psi_q, phi);
+      if constexpr (kPsi) Trait::terms(lp, lq, pp, qq, p.div, psi_p, psi_q, phi);
     };
     double divergence = 0.0, sum_psi_p = 0.0, sum_psi_q = 0.0;
     if constexpr (kPsi) {
@@ -194,11 +196,10 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
     }
 
     DkdRow dkd{};
-    if constexpr (D == Divergence::KL) divergence = kd_row_kl(z_s, z_t, dot);
-    if constexpr (D == Divergence::ReverseKL) divergence = kd_row_kl(z_t, z_s, dot);
-    if constexpr (D == Divergence::DKD) {
+    if constexpr (kKLType && !kDkd) divergence = kSwap ? kd_row_kl(z_t, z_s, dot) : kd_row_kl(z_s, z_t, dot);
+    if constexpr (kDkd) {
       dkd = dkd_row(max_s, max_t, z_s, z_t, dot, static_cast<Acc>(s[y]), static_cast<Acc>(t[y]), p.inv_temperature);
-      divergence = p.alpha * dkd.tckd + p.beta * dkd.nckd;
+      divergence = p.div.param[0] * dkd.tckd + p.div.param[1] * dkd.nckd;
     }
     if (threadIdx.x == 0) row_soft[r] = static_cast<Acc>(p.loss_factor * divergence);
 
@@ -207,15 +208,11 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
     // ahead of any write.
     __syncthreads();
     if (gs || gt) {
-      Acc cq = static_cast<Acc>(coef), cp = cq, ct = cq, kt = static_cast<Acc>(coef * divergence);
-      Acc gs_y = 0, gt_y = 0;
-      if constexpr (D == Divergence::DKD) {
-        cq = static_cast<Acc>(coef * (p.beta + p.alpha * (dkd.p_y - dkd.q_y)));
-        cp = ct = static_cast<Acc>(coef * p.beta);
-        kt = static_cast<Acc>(coef * (p.beta * dkd.nckd + p.alpha * dkd.g * dkd.p_y * (1.0 - dkd.p_y)));
-        gs_y = static_cast<Acc>(coef * p.alpha * (dkd.q_y - dkd.p_y));
-        gt_y = static_cast<Acc>(coef * p.alpha * dkd.g * dkd.p_y * (1.0 - dkd.p_y));
-      }
+      const KlGradScalars gk =
+          kDkd ? dkd_grad_scalars(dkd, p.div.param[0], p.div.param[1], coef) : kl_grad_scalars(coef, divergence);
+      const Acc cq = static_cast<Acc>(gk.c_q), cp = static_cast<Acc>(gk.c_p), ct = static_cast<Acc>(gk.c_t),
+                kt = static_cast<Acc>(gk.k_t);
+      const Acc gs_y = static_cast<Acc>(gk.student_target), gt_y = static_cast<Acc>(gk.teacher_target);
       const Acc c = static_cast<Acc>(coef);
       const Acc spp = static_cast<Acc>(sum_psi_p), spq = static_cast<Acc>(sum_psi_q);
       for_each_in_row<kBlock, Acc>(s, t, V, packed, [&](int64_t i, Acc sv, Acc tv) {
@@ -228,7 +225,7 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
         } else {
           const Acc a = kd_shift(tv, max_t, inv_t);
           const Acc b = kd_shift(sv, max_s, inv_t);
-          if constexpr (D == Divergence::ReverseKL) {
+          if constexpr (kSwap) {
             g_s = kd_grad_teacher2(b, a, log_zs, log_zt, ct, kt);
             g_t = kd_grad_student2(b, a, log_zs, log_zt, cq, cp);
           } else {
@@ -236,7 +233,7 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
             g_t = kd_grad_teacher2(a, b, log_zt, log_zs, ct, kt);
           }
         }
-        if constexpr (D == Divergence::DKD) {
+        if constexpr (kDkd) {
           if (i == y) {
             g_s = gs_y;
             g_t = gt_y;
@@ -266,7 +263,7 @@ template <typename S, typename Acc, int kBlock>
 __global__ void __launch_bounds__(kBlock) topk_kernel(TopkParams p) {
   const int64_t V = p.vocab, K = p.k;
   const double count = kd_count(p.count, p.rows);
-  const double coef = p.loss_factor * p.inv_temperature / kd_denominator(p.reduction, count, V);
+  const double coef = kd_grad_coef(p, count);
   const Acc inv_t = static_cast<Acc>(p.inv_temperature);
   const double scale = p.values_are_logprobs ? 1.0 : p.inv_temperature;
   const bool bucket = p.tail_bucket;
@@ -393,11 +390,15 @@ inline void launch_topk(const TopkCall& c, cudaStream_t stream) {
   }
 }
 
-extern template void launch_response<Divergence::KL>(const KdCall&, cudaStream_t);
-extern template void launch_response<Divergence::ReverseKL>(const KdCall&, cudaStream_t);
-extern template void launch_response<Divergence::DKD>(const KdCall&, cudaStream_t);
-extern template void launch_response<Divergence::JSD>(const KdCall&, cudaStream_t);
-extern template void launch_response<Divergence::TVD>(const KdCall&, cudaStream_t);
+// Instantiated once per divergence, in kd_cuda.cu (KL type, decoupled) and kd_cuda_psi.cu (Psi family).
+#define FASTKD_DIV_EXTERN(id, trait, family) extern template void launch_response<Divergence::id>(const KdCall&, cudaStream_t);
+FASTKD_DIVERGENCES(FASTKD_DIV_EXTERN)
+#undef FASTKD_DIV_EXTERN
+
+// The rows of a KdCall on `stream`, through the divergence registry.
+inline void launch_response_any(const KdCall& c, cudaStream_t stream) {
+  dispatch_divergence(c.p.divergence, [&](auto tag) { launch_response<decltype(tag)::value>(c, stream); });
+}
 
 }  // namespace cuda
 }  // namespace fastkd

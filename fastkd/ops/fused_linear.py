@@ -3,7 +3,7 @@ torch.library.opcheck. Its autograd is registered in C++ (csrc/autograd.cpp)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -25,8 +25,8 @@ def _fused_linear_kd_forward_fake(
     num_items: Optional[torch.Tensor],
     grad_rows: Optional[torch.Tensor],
     divergence: str,
+    params: List[float],
     temperature: float,
-    beta: float,
     soft_weight: float,
     hard_weight: float,
     ignore_index: int,

@@ -7,7 +7,7 @@ computed, times the incoming gradient (no copy when that is exactly 1, as for ``
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -26,9 +26,8 @@ def _response_forward_fake(
     labels: Optional[torch.Tensor],
     num_items: Optional[torch.Tensor],
     divergence: str,
+    params: List[float],
     temperature: float,
-    beta: float,
-    alpha: float,
     soft_weight: float,
     hard_weight: float,
     ignore_index: int,

@@ -34,15 +34,8 @@ namespace fastkd {
 using Tensor6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 struct FusedLinearOptions {
-  std::string_view divergence = "kl";
-  std::string_view reduction = "batchmean";
-  double temperature = 1.0;
-  double beta = 0.5;
-  double soft_weight = 1.0;
-  double hard_weight = 0.0;
-  int64_t ignore_index = -100;
+  LossConfig loss;  // the divergence, its parameters, temperature, weights, masking, reduction
   int64_t chunk_size = 1024;
-  bool scale_by_temperature = false;
   bool values_are_logprobs = false;
   bool tail_bucket = false;
   bool grad_hidden = false;
@@ -50,22 +43,19 @@ struct FusedLinearOptions {
   bool grad_bias = false;
 };
 
-// The operator's scalar arguments, in schema order.
-inline FusedLinearOptions fused_linear_options(c10::string_view divergence, double temperature, double beta,
-                                               double soft_weight, double hard_weight, int64_t ignore_index,
-                                               c10::string_view reduction, bool scale_by_temperature,
-                                               bool values_are_logprobs, bool tail_bucket, int64_t chunk_size,
-                                               bool grad_hidden, bool grad_weight, bool grad_bias) {
+// The operator's scalar arguments, in schema order, checked (make_loss_config) and gathered.
+inline FusedLinearOptions fused_linear_options(c10::string_view divergence, c10::ArrayRef<double> params,
+                                               double temperature, double soft_weight, double hard_weight,
+                                               int64_t ignore_index, c10::string_view reduction,
+                                               bool scale_by_temperature, bool values_are_logprobs, bool tail_bucket,
+                                               int64_t chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias) {
+  FASTKD_CHECK_ARG(parse_divergence(to_view(divergence)) != Divergence::DKD, "divergence",
+                   "the fused linear head does not run 'dkd' (its class targets are the labels of a classifier)");
   FusedLinearOptions o;
-  o.divergence = std::string_view(divergence.data(), divergence.size());
-  o.reduction = std::string_view(reduction.data(), reduction.size());
-  o.temperature = temperature;
-  o.beta = beta;
-  o.soft_weight = soft_weight;
-  o.hard_weight = hard_weight;
-  o.ignore_index = ignore_index;
+  o.loss = make_loss_config(to_view(divergence), params, temperature, scale_by_temperature, soft_weight, hard_weight,
+                            ignore_index, to_view(reduction));
+  FASTKD_CHECK_ARG(chunk_size >= 1, "chunk_size", "expected a value >= 1, got ", chunk_size);
   o.chunk_size = chunk_size;
-  o.scale_by_temperature = scale_by_temperature;
   o.values_are_logprobs = values_are_logprobs;
   o.tail_bucket = tail_bucket;
   o.grad_hidden = grad_hidden;
@@ -121,17 +111,8 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
   const int kinds = int(teacher_logits.has_value()) + int(teacher_hidden.has_value()) + int(topk_values.has_value());
   FASTKD_CHECK_ARG(kinds == 1, "teacher",
                    "expected exactly one of: dense teacher logits, a teacher head, a top-k teacher; got ", kinds);
-  const Divergence div = parse_divergence(o.divergence);
-  const Reduction red = parse_reduction(o.reduction);
-  FASTKD_CHECK_ARG(div == Divergence::KL || div == Divergence::ReverseKL || div == Divergence::JSD, "divergence",
-                   "the fused linear head supports 'kl', 'reverse_kl' and 'jsd', got '", o.divergence, "'");
-  check_temperature_arg(o.temperature);
-  FASTKD_CHECK_ARG(div != Divergence::JSD || (o.beta > 0.0 && o.beta < 1.0), "beta",
-                   "the 'jsd' kernel expects 0 < beta < 1 (beta 0 and 1 are 'kl' and 'reverse_kl'), got ", o.beta);
-  FASTKD_CHECK_ARG(std::isfinite(o.soft_weight), "soft_weight", "expected a finite value, got ", o.soft_weight);
-  FASTKD_CHECK_ARG(std::isfinite(o.hard_weight), "hard_weight", "expected a finite value, got ", o.hard_weight);
-  FASTKD_CHECK_ARG(o.chunk_size >= 1, "chunk_size", "expected a value >= 1, got ", o.chunk_size);
-  const bool hard = o.hard_weight != 0.0;
+  const Reduction red = o.loss.reduction;
+  const bool hard = o.loss.hard;
   FASTKD_CHECK_ARG(!hard || labels.has_value(), "labels", "class targets are required by the cross-entropy part");
   const bool topk = topk_values.has_value();
   FASTKD_CHECK_ARG(!o.grad_bias || bias.has_value(), "student_bias", "a bias gradient was asked for without a bias");
@@ -160,10 +141,7 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
   } else {
     FASTKD_CHECK_ARG(topk_indices.has_value(), "teacher_topk_indices", "a top-k teacher needs its indices");
     check_topk_args(*topk_values, *topk_indices, rows, vocab, device);
-    FASTKD_CHECK_ARG(div == Divergence::KL, "divergence", "a top-k teacher supports 'kl' only, got '", o.divergence,
-                     "'");
-    FASTKD_CHECK_ARG(!o.tail_bucket || o.values_are_logprobs, "tail",
-                     "a tail bucket needs log-probabilities (values_are='logprobs'): logits give no tail mass");
+    check_topk_config(o.loss, o.values_are_logprobs, o.tail_bucket);
     teacher_dtype = topk_values->scalar_type();
   }
   FASTKD_CHECK_ARG(teacher_vocab >= 1 && teacher_vocab <= vocab, "teacher",
@@ -182,8 +160,8 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
   }
 
   at::Tensor labels_l = prepare_labels(labels, hidden, rows);
-  if (hard) check_targets_in_range(labels_l, o.ignore_index, vocab);
-  at::Tensor count = prepare_count(num_items, labels_l, o.ignore_index, hidden);
+  if (hard) check_targets_in_range(labels_l, o.loss.ignore_index, vocab);
+  at::Tensor count = prepare_count(num_items, labels_l, o.loss.ignore_index, hidden);
   // Always a tensor: the kernels see one chunk at a time, and without it they would divide by its rows.
   if (!count.defined()) count = at::scalar_tensor(static_cast<double>(rows), hidden.options().dtype(at::kDouble));
   const double host_n = device.is_cpu() ? count.item<double>() : 0.0;
@@ -201,7 +179,7 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
   int64_t k = 0;
   if (topk) {
     std::tie(values_s, indices_s) =
-        topk_sorted_teacher(*topk_values, *topk_indices, labels_l, o.ignore_index, vocab, any_double);
+        topk_sorted_teacher(*topk_values, *topk_indices, labels_l, o.loss.ignore_index, vocab, any_double);
     k = values_s.size(1);
   }
 
@@ -242,6 +220,7 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
       TopkCall c;
       c.student = logits;
       TopkParams& p = c.p;
+      static_cast<LossConfig&>(p) = o.loss;  // its kernel computes the soft part only, weighted
       p.student = logits.data_ptr();
       p.values = values_s.narrow(0, r0, n).data_ptr();
       p.indices = indices_s.narrow(0, r0, n).data_ptr<int64_t>();
@@ -253,20 +232,18 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
       p.vocab = vocab;
       p.k = k;
       p.student_row_stride = logits.stride(0);
-      p.ignore_index = o.ignore_index;
-      p.inv_temperature = 1.0 / o.temperature;
-      p.loss_factor = o.scale_by_temperature ? o.temperature * o.temperature : 1.0;
       p.values_are_logprobs = o.values_are_logprobs;
       p.tail_bucket = o.tail_bucket && k < vocab;
-      p.reduction = red;
       at::Tensor ce = topk_ce ? ce_buf.narrow(0, 0, n).copy_(logits) : at::Tensor();
       B::topk(c, host_n);
-      // The top-k kernel has no soft weight: its gradient is that of the unweighted KD term.
-      if (need_grad && o.soft_weight != 1.0) logits.mul_(o.soft_weight);
       if (topk_ce) {
         KdCall e;
         e.student = e.teacher = ce;
         KdParams& q = e.p;
+        static_cast<LossConfig&>(q) = o.loss;
+        q.divergence = Divergence::KL;
+        q.div = DivArgs{};
+        q.soft_weight = 0.0;
         q.student = q.teacher = ce.data_ptr();
         q.labels = chunk_labels;
         q.count = count.data_ptr<double>();
@@ -276,12 +253,6 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
         q.rows = n;
         q.vocab = vocab;
         q.student_row_stride = q.teacher_row_stride = ce.stride(0);
-        q.ignore_index = o.ignore_index;
-        q.soft_weight = 0.0;
-        q.hard_weight = o.hard_weight;
-        q.hard = true;
-        q.divergence = Divergence::KL;
-        q.reduction = red;
         B::response(e, host_n);
         if (need_grad) logits.add_(ce);
       }
@@ -299,6 +270,7 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
       c.student = logits;
       c.teacher = t;
       KdParams& p = c.p;
+      static_cast<LossConfig&>(p) = o.loss;
       p.student = logits.data_ptr();
       p.teacher = t.data_ptr();
       p.labels = chunk_labels;
@@ -310,16 +282,6 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
       p.vocab = vocab;
       p.student_row_stride = logits.stride(0);
       p.teacher_row_stride = t.stride(0);
-      p.ignore_index = o.ignore_index;
-      p.inv_temperature = 1.0 / o.temperature;
-      p.loss_factor = o.scale_by_temperature ? o.temperature * o.temperature : 1.0;
-      p.beta = o.beta;
-      p.alpha = 0.0;
-      p.soft_weight = o.soft_weight;
-      p.hard_weight = o.hard_weight;
-      p.hard = hard;
-      p.divergence = div;
-      p.reduction = red;
       B::response(c, host_n);
     }
     if (!need_grad) continue;
@@ -339,8 +301,8 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
     }
   }
 
-  auto [loss, soft, hard_part] = finish_parts(row_soft, row_hard, hard, count, red, rows, vocab, o.soft_weight,
-                                              o.hard_weight, out_dtype);
+  auto [loss, soft, hard_part] = finish_parts(row_soft, row_hard, hard, count, red, rows, vocab, o.loss.soft_weight,
+                                              o.loss.hard_weight, out_dtype);
   at::Tensor grad_weight = o.grad_weight ? grad_weight_acc.to(weight.scalar_type()) : at::empty({0}, weight.options());
   at::Tensor grad_bias = o.grad_bias ? grad_bias_acc.to(hidden.scalar_type()) : at::empty({0}, opts);
   return {loss, soft, hard_part, grad_hidden, grad_weight, grad_bias};

@@ -5,6 +5,8 @@
 #pragma once
 
 #include <optional>
+#include <sstream>
+#include <string>
 #include <string_view>
 #include <tuple>
 #include <utility>
@@ -18,6 +20,8 @@ namespace fastkd {
 
 #define FASTKD_CHECK_ARG(cond, name, ...) TORCH_CHECK(cond, "fastkd: argument '", name, "': ", __VA_ARGS__)
 
+inline std::string_view to_view(c10::string_view s) { return std::string_view(s.data(), s.size()); }
+
 inline Reduction parse_reduction(std::string_view r) {
   if (r == "none") return Reduction::None;
   if (r == "sum") return Reduction::Sum;
@@ -27,14 +31,54 @@ inline Reduction parse_reduction(std::string_view r) {
               "'");
 }
 
+// The divergence named `d` (a schema string of FASTKD_DIVERGENCES).
 inline Divergence parse_divergence(std::string_view d) {
-  if (d == "kl") return Divergence::KL;
-  if (d == "reverse_kl") return Divergence::ReverseKL;
-  if (d == "jsd") return Divergence::JSD;
-  if (d == "tvd") return Divergence::TVD;
-  if (d == "dkd") return Divergence::DKD;
-  TORCH_CHECK(false, "fastkd: argument 'divergence': expected one of 'kl', 'reverse_kl', 'jsd', 'tvd', 'dkd', got '",
-              d, "'");
+#define FASTKD_DIV_PARSE(id, trait, family) \
+  if (d == trait::kName) return Divergence::id;
+  FASTKD_DIVERGENCES(FASTKD_DIV_PARSE)
+#undef FASTKD_DIV_PARSE
+  std::string names;
+#define FASTKD_DIV_NAME(id, trait, family) names += std::string(names.empty() ? "'" : ", '") + trait::kName + "'";
+  FASTKD_DIVERGENCES(FASTKD_DIV_NAME)
+#undef FASTKD_DIV_NAME
+  TORCH_CHECK_VALUE(false, "fastkd: argument 'divergence': expected one of ", names, ", got '", d, "'");
+}
+
+inline const char* divergence_name(Divergence d) {
+  const char* name = "";
+  dispatch_divergence(d, [&](auto tag) { name = DivergenceTrait<decltype(tag)::value>::kName; });
+  return name;
+}
+
+// The parameters of divergence d, in registry order: as many as it declares, each finite and in its range
+// (ValueError naming the parameter).
+inline void check_divergence_params(Divergence d, c10::ArrayRef<double> params) {
+  dispatch_divergence(d, [&](auto tag) {
+    using Trait = DivergenceTrait<decltype(tag)::value>;
+    std::string names;
+    for (int i = 0; i < Trait::kNumParams; ++i) names += std::string(i ? ", " : "") + Trait::kParams[i].name;
+    TORCH_CHECK_VALUE(static_cast<int64_t>(params.size()) == Trait::kNumParams, "fastkd: divergence '",
+                      Trait::kName, "' takes ", Trait::kNumParams, " parameter(s) (", names, "), got ",
+                      params.size());
+    for (int i = 0; i < Trait::kNumParams; ++i) {
+      const ParamSpec& s = Trait::kParams[i];
+      const double x = params[i];
+      const bool above = s.lo_open ? x > s.lo : x >= s.lo;
+      const bool below = s.hi_open ? x < s.hi : x <= s.hi;
+      if (std::isfinite(x) && above && below) continue;
+      // the wording of fastkd/_validation.py check_real: one rule, one message
+      std::ostringstream range;
+      if (std::isfinite(s.lo) && std::isfinite(s.hi)) {
+        range << " and in " << (s.lo_open ? "(" : "[") << s.lo << ", " << s.hi << (s.hi_open ? ")" : "]");
+      } else if (std::isfinite(s.lo)) {
+        range << " and " << (s.lo_open ? "> " : ">= ") << s.lo;
+      } else if (std::isfinite(s.hi)) {
+        range << " and " << (s.hi_open ? "< " : "<= ") << s.hi;
+      }
+      TORCH_CHECK_VALUE(false, "fastkd: argument '", s.name, "': ", s.name, " must be finite", range.str(),
+                        " for divergence '", Trait::kName, "', got ", x);
+    }
+  });
 }
 
 inline bool is_kd_dtype(at::ScalarType t) {
@@ -150,6 +194,44 @@ inline at::Tensor prepare_count(const std::optional<at::Tensor>& num_items, cons
   return {};
 }
 
+// The scalar arguments every response op shares, checked once and turned into the kernels' LossConfig. A
+// divergence that equals a parameter-free one for the given parameters (its trait's alias: the JSD at beta 0
+// and 1, in TRL's convention) runs that one's kernels, for every entry point.
+inline LossConfig make_loss_config(std::string_view divergence, c10::ArrayRef<double> params, double temperature,
+                                   bool scale_by_temperature, double soft_weight, double hard_weight,
+                                   int64_t ignore_index, std::string_view reduction) {
+  LossConfig c;
+  c.divergence = parse_divergence(divergence);
+  check_divergence_params(c.divergence, params);
+  check_temperature_arg(temperature);
+  FASTKD_CHECK_ARG(std::isfinite(soft_weight), "soft_weight", "expected a finite value, got ", soft_weight);
+  FASTKD_CHECK_ARG(std::isfinite(hard_weight), "hard_weight", "expected a finite value, got ", hard_weight);
+  c.reduction = parse_reduction(reduction);
+  for (size_t i = 0; i < params.size(); ++i) c.div.param[i] = params[i];
+  const char* alias = nullptr;
+  dispatch_divergence(c.divergence, [&](auto tag) { alias = DivergenceTrait<decltype(tag)::value>::alias(c.div); });
+  if (alias != nullptr) {
+    c.divergence = parse_divergence(alias);
+    c.div = DivArgs{};
+  }
+  divergence_coefficients(c.divergence, c.div);
+  c.inv_temperature = 1.0 / temperature;
+  c.loss_factor = scale_by_temperature ? temperature * temperature : 1.0;
+  c.soft_weight = soft_weight;
+  c.hard_weight = hard_weight;
+  c.hard = hard_weight != 0.0;
+  FASTKD_CHECK_ARG(!c.hard || c.divergence != Divergence::DKD, "hard_weight",
+                   "'dkd' has no fused cross-entropy part; add the cross-entropy separately");
+  c.ignore_index = ignore_index;
+  return c;
+}
+
+// The top-k op's configuration: KL(p || q), soft part only.
+inline LossConfig make_topk_config(double temperature, bool scale_by_temperature, int64_t ignore_index,
+                                   std::string_view reduction) {
+  return make_loss_config("kl", {}, temperature, scale_by_temperature, 1.0, 0.0, ignore_index, reduction);
+}
+
 struct KdCall {
   at::Tensor student, teacher;            // 2-D views [rows, vocab], unit stride along vocab
   at::Tensor labels;                      // int64 [rows] or undefined
@@ -164,10 +246,8 @@ struct KdCall {
 // which each device picks). Every failure names the argument.
 template <typename GradAlloc>
 KdCall kd_prepare(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-                  const std::optional<at::Tensor>& num_items, std::string_view divergence, double temperature,
-                  double beta, double alpha, double soft_weight, double hard_weight, int64_t ignore_index,
-                  std::string_view reduction, bool scale_by_temperature, bool grad_student, bool grad_teacher,
-                  GradAlloc&& alloc_grad) {
+                  const std::optional<at::Tensor>& num_items, const LossConfig& cfg, bool grad_student,
+                  bool grad_teacher, GradAlloc&& alloc_grad) {
   check_logits_arg(student, "student_logits");
   check_logits_arg(teacher, "teacher_logits");
   FASTKD_CHECK_ARG(teacher.sizes() == student.sizes(), "teacher_logits", "expected shape ", student.sizes(),
@@ -175,18 +255,8 @@ KdCall kd_prepare(const at::Tensor& student, const at::Tensor& teacher, const st
   FASTKD_CHECK_ARG(teacher.device() == student.device(), "teacher_logits", "expected device ", student.device(),
                    " (the student's), got ", teacher.device());
   FASTKD_CHECK_ARG(student.size(1) > 0, "student_logits", "the vocabulary (last) dimension must not be empty");
-  check_temperature_arg(temperature);
-  const Divergence div = parse_divergence(divergence);
-  const Reduction red = parse_reduction(reduction);
-  FASTKD_CHECK_ARG(std::isfinite(beta), "beta", "expected a finite value, got ", beta);
-  FASTKD_CHECK_ARG(div != Divergence::JSD || (beta > 0.0 && beta < 1.0), "beta",
-                   "the 'jsd' kernel expects 0 < beta < 1 (beta 0 and 1 are 'kl' and 'reverse_kl'), got ", beta);
-  FASTKD_CHECK_ARG(std::isfinite(alpha), "alpha", "expected a finite value, got ", alpha);
-  FASTKD_CHECK_ARG(std::isfinite(soft_weight), "soft_weight", "expected a finite value, got ", soft_weight);
-  FASTKD_CHECK_ARG(std::isfinite(hard_weight), "hard_weight", "expected a finite value, got ", hard_weight);
-  const bool hard = hard_weight != 0.0;
-  FASTKD_CHECK_ARG(!hard || div != Divergence::DKD, "hard_weight",
-                   "'dkd' has no fused cross-entropy part; add the cross-entropy separately");
+  const Divergence div = cfg.divergence;
+  const bool hard = cfg.hard;
   const bool needs_target = hard || div == Divergence::DKD;
   FASTKD_CHECK_ARG(!needs_target || labels.has_value(), "labels",
                    "class targets are required by the cross-entropy part and by 'dkd'");
@@ -204,9 +274,9 @@ KdCall kd_prepare(const at::Tensor& student, const at::Tensor& teacher, const st
   const int64_t rows = student.size(0), vocab = student.size(1);
   c.labels = prepare_labels(labels, student, rows);
   if (needs_target) {
-    check_targets_in_range(c.labels, ignore_index, vocab, div == Divergence::DKD ? "target" : "labels");
+    check_targets_in_range(c.labels, cfg.ignore_index, vocab, div == Divergence::DKD ? "target" : "labels");
   }
-  c.count = prepare_count(num_items, c.labels, ignore_index, student);
+  c.count = prepare_count(num_items, c.labels, cfg.ignore_index, student);
 
   const auto acc_dtype = any_double ? at::kDouble : at::kFloat;
   auto opts = student.options();
@@ -219,6 +289,7 @@ KdCall kd_prepare(const at::Tensor& student, const at::Tensor& teacher, const st
                                 : no_grad(c.teacher.scalar_type());
 
   KdParams& p = c.p;
+  static_cast<LossConfig&>(p) = cfg;
   p.student = c.student.data_ptr();
   p.teacher = c.teacher.data_ptr();
   p.labels = c.labels.defined() ? c.labels.data_ptr<int64_t>() : nullptr;
@@ -231,16 +302,6 @@ KdCall kd_prepare(const at::Tensor& student, const at::Tensor& teacher, const st
   p.vocab = vocab;
   p.student_row_stride = c.student.stride(0);
   p.teacher_row_stride = c.teacher.stride(0);
-  p.ignore_index = ignore_index;
-  p.inv_temperature = 1.0 / temperature;
-  p.loss_factor = scale_by_temperature ? temperature * temperature : 1.0;
-  p.beta = beta;
-  p.alpha = alpha;
-  p.soft_weight = soft_weight;
-  p.hard_weight = hard_weight;
-  p.hard = hard;
-  p.divergence = div;
-  p.reduction = red;
   return c;
 }
 
@@ -345,6 +406,15 @@ inline std::pair<at::Tensor, at::Tensor> topk_sorted_teacher(const at::Tensor& v
   return {sorted_values, sorted_indices};
 }
 
+// What a top-k teacher supports: KL(p || q) without the fused cross-entropy (the fused head adds it with a
+// second kernel), a tail bucket only for log-probabilities.
+inline void check_topk_config(const LossConfig& cfg, bool values_are_logprobs, bool tail_bucket) {
+  FASTKD_CHECK_ARG(cfg.divergence == Divergence::KL, "divergence", "a top-k teacher supports 'kl' only, got '",
+                   divergence_name(cfg.divergence), "'");
+  FASTKD_CHECK_ARG(!tail_bucket || values_are_logprobs, "tail",
+                   "a tail bucket needs log-probabilities (values_are='logprobs'): logits give no tail mass");
+}
+
 struct TopkCall {
   at::Tensor student, values, indices, labels, count, row_soft, grad_student;
   at::ScalarType student_dtype, out_dtype;
@@ -356,15 +426,13 @@ struct TopkCall {
 template <typename GradAlloc>
 TopkCall topk_prepare(const at::Tensor& student, const at::Tensor& values, const at::Tensor& indices,
                       const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& num_items,
-                      double temperature, bool values_are_logprobs, bool tail_bucket, int64_t ignore_index,
-                      std::string_view reduction, bool scale_by_temperature, bool grad_student,
+                      const LossConfig& cfg, bool values_are_logprobs, bool tail_bucket, bool grad_student,
                       GradAlloc&& alloc_grad) {
   check_logits_arg(student, "student_logits");
   const int64_t rows = student.size(0), vocab = student.size(1), k = values.dim() == 2 ? values.size(1) : 0;
   check_topk_args(values, indices, rows, vocab, student.device());
-  check_temperature_arg(temperature);
-  FASTKD_CHECK_ARG(!tail_bucket || values_are_logprobs, "tail",
-                   "a tail bucket needs log-probabilities (values_are='logprobs'): logits give no tail mass");
+  check_topk_config(cfg, values_are_logprobs, tail_bucket);
+  const int64_t ignore_index = cfg.ignore_index;
 
   TopkCall c;
   c.student_dtype = student.scalar_type();
@@ -382,6 +450,7 @@ TopkCall topk_prepare(const at::Tensor& student, const at::Tensor& values, const
                                 : at::empty({0}, opts.dtype(c.student.scalar_type()));
 
   TopkParams& p = c.p;
+  static_cast<LossConfig&>(p) = cfg;
   p.student = c.student.data_ptr();
   p.values = c.values.data_ptr();
   p.indices = c.indices.data_ptr<int64_t>();
@@ -393,12 +462,8 @@ TopkCall topk_prepare(const at::Tensor& student, const at::Tensor& values, const
   p.vocab = vocab;
   p.k = k;
   p.student_row_stride = c.student.stride(0);
-  p.ignore_index = ignore_index;
-  p.inv_temperature = 1.0 / temperature;
-  p.loss_factor = scale_by_temperature ? temperature * temperature : 1.0;
   p.values_are_logprobs = values_are_logprobs;
   p.tail_bucket = tail_bucket && k < vocab;  // with every entry kept there is no tail: renormalize
-  p.reduction = parse_reduction(reduction);
   return c;
 }
 

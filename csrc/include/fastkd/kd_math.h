@@ -56,6 +56,29 @@ FASTKD_HOST_DEVICE double fk_log_prob(double x) { return fk_log(x); }
 // NaN (0 * log 0); a NaN weight keeps its (NaN) value, so NaN propagates instead of being dropped.
 FASTKD_HOST_DEVICE float fk_select_nonzero(float cond, float value) { return cond != 0.f ? value : 0.f; }
 FASTKD_HOST_DEVICE double fk_select_nonzero(double cond, double value) { return cond != 0.0 ? value : 0.0; }
+// expm1(x) = exp(x) - 1 without cancellation near 0.
+FASTKD_HOST_DEVICE float fk_expm1(float x) {
+#if defined(__CUDA_ARCH__)
+  return ::expm1f(x);
+#else
+  return std::expm1(x);
+#endif
+}
+FASTKD_HOST_DEVICE double fk_expm1(double x) { return ::expm1(x); }
+// `cond == 0 ? if_zero : otherwise` and `x is finite ? if_finite : otherwise` (NaN is neither zero nor
+// finite), for the branches of a divergence's per-entry terms.
+FASTKD_HOST_DEVICE float fk_where_zero(float cond, float if_zero, float otherwise) {
+  return cond == 0.f ? if_zero : otherwise;
+}
+FASTKD_HOST_DEVICE double fk_where_zero(double cond, double if_zero, double otherwise) {
+  return cond == 0.0 ? if_zero : otherwise;
+}
+FASTKD_HOST_DEVICE float fk_where_finite(float x, float if_finite, float otherwise) {
+  return x - x == 0.f ? if_finite : otherwise;
+}
+FASTKD_HOST_DEVICE double fk_where_finite(double x, double if_finite, double otherwise) {
+  return x - x == 0.0 ? if_finite : otherwise;
+}
 // `cond > 0 ? value : 0` (a sign test: NaN gives 0).
 FASTKD_HOST_DEVICE float fk_select_positive(float cond, float value) { return cond > 0.f ? value : 0.f; }
 FASTKD_HOST_DEVICE double fk_select_positive(double cond, double value) { return cond > 0.0 ? value : 0.0; }
@@ -125,36 +148,12 @@ FASTKD_HOST_DEVICE X kd_grad_teacher(X a, X b, X log_zt, X log_zs, X kl, X coef)
   return kd_grad_teacher2(a, b, log_zt, log_zs, coef, coef * kl);
 }
 
-// ---- divergences that need the normalized distributions (JSD, TVD) ----
+// ---- divergences of the form sum_j phi(p_j, q_j) (the Psi family of divergences.h) ----
 //
 // A row loss of the form L = sum_j phi(p_j, q_j) has, through the softmaxes, the gradients
 //   dL/db_j = psi_q(j) - q_j * sum_k psi_q(k),   psi_q = q * dphi/dq
 //   dL/da_j = psi_p(j) - p_j * sum_k psi_p(k),   psi_p = p * dphi/dp
 // so one sweep gathers sum phi, sum psi_q, sum psi_p and the next writes the gradients.
-//
-// Generalized JSD(beta), m = beta p + (1 - beta) q:
-//   phi = beta p log(p/m) + (1 - beta) q log(q/m),  psi_p = beta p log(p/m),  psi_q = (1 - beta) q log(q/m)
-// (so phi = psi_p + psi_q). Each weighted term is dropped where its weight is 0, and a positive weight w
-// implies m >= w > 0: entries that underflow (or are -inf) on both sides give 0, never 0 * inf.
-template <typename X>
-FASTKD_HOST_DEVICE void jsd_terms(X log_p, X log_q, X p, X q, X beta, X one_minus_beta, X& psi_p, X& psi_q) {
-  const X wp = beta * p;
-  const X wq = one_minus_beta * q;
-  const X log_m = fk_log_prob(wp + wq);
-  psi_p = fk_select_nonzero(wp, wp * (log_p - log_m));
-  psi_q = fk_select_nonzero(wq, wq * (log_q - log_m));
-}
-
-// Total variation, phi = |p - q| / 2 with the subgradient sign(0) = 0 at ties:
-//   psi_p = p sign(p - q) / 2,  psi_q = -q sign(p - q) / 2,  phi = (p - q) sign(p - q) / 2.
-template <typename X>
-FASTKD_HOST_DEVICE void tvd_terms(X p, X q, X& psi_p, X& psi_q, X& phi) {
-  const X half_sign = fk_select_positive(p - q, X(0.5f)) - fk_select_positive(q - p, X(0.5f));
-  psi_p = p * half_sign;
-  psi_q = X(0.0f) - q * half_sign;
-  phi = (p - q) * half_sign;
-}
-
 // Gradient of such a row: c * (psi(j) - w_j * sum_psi), w = q (student) or p (teacher).
 template <typename X>
 FASTKD_HOST_DEVICE X psi_grad(X psi, X w, X sum_psi, X c) {
@@ -171,22 +170,6 @@ FASTKD_HOST_DEVICE A kd_row_kl(A z_s, A z_t, A dot) {
 
 // Reductions, in the order of the schema string values.
 enum class Reduction : int32_t { None = 0, Sum = 1, Mean = 2, BatchMean = 3 };
-
-// Response divergences (schema strings "kl", "reverse_kl", "jsd", "tvd", "dkd").
-enum class Divergence : int32_t { KL = 0, ReverseKL = 1, JSD = 2, TVD = 3, DKD = 4 };
-
-// The per-entry terms of the divergences that need the normalized distributions (see jsd_terms above):
-// psi_p, psi_q and phi from log p, log q, p and q.
-template <Divergence D, typename X>
-FASTKD_HOST_DEVICE void psi_terms(X log_p, X log_q, X p, X q, X beta, X one_minus_beta, X& psi_p, X& psi_q, X& phi) {
-  static_assert(D == Divergence::JSD || D == Divergence::TVD, "psi_terms: JSD or TVD");
-  if constexpr (D == Divergence::JSD) {
-    jsd_terms(log_p, log_q, p, q, beta, one_minus_beta, psi_p, psi_q);
-    phi = psi_p + psi_q;
-  } else {
-    tvd_terms(p, q, psi_p, psi_q, phi);
-  }
-}
 
 // log(exp(x) + exp(y)) for row-level scalars; -inf when both are -inf.
 FASTKD_HOST_DEVICE double kd_logaddexp(double x, double y) {

@@ -4,14 +4,30 @@
 
 #include <cstdint>
 
-#include "fastkd/kd_math.h"
+#include "fastkd/divergences.h"
 
 namespace fastkd {
+
+// What a loss computes, independent of where its rows come from: the divergence and its parameters, the
+// temperature, the weights of the soft and hard parts, the masking and the reduction. Built and validated in
+// one place (kd_host.h make_loss_config) for the response op, the top-k op and the fused linear head, whose
+// row-level parameter structs below extend it with pointers, sizes and strides.
+struct LossConfig {
+  Divergence divergence = Divergence::KL;
+  DivArgs div;                          // the divergence's parameters (registry order) and derived constants
+  double inv_temperature = 1.0;
+  double loss_factor = 1.0;             // T^2 or 1
+  double soft_weight = 1.0;
+  double hard_weight = 0.0;
+  bool hard = false;                    // compute the cross-entropy part (needs labels)
+  int64_t ignore_index = -100;
+  Reduction reduction = Reduction::BatchMean;
+};
 
 // fastkd::response_forward: one row of student and teacher logits -> a soft (divergence) loss and,
 // optionally, the hard-label cross-entropy of the student, plus the gradients of
 // soft_weight * soft + hard_weight * hard after reduction.
-struct KdParams {
+struct KdParams : LossConfig {
   const void* student = nullptr;        // [rows, vocab], unit stride along vocab
   const void* teacher = nullptr;        // [rows, vocab], unit stride along vocab
   const int64_t* labels = nullptr;      // [rows] or nullptr: masks rows == ignore_index; CE / DKD target
@@ -24,35 +40,11 @@ struct KdParams {
   int64_t vocab = 0;
   int64_t student_row_stride = 0;
   int64_t teacher_row_stride = 0;
-  int64_t ignore_index = -100;
-  double inv_temperature = 1.0;
-  double loss_factor = 1.0;             // T^2 or 1
-  double beta = 0.5;                    // JSD: mixing weight of the teacher; DKD: NCKD weight
-  double alpha = 1.0;                   // DKD: TCKD weight
-  double soft_weight = 1.0;
-  double hard_weight = 0.0;
-  bool hard = false;                    // compute the cross-entropy part (needs labels)
-  Divergence divergence = Divergence::KL;
-  Reduction reduction = Reduction::BatchMean;
 };
 
-FASTKD_HOST_DEVICE double kd_count(const double* count, int64_t rows) {
-  return count ? *count : static_cast<double>(rows);
-}
-
-// d(reduced loss) / d(student logit) factor of the soft part: soft_weight * loss_factor / denominator,
-// and the chain rule through x / T adds 1 / T.
-FASTKD_HOST_DEVICE double kd_grad_coef(const KdParams& p, double count) {
-  return p.soft_weight * p.loss_factor * p.inv_temperature / kd_denominator(p.reduction, count, p.vocab);
-}
-
-// The same for the hard part (cross-entropy at temperature 1).
-FASTKD_HOST_DEVICE double ce_grad_coef(const KdParams& p, double count) {
-  return p.hard_weight / ce_denominator(p.reduction, count);
-}
-
-// fastkd::topk_kd_forward: a sparse teacher (k kept entries per row) against the full student row.
-struct TopkParams {
+// fastkd::topk_kd_forward: a sparse teacher (k kept entries per row) against the full student row
+// (divergence KL; the soft weight is applied by the caller).
+struct TopkParams : LossConfig {
   const void* student = nullptr;        // [rows, vocab], unit stride along vocab
   const void* values = nullptr;         // [rows, k] contiguous: teacher logits or log-probabilities
   const int64_t* indices = nullptr;     // [rows, k] contiguous, each row sorted ascending and distinct
@@ -64,12 +56,24 @@ struct TopkParams {
   int64_t vocab = 0;
   int64_t k = 0;
   int64_t student_row_stride = 0;
-  int64_t ignore_index = -100;
-  double inv_temperature = 1.0;
-  double loss_factor = 1.0;
   bool values_are_logprobs = false;
   bool tail_bucket = false;
-  Reduction reduction = Reduction::BatchMean;
 };
+
+FASTKD_HOST_DEVICE double kd_count(const double* count, int64_t rows) {
+  return count ? *count : static_cast<double>(rows);
+}
+
+// d(reduced loss) / d(student logit) factor of the soft part: soft_weight * loss_factor / denominator,
+// and the chain rule through x / T adds 1 / T.
+template <class RowParams>  // KdParams or TopkParams
+FASTKD_HOST_DEVICE double kd_grad_coef(const RowParams& p, double count) {
+  return p.soft_weight * p.loss_factor * p.inv_temperature / kd_denominator(p.reduction, count, p.vocab);
+}
+
+// The same for the hard part (cross-entropy at temperature 1).
+FASTKD_HOST_DEVICE double ce_grad_coef(const KdParams& p, double count) {
+  return p.hard_weight / ce_denominator(p.reduction, count);
+}
 
 }  // namespace fastkd

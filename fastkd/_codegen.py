@@ -1,0 +1,101 @@
+"""Functions and modules generated from the divergence specs (fastkd/divergences.py), with real signatures
+(``help()``, ``inspect.signature`` and IDEs see the parameters) and no per-call binding overhead.
+
+A generated function ``name(student_logits, teacher_logits, <params>, temperature=1.0, *, reduction=...,
+labels=None, ignore_index=-100, scale_by_temperature=<spec default>, num_items_in_batch=None)`` calls
+``impl(spec, name, student_logits, teacher_logits, {param: value}, temperature, **keywords)``; the module
+holds the same arguments and calls the function in ``forward(student_logits, teacher_logits, labels=None,
+num_items_in_batch=None)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+from torch import nn
+
+from fastkd.divergences import DivergenceSpec
+
+
+def _params_src(spec: DivergenceSpec) -> str:
+    return "".join(f"{p.name}, " if p.default is None else f"{p.name}={p.default!r}, " for p in spec.params)
+
+
+def _docstring(spec: DivergenceSpec, kind: str) -> str:
+    lines = [f"{spec.doc[0].upper()}{spec.doc[1:]}, fused: per row :math:`{spec.formula_doc}` with "
+             f"``p = softmax(t/T)`` (teacher) and ``q = softmax(s/T)`` (student)"
+             f"{', times T^2 by default' if spec.temperature_squared else ' (no T^2 factor by default)'}.",
+             "", f"Matches: {spec.anchor}.", "", "Args:"]
+    for p in spec.params:
+        default = "required" if p.default is None else f"default {p.default!r}"
+        lines.append(f"    {p.name}: {p.doc} ({default}; in {p.range_text()}).")
+    lines += ["", f"The other arguments are those of :func:`fastkd.divergence_loss` (``divergence={spec.name!r}``); "
+              f"generated from the divergence registry ({kind})."]
+    return "\n".join(lines)
+
+
+def make_function(spec: DivergenceSpec, impl: Callable, module: str, kind: str) -> Callable:
+    keys = "".join(f"{p.name!r}: {p.name}, " for p in spec.params)
+    src = (
+        f"def {spec.function}(student_logits, teacher_logits, {_params_src(spec)}temperature=1.0, *, "
+        f"reduction='batchmean', labels=None, ignore_index=-100, "
+        f"scale_by_temperature={spec.temperature_squared!r}, num_items_in_batch=None):\n"
+        f"    return _impl(_spec, {spec.function!r}, student_logits, teacher_logits, {{{keys}}}, temperature, "
+        f"reduction=reduction, labels=labels, ignore_index=ignore_index, "
+        f"scale_by_temperature=scale_by_temperature, num_items_in_batch=num_items_in_batch)\n"
+    )
+    scope: Dict[str, object] = {"_impl": impl, "_spec": spec}
+    exec(compile(src, f"<fastkd generated {spec.function}>", "exec"), scope)
+    fn = scope[spec.function]
+    fn.__module__ = module
+    fn.__qualname__ = spec.function
+    fn.__doc__ = _docstring(spec, kind)
+    return fn
+
+
+class DivergenceModule(nn.Module):
+    """Base of the generated loss modules: the arguments of the function, held; see the subclass's doc."""
+
+    _function: Callable
+    _spec: DivergenceSpec
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels=None,
+                num_items_in_batch=None) -> torch.Tensor:
+        return type(self)._function(student_logits, teacher_logits, **self._params, temperature=self.temperature,
+                                    reduction=self.reduction, labels=labels, ignore_index=self.ignore_index,
+                                    scale_by_temperature=self.scale_by_temperature,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def extra_repr(self) -> str:
+        params = "".join(f"{k}={v!r}, " for k, v in self._params.items())
+        return (f"{params}temperature={self.temperature}, reduction={self.reduction!r}, "
+                f"scale_by_temperature={self.scale_by_temperature}")
+
+
+def _check_params(spec: DivergenceSpec, params: Dict[str, object], where: str) -> None:
+    """A module's parameters, checked when it is built (types and ranges)."""
+    spec.check_ranges(spec.resolve(params, where))
+
+
+def make_module(spec: DivergenceSpec, function: Callable, module: str) -> type:
+    keys = "".join(f"{p.name!r}: {p.name}, " for p in spec.params)
+    src = (
+        f"def __init__(self, {_params_src(spec)}temperature=1.0, *, reduction='batchmean', ignore_index=-100, "
+        f"scale_by_temperature={spec.temperature_squared!r}):\n"
+        f"    _nn.Module.__init__(self)\n"
+        f"    self._params = {{{keys}}}\n"
+        f"    self.temperature = temperature\n"
+        f"    self.reduction = reduction\n"
+        f"    self.ignore_index = ignore_index\n"
+        f"    self.scale_by_temperature = scale_by_temperature\n"
+        f"    _check(_spec, self._params, {spec.module!r})\n"
+    )
+    scope: Dict[str, object] = {"_nn": nn, "_spec": spec, "_check": _check_params}
+    exec(compile(src, f"<fastkd generated {spec.module}>", "exec"), scope)
+    doc = (f"Module form of :func:`fastkd.{spec.function}` ({spec.doc}): the constructor takes its parameters, "
+           f"``temperature``, ``reduction``, ``ignore_index`` and ``scale_by_temperature``; ``forward(student_logits, "
+           f"teacher_logits, labels=None, num_items_in_batch=None)``.")
+    cls = type(spec.module, (DivergenceModule,), {"__init__": scope["__init__"], "_function": staticmethod(function),
+                                                   "_spec": spec, "__doc__": doc, "__module__": module})
+    return cls

@@ -1,0 +1,221 @@
+"""The response divergences, one spec each: the Python side of ``csrc/include/fastkd/divergences.h``.
+
+A spec names a divergence (its schema name in the C++ registry), its parameters in registry order (defaults,
+ranges), whether the ``T^2`` factor applies, a float64 PyTorch formula per vocabulary entry, its one-line
+doc, the parameter sets the test suite runs and the anchor it matches. From the specs come
+:func:`fastkd.divergence_loss`, the generated functions and modules (``fastkd.skew_kl_loss``,
+``fastkd.SkewKLLoss``, ...), their twins in :mod:`fastkd.reference`, the choices of
+:func:`fastkd.fused_linear_kd_loss` and :func:`fastkd.distributed.vocab_parallel_kd_loss`, the benchmark cases,
+the README's table of divergences and the tests' parametrization. ``tests/test_divergences.py`` checks that
+these specs and the compiled registry (``fastkd._C.divergences()``) agree.
+
+Notation: ``p`` = teacher, ``q`` = student, both ``softmax(z / T)`` of one row; a formula maps
+``(p, q, log_p, log_q, **params)`` (tensors ``[..., V]`` and floats) to the per-entry terms ``phi`` whose sum over
+the vocabulary is the row's divergence. Entries where a term's weight is 0 contribute exactly 0 (never
+``0 * inf``); formulas are written in the compute dtype and differentiate correctly there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["Param", "DivergenceSpec", "REGISTRY", "register", "get", "names", "readme_table"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """A named hyperparameter: its default (None: required) and its range ``[lo, hi]``, an end excluded when
+    marked open."""
+
+    name: str
+    default: Optional[float]
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    doc: str = ""
+
+    def range_text(self) -> str:
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+    def contains(self, x: float) -> bool:
+        above = x > self.lo if self.lo_open else x >= self.lo
+        below = x < self.hi if self.hi_open else x <= self.hi
+        return math.isfinite(x) and above and below
+
+
+Formula = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DivergenceSpec:
+    """One response divergence (see the module docstring)."""
+
+    name: str                      # schema name, as in csrc/include/fastkd/divergences.h
+    family: str                    # "kl_type", "psi" or "decoupled" (the kernels' families)
+    params: Tuple[Param, ...]      # registry order: the op's float[] params
+    temperature_squared: bool      # default of scale_by_temperature
+    formula: Optional[Formula]     # float64 per-entry terms phi(p, q, log_p, log_q, **params); None: decoupled
+    doc: str                       # one line, for docstrings and the README table
+    anchor: str                    # what it matches
+    function: str                  # the functional's name (fastkd.<function>)
+    module: str                    # the nn.Module's name (fastkd.<module>)
+    test_params: Tuple[Mapping[str, float], ...] = ({},)  # parameter sets the test suite runs
+    temperature_squared_allowed: bool = True  # False: scale_by_temperature=True is an error
+    generated: bool = True         # the function and module are generated (False: written by hand)
+    fused_head: bool = True        # runs in fastkd.fused_linear_kd_loss / vocab_parallel_kd_loss
+    formula_doc: str = ""          # the row's value, for docstrings
+    # whether the divergence is infinite where the teacher gives 0 to entries the student does not (a teacher
+    # vocabulary padded to the student's), given the parameters: the fused head refuses that case
+    infinite_on_padding: Optional[Callable[..., bool]] = None
+    # the anchor's own eager formulation, (student_logits, teacher_logits, T, **params) -> per-row values in
+    # fastkd's convention (no T^2): the tests compare it with the kernels (None: compared elsewhere)
+    anchor_formula: Optional[Callable[..., torch.Tensor]] = None
+    # limit cases the tests check exactly: (params, other divergence, its params), e.g. skew 0 is "kl"
+    same_as: Tuple[Tuple[Mapping[str, float], str, Mapping[str, float]], ...] = ()
+
+    @property
+    def param_names(self) -> Tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    def resolve(self, given: Mapping[str, object], where: str) -> Tuple[float, ...]:
+        """The parameters in registry order from keyword arguments (defaults filled in). Python types are
+        checked here (TypeError); ranges by the op (ValueError), or by :meth:`check_ranges` where no op runs."""
+        from fastkd import _validation as v
+
+        unknown = sorted(set(given) - set(self.param_names))
+        if unknown:
+            takes = ", ".join(self.param_names) or "no parameters"
+            raise TypeError(f"{where}: divergence {self.name!r} takes {takes}; got unexpected {', '.join(unknown)}")
+        values = []
+        for p in self.params:
+            x = given.get(p.name, p.default)
+            if x is None:
+                raise TypeError(f"{where}: divergence {self.name!r} needs its parameter {p.name!r}")
+            values.append(v.check_real(p.name, x))
+        return tuple(values)
+
+    def check_ranges(self, values: Sequence[float]) -> None:
+        """The op's range rule, for the plain-PyTorch paths and early checks (the same message)."""
+        from fastkd import _validation as v
+
+        for p, x in zip(self.params, values):
+            v.check_real(p.name, x, p.lo, p.hi, low_open=p.lo_open, high_open=p.hi_open,
+                         why=f" for divergence '{self.name}'")
+
+
+REGISTRY: Dict[str, DivergenceSpec] = {}
+
+
+def register(spec: DivergenceSpec) -> DivergenceSpec:
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def get(name: str) -> DivergenceSpec:
+    if name not in REGISTRY:
+        raise ValueError(f"divergence must be one of {', '.join(map(repr, REGISTRY))}, got {name!r}")
+    return REGISTRY[name]
+
+
+def names(fused_head: bool = False) -> Tuple[str, ...]:
+    return tuple(n for n, s in REGISTRY.items() if s.fused_head or not fused_head)
+
+
+# --------------------------------------------------------------------------------------------------------
+# formula building blocks (float64 oracle; exact zeros where a weight is 0)
+# --------------------------------------------------------------------------------------------------------
+def plogp_ratio(w: torch.Tensor, log_w: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
+    """``w * (log w - log r)``, exactly 0 where ``w == 0`` (whatever ``log_r`` is), with finite gradients there;
+    +inf where ``w > 0`` and ``r == 0``; NaN stays NaN."""
+    pos = w != 0
+    zero = torch.zeros((), dtype=w.dtype, device=w.device)
+    diff = torch.where(pos, log_w, zero) - torch.where(pos, log_r, zero)
+    return torch.where(pos, w * diff, zero)
+
+
+def log_mix(log_a: torch.Tensor, log_b: torch.Tensor, a_weight: float) -> torch.Tensor:
+    """``log(a_weight * a + (1 - a_weight) * b)``; -inf where both terms are 0, with zero (not NaN) gradients."""
+    if a_weight == 0.0:
+        return log_b
+    if a_weight == 1.0:
+        return log_a
+    x, y = log_a + math.log(a_weight), log_b + math.log1p(-a_weight)
+    both = (x == -math.inf) & (y == -math.inf)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    out = torch.logaddexp(torch.where(both, zero, x), torch.where(both, zero, y))
+    return torch.where(both, torch.full((), -math.inf, dtype=x.dtype, device=x.device), out)
+
+
+def _kl(p, q, log_p, log_q):
+    return plogp_ratio(p, log_p, log_q)
+
+
+def _reverse_kl(p, q, log_p, log_q):
+    return plogp_ratio(q, log_q, log_p)
+
+
+def _jsd(p, q, log_p, log_q, beta):
+    if beta == 0.0:  # TRL's convention: the endpoints are the forward and reverse KL
+        return plogp_ratio(p, log_p, log_q)
+    if beta == 1.0:
+        return plogp_ratio(q, log_q, log_p)
+    log_m = log_mix(log_p, log_q, beta)
+    return beta * plogp_ratio(p, log_p, log_m) + (1.0 - beta) * plogp_ratio(q, log_q, log_m)
+
+
+def _tvd(p, q, log_p, log_q):
+    return 0.5 * (p - q).abs()
+
+
+# --------------------------------------------------------------------------------------------------------
+# the registry (order: as csrc/include/fastkd/divergences.h)
+# --------------------------------------------------------------------------------------------------------
+register(DivergenceSpec(
+    name="kl", family="kl_type", params=(), temperature_squared=True, formula=_kl,
+    doc="forward KL, Hinton KD", formula_doc="KL(p || q)",
+    anchor="RepDistiller DistillKL, mdistiller kd_loss, torchdistill KDLoss",
+    function="kd_loss", module="KDLoss", generated=False))
+register(DivergenceSpec(
+    name="reverse_kl", family="kl_type", params=(), temperature_squared=True, formula=_reverse_kl,
+    doc="reverse (mode-seeking) KL", formula_doc="KL(q || p)",
+    anchor="TRL generalized_jsd_loss(beta=1), MiniLLM",
+    function="reverse_kl_loss", module="ReverseKLLoss", generated=False,
+    infinite_on_padding=lambda: True))
+register(DivergenceSpec(
+    name="jsd", family="psi", temperature_squared=False, temperature_squared_allowed=False, formula=_jsd,
+    params=(Param("beta", 0.5, 0.0, 1.0, doc="weight of the teacher in the mixture m"),),
+    doc="generalized Jensen-Shannon divergence",
+    formula_doc="beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q",
+    anchor="TRL GKD generalized_jsd_loss, Liger-Kernel JSD",
+    function="jsd_loss", module="JSDLoss", generated=False, infinite_on_padding=lambda beta: beta == 1.0,
+    same_as=(({"beta": 0.0}, "kl", {}), ({"beta": 1.0}, "reverse_kl", {})),
+    test_params=({"beta": 0.5}, {"beta": 0.1}, {"beta": 0.0}, {"beta": 1.0})))
+register(DivergenceSpec(
+    name="tvd", family="psi", params=(), temperature_squared=False, temperature_squared_allowed=False,
+    formula=_tvd, doc="total variation distance", formula_doc="0.5 sum_j |p_j - q_j|",
+    anchor="Liger-Kernel TVD, DistillKit", function="tvd_loss", module="TVDLoss", generated=False))
+register(DivergenceSpec(
+    name="dkd", family="decoupled", temperature_squared=True, formula=None, fused_head=False,
+    params=(Param("alpha", 1.0, 0.0, math.inf, hi_open=True, doc="weight of TCKD"),
+            Param("beta", 8.0, 0.0, math.inf, hi_open=True, doc="weight of NCKD")),
+    doc="decoupled KD (needs class targets)", formula_doc="alpha TCKD + beta NCKD",
+    anchor="mdistiller dkd_loss", function="dkd_loss", module="DKDLoss", generated=False,
+    test_params=({"alpha": 1.0, "beta": 8.0},)))
+
+
+def readme_table() -> str:
+    """The README's table of divergences (a test checks that the README holds it)."""
+    lines = ["| divergence | value per row | parameters | T^2 by default | function / module | matches |",
+             "|---|---|---|---|---|---|"]
+    for s in REGISTRY.values():
+        params = ", ".join(f"`{p.name}`" + (f" = {p.default:g}" if p.default is not None else "") +
+                           f" in {p.range_text()}" for p in s.params) or "-"
+        value = s.formula_doc.replace("|", "\\|")
+        lines.append(f"| `{s.name}` | `{value}`: {s.doc} | {params} | {'yes' if s.temperature_squared else 'no'}"
+                     f" | `{s.function}` / `{s.module}` | {s.anchor} |")
+    return "\n".join(lines)

@@ -1,0 +1,241 @@
+"""Every registered response divergence (fastkd/divergences.py and csrc/include/fastkd/divergences.h), from
+its spec: the compiled registry agrees with the specs; values and both gradients against the float64 formula
+and the anchor's formulation; gradcheck, opcheck, torch.compile; the generated function, module and reference;
+the fused linear head equal to the dense loss; bad parameters; the README's table. A divergence added to the
+registry is tested here with no further edit (its ``test_params``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close
+
+import fastkd
+from fastkd import divergences
+from fastkd.divergences import REGISTRY
+
+DENSE = [s for s in REGISTRY.values() if s.family != "decoupled"]
+CASES = [pytest.param(s.name, dict(p), id=f"{s.name}-" + ("-".join(f"{k}{x:g}" for k, x in p.items()) or "default"))
+         for s in DENSE for p in s.test_params]
+FUSED = [c for c in CASES if REGISTRY[c.values[0]].fused_head]
+
+
+def _logits(shape, seed, scale=3.0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def _inputs(seed=0, shape=(3, 4, 23)):
+    s, t = _logits(shape, seed), _logits(shape, seed + 1)
+    # masked vocabulary entries on both sides, one fully masked row, ignored rows
+    s[..., 5] = t[..., 5] = -math.inf
+    s[0, 1] = t[0, 1] = -math.inf
+    labels = torch.randint(0, shape[-1], shape[:-1], generator=torch.Generator().manual_seed(seed + 2))
+    labels[1, 2] = labels[2, 0] = -100
+    return s, t, labels
+
+
+def _value_grads(fn, s, t, grad_out=None, **kw):
+    s = s.detach().clone().requires_grad_(True)
+    t = t.detach().clone().requires_grad_(True)
+    loss = fn(s, t, **kw)
+    go = torch.ones_like(loss) if grad_out is None else grad_out.to(loss.dtype)
+    gs, gt = torch.autograd.grad(loss, (s, t), go)
+    return loss.detach(), gs, gt
+
+
+def test_compiled_registry_matches_the_specs():
+    from fastkd import _C
+
+    compiled = _C.divergences()
+    assert [d["name"] for d in compiled] == list(REGISTRY), "the C++ list and the Python specs differ in order"
+    for d in compiled:
+        spec = REGISTRY[d["name"]]
+        assert d["family"] == spec.family, d["name"]
+        got = [(n, lo, hi, lo_open, hi_open) for n, _, lo, hi, lo_open, hi_open in d["params"]]
+        want = [(p.name, p.lo, p.hi, p.lo_open, p.hi_open) for p in spec.params]
+        assert got == want, d["name"]
+        for (name, default, *_), p in zip(d["params"], spec.params):
+            assert p.default is None or default == p.default, (d["name"], name)
+
+
+@pytest.mark.parametrize("name,params", CASES)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+def test_value_and_gradients_match_float64_formula(name, params, reduction):
+    s, t, labels = _inputs(seed=len(name))
+    g = torch.rand(s.shape[:-1], dtype=torch.float64, generator=torch.Generator().manual_seed(5)) + 0.5
+    go = g if reduction == "none" else torch.tensor(0.8, dtype=torch.float64)
+    kw = dict(labels=labels, reduction=reduction, **params)
+    got = _value_grads(lambda a, b, **k: fastkd.divergence_loss(a, b, name, 1.7, **k), s, t, go, **kw)
+    ref = _value_grads(lambda a, b, **k: fastkd.reference.divergence_loss(a, b, name, 1.7, **k), s, t, go, **kw)
+    for x, y, what in zip(got, ref, ("value", "student grad", "teacher grad")):
+        assert_close(x, y, 1e-10, 1e-12, f"{name} {params} {reduction} {what}")
+        assert torch.isfinite(x).all(), what
+    # float32 against the float64 formula
+    got32 = _value_grads(lambda a, b, **k: fastkd.divergence_loss(a, b, name, 1.7, **k), s.float(), t.float(), go,
+                         **kw)
+    for x, y, what in zip(got32, ref, ("value", "student grad", "teacher grad")):
+        assert x.dtype == torch.float32
+        assert_close(x, y, 2e-5, 2e-6, f"{name} {params} {reduction} float32 {what}")
+
+
+@pytest.mark.parametrize("name,params", CASES)
+def test_named_function_module_and_reference_agree(name, params):
+    spec = REGISTRY[name]
+    s, t, labels = _inputs(seed=7)
+    fn, ref_fn, module = getattr(fastkd, spec.function), getattr(fastkd.reference, spec.function), \
+        getattr(fastkd, spec.module)
+    assert getattr(fastkd.functional, spec.function) is fn
+    full = {p.name: params.get(p.name, p.default) for p in spec.params}
+    generic = fastkd.divergence_loss(s, t, name, 2.0, labels=labels, **params)
+    if spec.generated:  # the generated names take the parameters by name and position
+        assert_close(fn(s, t, **full, temperature=2.0, labels=labels), generic, 0, 0, "function")
+        assert_close(fn(s, t, *full.values(), 2.0, labels=labels), generic, 0, 0, "positional")
+        assert_close(ref_fn(s, t, **full, temperature=2.0, labels=labels), generic, 1e-12, 1e-14, "reference")
+        assert_close(module(*full.values(), temperature=2.0)(s, t, labels), generic, 0, 0, "module")
+    assert_close(fastkd.DivergenceLoss(name, 2.0, **params)(s, t, labels), generic, 0, 0, "DivergenceLoss")
+
+
+@pytest.mark.parametrize("name,params", CASES)
+def test_anchor_formulation(name, params):
+    spec = REGISTRY[name]
+    if spec.anchor_formula is None:
+        pytest.skip(f"{name}: compared with its anchor in test_response.py")
+    s, t, _ = _inputs(seed=11, shape=(6, 19))
+    s[..., 5] = t[..., 5] = 0.0  # the anchors' formulations have no -inf handling
+    s[0, 1] = t[0, 1] = 0.0
+    full = {p.name: params.get(p.name, p.default) for p in spec.params}
+    for T in (1.0, 2.5):
+        want = spec.anchor_formula(s, t, T, **full)
+        got = fastkd.divergence_loss(s, t, name, T, reduction="none", scale_by_temperature=False, **params)
+        assert_close(got, want, 1e-10, 1e-12, f"{name} against {spec.anchor} at T={T}")
+
+
+SAME = [pytest.param(s.name, dict(p), other, dict(q), id=f"{s.name}-{'-'.join(f'{k}{x:g}' for k, x in p.items())}"
+                     f"-is-{other}") for s in DENSE for p, other, q in s.same_as]
+
+
+@pytest.mark.parametrize("name,params,other,other_params", SAME)
+def test_limit_cases_are_exact(name, params, other, other_params):
+    """A divergence at a limit of its parameters equals the other divergence: value and both gradients."""
+    s, t, labels = _inputs(seed=13)
+    scale = REGISTRY[name].temperature_squared and REGISTRY[other].temperature_squared
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
+        a = _value_grads(lambda x, y: fastkd.divergence_loss(x, y, name, 2.0, labels=labels, scale_by_temperature=scale,
+                                                             **params), s.to(dtype), t.to(dtype))
+        b = _value_grads(lambda x, y: fastkd.divergence_loss(x, y, other, 2.0, labels=labels,
+                                                             scale_by_temperature=scale, **other_params),
+                         s.to(dtype), t.to(dtype))
+        for x, y, what in zip(a, b, ("value", "student grad", "teacher grad")):
+            assert_close(x, y, tol, tol * 1e-2, f"{name} {params} == {other} {what} ({dtype})")
+
+
+@pytest.mark.parametrize("name,params", CASES)
+def test_gradcheck(name, params):
+    s = _logits((3, 7), 1).requires_grad_(True)
+    t = _logits((3, 7), 2).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: fastkd.divergence_loss(a, b, name, 1.3, reduction="sum", **params), (s, t))
+
+
+@pytest.mark.parametrize("name,params", CASES)
+def test_opcheck_and_compile(name, params):
+    spec = REGISTRY[name]
+    values = [params.get(p.name, p.default) for p in spec.params]
+    s, t = _logits((5, 17), 3, dtype=torch.float32), _logits((5, 17), 4, dtype=torch.float32)
+    labels = torch.tensor([1, -100, 3, 0, 16])
+    req = lambda x: x.clone().requires_grad_(True)  # noqa: E731
+    for args in [(req(s), t, labels, None, name, values, 2.0, 1.0, 0.0, -100, "batchmean", spec.temperature_squared,
+                  True, False),
+                 (req(s), req(t), labels, torch.tensor(4.0), name, values, 1.0, 0.5, 0.5, -100, "mean", False, True,
+                  True) if spec.family != "decoupled" else None,
+                 (s, t, labels, None, name, values, 1.5, 1.0, 0.0, -100, "none", False, False, False)]:
+        if args is not None:
+            torch.library.opcheck(torch.ops.fastkd.response_forward, args)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b: fastkd.divergence_loss(a, b, name, 2.0, labels=labels, **params),
+                             fullgraph=True)
+    a, b = req(s), req(t)
+    out = compiled(a, b)
+    out.backward()
+    a2, b2 = req(s), req(t)
+    eager = fastkd.divergence_loss(a2, b2, name, 2.0, labels=labels, **params)
+    eager.backward()
+    assert_close(out, eager, 0, 0, "compiled value")
+    assert_close(a.grad, a2.grad, 0, 0, "compiled student grad")
+    assert_close(b.grad, b2.grad, 0, 0, "compiled teacher grad")
+
+
+@pytest.mark.parametrize("name,params", FUSED)
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_fused_linear_head_equals_dense(name, params, reduction):
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(21, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(21, generator=g, dtype=torch.float64, requires_grad=True)
+    th, tw = torch.randn(2, 5, 6, generator=g, dtype=torch.float64), torch.randn(21, 6, generator=g,
+                                                                               dtype=torch.float64)
+    labels = torch.randint(0, 21, (2, 5), generator=g)
+    labels[0, 1] = -100
+    go = torch.rand(2, 5, generator=g, dtype=torch.float64) + 0.5 if reduction == "none" else None
+    kw = dict(loss=name, temperature=1.5, labels=labels, reduction=reduction, hard_label_weight=0.25, **params)
+    fused = fastkd.fused_linear_kd_loss(h, w, fastkd.TeacherHead(th, tw), student_bias=b, chunk_size=3, **kw)
+    gf = torch.autograd.grad(fused, (h, w, b), go if go is not None else torch.ones_like(fused))
+    logits, t_logits = F.linear(h, w, b), F.linear(th, tw)
+    spec = REGISTRY[name]
+    dense = 0.75 * fastkd.divergence_loss(logits, t_logits, name, 1.5, labels=labels, reduction=reduction,
+                                          scale_by_temperature=spec.temperature_squared, **params) + \
+        0.25 * fastkd.kd_loss(logits, logits.detach(), 1.0, labels=labels, reduction=reduction, alpha=1.0, beta=0.0)
+    gd = torch.autograd.grad(dense, (h, w, b), go if go is not None else torch.ones_like(dense))
+    assert_close(fused, dense, 1e-10, 1e-12, f"{name} fused value")
+    for x, y, what in zip(gf, gd, ("hidden", "weight", "bias")):
+        assert_close(x, y, 1e-9, 1e-11, f"{name} fused {what} grad")
+
+
+@pytest.mark.parametrize("spec", [s for s in REGISTRY.values() if s.params], ids=lambda s: s.name)
+def test_bad_parameters_are_clear_errors(spec):
+    s, t, labels = _inputs(seed=3)
+    first = spec.params[0]
+    good = {p.name: (p.default if p.default is not None else 0.5) for p in spec.params}
+    outside = first.hi + 1.0 if math.isfinite(first.hi) else first.lo - 1.0
+    kw = dict(labels=labels)
+    for value, exc, match in [(outside, ValueError, first.name), (math.nan, ValueError, first.name),
+                              (math.inf, ValueError, first.name), ("0.5", TypeError, first.name),
+                              (True, TypeError, first.name)]:
+        bad = dict(good, **{first.name: value})
+        with pytest.raises(exc, match=first.name):
+            fastkd.divergence_loss(s, t, spec.name, **bad, **kw)
+        with pytest.raises(exc, match=first.name):
+            fastkd.reference.divergence_loss(s, t, spec.name, **bad, **kw)
+        with pytest.raises(exc, match=first.name):
+            fastkd.DivergenceLoss(spec.name, **bad)
+    with pytest.raises(TypeError, match="unexpected"):
+        fastkd.divergence_loss(s, t, spec.name, not_a_parameter=1.0, **kw)
+    # the op's own rule (one message): out of range at the op level is a ValueError naming the parameter
+    values = [good[p.name] for p in spec.params]
+    values[0] = outside
+    with pytest.raises(ValueError, match=f"argument '{first.name}'"):
+        torch.ops.fastkd.response_forward(s, t, labels.reshape(-1) if False else None, None, spec.name, values, 1.0,
+                                          1.0, 0.0, -100, "batchmean", False, False, False)
+    with pytest.raises(ValueError, match="takes"):
+        torch.ops.fastkd.response_forward(s, t, None, None, spec.name, values + [1.0], 1.0, 1.0, 0.0, -100,
+                                          "batchmean", False, False, False)
+
+
+def test_unknown_divergence():
+    s, t, _ = _inputs()
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        fastkd.divergence_loss(s, t, "not_a_divergence")
+    with pytest.raises(ValueError, match="argument 'divergence'"):
+        torch.ops.fastkd.response_forward(s.reshape(-1, 23), t.reshape(-1, 23), None, None, "nope", [], 1.0, 1.0,
+                                          0.0, -100, "batchmean", False, False, False)
+
+
+def test_readme_holds_the_registry_table():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert divergences.readme_table() in readme, (
+        "README.md's table of divergences is out of date; paste fastkd.divergences.readme_table()")
