@@ -100,7 +100,8 @@ for isa, flags in ISA_FLAGS.items():
         )
     )
 
-core_sources = [str(CSRC / "registration.cpp"), str(CSRC / "autograd.cpp"), str(CSRC / "autocast.cpp")]
+core_sources = [str(CSRC / "registration.cpp"), str(CSRC / "autograd.cpp"), str(CSRC / "relation_autograd.cpp"),
+                str(CSRC / "autocast.cpp")]
 core_defines = list(DEFINES)
 core_args = {"cxx": ["-O3", "-Wall"]}
 if WITH_CUDA:

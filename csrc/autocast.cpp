@@ -11,6 +11,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include "fastkd/relation_ops.h"
+
 namespace fastkd {
 namespace {
 
@@ -20,10 +22,12 @@ void call_without_autocast(const c10::OperatorHandle& op, c10::DispatchKeySet, t
 }
 
 // Every operator of TORCH_LIBRARY(fastkd) in registration.cpp.
+#define FASTKD_RELATION_OP_NAME(op, Traits) relation_ops::Traits::name,
 constexpr const char* kOps[] = {
-    "response_forward", "topk_kd_forward", "fused_linear_kd_forward", "rkd_forward",
-    "sp_forward",       "pkt_forward",     "cc_forward",              "at_forward",
+    "response_forward", "topk_kd_forward", "fused_linear_kd_forward",
+    FASTKD_RELATION_OPS(FASTKD_RELATION_OP_NAME)
 };
+#undef FASTKD_RELATION_OP_NAME
 
 void register_autocast(torch::Library& m) {
   for (const char* name : kOps) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&call_without_autocast>());

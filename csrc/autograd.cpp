@@ -18,31 +18,13 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "autograd_common.h"
+
 namespace fastkd {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// A tensor with real data (not a fake, functional or meta tensor of a tracer).
-bool has_real_data(const at::Tensor& t) {
-  constexpr c10::DispatchKeySet kTraced({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
-                                         c10::DispatchKey::Functionalize});
-  return !t.is_meta() && !t.key_set().has_any(kTraced);
-}
-
-at::Tensor grad_from(const at::Tensor& saved, const at::Tensor& grad_loss, const char* which) {
-  TORCH_CHECK(!(saved.dim() == 1 && saved.sym_numel() == 0), "fastkd: the op was called with grad_", which,
-              "=False but its ", which, " input needs a gradient; use the fastkd loss functions, which set these flags");
-  if (grad_loss.dim() == 0) {
-    // One host sync on CUDA: the price of skipping a full pass over the gradient.
-    if (has_real_data(grad_loss) && grad_loss.item<double>() == 1.0) return saved;
-    return (saved * grad_loss).to(saved.scalar_type());
-  }
-  // reduction "none": one upstream value per row
-  if (has_real_data(grad_loss) && grad_loss.eq(1).all().item<bool>()) return saved;
-  return (saved * grad_loss.unsqueeze(-1)).to(saved.scalar_type());
-}
 
 // Whether a float16 gradient saved for an upstream of 1 must be recomputed for this upstream gradient (see
 // needs_fp16_recompute): not for exactly 1 (the saved gradient is the answer), nor for a non-finite upstream
@@ -61,17 +43,6 @@ bool recompute_for(const at::Tensor& grad_loss) {
 // "batchmean" gradient is ~1 / (rows * V)), and scaling the rounded values afterwards cannot bring the lost
 // digits back. bfloat16 has float32's range: a scaled copy of its saved gradient is as exact as eager's.
 bool needs_fp16_recompute(bool wanted, const at::Tensor& input) { return wanted && input.scalar_type() == at::kHalf; }
-
-// Double backward: the saved gradients are constants, so differentiating them again would silently give a
-// wrong (zero) second-order term. Under create_graph=True (the only time a backward runs with grad mode on)
-// the backward refuses, naming the loss.
-void refuse_double_backward(const std::string& loss) {
-  TORCH_CHECK(!at::GradMode::is_enabled(), "fastkd: ", loss,
-              ": double backward is not supported (create_graph=True, torch.func transforms): the gradient is "
-              "computed by a fused kernel and is not differentiable. For a gradient penalty or higher-order "
-              "gradients use fastkd.reference.", loss.substr(0, loss.find(' ')),
-              " (plain PyTorch, twice differentiable).");
-}
 
 // The public function behind a response divergence, for messages (every divergence also runs through
 // fastkd.divergence_loss).
@@ -95,9 +66,6 @@ at::Tensor opt_or_undefined(const std::optional<at::Tensor>& t) { return t.has_v
 std::optional<at::Tensor> undefined_to_opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> typed_op(const char* name);
 
 using Five = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using ResponseSig = Five(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
@@ -266,129 +234,6 @@ Two topk_kd_forward_autograd(const at::Tensor& student, const at::Tensor& values
   return {r[0], r[1]};
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// Relation- and feature-based losses: (loss, grad_student, grad_teacher) = op(student, teacher, args...),
-// RKD: (loss, distance, angle, grad_student) with no teacher gradient.
-// ---------------------------------------------------------------------------------------------------------
-using Three = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-using Four = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-// The relation ops return the gradient of a float16 / bfloat16 input in float32 (computed for an upstream
-// gradient of 1, see relation_host.h): grad_from scales it in float32, and it is rounded to the input dtype
-// once, so a loss scale (GradScaler: up to 2^16) neither flushes small entries to 0 nor overflows large ones.
-void save_input_type(AutogradContext* ctx, const char* key, const at::Tensor& input) {
-  ctx->saved_data[key] = static_cast<int64_t>(input.scalar_type());
-}
-
-at::Tensor relation_grad_from(AutogradContext* ctx, const char* key, const at::Tensor& saved,
-                              const at::Tensor& grad_loss, const char* which) {
-  const auto input_type = static_cast<at::ScalarType>(ctx->saved_data[key].toInt());
-  return grad_from(saved, grad_loss, which).to(input_type);
-}
-
-// Op: a struct with `static constexpr const char* name` (the op), `loss` (its public function, for messages)
-// and `using Sig = Three(const at::Tensor&, ...)`.
-template <typename Op>
-class RelationForward : public torch::autograd::Function<RelationForward<Op>> {
- public:
-  template <typename... Args>
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
-                               Args... args) {
-    static auto op = typed_op<typename Op::Sig>(Op::name);
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, gs, gt] = op.call(student, teacher, args...);
-    ctx->mark_non_differentiable({gs, gt});
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({gs, gt});
-    ctx->saved_data["inputs"] = static_cast<int64_t>(2 + sizeof...(Args));
-    save_input_type(ctx, "type_s", student);
-    save_input_type(ctx, "type_t", teacher);
-    return {loss, gs, gt};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(ctx->saved_data["inputs"].toInt());
-    if (!grads[0].defined()) return out;
-    const auto saved = ctx->get_saved_variables();
-    if (ctx->needs_input_grad(0)) out[0] = relation_grad_from(ctx, "type_s", saved[0], grads[0], "student");
-    if (ctx->needs_input_grad(1)) out[1] = relation_grad_from(ctx, "type_t", saved[1], grads[0], "teacher");
-    refuse_double_backward(Op::loss);
-    return out;
-  }
-};
-
-class RkdForward : public torch::autograd::Function<RkdForward> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
-                               double distance_weight, double angle_weight, bool grad_student) {
-    static auto op = typed_op<Four(const at::Tensor&, const at::Tensor&, double, double, bool)>("fastkd::rkd_forward");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, distance, angle, gs] = op.call(student, teacher, distance_weight, angle_weight, grad_student);
-    ctx->mark_non_differentiable({distance, angle, gs});
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({gs});
-    save_input_type(ctx, "type_s", student);
-    return {loss, distance, angle, gs};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(5);  // the teacher never gets a gradient (the reference computes it under no_grad)
-    if (grads[0].defined() && ctx->needs_input_grad(0)) {
-      out[0] = relation_grad_from(ctx, "type_s", ctx->get_saved_variables()[0], grads[0], "student");
-    }
-    refuse_double_backward("rkd_loss");
-    return out;
-  }
-};
-
-struct SpOp {
-  static constexpr const char* loss = "sp_loss";
-  static constexpr const char* name = "fastkd::sp_forward";
-  using Sig = Three(const at::Tensor&, const at::Tensor&, c10::string_view, bool, bool);
-};
-struct PktOp {
-  static constexpr const char* loss = "pkt_loss";
-  static constexpr const char* name = "fastkd::pkt_forward";
-  using Sig = Three(const at::Tensor&, const at::Tensor&, double, bool, bool);
-};
-struct CcOp {
-  static constexpr const char* loss = "cc_loss";
-  static constexpr const char* name = "fastkd::cc_forward";
-  using Sig = Three(const at::Tensor&, const at::Tensor&, c10::string_view, double, int64_t, c10::string_view, bool,
-                    bool);
-};
-struct AtOp {
-  static constexpr const char* loss = "at_loss";
-  static constexpr const char* name = "fastkd::at_forward";
-  using Sig = Three(const at::Tensor&, const at::Tensor&, double, c10::string_view, bool, bool);
-};
-
-Three three(const variable_list& r) { return {r[0], r[1], r[2]}; }
-
-Four rkd_forward_autograd(const at::Tensor& s, const at::Tensor& t, double distance_weight, double angle_weight,
-                          bool grad_student) {
-  auto r = RkdForward::apply(s, t, distance_weight, angle_weight, grad_student);
-  return {r[0], r[1], r[2], r[3]};
-}
-Three sp_forward_autograd(const at::Tensor& s, const at::Tensor& t, c10::string_view reduction, bool gs, bool gt) {
-  return three(RelationForward<SpOp>::apply(s, t, reduction, gs, gt));
-}
-Three pkt_forward_autograd(const at::Tensor& s, const at::Tensor& t, double eps, bool gs, bool gt) {
-  return three(RelationForward<PktOp>::apply(s, t, eps, gs, gt));
-}
-Three cc_forward_autograd(const at::Tensor& s, const at::Tensor& t, c10::string_view kernel, double gamma,
-                          int64_t max_p, c10::string_view reduction, bool gs, bool gt) {
-  return three(RelationForward<CcOp>::apply(s, t, kernel, gamma, max_p, reduction, gs, gt));
-}
-Three at_forward_autograd(const at::Tensor& s, const at::Tensor& t, double p, c10::string_view mode, bool gs, bool gt) {
-  return three(RelationForward<AtOp>::apply(s, t, p, mode, gs, gt));
-}
-
 using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using OptTensor = std::optional<at::Tensor>;
 using FusedLinearSig = Six(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
@@ -525,11 +370,6 @@ TORCH_LIBRARY_IMPL(fastkd, Autograd, m) {
   m.impl("fused_linear_kd_forward", &fused_linear_kd_forward_autograd);
   m.impl("response_forward", &response_forward_autograd);
   m.impl("topk_kd_forward", &topk_kd_forward_autograd);
-  m.impl("rkd_forward", &rkd_forward_autograd);
-  m.impl("sp_forward", &sp_forward_autograd);
-  m.impl("pkt_forward", &pkt_forward_autograd);
-  m.impl("cc_forward", &cc_forward_autograd);
-  m.impl("at_forward", &at_forward_autograd);
 }
 
 }  // namespace fastkd

@@ -1,4 +1,4 @@
-// Every fastkd operator schema, declared once. Device files only implement them (TORCH_LIBRARY_IMPL).
+// Every fastkd operator schema, declared once (the relation family's come from its list, fastkd/relation_ops.h).
 // The Python module _C exists for introspection (build_info); the operators are reached through
 // torch.ops.fastkd.*, which composes with autograd, torch.compile and torch.library.opcheck.
 #include <string>
@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "fastkd/divergences.h"
+#include "fastkd/relation_ops.h"
 
 #ifndef FASTKD_CUDA_ARCHS
 #define FASTKD_CUDA_ARCHS ""
@@ -63,28 +64,10 @@ TORCH_LIBRARY(fastkd, m) {
       "bool scale_by_temperature, bool values_are_logprobs, bool tail_bucket, int chunk_size, bool grad_hidden, "
       "bool grad_weight, bool grad_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
-  // Relation- and feature-based losses (fused: the loss and, when asked, the gradients of the loss with
-  // respect to the inputs, from Gram matrices; nothing of size N x N x D or N x N x N is allocated). Inputs are
-  // [N, D] features (flattened per sample by the Python layer), AT's are [N, C, S] maps. Losses are 0-dim in
-  // the promoted input type; gradients are in the input's dtype, float32 for float16 / bfloat16 inputs (the
-  // autograd rounds them after scaling); a gradient not asked for is an empty tensor.
-  // RKD: loss = distance_weight * distance + angle_weight * angle, also returned as detached parts; the
-  // teacher never gets a gradient (the reference computes it under no_grad).
-  m.def(
-      "rkd_forward(Tensor student, Tensor teacher, float distance_weight, float angle_weight, bool grad_student) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "sp_forward(Tensor student, Tensor teacher, str reduction, bool grad_student, bool grad_teacher) "
-      "-> (Tensor, Tensor, Tensor)");
-  m.def(
-      "pkt_forward(Tensor student, Tensor teacher, float eps, bool grad_student, bool grad_teacher) "
-      "-> (Tensor, Tensor, Tensor)");
-  m.def(
-      "cc_forward(Tensor student, Tensor teacher, str kernel, float gamma, int max_p, str reduction, "
-      "bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "at_forward(Tensor student, Tensor teacher, float p, str mode, bool grad_student, bool grad_teacher) "
-      "-> (Tensor, Tensor, Tensor)");
+  // Relation- and feature-based losses: schemas and descriptions in fastkd/relation_ops.h.
+#define FASTKD_DEF_RELATION_OP(op, Traits) m.def(fastkd::relation_ops::Traits::schema);
+  FASTKD_RELATION_OPS(FASTKD_DEF_RELATION_OP)
+#undef FASTKD_DEF_RELATION_OP
 }
 
 PYBIND11_MODULE(_C, m) {

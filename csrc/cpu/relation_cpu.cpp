@@ -10,6 +10,7 @@
 // depend on the thread count. Work: N^3 angle entries, memory: a few N x N float64 matrices.
 #include <algorithm>
 #include <array>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -17,6 +18,7 @@
 
 #include "cpu_common.h"
 #include "fastkd/relation_host.h"
+#include "fastkd/relation_ops.h"
 
 namespace fastkd {
 namespace cpu {
@@ -224,44 +226,16 @@ struct CpuBackend {
   }
 };
 
-Tensor4 rkd_forward_cpu(const at::Tensor& student, const at::Tensor& teacher, double distance_weight,
-                        double angle_weight, bool grad_student) {
-  return rkd_forward_impl<CpuBackend>(student, teacher, distance_weight, angle_weight, grad_student);
-}
-
-Tensor3 sp_forward_cpu(const at::Tensor& student, const at::Tensor& teacher, c10::string_view reduction,
-                       bool grad_student, bool grad_teacher) {
-  return sp_forward_impl<CpuBackend>(student, teacher, std::string_view(reduction.data(), reduction.size()),
-                                     grad_student, grad_teacher);
-}
-
-Tensor3 pkt_forward_cpu(const at::Tensor& student, const at::Tensor& teacher, double eps, bool grad_student,
-                        bool grad_teacher) {
-  return pkt_forward_impl<CpuBackend>(student, teacher, eps, grad_student, grad_teacher);
-}
-
-Tensor3 cc_forward_cpu(const at::Tensor& student, const at::Tensor& teacher, c10::string_view kernel, double gamma,
-                       int64_t max_p, c10::string_view reduction, bool grad_student, bool grad_teacher) {
-  return cc_forward_impl<CpuBackend>(student, teacher, std::string_view(kernel.data(), kernel.size()), gamma, max_p,
-                                     std::string_view(reduction.data(), reduction.size()), grad_student, grad_teacher);
-}
-
-Tensor3 at_forward_cpu(const at::Tensor& student, const at::Tensor& teacher, double p, c10::string_view mode,
-                       bool grad_student, bool grad_teacher) {
-  return at_forward_impl<CpuBackend>(student, teacher, p, std::string_view(mode.data(), mode.size()), grad_student,
-                                     grad_teacher);
-}
-
 }  // namespace
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu
 
-TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
-  m.impl("rkd_forward", &cpu::rkd_forward_cpu);
-  m.impl("sp_forward", &cpu::sp_forward_cpu);
-  m.impl("pkt_forward", &cpu::pkt_forward_cpu);
-  m.impl("cc_forward", &cpu::cc_forward_cpu);
-  m.impl("at_forward", &cpu::at_forward_cpu);
-}
+// Every relation op: its driver with the CPU backend (the drivers take the schema's arguments as they are).
+#define FASTKD_CPU_RELATION_OP(op, Traits)                                                       \
+  static_assert(std::is_same_v<decltype(op##_impl<cpu::CpuBackend>), relation_ops::Traits::Sig>, \
+                #op "_impl: its signature differs from relation_ops.h's");                       \
+  m.impl(relation_ops::Traits::name, &op##_impl<cpu::CpuBackend>);
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) { FASTKD_RELATION_OPS(FASTKD_CPU_RELATION_OP) }
+#undef FASTKD_CPU_RELATION_OP
 
 }  // namespace fastkd

@@ -6,12 +6,15 @@
 //   legs kernel:  thread (i, j) sums over k: the loss, T_ij = sum_k h' s_ik, U_ij = sum_k h' a_ijk
 //   apex kernel:  thread (j, k) sums over the apex i: H_jk = sum_i h' s_ij s_ik
 // Both evaluate the same rkd_angle_entry as the CPU's vectorized pass. Indexing is int64 throughout.
+#include <type_traits>
+
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "fastkd/relation_host.h"
+#include "fastkd/relation_ops.h"
 
 namespace fastkd {
 namespace cuda {
@@ -133,49 +136,27 @@ struct CudaBackend {
   }
 };
 
-Tensor4 rkd_forward_cuda(const at::Tensor& student, const at::Tensor& teacher, double distance_weight,
-                         double angle_weight, bool grad_student) {
-  const c10::cuda::CUDAGuard guard(student.device());
-  return rkd_forward_impl<CudaBackend>(student, teacher, distance_weight, angle_weight, grad_student);
-}
-
-Tensor3 sp_forward_cuda(const at::Tensor& student, const at::Tensor& teacher, c10::string_view reduction,
-                        bool grad_student, bool grad_teacher) {
-  const c10::cuda::CUDAGuard guard(student.device());
-  return sp_forward_impl<CudaBackend>(student, teacher, std::string_view(reduction.data(), reduction.size()),
-                                      grad_student, grad_teacher);
-}
-
-Tensor3 pkt_forward_cuda(const at::Tensor& student, const at::Tensor& teacher, double eps, bool grad_student,
-                         bool grad_teacher) {
-  const c10::cuda::CUDAGuard guard(student.device());
-  return pkt_forward_impl<CudaBackend>(student, teacher, eps, grad_student, grad_teacher);
-}
-
-Tensor3 cc_forward_cuda(const at::Tensor& student, const at::Tensor& teacher, c10::string_view kernel, double gamma,
-                        int64_t max_p, c10::string_view reduction, bool grad_student, bool grad_teacher) {
-  const c10::cuda::CUDAGuard guard(student.device());
-  return cc_forward_impl<CudaBackend>(student, teacher, std::string_view(kernel.data(), kernel.size()), gamma, max_p,
-                                      std::string_view(reduction.data(), reduction.size()), grad_student,
-                                      grad_teacher);
-}
-
-Tensor3 at_forward_cuda(const at::Tensor& student, const at::Tensor& teacher, double p, c10::string_view mode,
-                        bool grad_student, bool grad_teacher) {
-  const c10::cuda::CUDAGuard guard(student.device());
-  return at_forward_impl<CudaBackend>(student, teacher, p, std::string_view(mode.data(), mode.size()), grad_student,
-                                      grad_teacher);
-}
+// An op's CUDA kernel: its driver (the schema's arguments as they are) on the student's device.
+template <auto Impl, typename Sig>
+struct OnStudentDevice;
+template <auto Impl, typename R, typename... Args>
+struct OnStudentDevice<Impl, R(const at::Tensor&, Args...)> {
+  static R call(const at::Tensor& student, Args... args) {
+    const c10::cuda::CUDAGuard guard(student.device());
+    return Impl(student, args...);
+  }
+};
 
 }  // namespace
 }  // namespace cuda
 
-TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
-  m.impl("rkd_forward", &cuda::rkd_forward_cuda);
-  m.impl("sp_forward", &cuda::sp_forward_cuda);
-  m.impl("pkt_forward", &cuda::pkt_forward_cuda);
-  m.impl("cc_forward", &cuda::cc_forward_cuda);
-  m.impl("at_forward", &cuda::at_forward_cuda);
-}
+// Every relation op: its driver with the CUDA backend, on the student's device.
+#define FASTKD_CUDA_RELATION_OP(op, Traits)                                                        \
+  static_assert(std::is_same_v<decltype(op##_impl<cuda::CudaBackend>), relation_ops::Traits::Sig>, \
+                #op "_impl: its signature differs from relation_ops.h's");                         \
+  m.impl(relation_ops::Traits::name,                                                               \
+         &cuda::OnStudentDevice<&op##_impl<cuda::CudaBackend>, relation_ops::Traits::Sig>::call);
+TORCH_LIBRARY_IMPL(fastkd, CUDA, m) { FASTKD_RELATION_OPS(FASTKD_CUDA_RELATION_OP) }
+#undef FASTKD_CUDA_RELATION_OP
 
 }  // namespace fastkd

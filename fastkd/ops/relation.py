@@ -3,9 +3,11 @@ sp_forward, pkt_forward, cc_forward and at_forward, for torch.compile and torch.
 
 Every op returns the 0-dim loss in ``promote_types(student, teacher)`` and, for each input whose flag is
 set, the gradient of the loss computed in the same pass (in that input's shape and dtype, float32 for
-float16 / bfloat16 inputs; an empty ``(0,)`` tensor when not asked for). ``rkd_forward`` also returns the unweighted distance and angle terms (detached,
-for logging) and never a teacher gradient. Their autograd is registered in C++ (csrc/autograd.cpp): the
-backward returns the saved gradient times the incoming gradient, in the input's dtype.
+float16 / bfloat16 inputs; an empty ``(0,)`` tensor when not asked for). ``rkd_forward`` also returns the
+unweighted distance and angle terms (detached, for logging) and never a teacher gradient. The fakes are made
+from one table, :data:`SPECS` (one line per op). Their autograd is registered in C++
+(csrc/relation_autograd.cpp): the backward returns the saved gradient times the incoming gradient, in the
+input's dtype.
 
 An op that the loaded build does not define (a build older than these losses) is skipped: importing fastkd
 must not fail, and :mod:`fastkd.functional` then runs the plain-PyTorch reference. :func:`register_fakes`
@@ -14,7 +16,7 @@ registers the fakes of ops defined later (idempotent).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Set, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Set, Tuple
 
 import torch
 
@@ -38,80 +40,43 @@ def _check_pair(student: torch.Tensor, teacher: torch.Tensor, dim: int) -> None:
     torch._check(student.shape[0] == teacher.shape[0], lambda: "student and teacher must have the same batch size")
 
 
-def _rkd_forward_fake(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    distance_weight: float,
-    angle_weight: float,
-    grad_student: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_pair(student, teacher, 2)
-    return (
-        _loss_like(student, teacher),
-        _loss_like(student, teacher),
-        _loss_like(student, teacher),
-        _grad_like(student, grad_student),
-    )
+class _Spec(NamedTuple):
+    """One relation op's outputs: its inputs' dimensions ([N, D] features, or [N, C, S] maps with a common S),
+    the 0-dim outputs before the gradients (the loss; RKD: also its detached distance and angle terms), and the
+    inputs whose gradients follow, in order; their flags (grad_student, grad_teacher) are the op's last
+    arguments, in the same order."""
+
+    dims: int
+    losses: int
+    grads: Tuple[str, ...]
 
 
-def _sp_forward_fake(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    reduction: str,
-    grad_student: bool,
-    grad_teacher: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_pair(student, teacher, 2)
-    return _loss_like(student, teacher), _grad_like(student, grad_student), _grad_like(teacher, grad_teacher)
-
-
-def _pkt_forward_fake(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    eps: float,
-    grad_student: bool,
-    grad_teacher: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_pair(student, teacher, 2)
-    return _loss_like(student, teacher), _grad_like(student, grad_student), _grad_like(teacher, grad_teacher)
-
-
-def _cc_forward_fake(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    kernel: str,
-    gamma: float,
-    max_p: int,
-    reduction: str,
-    grad_student: bool,
-    grad_teacher: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_pair(student, teacher, 2)
-    return _loss_like(student, teacher), _grad_like(student, grad_student), _grad_like(teacher, grad_teacher)
-
-
-def _at_forward_fake(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    p: float,
-    mode: str,
-    grad_student: bool,
-    grad_teacher: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_pair(student, teacher, 3)
-    torch._check(
-        student.shape[2] == teacher.shape[2], lambda: "student and teacher must have the same spatial size S"
-    )
-    return _loss_like(student, teacher), _grad_like(student, grad_student), _grad_like(teacher, grad_teacher)
-
-
-FAKES: Dict[str, Callable] = {
-    "rkd_forward": _rkd_forward_fake,
-    "sp_forward": _sp_forward_fake,
-    "pkt_forward": _pkt_forward_fake,
-    "cc_forward": _cc_forward_fake,
-    "at_forward": _at_forward_fake,
+# The relation ops, as csrc/include/fastkd/relation_ops.h lists them.
+SPECS: Dict[str, _Spec] = {
+    "rkd_forward": _Spec(dims=2, losses=3, grads=("student",)),  # the teacher never gets a gradient
+    "sp_forward": _Spec(dims=2, losses=1, grads=("student", "teacher")),
+    "pkt_forward": _Spec(dims=2, losses=1, grads=("student", "teacher")),
+    "cc_forward": _Spec(dims=2, losses=1, grads=("student", "teacher")),
+    "at_forward": _Spec(dims=3, losses=1, grads=("student", "teacher")),
 }
+
+
+def _make_fake(spec: _Spec) -> Callable[..., Tuple[torch.Tensor, ...]]:
+    def fake(student: torch.Tensor, teacher: torch.Tensor, *args: Any) -> Tuple[torch.Tensor, ...]:
+        _check_pair(student, teacher, spec.dims)
+        if spec.dims == 3:
+            torch._check(
+                student.shape[2] == teacher.shape[2], lambda: "student and teacher must have the same spatial size S"
+            )
+        inputs = {"student": student, "teacher": teacher}
+        flags = args[len(args) - len(spec.grads):]
+        losses = tuple(_loss_like(student, teacher) for _ in range(spec.losses))
+        return losses + tuple(_grad_like(inputs[name], wanted) for name, wanted in zip(spec.grads, flags))
+
+    return fake
+
+
+FAKES: Dict[str, Callable[..., Tuple[torch.Tensor, ...]]] = {name: _make_fake(spec) for name, spec in SPECS.items()}
 
 
 def _op_exists(name: str) -> bool:

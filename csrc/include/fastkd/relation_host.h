@@ -77,9 +77,9 @@ inline at::Tensor relation_loss_like(const at::Tensor& s, const at::Tensor& t) {
 }
 
 // The dtype of an input's gradient output: float32 for float16 / bfloat16 inputs. The op computes the gradient
-// for an upstream gradient of 1; autograd (csrc/autograd.cpp) multiplies it by the real upstream gradient (a
-// loss scale of up to 2^16, or 1 / accumulation steps) in float32 and rounds to the input dtype once, so that
-// no value underflows or overflows in float16 / bfloat16 on the way.
+// for an upstream gradient of 1; autograd (csrc/relation_autograd.cpp) multiplies it by the real upstream
+// gradient (a loss scale of up to 2^16, or 1 / accumulation steps) in float32 and rounds to the input dtype once,
+// so that no value underflows or overflows in float16 / bfloat16 on the way.
 inline at::ScalarType relation_grad_type(const at::Tensor& x) {
   const at::ScalarType t = x.scalar_type();
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
