@@ -133,12 +133,14 @@ struct DkdDivergence : DivergenceDefaults {
 // ---- the list ----
 // X(enum entry, trait struct, family token). The family token lets a translation unit instantiate the
 // kernels of one family only (kd_cpu.cpp / kd_cpu_psi.cpp compile in parallel).
-#define FASTKD_DIVERGENCES(X)                 \
-  X(KL, KlDivergence, kl_type)                \
-  X(ReverseKL, ReverseKlDivergence, kl_type)  \
-  X(JSD, JsdDivergence, psi)                  \
-  X(TVD, TvdDivergence, psi)                  \
-  X(DKD, DkdDivergence, decoupled)
+// (Continuation backslashes unaligned on purpose: a new entry is one added line.)
+#define FASTKD_DIVERGENCES(X) \
+  X(KL, KlDivergence, kl_type) \
+  X(ReverseKL, ReverseKlDivergence, kl_type) \
+  X(JSD, JsdDivergence, psi) \
+  X(TVD, TvdDivergence, psi) \
+  X(DKD, DkdDivergence, decoupled) \
+  /* new entries above this line */
 
 #define FASTKD_DIV_ENUM(id, trait, family) id,
 enum class Divergence : int32_t { FASTKD_DIVERGENCES(FASTKD_DIV_ENUM) };
