@@ -208,6 +208,28 @@ register(DivergenceSpec(
     test_params=({"alpha": 1.0, "beta": 8.0},)))
 
 
+def _skew_kl(p, q, log_p, log_q, skew):
+    return plogp_ratio(p, log_p, log_mix(log_p, log_q, skew))
+
+
+def _distillm_skewed_forward_kl(s, t, T, skew):
+    """DistiLLM's skewed_forward_kl (cross-entropy -sum p log m, no temperature; here at T), per row, plus the
+    teacher's negative entropy sum p log p: KL(p || m)."""
+    p, q = torch.softmax(t / T, -1), torch.softmax(s / T, -1)
+    cross = -(p * torch.log(skew * p + (1 - skew) * q)).sum(-1)
+    return cross + (p * torch.log_softmax(t / T, -1)).sum(-1)
+
+
+register(DivergenceSpec(
+    name="skew_kl", family="psi", temperature_squared=True, formula=_skew_kl,
+    params=(Param("skew", 0.1, 0.0, 1.0, hi_open=True, doc="weight of the teacher in the mixture m"),),
+    doc="skew KL (DistiLLM)", formula_doc="KL(p || m), m = skew p + (1 - skew) q",
+    anchor="DistiLLM skewed_forward_kl(lam=skew), which returns the cross-entropy -sum p log m (the KL plus the "
+           "teacher's entropy: same gradient)",
+    function="skew_kl_loss", module="SkewKLLoss", anchor_formula=_distillm_skewed_forward_kl,
+    test_params=({"skew": 0.1}, {"skew": 0.5}, {"skew": 0.0}), same_as=(({"skew": 0.0}, "kl", {}),)))
+
+
 def readme_table() -> str:
     """The README's table of divergences (a test checks that the README holds it)."""
     lines = ["| divergence | value per row | parameters | T^2 by default | function / module | matches |",

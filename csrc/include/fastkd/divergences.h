@@ -130,6 +130,31 @@ struct DkdDivergence : DivergenceDefaults {
                                           {"beta", 8.0, 0.0, INFINITY, false, true}};
 };
 
+// Skew KL (DistiLLM, ICML 2024): KL(p || m), m = a p + (1 - a) q, a = skew in [0, 1):
+//   phi = p log(p/m),  psi_p = p log(p/m) - a p^2 / m,  psi_q = -(1 - a) p q / m
+// (psi_p without its multiple p of p). Where p is 0 every term is 0; a > 0 keeps m >= a p > 0 wherever p > 0.
+// skew 0 is KL(p || q), run by its kernels.
+struct SkewKlDivergence : DivergenceDefaults {
+  static constexpr const char* kName = "skew_kl";
+  static constexpr Family kFamily = Family::Psi;
+  static constexpr int kNumParams = 1;
+  static constexpr ParamSpec kParams[1] = {{"skew", 0.1, 0.0, 1.0, false, true}};
+  static const char* alias(const DivArgs& a) { return a.param[0] == 0.0 ? "kl" : nullptr; }
+  FASTKD_HOST_DEVICE static void coefficients(DivArgs& a) {
+    a.coef[0] = a.param[0];
+    a.coef[1] = 1.0 - a.param[0];
+  }
+  template <typename X>
+  FASTKD_HOST_DEVICE static void terms(X log_p, X, X p, X q, const DivArgs& a, X& psi_p, X& psi_q, X& phi) {
+    const X wp = fk_splat<X>(a.coef[0]) * p, wq = fk_splat<X>(a.coef[1]) * q;
+    const X m = wp + wq;
+    const X r = p / m;
+    phi = fk_select_nonzero(p, p * (log_p - fk_log_prob(m)));
+    psi_p = fk_select_nonzero(p, phi - wp * r);
+    psi_q = fk_select_nonzero(p, X(0.0f) - wq * r);
+  }
+};
+
 // ---- the list ----
 // X(enum entry, trait struct, family token). The family token lets a translation unit instantiate the
 // kernels of one family only (kd_cpu.cpp / kd_cpu_psi.cpp compile in parallel).
@@ -140,6 +165,7 @@ struct DkdDivergence : DivergenceDefaults {
   X(JSD, JsdDivergence, psi) \
   X(TVD, TvdDivergence, psi) \
   X(DKD, DkdDivergence, decoupled) \
+  X(SkewKL, SkewKlDivergence, psi) \
   /* new entries above this line */
 
 #define FASTKD_DIV_ENUM(id, trait, family) id,
