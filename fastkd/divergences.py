@@ -230,6 +230,26 @@ register(DivergenceSpec(
     test_params=({"skew": 0.1}, {"skew": 0.5}, {"skew": 0.0}), same_as=(({"skew": 0.0}, "kl", {}),)))
 
 
+def _skew_reverse_kl(p, q, log_p, log_q, skew):
+    return plogp_ratio(q, log_q, log_mix(log_q, log_p, skew))
+
+
+def _distillm_skewed_reverse_kl(s, t, T, skew):
+    """DistiLLM's skewed_reverse_kl (here at T), per row: sum q (log q - log m), m = (1 - skew) p + skew q."""
+    p, q = torch.softmax(t / T, -1), torch.softmax(s / T, -1)
+    mixed = (1 - skew) * p + skew * q
+    return (q * torch.log_softmax(s / T, -1) - q * torch.log(mixed)).sum(-1)
+
+
+register(DivergenceSpec(
+    name="skew_reverse_kl", family="psi", temperature_squared=True, formula=_skew_reverse_kl,
+    params=(Param("skew", 0.1, 0.0, 1.0, hi_open=True, doc="weight of the student in the mixture m"),),
+    doc="skew reverse KL (DistiLLM)", formula_doc="KL(q || m), m = skew q + (1 - skew) p",
+    anchor="DistiLLM skewed_reverse_kl(lam=skew)", function="skew_reverse_kl_loss", module="SkewReverseKLLoss",
+    anchor_formula=_distillm_skewed_reverse_kl, infinite_on_padding=lambda skew: skew == 0.0,
+    test_params=({"skew": 0.1}, {"skew": 0.7}, {"skew": 0.0}), same_as=(({"skew": 0.0}, "reverse_kl", {}),)))
+
+
 def readme_table() -> str:
     """The README's table of divergences (a test checks that the README holds it)."""
     lines = ["| divergence | value per row | parameters | T^2 by default | function / module | matches |",

@@ -155,6 +155,23 @@ struct SkewKlDivergence : DivergenceDefaults {
   }
 };
 
+// Skew reverse KL (DistiLLM): KL(q || m), m = a q + (1 - a) p, a = skew in [0, 1): the skew KL with the roles
+// of the two sides swapped,
+//   phi = q log(q/m),  psi_q = q log(q/m) - a q^2 / m,  psi_p = -(1 - a) p q / m.
+// skew 0 is KL(q || p), run by its kernels.
+struct SkewReverseKlDivergence : DivergenceDefaults {
+  static constexpr const char* kName = "skew_reverse_kl";
+  static constexpr Family kFamily = Family::Psi;
+  static constexpr int kNumParams = 1;
+  static constexpr ParamSpec kParams[1] = {{"skew", 0.1, 0.0, 1.0, false, true}};
+  static const char* alias(const DivArgs& a) { return a.param[0] == 0.0 ? "reverse_kl" : nullptr; }
+  FASTKD_HOST_DEVICE static void coefficients(DivArgs& a) { SkewKlDivergence::coefficients(a); }
+  template <typename X>
+  FASTKD_HOST_DEVICE static void terms(X log_p, X log_q, X p, X q, const DivArgs& a, X& psi_p, X& psi_q, X& phi) {
+    SkewKlDivergence::terms(log_q, log_p, q, p, a, psi_q, psi_p, phi);
+  }
+};
+
 // ---- the list ----
 // X(enum entry, trait struct, family token). The family token lets a translation unit instantiate the
 // kernels of one family only (kd_cpu.cpp / kd_cpu_psi.cpp compile in parallel).
@@ -166,6 +183,7 @@ struct SkewKlDivergence : DivergenceDefaults {
   X(TVD, TvdDivergence, psi) \
   X(DKD, DkdDivergence, decoupled) \
   X(SkewKL, SkewKlDivergence, psi) \
+  X(SkewReverseKL, SkewReverseKlDivergence, psi) \
   /* new entries above this line */
 
 #define FASTKD_DIV_ENUM(id, trait, family) id,
