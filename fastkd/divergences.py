@@ -250,6 +250,34 @@ register(DivergenceSpec(
     test_params=({"skew": 0.1}, {"skew": 0.7}, {"skew": 0.0}), same_as=(({"skew": 0.0}, "reverse_kl", {}),)))
 
 
+def _symmetric_kl(p, q, log_p, log_q, reverse_weight):
+    w = reverse_weight
+    return (1.0 - w) * plogp_ratio(p, log_p, log_q) + w * plogp_ratio(q, log_q, log_p)
+
+
+def _distillm_symmetric_kl(s, t, T, reverse_weight):
+    """DistiLLM's symmetric_kl(lam=reverse_weight) (here at T), per row: (1 - lam) forward_kl + lam reverse_kl,
+    whose forward_kl is the cross-entropy -sum p log q; plus (1 - lam) sum p log p, the KL."""
+    log_p, log_q = torch.log_softmax(t / T, -1), torch.log_softmax(s / T, -1)
+    p, q = log_p.exp(), log_q.exp()
+    forward_ce = -(p * log_q).sum(-1)
+    reverse = (q * log_q - q * log_p).sum(-1)
+    return (1 - reverse_weight) * forward_ce + reverse_weight * reverse + (1 - reverse_weight) * (p * log_p).sum(-1)
+
+
+register(DivergenceSpec(
+    name="symmetric_kl", family="psi", temperature_squared=True, formula=_symmetric_kl,
+    params=(Param("reverse_weight", 0.5, 0.0, 1.0, doc="weight w of the reverse KL"),),
+    doc="symmetric KL", formula_doc="(1 - w) KL(p || q) + w KL(q || p)",
+    anchor="torchtune SymmetricKLWithChunkedOutputLoss(sym_kl_ratio=w), DistiLLM symmetric_kl(lam=w) (both with "
+           "the cross-entropy for the forward KL)",
+    function="symmetric_kl_loss", module="SymmetricKLLoss", anchor_formula=_distillm_symmetric_kl,
+    infinite_on_padding=lambda reverse_weight: reverse_weight > 0.0,
+    test_params=({"reverse_weight": 0.5}, {"reverse_weight": 0.9}, {"reverse_weight": 0.0},
+                 {"reverse_weight": 1.0}),
+    same_as=(({"reverse_weight": 0.0}, "kl", {}), ({"reverse_weight": 1.0}, "reverse_kl", {}))))
+
+
 def readme_table() -> str:
     """The README's table of divergences (a test checks that the README holds it)."""
     lines = ["| divergence | value per row | parameters | T^2 by default | function / module | matches |",

@@ -172,6 +172,32 @@ struct SkewReverseKlDivergence : DivergenceDefaults {
   }
 };
 
+// Symmetric KL (torchtune SymmetricKL, DistiLLM symmetric_kl): (1 - w) KL(p || q) + w KL(q || p),
+// w = reverse_weight in [0, 1]:
+//   phi = (1 - w) p log(p/q) + w q log(q/p),  psi_p = (1 - w) p log(p/q) - w q,  psi_q = w q log(q/p) - (1 - w) p
+// (each psi without its multiple of p, resp. q). w 0 and 1 are the forward and reverse KL, run by their kernels.
+struct SymmetricKlDivergence : DivergenceDefaults {
+  static constexpr const char* kName = "symmetric_kl";
+  static constexpr Family kFamily = Family::Psi;
+  static constexpr int kNumParams = 1;
+  static constexpr ParamSpec kParams[1] = {{"reverse_weight", 0.5, 0.0, 1.0, false, false}};
+  static const char* alias(const DivArgs& a) {
+    return a.param[0] == 0.0 ? "kl" : a.param[0] == 1.0 ? "reverse_kl" : nullptr;
+  }
+  FASTKD_HOST_DEVICE static void coefficients(DivArgs& a) {
+    a.coef[0] = 1.0 - a.param[0];
+    a.coef[1] = a.param[0];
+  }
+  template <typename X>
+  FASTKD_HOST_DEVICE static void terms(X log_p, X log_q, X p, X q, const DivArgs& a, X& psi_p, X& psi_q, X& phi) {
+    const X wf = fk_splat<X>(a.coef[0]), wr = fk_splat<X>(a.coef[1]);
+    const X forward = fk_select_nonzero(p, p * (log_p - log_q)), reverse = fk_select_nonzero(q, q * (log_q - log_p));
+    phi = wf * forward + wr * reverse;
+    psi_p = wf * forward - wr * q;
+    psi_q = wr * reverse - wf * p;
+  }
+};
+
 // ---- the list ----
 // X(enum entry, trait struct, family token). The family token lets a translation unit instantiate the
 // kernels of one family only (kd_cpu.cpp / kd_cpu_psi.cpp compile in parallel).
@@ -184,6 +210,7 @@ struct SkewReverseKlDivergence : DivergenceDefaults {
   X(DKD, DkdDivergence, decoupled) \
   X(SkewKL, SkewKlDivergence, psi) \
   X(SkewReverseKL, SkewReverseKlDivergence, psi) \
+  X(SymmetricKL, SymmetricKlDivergence, psi) \
   /* new entries above this line */
 
 #define FASTKD_DIV_ENUM(id, trait, family) id,
