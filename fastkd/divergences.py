@@ -278,6 +278,37 @@ register(DivergenceSpec(
     same_as=(({"reverse_weight": 0.0}, "kl", {}), ({"reverse_weight": 1.0}, "reverse_kl", {}))))
 
 
+def _ab(p, q, log_p, log_q, alpha, beta):
+    """From the definition (LOSSES.md), its limit cases included; 0 where p = q = 0."""
+    a, b, s = alpha, beta, alpha + beta
+    some = (p != 0) | (q != 0)
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    lp, lq = torch.where(some, log_p, zero), torch.where(some, log_q, zero)
+    if a != 0 and b != 0 and s != 0:
+        phi = -(torch.exp(a * lp + b * lq) - a / s * torch.exp(s * lp) - b / s * torch.exp(s * lq)) / (a * b)
+    elif a != 0 and b == 0:
+        phi = (torch.exp(a * lp) * a * (lp - lq) - torch.exp(a * lp) + torch.exp(a * lq)) / a ** 2
+    elif a == 0 and b != 0:
+        phi = (torch.exp(b * lq) * b * (lq - lp) - torch.exp(b * lq) + torch.exp(b * lp)) / b ** 2
+    else:  # a + b = 0
+        r = a * (lp - lq)
+        phi = (torch.exp(r) - r - 1) / a ** 2 if a != 0 else 0.5 * (lp - lq) ** 2
+    return torch.where(some, phi, zero)
+
+
+register(DivergenceSpec(
+    name="ab", family="psi", temperature_squared=True, formula=_ab, function="ab_divergence_loss",
+    params=(Param("alpha", None, doc="the teacher's exponent a"), Param("beta", None, doc="the student's exponent b")),
+    doc="alpha-beta divergence (ABKD)", module="ABDivergenceLoss",
+    formula_doc="-sum_j (p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)) / (a b), and its limits",
+    anchor="ABKD (ICML 2025): (1, 0) is KL(p || q), (0, 1) KL(q || p); +inf where a negative power meets p or q = 0",
+    infinite_on_padding=lambda alpha, beta: alpha <= 0.0 or alpha + beta <= 0.0,
+    test_params=({"alpha": 0.5, "beta": 0.5}, {"alpha": 0.2, "beta": 0.7}, {"alpha": 1.5, "beta": -0.5},
+                 {"alpha": 0.5, "beta": -0.5}, {"alpha": 0.0, "beta": 0.0}, {"alpha": 0.3, "beta": 0.0},
+                 {"alpha": 0.0, "beta": 0.6}, {"alpha": 1.0, "beta": 0.0}, {"alpha": 0.0, "beta": 1.0}),
+    same_as=(({"alpha": 1.0, "beta": 0.0}, "kl", {}), ({"alpha": 0.0, "beta": 1.0}, "reverse_kl", {}))))
+
+
 def readme_table() -> str:
     """The README's table of divergences (a test checks that the README holds it)."""
     lines = ["| divergence | value per row | parameters | T^2 by default | function / module | matches |",

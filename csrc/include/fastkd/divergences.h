@@ -198,6 +198,43 @@ struct SymmetricKlDivergence : DivergenceDefaults {
   }
 };
 
+// Alpha-beta divergence (ABKD, ICML 2025), a = alpha, b = beta: -sum (p^a q^b - a/(a+b) p^(a+b) -
+// b/(a+b) q^(a+b)) / (a b) and its limits. For p, q > 0, with d = log p - log q, w = p^a q^b (from the logs) and
+// E(c, x) = expm1(c x) / c (x at c = 0): psi_p = w E(b, d), psi_q = w E(a, -d), phi = (psi_p + psi_q) / (a + b),
+// or (expm1(a d) - a d) / a^2 at a + b = 0 (d^2 / 2 at a = b = 0). Only p = 0: phi = q^(a+b) / (a (a+b)) and
+// psi_q = q^(a+b) / a if a, a + b > 0, else +inf (q = 0 likewise); p = q = 0 gives 0. (1, 0), (0, 1): the KLs.
+struct AbDivergence : DivergenceDefaults {
+  static constexpr const char* kName = "ab";
+  static constexpr Family kFamily = Family::Psi;
+  static constexpr int kNumParams = 2;
+  static constexpr ParamSpec kParams[2] = {{"alpha", NAN, -INFINITY, INFINITY, false, false},
+                                           {"beta", NAN, -INFINITY, INFINITY, false, false}};
+  static const char* alias(const DivArgs& c) {
+    if (c.param[0] == 1.0 && c.param[1] == 0.0) return "kl";
+    return c.param[0] == 0.0 && c.param[1] == 1.0 ? "reverse_kl" : nullptr;
+  }
+  template <typename X>
+  FASTKD_HOST_DEVICE static X expm1_over(double c, X x) {
+    return c == 0.0 ? x : fk_expm1(fk_splat<X>(c) * x) * fk_splat<X>(1.0 / c);
+  }
+  template <typename X>
+  FASTKD_HOST_DEVICE static void terms(X log_p, X log_q, X p, X q, const DivArgs& c, X& psi_p, X& psi_q, X& phi) {
+    const double a = c.param[0], b = c.param[1], s = a + b, inf = INFINITY;
+    const X d = log_p - log_q, w = fk_exp(fk_splat<X>(a) * log_p + fk_splat<X>(b) * log_q), zero(0.0f);
+    const X pp = w * expm1_over(b, d), pq = w * expm1_over(a, zero - d), ad = fk_splat<X>(a) * d;
+    const X ph = s != 0.0   ? (pp + pq) * fk_splat<X>(1.0 / s)
+                 : a != 0.0 ? (fk_expm1(ad) - ad) * fk_splat<X>(1.0 / (a * a))
+                            : d * d * X(0.5f);
+    const X q_s = fk_exp(fk_splat<X>(s) * log_q), p_s = fk_exp(fk_splat<X>(s) * log_p);
+    const bool p0 = a > 0.0 && s > 0.0, q0 = b > 0.0 && s > 0.0;  // finite with p = 0 (q = 0)
+    const X phi1 = fk_where_zero(p, q_s * fk_splat<X>(p0 ? 1.0 / (a * s) : inf), p_s * fk_splat<X>(q0 ? 1.0 / (b * s) : inf));
+    const X mass = p + q;  // d is finite where both are positive
+    phi = fk_select_nonzero(mass, fk_where_finite(d, ph, phi1));
+    psi_p = fk_select_nonzero(mass, fk_where_finite(d, pp, fk_where_zero(p, zero, p_s * fk_splat<X>(q0 ? 1.0 / b : inf))));
+    psi_q = fk_select_nonzero(mass, fk_where_finite(d, pq, fk_where_zero(p, q_s * fk_splat<X>(p0 ? 1.0 / a : inf), zero)));
+  }
+};
+
 // ---- the list ----
 // X(enum entry, trait struct, family token). The family token lets a translation unit instantiate the
 // kernels of one family only (kd_cpu.cpp / kd_cpu_psi.cpp compile in parallel).
@@ -211,6 +248,7 @@ struct SymmetricKlDivergence : DivergenceDefaults {
   X(SkewKL, SkewKlDivergence, psi) \
   X(SkewReverseKL, SkewReverseKlDivergence, psi) \
   X(SymmetricKL, SymmetricKlDivergence, psi) \
+  X(AB, AbDivergence, psi) \
   /* new entries above this line */
 
 #define FASTKD_DIV_ENUM(id, trait, family) id,
