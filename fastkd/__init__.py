@@ -37,111 +37,27 @@ if _ops_loader.LOADED:
     from fastkd import ops  # noqa: F401  (fake kernels + autograd for the compiled ops)
 
 from fastkd import reference  # noqa: E402
-from fastkd.functional import (  # noqa: E402
-    at_loss,
-    cc_loss,
-    dkd_loss,
-    hint_loss,
-    jsd_loss,
-    kd_loss,
-    nst_loss,
-    pkt_loss,
-    reverse_kl_loss,
-    rkd_angle_loss,
-    rkd_distance_loss,
-    rkd_loss,
-    sp_loss,
-    topk_kd_loss,
-    tvd_loss,
-)
+from fastkd.functional import *  # noqa: E402,F401,F403  (every loss function, generated ones included)
 from fastkd.fused_linear import TeacherHead, TopKTeacher, fused_linear_kd_loss  # noqa: E402
-from fastkd.losses import (  # noqa: E402
-    PKT,
-    ATLoss,
-    Attention,
-    CCLoss,
-    ConvReg,
-    DistillKL,
-    DKDLoss,
-    FusedLinearKDLoss,
-    HintLoss,
-    JSDLoss,
-    LinearReg,
-    KDLoss,
-    NSTLoss,
-    PKTLoss,
-    ReverseKLLoss,
-    RKDLoss,
-    Similarity,
-    SPKDLoss,
-    SPLoss,
-    TopKKDLoss,
-    TVDLoss,
-)
+from fastkd.losses import *  # noqa: E402,F401,F403  (every loss module, generated ones included)
 from fastkd.outputs import LossParts  # noqa: E402
 from fastkd import distributed  # noqa: E402,F401
 from fastkd import divergences  # noqa: E402
 from fastkd import functional as _functional  # noqa: E402
 from fastkd import losses as _losses  # noqa: E402
-from fastkd.functional import divergence_loss  # noqa: E402
-from fastkd.losses import DivergenceLoss  # noqa: E402
-
-# The functions and modules generated from the divergence registry (fastkd/divergences.py).
-_GENERATED = [s.function for s in divergences.REGISTRY.values() if s.generated] + \
-    [s.module for s in divergences.REGISTRY.values() if s.generated]
-for _name in _GENERATED:
-    globals()[_name] = getattr(_functional, _name, None) or getattr(_losses, _name)
 
 __version__ = "0.1.0"
-__all__ = [
-    "kd_loss",
-    "reverse_kl_loss",
-    "jsd_loss",
-    "tvd_loss",
-    "dkd_loss",
-    "topk_kd_loss",
-    "KDLoss",
-    "DistillKL",
-    "ReverseKLLoss",
-    "JSDLoss",
-    "TVDLoss",
-    "DKDLoss",
-    "TopKKDLoss",
+__all__ = _functional.__all__ + _losses.__all__ + [
     "fused_linear_kd_loss",
-    "FusedLinearKDLoss",
     "TeacherHead",
     "TopKTeacher",
-    "rkd_loss",
-    "rkd_distance_loss",
-    "rkd_angle_loss",
-    "sp_loss",
-    "pkt_loss",
-    "cc_loss",
-    "at_loss",
-    "nst_loss",
-    "hint_loss",
-    "RKDLoss",
-    "SPLoss",
-    "Similarity",
-    "SPKDLoss",
-    "PKTLoss",
-    "PKT",
-    "CCLoss",
-    "ATLoss",
-    "Attention",
-    "NSTLoss",
-    "HintLoss",
-    "ConvReg",
-    "LinearReg",
-    "divergence_loss",
-    "DivergenceLoss",
     "divergences",
     "LossParts",
     "reference",
     "distributed",
     "build_info",
     "__version__",
-] + _GENERATED
+]
 
 
 def build_info() -> Dict[str, Any]:

@@ -10,7 +10,7 @@ num_items_in_batch=None)``.
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -52,6 +52,39 @@ def make_function(spec: DivergenceSpec, impl: Callable, module: str, kind: str) 
     fn.__qualname__ = spec.function
     fn.__doc__ = _docstring(spec, kind)
     return fn
+
+
+def make_divergence_loss(impl: Callable, module: str, doc: str) -> Callable:
+    """``divergence_loss(student_logits, teacher_logits, divergence, temperature=1.0, *, ..., **params)`` over
+    ``impl`` (the fused or the plain-PyTorch implementation)."""
+
+    def divergence_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence: str,
+                        temperature: float = 1.0, *, reduction: str = "batchmean",
+                        labels: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                        scale_by_temperature: Optional[bool] = None, num_items_in_batch=None,
+                        **params: float) -> torch.Tensor:
+        from fastkd import divergences
+
+        return impl(divergences.get(divergence), "divergence_loss", student_logits, teacher_logits, params,
+                    temperature, reduction=reduction, labels=labels, ignore_index=ignore_index,
+                    scale_by_temperature=scale_by_temperature, num_items_in_batch=num_items_in_batch)
+
+    divergence_loss.__module__ = module
+    divergence_loss.__doc__ = doc
+    return divergence_loss
+
+
+def generate_functions(namespace: Dict[str, object], impl: Callable, module: str, kind: str) -> List[str]:
+    """Puts the function of every registered divergence that is not written by hand into ``namespace``;
+    returns their names (for ``__all__``)."""
+    from fastkd import divergences
+
+    made = []
+    for spec in divergences.REGISTRY.values():
+        if spec.generated:
+            namespace[spec.function] = make_function(spec, impl, module, kind)
+            made.append(spec.function)
+    return made
 
 
 class DivergenceModule(nn.Module):

@@ -33,20 +33,11 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from fastkd import _ops_loader, reference
+from fastkd import _codegen
 from fastkd import _validation as v
 from fastkd import relation_functional as _relation
 from fastkd.outputs import LossParts
-from fastkd.relation_functional import (  # the relation- and feature-based losses, re-exported
-    at_loss,
-    cc_loss,
-    hint_loss,
-    nst_loss,
-    pkt_loss,
-    rkd_angle_loss,
-    rkd_distance_loss,
-    rkd_loss,
-    sp_loss,
-)
+from fastkd.relation_functional import *  # noqa: F401,F403  (the relation and feature family, re-exported)
 
 # fastkd.relation_functional's names that other modules import from here
 Features = _relation.Features
@@ -61,16 +52,7 @@ __all__ = [
     "tvd_loss",
     "dkd_loss",
     "topk_kd_loss",
-    "rkd_loss",
-    "rkd_distance_loss",
-    "rkd_angle_loss",
-    "sp_loss",
-    "pkt_loss",
-    "cc_loss",
-    "at_loss",
-    "nst_loss",
-    "hint_loss",
-]
+] + _relation.__all__
 
 NumItems = Union[None, int, float, torch.Tensor]
 
@@ -387,20 +369,7 @@ def _divergence(spec, where: str, student_logits, teacher_logits, params, temper
                      ignore_index=ignore_index, reduction=reduction, scale_by_temperature=scale)[0]
 
 
-def divergence_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    divergence: str,
-    temperature: float = 1.0,
-    *,
-    reduction: str = "batchmean",
-    labels: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
-    scale_by_temperature: Optional[bool] = None,
-    num_items_in_batch: NumItems = None,
-    **params: float,
-) -> torch.Tensor:
-    r"""Any registered response divergence by name, fused (one read of the logits for the loss and its
+_DIVERGENCE_LOSS_DOC = r"""Any registered response divergence by name, fused (one read of the logits for the loss and its
     gradients): ``divergence_loss(s, t, "skew_kl", 2.0, skew=0.2)``. The divergences, their parameters and
     defaults are listed in :data:`fastkd.divergences.REGISTRY` (and the README's table).
 
@@ -419,26 +388,8 @@ def divergence_loss(
 
     The special-value rules of every response loss apply (module docstring).
     """
-    from fastkd import divergences
-
-    return _divergence(divergences.get(divergence), "divergence_loss", student_logits, teacher_logits, params,
-                       temperature, reduction=reduction, labels=labels, ignore_index=ignore_index,
-                       scale_by_temperature=scale_by_temperature, num_items_in_batch=num_items_in_batch)
-
-
-def _generate_functions() -> List[str]:
-    """The functions of the registered divergences that are not written by hand (fastkd/divergences.py)."""
-    from fastkd import _codegen, divergences
-
-    made = []
-    for spec in divergences.REGISTRY.values():
-        if spec.generated:
-            globals()[spec.function] = _codegen.make_function(spec, _divergence, __name__, "fused")
-            made.append(spec.function)
-    return made
-
-
-__all__ += ["divergence_loss"] + _generate_functions()
+divergence_loss = _codegen.make_divergence_loss(_divergence, __name__, _DIVERGENCE_LOSS_DOC)
+__all__ += ["divergence_loss"] + _codegen.generate_functions(globals(), _divergence, __name__, "fused")
 
 
 def topk_kd_loss(

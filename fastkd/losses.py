@@ -22,21 +22,7 @@ from fastkd.functional import (
 )
 from fastkd.fused_linear import Teacher, fused_linear_kd_loss
 from fastkd.outputs import LossParts
-from fastkd.relation_losses import (  # the relation- and feature-based modules, re-exported
-    PKT,
-    ATLoss,
-    Attention,
-    CCLoss,
-    ConvReg,
-    HintLoss,
-    LinearReg,
-    NSTLoss,
-    PKTLoss,
-    RKDLoss,
-    Similarity,
-    SPKDLoss,
-    SPLoss,
-)
+from fastkd.relation_losses import *  # noqa: F401,F403  (the relation and feature family, re-exported)
 
 __all__ = [
     "KDLoss",
@@ -47,20 +33,7 @@ __all__ = [
     "DKDLoss",
     "TopKKDLoss",
     "FusedLinearKDLoss",
-    "RKDLoss",
-    "SPLoss",
-    "Similarity",
-    "SPKDLoss",
-    "PKTLoss",
-    "PKT",
-    "CCLoss",
-    "ATLoss",
-    "Attention",
-    "NSTLoss",
-    "HintLoss",
-    "ConvReg",
-    "LinearReg",
-]
+] + _relation.__all__
 
 # fastkd.relation_losses' public names outside __all__
 HINT_REGRESSORS = _relation.HINT_REGRESSORS

@@ -21,21 +21,12 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from fastkd import _codegen
 from fastkd import _validation as v
 from fastkd import relation_reference as _relation
 from fastkd._precision import _dtypes
 from fastkd.outputs import LossParts
-from fastkd.relation_reference import (  # the relation- and feature-based references, re-exported
-    at_loss,
-    cc_loss,
-    hint_loss,
-    nst_loss,
-    pkt_loss,
-    rkd_angle_loss,
-    rkd_distance_loss,
-    rkd_loss,
-    sp_loss,
-)
+from fastkd.relation_reference import *  # noqa: F401,F403  (the relation and feature family, re-exported)
 
 # fastkd.relation_reference's helpers that other modules and the tests import from here
 HINT_REDUCTIONS = _relation.HINT_REDUCTIONS
@@ -54,16 +45,7 @@ __all__ = [
     "dkd_loss",
     "topk_kd_loss",
     "reduce_rows",
-    "rkd_loss",
-    "rkd_distance_loss",
-    "rkd_angle_loss",
-    "sp_loss",
-    "pkt_loss",
-    "cc_loss",
-    "at_loss",
-    "nst_loss",
-    "hint_loss",
-]
+] + _relation.__all__
 
 NumItems = Union[None, int, float, torch.Tensor]
 
@@ -407,40 +389,10 @@ def _divergence(spec, where: str, student_logits, teacher_logits, params, temper
     return reduce_rows(_mask(rows, keep), reduction, counted, student_logits.shape[-1], num).to(out_dtype)
 
 
-def divergence_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    divergence: str,
-    temperature: float = 1.0,
-    *,
-    reduction: str = "batchmean",
-    labels: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
-    scale_by_temperature: Optional[bool] = None,
-    num_items_in_batch: NumItems = None,
-    **params: float,
-) -> torch.Tensor:
-    """Any registered divergence in plain PyTorch, from its spec's per-entry formula (the oracle of
-    :func:`fastkd.divergence_loss`, twice differentiable). Arguments as there."""
-    from fastkd import divergences
-
-    return _divergence(divergences.get(divergence), "divergence_loss", student_logits, teacher_logits, params,
-                       temperature, reduction=reduction, labels=labels, ignore_index=ignore_index,
-                       scale_by_temperature=scale_by_temperature, num_items_in_batch=num_items_in_batch)
-
-
-def _generate_functions():
-    from fastkd import _codegen, divergences
-
-    made = []
-    for spec in divergences.REGISTRY.values():
-        if spec.generated:
-            globals()[spec.function] = _codegen.make_function(spec, _divergence, __name__, "plain PyTorch")
-            made.append(spec.function)
-    return made
-
-
-__all__ += ["divergence_loss"] + _generate_functions()
+divergence_loss = _codegen.make_divergence_loss(
+    _divergence, __name__, """Any registered divergence in plain PyTorch, from its spec's per-entry formula (the oracle
+    of :func:`fastkd.divergence_loss`, twice differentiable). Arguments as there.""")
+__all__ += ["divergence_loss"] + _codegen.generate_functions(globals(), _divergence, __name__, "plain PyTorch")
 
 
 # --------------------------------------------------------------------------------------------------------
