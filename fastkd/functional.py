@@ -4,6 +4,9 @@ Response-based losses (:func:`kd_loss`, :func:`reverse_kl_loss`, :func:`jsd_loss
 :func:`dkd_loss`, :func:`topk_kd_loss`): every function flattens the leading dimensions of ``[..., V]`` logits
 into rows and runs one fused operator (``torch.ops.fastkd.response_forward`` or
 ``torch.ops.fastkd.topk_kd_forward``) that computes the loss and its gradients in one read of the logits.
+:func:`divergence_loss` runs any divergence of the registry (:mod:`fastkd.divergences`) by name; the
+registry's divergences without a hand-written function get a generated one here (:func:`skew_kl_loss`,
+:func:`skew_reverse_kl_loss`, :func:`symmetric_kl_loss`, :func:`ab_divergence_loss`, ...).
 The relation- and feature-based losses (:func:`rkd_loss`, :func:`sp_loss`, :func:`pkt_loss`, :func:`cc_loss`,
 :func:`at_loss`, :func:`nst_loss`, :func:`hint_loss`) are defined and documented in
 :mod:`fastkd.relation_functional` and re-exported here.
