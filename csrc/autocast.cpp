@@ -24,7 +24,7 @@ void call_without_autocast(const c10::OperatorHandle& op, c10::DispatchKeySet, t
 // Every operator of TORCH_LIBRARY(fastkd) in registration.cpp.
 #define FASTKD_RELATION_OP_NAME(op, Traits) relation_ops::Traits::name,
 constexpr const char* kOps[] = {
-    "response_forward", "topk_kd_forward", "fused_linear_kd_forward",
+    "response_forward", "topk_kd_forward", "fused_linear_kd_forward", "response_shard_terms", "response_shard_grad",
     FASTKD_RELATION_OPS(FASTKD_RELATION_OP_NAME)
 };
 #undef FASTKD_RELATION_OP_NAME

@@ -56,8 +56,10 @@ gathered.
 Every divergence of the registry but ``"dkd"`` runs here (``loss=`` its name, its parameters by keyword): its
 spec's per-entry formula ``phi`` (fastkd/divergences.py, shared with ``fastkd.reference``) gives each entry's
 term and, differentiated entry by entry, ``psi_q``; the gradient is ``psi_q(j) - q_j sum psi_q`` (the Psi form of
-the kernels, kd_math.h). The per-shard arithmetic is plain PyTorch, not the fused kernels: it allocates a few
-temporaries of the shard's size ``[rows, V_r]``.
+the kernels, kd_math.h). The statistics (maxima, sums of exponentials) are plain PyTorch; the per-entry phases
+are the fused shard kernels ``torch.ops.fastkd.response_shard_terms`` / ``response_shard_grad``, the
+divergence's trait of the single-device kernels in the same coordinates (csrc/include/fastkd/shard_host.h),
+with the spec's formula as the fallback where the kernels are not compiled.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from fastkd import _ops_loader
 from fastkd import _validation as v
 from fastkd import divergences
 from fastkd.reference import _dtypes
@@ -246,6 +249,36 @@ def _log_probs(x: torch.Tensor, shift: torch.Tensor, log_s: torch.Tensor, temper
     return _shifted(x, shift, temperature) - log_s.unsqueeze(-1)
 
 
+def _stats(shift: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
+    """[rows, 4] = (shift_s, shift_t, log_zs, log_zt): the rows' global statistics as the shard kernels read them."""
+    return torch.stack([shift[0], shift[1], log_s[0], log_s[1]], dim=1).contiguous()
+
+
+def _range_sums(spec, named, xs, xt, shift, log_s, temperature) -> torch.Tensor:
+    """``[2, rows]``: this rank's sum of phi and of psi_q per row, by the fused shard kernel (the divergence's
+    trait, csrc/include/fastkd/shard_host.h) when compiled, else by the spec's formula."""
+    if _ops_loader.LOADED:
+        sums = torch.ops.fastkd.response_shard_terms(xs, xt, _stats(shift, log_s), spec.name, list(named.values()),
+                                                     temperature)
+        return sums.t().contiguous()
+    log_q = _log_probs(xs, shift[0], log_s[0], temperature)
+    log_p = _log_probs(xt, shift[1], log_s[1], temperature)
+    phi, psi_q = _entry_terms(spec, named, log_p, log_q)
+    return torch.stack([phi.sum(dim=-1), psi_q.sum(dim=-1)])
+
+
+def _range_grad(spec, named, xs, xt, shift, log_s, temperature, coef, sum_psi_q) -> torch.Tensor:
+    """``coef * (psi_q - q * sum_psi_q)`` over this rank's range, ``[rows, V_r]`` (fused when compiled)."""
+    if _ops_loader.LOADED:
+        return torch.ops.fastkd.response_shard_grad(xs, xt, _stats(shift, log_s), coef.contiguous(),
+                                                    sum_psi_q.contiguous(), spec.name, list(named.values()),
+                                                    temperature)
+    log_q = _log_probs(xs, shift[0], log_s[0], temperature)
+    log_p = _log_probs(xt, shift[1], log_s[1], temperature)
+    _, psi_q = _entry_terms(spec, named, log_p, log_q)
+    return coef.unsqueeze(-1) * (psi_q - log_q.exp() * sum_psi_q.unsqueeze(-1))
+
+
 def _entry_terms(spec, named, log_p: torch.Tensor, log_q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The divergence's per-entry terms ``phi`` (its spec's formula) and ``psi_q = q dphi/dq = dphi/d(log q)``,
     the student's share of the gradient through the softmax, by differentiating the formula entry by entry."""
@@ -284,14 +317,11 @@ class _VocabParallelKD(torch.autograd.Function):
         xs = student.reshape(rows, width).to(cdtype)
         xt = teacher.reshape(rows, width).to(cdtype)
         shift, log_s, _, vocab = _global_log_normalizers(xs, xt, temperature, group)
-        log_q = _log_probs(xs, shift[0], log_s[0], temperature)
-        log_p = _log_probs(xt, shift[1], log_s[1], temperature)
         bad = shift.isnan().any(dim=0) | (shift == math.inf).any(dim=0)  # a NaN or +inf logit in the row
         zero = torch.zeros((), dtype=cdtype, device=xs.device)
         nan = torch.full((), math.nan, dtype=cdtype, device=xs.device)
 
-        phi, psi_q = _entry_terms(spec, named, log_p, log_q)
-        parts = torch.stack([phi.sum(dim=-1), psi_q.sum(dim=-1)])
+        parts = _range_sums(spec, named, xs, xt, shift, log_s, temperature)
         dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=group)
         per_row, sum_psi_q = parts[0], parts[1]
         if scale != 1.0:
@@ -334,13 +364,12 @@ class _VocabParallelKD(torch.autograd.Function):
         coef = g.reshape(rows) if reduction == "none" else (g if denom is None else g / denom).expand(rows)
         coef = coef * (scale / temperature)
 
-        log_q = _log_probs(student.reshape(rows, width).to(cdtype), shift[0], log_s[0], temperature)
-        log_p = _log_probs(teacher.reshape(rows, width).to(cdtype), shift[1], log_s[1], temperature)
+        xs = student.reshape(rows, width).to(cdtype)
+        xt = teacher.reshape(rows, width).to(cdtype)
         bad = shift.isnan().any(dim=0) | (shift == math.inf).any(dim=0) | log_s.isnan().any(dim=0)
-        zero = torch.zeros((), dtype=cdtype, device=log_q.device)
-        nan = torch.full((), math.nan, dtype=cdtype, device=log_q.device)
-        _, psi_q = _entry_terms(spec, named, log_p, log_q)
-        grad = coef.unsqueeze(-1) * (psi_q - log_q.exp() * sum_psi_q.unsqueeze(-1))
+        zero = torch.zeros((), dtype=cdtype, device=xs.device)
+        nan = torch.full((), math.nan, dtype=cdtype, device=xs.device)
+        grad = _range_grad(spec, named, xs, xt, shift, log_s, temperature, coef, sum_psi_q)
         grad = torch.where(bad.unsqueeze(-1), nan, grad)  # NaN rows: NaN, not 0
         if keep is not None:
             grad = torch.where(keep.unsqueeze(-1), grad, zero)

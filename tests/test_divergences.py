@@ -238,3 +238,38 @@ def test_readme_holds_the_registry_table():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert divergences.readme_table() in readme, (
         "README.md's table of divergences is out of date; paste fastkd.divergences.readme_table()")
+
+
+@pytest.mark.parametrize("name,params", FUSED)
+def test_shard_phases_compose_to_the_dense_loss(name, params):
+    """The vocabulary-range ops of the tensor-parallel path, on two ranges of one process: the sums of their
+    terms give the dense divergence, and their gradients the dense student gradient (float64)."""
+    spec = REGISTRY[name]
+    values = [params.get(p.name, p.default) for p in spec.params]
+    s, t = _logits((5, 17), 21), _logits((5, 17), 22)
+    s[1, 3] = t[1, 3] = -math.inf
+    T = 1.7
+    shift = torch.stack([s.amax(-1), t.amax(-1)])
+    log_z = torch.stack([((x - m[:, None]) / T).exp().sum(-1).log() for x, m in ((s, shift[0]), (t, shift[1]))])
+    stats = torch.stack([shift[0], shift[1], log_z[0], log_z[1]], dim=1).contiguous()
+    cut = 9
+    ranges = [(slice(None), slice(0, cut)), (slice(None), slice(cut, None))]
+    sums = sum(torch.ops.fastkd.response_shard_terms(s[r].contiguous(), t[r].contiguous(), stats, name, values, T)
+               for r in ranges)
+    dense = fastkd.divergence_loss(s, t, name, T, reduction="none", scale_by_temperature=False, **params)
+    assert_close(sums[:, 0], dense, 1e-12, 1e-14, f"{name} shard sums")
+    coef = torch.rand(5, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) + 0.5
+    grad = torch.cat([torch.ops.fastkd.response_shard_grad(s[r].contiguous(), t[r].contiguous(), stats, coef / T,
+                                                           sums[:, 1].contiguous(), name, values, T)
+                      for r in ranges], dim=-1)
+    a = s.clone().requires_grad_(True)
+    fastkd.divergence_loss(a, t, name, T, reduction="none", scale_by_temperature=False, **params).backward(coef)
+    assert_close(grad, a.grad, 1e-10, 1e-12, f"{name} shard gradient")
+    sample = (s[:, :cut].contiguous(), t[:, :cut].contiguous(), stats, name, values, T)
+    torch.library.opcheck(torch.ops.fastkd.response_shard_terms, sample)
+    torch.library.opcheck(torch.ops.fastkd.response_shard_grad,
+                          sample[:3] + (coef, sums[:, 1].contiguous()) + sample[3:])
+    with pytest.raises(ValueError, match="argument 'divergence'"):
+        torch.ops.fastkd.response_shard_terms(s, t, stats, "nope", [], T)
+    with pytest.raises(RuntimeError, match="'dkd' does not run here"):
+        torch.ops.fastkd.response_shard_terms(s, t, stats, "dkd", [1.0, 8.0], T)

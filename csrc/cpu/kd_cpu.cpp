@@ -5,7 +5,7 @@
 //   1. row maxima of student and teacher (streams the row from memory; DKD leaves the target out),
 //   2. Z_s, Z_t and, for KL-type divergences, sum e (a - b), which gives the row's divergence (the row is
 //      now in L2 for vocabularies up to ~64k); Z of the student at temperature 1 for the cross-entropy,
-//   3. JSD and TVD only: the sums of phi, psi_q and psi_p over the normalized distributions (kd_math.h),
+//   3. the Psi family (divergences.h) only: the sums of phi, psi_q and psi_p over the normalized distributions (kd_math.h),
 //   4. gradients, written once into fresh memory.
 // The per-element formulas are the FASTKD_HOST_DEVICE templates of kd_math.h, the same ones the CUDA
 // kernels use; here they are instantiated with Vectorized<acc>.

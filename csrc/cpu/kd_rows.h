@@ -1,6 +1,6 @@
 // The per-row kernel of fastkd::response_forward on the CPU (see kd_cpu.cpp for the sweeps), as a
 // template over the divergence. It is instantiated in two translation units (kd_cpu.cpp: the KL-type
-// divergences, kd_cpu_psi.cpp: JSD and TVD) so that the two compile in parallel.
+// divergences, kd_cpu_psi.cpp: the Psi family of divergences.h) so that the two compile in parallel.
 #pragma once
 
 #include <algorithm>
@@ -93,7 +93,7 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     // Sweep 2: Z_s, Z_t, the KL-type dot product, and Z of the student at T = 1 for the CE.
     // Hinton KD with only the student gradient asked for (and a full-precision gradient dtype) parks e_s
     // in the gradient row (its first touch happens here), so sweep 4 needs one exponential, not two.
-    // JSD and TVD park it the same way, for sweep 3 to read q = e_s / Z_s instead of another exponential.
+    // The Psi family parks it the same way, for sweep 3 to read q = e_s / Z_s instead of another exponential.
     // Not when the gradient overwrites the student row in place (fastkd::fused_linear_kd_forward): parking
     // would clobber logits that sweeps 3-4 still read.
     const bool park = ((kKLType && !kSwap && !kDkd) || kPsi) && std::is_same_v<S, Acc> && gs != nullptr && gt == nullptr &&
@@ -147,7 +147,7 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
       row_hard[r] = static_cast<Acc>(log_z1 + static_cast<double>(max_s) - static_cast<double>(static_cast<Acc>(s[y])));
     }
 
-    // Sweep 3 (JSD, TVD): sums over the normalized distributions.
+    // Sweep 3 (the Psi family): sums over the normalized distributions.
     double sum_psi_p = 0.0, sum_psi_q = 0.0, divergence = 0.0;
     // qq may come in already computed (q_given: from the parked e_s).
     auto entry_terms = [&](const Vec<Acc>& sv, const Vec<Acc>& tv, Vec<Acc>& lp, Vec<Acc>& lq, Vec<Acc>& pp,

@@ -1,5 +1,5 @@
 // CUDA entry points of fastkd::response_forward and fastkd::topk_kd_forward (kernels and the response
-// launcher: kd_kernels.cuh). The JSD/TVD kernels are instantiated in kd_cuda_psi.cu, compiled in parallel.
+// launcher: kd_kernels.cuh). The Psi family are instantiated in kd_cuda_psi.cu, compiled in parallel.
 #include <algorithm>
 #include <limits>
 #include <type_traits>

@@ -1,6 +1,6 @@
 // CUDA kernels of fastkd::response_forward and fastkd::topk_kd_forward. One block per row (grid-stride
 // over rows), the same sweeps per row as the CPU kernels: row maxima, the sums that give the row's loss
-// (plus, for JSD/TVD, the sums over the normalized distributions), gradients. The per-element and per-row
+// (plus, for the Psi family, the sums over the normalized distributions), gradients. The per-element and per-row
 // math is kd_math.h (FASTKD_HOST_DEVICE), shared with the CPU kernels; block reductions are CUB's (fixed
 // order: deterministic); all indexing is int64.
 #pragma once
@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
       row_hard[r] = static_cast<Acc>(log_z1_d + static_cast<double>(max_s) - static_cast<double>(static_cast<Acc>(s[y])));
     }
 
-    // Sweep 3 (JSD, TVD): sums over the normalized distributions.
+    // Sweep 3 (the Psi family): sums over the normalized distributions.
     auto entry_terms = [&](Acc sv, Acc tv, Acc& pp, Acc& qq, Acc& psi_p, Acc& psi_q, Acc& phi) {
       const Acc lp = kd_shift(tv, max_t, inv_t) - log_zt;
       const Acc lq = kd_shift(sv, max_s, inv_t) - log_zs;

@@ -67,3 +67,16 @@ def _topk_kd_forward_fake(
     loss = _loss_like(student, student.shape[0], reduction, out_dtype)
     gs = student.new_empty(student.shape if grad_student else (0,))
     return loss, gs
+
+
+@torch.library.register_fake("fastkd::response_shard_terms")
+def _response_shard_terms_fake(student, teacher, stats, divergence, params, temperature):
+    torch._check(student.dim() == 2, lambda: "student must be 2-D")
+    return student.new_empty((student.shape[0], 2))
+
+
+@torch.library.register_fake("fastkd::response_shard_grad")
+def _response_shard_grad_fake(student, teacher, stats, row_coef, sum_psi_q, divergence, params, temperature):
+    torch._check(student.dim() == 2, lambda: "student must be 2-D")
+    return student.new_empty(student.shape)
+

@@ -68,15 +68,27 @@ struct DivergenceDefaults {
   static const char* alias(const DivArgs&) { return nullptr; }
 };
 
-struct KlDivergence : DivergenceDefaults {  // Hinton KD: KL(p || q)
+// Hinton KD: KL(p || q). Its per-entry terms (phi = p log(p/q), psi_p = phi, psi_q = -p) serve the phases of
+// a vocabulary range (shard_host.h); the single-range kernels take the value from the statistics sweep.
+struct KlDivergence : DivergenceDefaults {
   static constexpr const char* kName = "kl";
   static constexpr Family kFamily = Family::KLType;
+  template <typename X>
+  FASTKD_HOST_DEVICE static void terms(X log_p, X log_q, X p, X, const DivArgs&, X& psi_p, X& psi_q, X& phi) {
+    phi = fk_select_nonzero(p, p * (log_p - log_q));
+    psi_p = phi;
+    psi_q = X(0.0f) - p;
+  }
 };
 
 struct ReverseKlDivergence : DivergenceDefaults {  // KL(q || p): KL with the roles of the two sides swapped
   static constexpr const char* kName = "reverse_kl";
   static constexpr Family kFamily = Family::KLType;
   static constexpr bool kSwap = true;
+  template <typename X>
+  FASTKD_HOST_DEVICE static void terms(X log_p, X log_q, X p, X q, const DivArgs& a, X& psi_p, X& psi_q, X& phi) {
+    KlDivergence::terms(log_q, log_p, q, p, a, psi_q, psi_p, phi);
+  }
 };
 
 // Generalized JSD(beta), m = beta p + (1 - beta) q:

@@ -1,0 +1,95 @@
+// CUDA implementation of fastkd::response_shard_terms and fastkd::response_shard_grad (shard_host.h): one
+// block per row (grid-stride), the divergence's trait per entry, CUB block sums (fixed order: deterministic),
+// int64 indexing.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "fastkd/shard_host.h"
+#include "kd_kernels.cuh"
+
+namespace fastkd {
+namespace cuda {
+namespace {
+
+template <Divergence D, typename Acc, int kBlock>
+__global__ void __launch_bounds__(kBlock) shard_kernel(ShardParams p, bool grad) {
+  using Trait = DivergenceTrait<D>;
+  const int64_t V = p.width;
+  const Acc inv_t = static_cast<Acc>(p.inv_temperature);
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const Acc* s = static_cast<const Acc*>(p.student) + r * p.student_row_stride;
+    const Acc* t = static_cast<const Acc*>(p.teacher) + r * p.teacher_row_stride;
+    const Acc* st = static_cast<const Acc*>(p.stats) + 4 * r;
+    auto entry = [&](int64_t i, Acc& psi_q, Acc& phi, Acc& q) {
+      const Acc log_q = kd_shift(s[i], st[0], inv_t) - st[2], log_p = kd_shift(t[i], st[1], inv_t) - st[3];
+      q = fk_exp(log_q);
+      Acc psi_p;
+      Trait::terms(log_p, log_q, fk_exp(log_p), q, p.div, psi_p, psi_q, phi);
+    };
+    if (grad) {
+      Acc* g = static_cast<Acc*>(p.out) + r * V;
+      const Acc coef = static_cast<const Acc*>(p.row_coef)[r], sum_q = static_cast<const Acc*>(p.sum_psi_q)[r];
+      for (int64_t i = threadIdx.x; i < V; i += kBlock) {
+        Acc psi_q, phi, q;
+        entry(i, psi_q, phi, q);
+        g[i] = psi_grad(psi_q, q, sum_q, coef);
+      }
+      continue;
+    }
+    Acc4<Acc, 2> acc{{Acc(0), Acc(0)}};
+    for (int64_t i = threadIdx.x; i < V; i += kBlock) {
+      Acc psi_q, phi, q;
+      entry(i, psi_q, phi, q);
+      acc.v[0] += phi;
+      acc.v[1] += psi_q;
+    }
+    acc = block_reduce<kBlock>(acc, SumOp<Acc, 2>());
+    if (threadIdx.x == 0) {
+      static_cast<Acc*>(p.out)[2 * r] = acc.v[0];
+      static_cast<Acc*>(p.out)[2 * r + 1] = acc.v[1];
+    }
+  }
+}
+
+at::Tensor run(ShardCall c, bool grad) {
+  const ShardParams& p = c.p;
+  if (p.rows == 0) return c.out;
+  const c10::cuda::CUDAGuard guard(c.student.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_divergence(p.divergence, [&](auto tag) {
+    constexpr Divergence D = decltype(tag)::value;
+    if constexpr (DivergenceTrait<D>::kFamily != Family::Decoupled) {
+      auto launch = [&](auto acc_tag) {
+        using Acc = decltype(acc_tag);
+        shard_kernel<D, Acc, 256><<<grid_for_rows(p.rows), 256, 0, stream>>>(p, grad);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (c.student.scalar_type() == at::kDouble) launch(double{});
+      else launch(float{});
+    }
+  });
+  return c.out;
+}
+
+at::Tensor response_shard_terms_cuda(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& stats,
+                                     c10::string_view divergence, c10::ArrayRef<double> params, double temperature) {
+  return run(shard_prepare(student, teacher, stats, std::nullopt, std::nullopt, divergence, params, temperature, false),
+             false);
+}
+
+at::Tensor response_shard_grad_cuda(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& stats,
+                                    const at::Tensor& row_coef, const at::Tensor& sum_psi_q, c10::string_view divergence,
+                                    c10::ArrayRef<double> params, double temperature) {
+  return run(shard_prepare(student, teacher, stats, row_coef, sum_psi_q, divergence, params, temperature, true), true);
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
+  m.impl("response_shard_terms", &cuda::response_shard_terms_cuda);
+  m.impl("response_shard_grad", &cuda::response_shard_grad_cuda);
+}
+
+}  // namespace fastkd

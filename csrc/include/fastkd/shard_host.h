@@ -1,0 +1,92 @@
+// The per-entry phases of a response divergence over one vocabulary range (a tensor-parallel rank's shard of
+// the logits), shared by the CPU and CUDA implementations of
+//   fastkd::response_shard_terms: per row, sum_j phi(p_j, q_j) and sum_j psi_q(j) over the range;
+//   fastkd::response_shard_grad:  per row, row_coef * (psi_q(j) - q_j * sum_psi_q), the gradient with respect
+//                                 to the range's tempered student logits.
+// The statistics phase (the rows' maxima and sums of exponentials) and the reductions across ranges between
+// the phases are the caller's (fastkd/distributed.py: all-reduces); the per-entry math is the divergence's
+// trait (divergences.h), the one the single-range kernels use, in the same coordinates: log p_j =
+// (t_j - shift_t) / T - log_zt, log q_j = (s_j - shift_s) / T - log_zs.
+#pragma once
+
+#include <string_view>
+
+#include <ATen/ATen.h>
+
+#include "fastkd/kd_host.h"
+
+namespace fastkd {
+
+struct ShardParams {
+  const void* student = nullptr;  // [rows, width], unit stride along the width
+  const void* teacher = nullptr;  // [rows, width], unit stride along the width
+  const void* stats = nullptr;    // [rows, 4] contiguous: shift_s, shift_t, log_zs, log_zt
+  const void* row_coef = nullptr;   // grad: [rows], the weight of each row's divergence times 1 / T
+  const void* sum_psi_q = nullptr;  // grad: [rows], over the whole vocabulary
+  void* out = nullptr;            // terms: [rows, 2] (sum phi, sum psi_q); grad: [rows, width]
+  int64_t rows = 0;
+  int64_t width = 0;
+  int64_t student_row_stride = 0;
+  int64_t teacher_row_stride = 0;
+  double inv_temperature = 1.0;
+  Divergence divergence = Divergence::KL;
+  DivArgs div;
+};
+
+struct ShardCall {
+  at::Tensor student, teacher, stats, row_coef, sum_psi_q, out;
+  ShardParams p;
+};
+
+// Checks the arguments (the computation dtype is the inputs' float32 or float64, the same for every tensor)
+// and allocates the output: [rows, 2] sums, or the [rows, width] gradient when `grad`.
+inline ShardCall shard_prepare(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& stats,
+                               const std::optional<at::Tensor>& row_coef, const std::optional<at::Tensor>& sum_psi_q,
+                               c10::string_view divergence, c10::ArrayRef<double> params, double temperature,
+                               bool grad) {
+  FASTKD_CHECK_ARG(parse_divergence(to_view(divergence)) != Divergence::DKD, "divergence",
+                   "a vocabulary range has no class target: 'dkd' does not run here");
+  const LossConfig cfg = make_loss_config(to_view(divergence), params, temperature, false, 1.0, 0.0, -100, "sum");
+  const at::ScalarType dtype = student.scalar_type();
+  FASTKD_CHECK_ARG(student.dim() == 2 && (dtype == at::kFloat || dtype == at::kDouble), "student",
+                   "expected a 2-D float32 or float64 tensor, got ", student.dim(), "-D ", dtype);
+  FASTKD_CHECK_ARG(teacher.sizes() == student.sizes() && teacher.scalar_type() == dtype &&
+                       teacher.device() == student.device(),
+                   "teacher", "expected the student's shape, dtype and device");
+  const int64_t rows = student.size(0), width = student.size(1);
+  FASTKD_CHECK_ARG(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == 4 && stats.scalar_type() == dtype &&
+                       stats.device() == student.device(),
+                   "stats", "expected a [", rows, ", 4] tensor of the student's dtype and device, got ", stats.sizes());
+  ShardCall c;
+  c.student = student.stride(1) == 1 ? student : student.contiguous();
+  c.teacher = teacher.stride(1) == 1 ? teacher : teacher.contiguous();
+  c.stats = stats.contiguous();
+  if (grad) {
+    for (const auto* t : {&row_coef, &sum_psi_q}) {
+      FASTKD_CHECK_ARG(t->has_value() && (*t)->dim() == 1 && (*t)->size(0) == rows && (*t)->scalar_type() == dtype &&
+                           (*t)->device() == student.device(),
+                       t == &row_coef ? "row_coef" : "sum_psi_q", "expected a [", rows,
+                       "] tensor of the student's dtype and device");
+    }
+    c.row_coef = row_coef->contiguous();
+    c.sum_psi_q = sum_psi_q->contiguous();
+  }
+  c.out = at::empty(grad ? at::IntArrayRef{rows, width} : at::IntArrayRef{rows, 2}, student.options());
+  ShardParams& p = c.p;
+  p.student = c.student.data_ptr();
+  p.teacher = c.teacher.data_ptr();
+  p.stats = c.stats.data_ptr();
+  p.row_coef = grad ? c.row_coef.data_ptr() : nullptr;
+  p.sum_psi_q = grad ? c.sum_psi_q.data_ptr() : nullptr;
+  p.out = c.out.data_ptr();
+  p.rows = rows;
+  p.width = width;
+  p.student_row_stride = c.student.stride(0);
+  p.teacher_row_stride = c.teacher.stride(0);
+  p.inv_temperature = cfg.inv_temperature;
+  p.divergence = cfg.divergence;
+  p.div = cfg.div;
+  return c;
+}
+
+}  // namespace fastkd
