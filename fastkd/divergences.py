@@ -281,7 +281,7 @@ register(DivergenceSpec(
 def _ab(p, q, log_p, log_q, alpha, beta):
     """From the definition (LOSSES.md), its limit cases included; 0 where p = q = 0."""
     a, b, s = alpha, beta, alpha + beta
-    some = (p != 0) | (q != 0)
+    some = (log_p != -math.inf) | (log_q != -math.inf)  # from the logs: p and q may underflow
     zero = torch.zeros((), dtype=p.dtype, device=p.device)
     lp, lq = torch.where(some, log_p, zero), torch.where(some, log_q, zero)
     if a != 0 and b != 0 and s != 0:
@@ -301,7 +301,8 @@ register(DivergenceSpec(
     params=(Param("alpha", None, doc="the teacher's exponent a"), Param("beta", None, doc="the student's exponent b")),
     doc="alpha-beta divergence (ABKD)", module="ABDivergenceLoss",
     formula_doc="-sum_j (p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)) / (a b), and its limits",
-    anchor="ABKD (ICML 2025): (1, 0) is KL(p || q), (0, 1) KL(q || p); +inf where a negative power meets p or q = 0",
+    anchor="ABKD (ICML 2025): (1, 0) is KL(p || q), (0, 1) KL(q || p); +inf where a negative power meets p or q = 0, "
+           "or where the value overflows the compute dtype (its gradient is then not defined: NaN)",
     infinite_on_padding=lambda alpha, beta: alpha <= 0.0 or alpha + beta <= 0.0,
     test_params=({"alpha": 0.5, "beta": 0.5}, {"alpha": 0.2, "beta": 0.7}, {"alpha": 1.5, "beta": -0.5},
                  {"alpha": 0.5, "beta": -0.5}, {"alpha": 0.0, "beta": 0.0}, {"alpha": 0.3, "beta": 0.0},

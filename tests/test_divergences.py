@@ -273,3 +273,86 @@ def test_shard_phases_compose_to_the_dense_loss(name, params):
         torch.ops.fastkd.response_shard_terms(s, t, stats, "nope", [], T)
     with pytest.raises(RuntimeError, match="'dkd' does not run here"):
         torch.ops.fastkd.response_shard_terms(s, t, stats, "dkd", [1.0, 8.0], T)
+
+
+# --------------------------------------------------------------------------------------------------------
+# fuzzing every registered divergence (profiles of tests/test_fuzz.py: FASTKD_FUZZ_PROFILE=long for 1000 cases)
+# --------------------------------------------------------------------------------------------------------
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from test_fuzz import assert_within, fuzz  # noqa: E402
+
+
+@st.composite
+def _registry_cases(draw):
+    name, params = draw(st.sampled_from([(c.values[0], c.values[1]) for c in CASES]))
+    return dict(name=name, params=params, rows=draw(st.integers(1, 6)), vocab=draw(st.integers(1, 200)),
+                scale=draw(st.sampled_from([0.01, 1.0, 5.0, 30.0])), T=draw(st.sampled_from([0.5, 1.0, 2.5])),
+                dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+                mask=draw(st.sampled_from(["none", "columns", "row", "labels"])),
+                reduction=draw(st.sampled_from(["batchmean", "sum", "mean", "none"])),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def _entry_magnitudes(name, params, s64, t64, T):
+    """Per row: sum_j |phi_j| and sum_j |psi_q(j)| of the float64 formula (the size of what the kernel sums)."""
+    from fastkd.distributed import _entry_terms
+
+    spec = REGISTRY[name]
+    named = {p.name: params.get(p.name, p.default) for p in spec.params}
+    log_q, log_p = torch.log_softmax(s64 / T, -1), torch.log_softmax(t64 / T, -1)
+    phi, psi_q = _entry_terms(spec, named, log_p, log_q)
+    return phi.abs().nan_to_num(0.0, 0.0, 0.0).sum(-1), psi_q.abs().nan_to_num(0.0, 0.0, 0.0).sum(-1)
+
+
+@fuzz(60)
+@given(_registry_cases())
+def test_fuzz_every_registered_divergence(c):
+    """Kernel (float32 / float64) against the float64 formula on the same rounded inputs, with tolerances
+    derived as in test_fuzz.py's response losses: each log-probability carries an absolute error delta =
+    eps (6 max|z| / T + 2 sqrt(V) + 8); a per-entry term moves by delta (L + 2) m times its size (L = 2 max|z| / T
+    + log V + 1, m = 1 + |alpha| + |beta| for the exponents of the alpha-beta divergence); the sums are bounded
+    by the sums of the terms' magnitudes."""
+    g = torch.Generator().manual_seed(c["seed"])
+    shape = (c["rows"], c["vocab"])
+    s = (torch.randn(shape, generator=g, dtype=torch.float64) * c["scale"]).to(c["dtype"])
+    t = (torch.randn(shape, generator=g, dtype=torch.float64) * c["scale"]).to(c["dtype"])
+    labels = None
+    if c["mask"] == "columns" and c["vocab"] > 1:
+        cols = torch.rand(c["vocab"], generator=g) < 0.3
+        cols[0] = False
+        s[:, cols] = t[:, cols] = -math.inf
+    elif c["mask"] == "row":
+        s[0] = t[0] = -math.inf
+    elif c["mask"] == "labels":
+        labels = torch.randint(0, c["vocab"], (c["rows"],), generator=g)
+        labels[0] = -100
+    name, params, T, red = c["name"], c["params"], c["T"], c["reduction"]
+    kw = dict(labels=labels, reduction=red, scale_by_temperature=False, **params)
+    go = torch.rand(c["rows"], generator=g, dtype=torch.float64) + 0.5 if red == "none" else torch.tensor(0.7)
+    got = _value_grads(lambda a, b: fastkd.divergence_loss(a, b, name, T, **kw), s, t, go)
+    ref = _value_grads(lambda a, b: fastkd.reference.divergence_loss(a, b, name, T, **kw), s.double(), t.double(), go)
+    finite = torch.isfinite(s.double()) & torch.isfinite(t.double())
+    zmax = max(s.double()[finite].abs().max().item(), t.double()[finite].abs().max().item()) if finite.any() else 0.0
+    eps = torch.finfo(torch.float32 if c["dtype"] == torch.float32 else torch.float64).eps
+    V = c["vocab"]
+    delta = eps * (6.0 * zmax / T + 2.0 * math.sqrt(V) + 8.0)
+    L = 2.0 * zmax / T + math.log(V) + 1.0
+    m = 1.0 + sum(abs(x) for x in params.values()) if name == "ab" else 1.0
+    counted = c["rows"] if labels is None else int((labels != -100).sum())
+    w = {"sum": 1.0, "none": 1.0, "batchmean": 1.0 / max(counted, 1), "mean": 1.0 / (max(counted, 1) * V)}[red]
+    w = w * (1.5 if red == "none" else 0.7)
+    phi_mag, psi_mag = _entry_magnitudes(name, params, s.double(), t.double(), T)
+    k = 4.0 * delta * (L + 2.0) * m
+    value_tol = k * w * ((phi_mag + 1.0) if red == "none" else (phi_mag + 1.0).sum())
+    what = f"{name} {params} {c}"
+    if ref[0].abs().max() > torch.finfo(c["dtype"]).max:  # the exact value overflows the dtype
+        # (alpha-beta divergence with a negative exponent on tiny probabilities): +inf, never NaN or finite; its
+        # gradient, a difference of overflowing terms, is not checked (documented)
+        assert torch.equal(got[0][ref[0].abs() > torch.finfo(c["dtype"]).max].isposinf(),
+                           torch.ones_like(got[0][ref[0].abs() > torch.finfo(c["dtype"]).max], dtype=torch.bool)), what
+        return
+    assert_within(got[0], ref[0], value_tol, eps, c["dtype"], what + " value")
+    grad_tol = (k * w / T * (psi_mag + 2.0)).unsqueeze(-1).expand(shape)
+    assert_within(got[1], ref[1], grad_tol, eps, c["dtype"], what + " student grad")
+    assert_within(got[2], ref[2], grad_tol, eps, c["dtype"], what + " teacher grad")

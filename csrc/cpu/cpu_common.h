@@ -94,6 +94,15 @@ inline Vectorized<A> fk_where_zero(const Vectorized<A>& cond, const Vectorized<A
   return Vectorized<A>::blendv(otherwise, if_zero, cond == Vectorized<A>(A(0)));
 }
 template <typename A>
+inline Vectorized<A> fk_where_nan(const Vectorized<A>& x, const Vectorized<A>& if_nan, const Vectorized<A>& otherwise) {
+  return Vectorized<A>::blendv(otherwise, if_nan, x != x);
+}
+template <typename A>
+inline Vectorized<A> fk_where_small(const Vectorized<A>& x, const Vectorized<A>& bound, const Vectorized<A>& if_small,
+                                    const Vectorized<A>& otherwise) {
+  return Vectorized<A>::blendv(otherwise, if_small, x.abs() <= bound);
+}
+template <typename A>
 inline Vectorized<A> fk_where_finite(const Vectorized<A>& x, const Vectorized<A>& if_finite,
                                      const Vectorized<A>& otherwise) {
   return Vectorized<A>::blendv(otherwise, if_finite, (x - x) == Vectorized<A>(A(0)));

@@ -211,10 +211,12 @@ struct SymmetricKlDivergence : DivergenceDefaults {
 };
 
 // Alpha-beta divergence (ABKD, ICML 2025), a = alpha, b = beta: -sum (p^a q^b - a/(a+b) p^(a+b) -
-// b/(a+b) q^(a+b)) / (a b) and its limits. For p, q > 0, with d = log p - log q, w = p^a q^b (from the logs) and
-// E(c, x) = expm1(c x) / c (x at c = 0): psi_p = w E(b, d), psi_q = w E(a, -d), phi = (psi_p + psi_q) / (a + b),
-// or (expm1(a d) - a d) / a^2 at a + b = 0 (d^2 / 2 at a = b = 0). Only p = 0: phi = q^(a+b) / (a (a+b)) and
-// psi_q = q^(a+b) / a if a, a + b > 0, else +inf (q = 0 likewise); p = q = 0 gives 0. (1, 0), (0, 1): the KLs.
+// b/(a+b) q^(a+b)) / (a b) and its limits, everything from log p and log q (p and q may underflow while the
+// terms do not). Where both are positive, with d = log p - log q and w = p^a q^b: psi_p = (p^(a+b) - w) / b,
+// psi_q = (q^(a+b) - w) / a, as w expm1(b d) / b and w expm1(-a d) / a where |b d|, |a d| <= 1 (no cancellation;
+// w d at b = 0, -w d at a = 0); phi = (psi_p + psi_q) / (a + b), or (expm1(a d) - a d) / a^2 at a + b = 0
+// (d^2 / 2 at a = b = 0). Where p = 0 < q: phi = q^(a+b) / (a (a+b)), psi_q = q^(a+b) / a if a, a + b > 0, else
+// +inf (q = 0 < p likewise); p = q = 0 gives 0. (1, 0) and (0, 1) are the two KLs.
 struct AbDivergence : DivergenceDefaults {
   static constexpr const char* kName = "ab";
   static constexpr Family kFamily = Family::Psi;
@@ -225,25 +227,38 @@ struct AbDivergence : DivergenceDefaults {
     if (c.param[0] == 1.0 && c.param[1] == 0.0) return "kl";
     return c.param[0] == 0.0 && c.param[1] == 1.0 ? "reverse_kl" : nullptr;
   }
+  // (x^(a+b) - w) / c for the exponent c (b for psi_p with x = p, a for psi_q with x = q), cd = c * (log x - log y)
   template <typename X>
-  FASTKD_HOST_DEVICE static X expm1_over(double c, X x) {
-    return c == 0.0 ? x : fk_expm1(fk_splat<X>(c) * x) * fk_splat<X>(1.0 / c);
+  FASTKD_HOST_DEVICE static X psi(double c, double s, X log_x, X w, X diff) {
+    if (c == 0.0) return w * diff;
+    const X cd = fk_splat<X>(c) * diff, inv_c = fk_splat<X>(1.0 / c);
+    return fk_where_small(cd, X(1.0f), w * fk_expm1(cd) * inv_c, (fk_exp(fk_splat<X>(s) * log_x) - w) * inv_c);
   }
   template <typename X>
-  FASTKD_HOST_DEVICE static void terms(X log_p, X log_q, X p, X q, const DivArgs& c, X& psi_p, X& psi_q, X& phi) {
+  FASTKD_HOST_DEVICE static void terms(X log_p, X log_q, X, X, const DivArgs& c, X& psi_p, X& psi_q, X& phi) {
     const double a = c.param[0], b = c.param[1], s = a + b, inf = INFINITY;
-    const X d = log_p - log_q, w = fk_exp(fk_splat<X>(a) * log_p + fk_splat<X>(b) * log_q), zero(0.0f);
-    const X pp = w * expm1_over(b, d), pq = w * expm1_over(a, zero - d), ad = fk_splat<X>(a) * d;
-    const X ph = s != 0.0   ? (pp + pq) * fk_splat<X>(1.0 / s)
-                 : a != 0.0 ? (fk_expm1(ad) - ad) * fk_splat<X>(1.0 / (a * a))
-                            : d * d * X(0.5f);
+    const X d = log_p - log_q, zero(0.0f), nan(NAN);
+    const X w = fk_exp(fk_splat<X>(a) * log_p + fk_splat<X>(b) * log_q);
+    const X pp = psi(b, s, log_p, w, d), pq = psi(a, s, log_q, w, zero - d), ad = fk_splat<X>(a) * d;
     const X q_s = fk_exp(fk_splat<X>(s) * log_q), p_s = fk_exp(fk_splat<X>(s) * log_p);
-    const bool p0 = a > 0.0 && s > 0.0, q0 = b > 0.0 && s > 0.0;  // finite with p = 0 (q = 0)
-    const X phi1 = fk_where_zero(p, q_s * fk_splat<X>(p0 ? 1.0 / (a * s) : inf), p_s * fk_splat<X>(q0 ? 1.0 / (b * s) : inf));
-    const X mass = p + q;  // d is finite where both are positive
-    phi = fk_select_nonzero(mass, fk_where_finite(d, ph, phi1));
-    psi_p = fk_select_nonzero(mass, fk_where_finite(d, pp, fk_where_zero(p, zero, p_s * fk_splat<X>(q0 ? 1.0 / b : inf))));
-    psi_q = fk_select_nonzero(mass, fk_where_finite(d, pq, fk_where_zero(p, q_s * fk_splat<X>(p0 ? 1.0 / a : inf), zero)));
+    X ph;
+    if (s == 0.0) {
+      ph = a != 0.0 ? (fk_expm1(ad) - ad) * fk_splat<X>(1.0 / (a * a)) : d * d * X(0.5f);
+    } else {  // where psi_p + psi_q overflows (inf - inf), the definition's own sum: no cancellation there
+      const X direct = a == 0.0   ? (w * (zero - fk_splat<X>(b) * d - X(1.0f)) + p_s) * fk_splat<X>(1.0 / (b * b))
+                       : b == 0.0 ? (w * (ad - X(1.0f)) + q_s) * fk_splat<X>(1.0 / (a * a))
+                                  : (w - fk_splat<X>(a / s) * p_s - fk_splat<X>(b / s) * q_s) * fk_splat<X>(-1.0 / (a * b));
+      ph = fk_where_finite(pp + pq, (pp + pq) * fk_splat<X>(1.0 / s), direct);
+    }
+    // exactly one side 0 (d = +-inf): the other side's power; both 0 (d NaN, log p + log q = -inf): 0; NaN: NaN
+    const bool p0 = a > 0.0 && s > 0.0, q0 = b > 0.0 && s > 0.0;  // finite with p = 0 (with q = 0)
+    const X none = fk_where_zero(fk_exp(log_p + log_q), zero, nan);
+    auto pick = [&](X general, X if_q_zero, X if_p_zero) {
+      return fk_where_finite(d, general, fk_where_nan(d, none, fk_where_finite(log_p, if_q_zero, if_p_zero)));
+    };
+    phi = pick(ph, p_s * fk_splat<X>(q0 ? 1.0 / (b * s) : inf), q_s * fk_splat<X>(p0 ? 1.0 / (a * s) : inf));
+    psi_p = pick(pp, p_s * fk_splat<X>(q0 ? 1.0 / b : inf), zero);
+    psi_q = pick(pq, zero, q_s * fk_splat<X>(p0 ? 1.0 / a : inf));
   }
 };
 

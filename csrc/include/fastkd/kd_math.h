@@ -73,6 +73,17 @@ FASTKD_HOST_DEVICE float fk_where_zero(float cond, float if_zero, float otherwis
 FASTKD_HOST_DEVICE double fk_where_zero(double cond, double if_zero, double otherwise) {
   return cond == 0.0 ? if_zero : otherwise;
 }
+FASTKD_HOST_DEVICE float fk_where_nan(float x, float if_nan, float otherwise) { return x != x ? if_nan : otherwise; }
+FASTKD_HOST_DEVICE double fk_where_nan(double x, double if_nan, double otherwise) {
+  return x != x ? if_nan : otherwise;
+}
+// `|x| <= bound ? if_small : otherwise` (NaN is not small).
+FASTKD_HOST_DEVICE float fk_where_small(float x, float bound, float if_small, float otherwise) {
+  return (x <= bound && x >= -bound) ? if_small : otherwise;
+}
+FASTKD_HOST_DEVICE double fk_where_small(double x, double bound, double if_small, double otherwise) {
+  return (x <= bound && x >= -bound) ? if_small : otherwise;
+}
 FASTKD_HOST_DEVICE float fk_where_finite(float x, float if_finite, float otherwise) {
   return x - x == 0.f ? if_finite : otherwise;
 }
