@@ -29,7 +29,7 @@ def _docstring(spec: DivergenceSpec, kind: str) -> str:
              "", f"Matches: {spec.anchor}.", "", "Args:"]
     for p in spec.params:
         default = "required" if p.default is None else f"default {p.default!r}"
-        lines.append(f"    {p.name}: {p.doc} ({default}; in {p.range_text()}).")
+        lines.append(f"    {p.name}: {p.doc} ({default}; {p.range_text()}).")
     lines += ["", f"The other arguments are those of :func:`fastkd.divergence_loss` (``divergence={spec.name!r}``); "
               f"generated from the divergence registry ({kind})."]
     return "\n".join(lines)

@@ -40,7 +40,9 @@ class Param:
     doc: str = ""
 
     def range_text(self) -> str:
-        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        if self.lo == -math.inf and self.hi == math.inf:
+            return "any finite value"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
 
     def contains(self, x: float) -> bool:
         above = x > self.lo if self.lo_open else x >= self.lo
@@ -315,9 +317,9 @@ def readme_table() -> str:
     lines = ["| divergence | value per row | parameters | T^2 by default | function / module | matches |",
              "|---|---|---|---|---|---|"]
     for s in REGISTRY.values():
-        params = ", ".join(f"`{p.name}`" + (f" = {p.default:g}" if p.default is not None else "") +
-                           f" in {p.range_text()}" for p in s.params) or "-"
+        params = ", ".join(f"`{p.name}`" + (f" = {p.default:g}" if p.default is not None else " (required)") +
+                           f" {p.range_text()}" for p in s.params) or "-"
         value = s.formula_doc.replace("|", "\\|")
         lines.append(f"| `{s.name}` | `{value}`: {s.doc} | {params} | {'yes' if s.temperature_squared else 'no'}"
-                     f" | `{s.function}` / `{s.module}` | {s.anchor} |")
+                     f" | `{s.function}` / `{s.module}` | {s.anchor.replace('|', chr(92) + '|')} |")
     return "\n".join(lines)

@@ -348,18 +348,12 @@ def dkd_loss(
                      ignore_index=ignore_index, reduction=reduction, scale_by_temperature=True)[0]
 
 
-def _resolve_scale(spec, scale_by_temperature, where: str) -> bool:
-    """``scale_by_temperature`` for a divergence: None is its own default (T^2 for the KL-type divergences);
-    True where the divergence has no T^2 factor (JSD, TVD) is an error."""
-    return v.resolve_scale_by_temperature(scale_by_temperature, spec.name)
-
-
 def _divergence(spec, where: str, student_logits, teacher_logits, params, temperature, *, reduction="batchmean",
                 labels=None, ignore_index=-100, scale_by_temperature=None, num_items_in_batch=None):
     """The response op for any registered divergence. Python checks what the op cannot see (tensor and Python
     types); the op checks the parameters' ranges (ValueError naming the parameter)."""
     values = spec.resolve(params, where)
-    scale = _resolve_scale(spec, scale_by_temperature, where)
+    scale = v.resolve_scale_by_temperature(scale_by_temperature, spec.name)  # None: the divergence's default
     t, n = _check_common(student_logits, teacher_logits, labels, temperature, reduction, ignore_index,
                          num_items_in_batch)
     if spec.family == "decoupled":
