@@ -142,7 +142,7 @@ def test_gradcheck(name, params):
 
 
 @pytest.mark.parametrize("name,params", CASES)
-def test_opcheck_and_compile(name, params):
+def test_opcheck(name, params):
     spec = REGISTRY[name]
     values = [params.get(p.name, p.default) for p in spec.params]
     s, t = _logits((5, 17), 3, dtype=torch.float32), _logits((5, 17), 4, dtype=torch.float32)
@@ -155,6 +155,13 @@ def test_opcheck_and_compile(name, params):
                  (s, t, labels, None, name, values, 1.5, 1.0, 0.0, -100, "none", False, False, False)]:
         if args is not None:
             torch.library.opcheck(torch.ops.fastkd.response_forward, args)
+
+
+@pytest.mark.parametrize("name,params", CASES)
+def test_torch_compile_fullgraph(name, params):
+    s, t = _logits((5, 17), 3, dtype=torch.float32), _logits((5, 17), 4, dtype=torch.float32)
+    labels = torch.tensor([1, -100, 3, 0, 16])
+    req = lambda x: x.clone().requires_grad_(True)  # noqa: E731
     torch._dynamo.reset()
     compiled = torch.compile(lambda a, b: fastkd.divergence_loss(a, b, name, 2.0, labels=labels, **params),
                              fullgraph=True)
