@@ -67,16 +67,10 @@ at::Tensor run(ShardCall c, bool grad) {
   const ShardParams& p = c.p;
   if (p.rows == 0) return c.out;
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, p.width));
-  dispatch_divergence(p.divergence, [&](auto tag) {
-    constexpr Divergence D = decltype(tag)::value;
-    if constexpr (DivergenceTrait<D>::kFamily != Family::Decoupled) {
-      auto rows = [&](auto acc_tag) {
-        using Acc = decltype(acc_tag);
-        at::parallel_for(0, p.rows, grain, [&](int64_t b, int64_t e) { shard_rows<D, Acc>(p, grad, b, e); });
-      };
-      if (c.student.scalar_type() == at::kDouble) rows(double{});
-      else rows(float{});
-    }
+  dispatch_shard(c, [&](auto tag, auto acc_tag) {
+    at::parallel_for(0, p.rows, grain, [&](int64_t b, int64_t e) {
+      shard_rows<decltype(tag)::value, decltype(acc_tag)>(p, grad, b, e);
+    });
   });
   return c.out;
 }

@@ -57,17 +57,9 @@ at::Tensor run(ShardCall c, bool grad) {
   if (p.rows == 0) return c.out;
   const c10::cuda::CUDAGuard guard(c.student.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_divergence(p.divergence, [&](auto tag) {
-    constexpr Divergence D = decltype(tag)::value;
-    if constexpr (DivergenceTrait<D>::kFamily != Family::Decoupled) {
-      auto launch = [&](auto acc_tag) {
-        using Acc = decltype(acc_tag);
-        shard_kernel<D, Acc, 256><<<grid_for_rows(p.rows), 256, 0, stream>>>(p, grad);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      if (c.student.scalar_type() == at::kDouble) launch(double{});
-      else launch(float{});
-    }
+  dispatch_shard(c, [&](auto tag, auto acc_tag) {
+    shard_kernel<decltype(tag)::value, decltype(acc_tag), 256><<<grid_for_rows(p.rows), 256, 0, stream>>>(p, grad);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return c.out;
 }

@@ -17,7 +17,9 @@
 
 namespace fastkd {
 
-struct ShardParams {
+// The divergence, its parameters and the temperature come from the LossConfig (make_loss_config), the one
+// builder of every response op's configuration.
+struct ShardParams : LossConfig {
   const void* student = nullptr;  // [rows, width], unit stride along the width
   const void* teacher = nullptr;  // [rows, width], unit stride along the width
   const void* stats = nullptr;    // [rows, 4] contiguous: shift_s, shift_t, log_zs, log_zt
@@ -28,9 +30,6 @@ struct ShardParams {
   int64_t width = 0;
   int64_t student_row_stride = 0;
   int64_t teacher_row_stride = 0;
-  double inv_temperature = 1.0;
-  Divergence divergence = Divergence::KL;
-  DivArgs div;
 };
 
 struct ShardCall {
@@ -73,6 +72,7 @@ inline ShardCall shard_prepare(const at::Tensor& student, const at::Tensor& teac
   }
   c.out = at::empty(grad ? at::IntArrayRef{rows, width} : at::IntArrayRef{rows, 2}, student.options());
   ShardParams& p = c.p;
+  static_cast<LossConfig&>(p) = cfg;
   p.student = c.student.data_ptr();
   p.teacher = c.teacher.data_ptr();
   p.stats = c.stats.data_ptr();
@@ -83,10 +83,19 @@ inline ShardCall shard_prepare(const at::Tensor& student, const at::Tensor& teac
   p.width = width;
   p.student_row_stride = c.student.stride(0);
   p.teacher_row_stride = c.teacher.stride(0);
-  p.inv_temperature = cfg.inv_temperature;
-  p.divergence = cfg.divergence;
-  p.div = cfg.div;
   return c;
+}
+
+// Calls f(std::integral_constant<Divergence, D>{}, Acc{}) for the call's divergence (every family but the
+// decoupled one, which shard_prepare refuses) and its float32 / float64 computation type.
+template <typename F>
+void dispatch_shard(const ShardCall& c, F&& f) {
+  dispatch_divergence(c.p.divergence, [&](auto tag) {
+    if constexpr (DivergenceTrait<decltype(tag)::value>::kFamily != Family::Decoupled) {
+      if (c.student.scalar_type() == at::kDouble) f(tag, double{});
+      else f(tag, float{});
+    }
+  });
 }
 
 }  // namespace fastkd
