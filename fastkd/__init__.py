@@ -65,9 +65,11 @@ def build_info() -> Dict[str, Any]:
 
     Keys: ``version``; ``compiled`` (the C++ kernels loaded; if not, ``load_error`` says why and the
     plain-PyTorch reference runs instead); ``cuda`` (CUDA kernels compiled in), ``cuda_archs``,
-    ``cuda_version`` (CUDA version compiled with); ``cpu_isa`` (the CPU kernel library in use: avx512, avx2 or default) and
-    ``cpu_isas_compiled``; ``openmp`` and ``num_threads`` (CPU threads used); ``torch`` (running) and
-    ``built_with_torch``.
+    ``cuda_version`` (CUDA version compiled with); ``gpu_visible`` (whether torch sees a GPU now);
+    ``cpu_isa`` (the CPU kernel library in use: avx512, avx2 or default) and ``cpu_isas_compiled``;
+    ``openmp`` and ``num_threads`` (CPU threads used); ``torch`` (running) and ``built_with_torch``;
+    ``summary``: all of that in one line, e.g. "CPU kernels: avx512; CUDA kernels for 9.0 compiled, no GPU
+    visible" (what the benchmark's header prints).
     """
     info: Dict[str, Any] = {
         "version": __version__,
@@ -82,9 +84,25 @@ def build_info() -> Dict[str, Any]:
         "cuda_archs": "",
         "cuda_version": None,
         "built_with_torch": None,
+        "gpu_visible": torch.cuda.is_available(),
     }
     if _ops_loader.LOADED:
         from fastkd import _C
 
         info.update(_C.build_info())
+    info["summary"] = _build_summary(info)
     return info
+
+
+def _build_summary(info: Dict[str, Any]) -> str:
+    if not info["compiled"]:
+        return f"not compiled ({info['load_error']}): the plain-PyTorch reference runs"
+    others = [isa for isa in info["cpu_isas_compiled"] if isa != info["cpu_isa"]]
+    cpu = f"CPU kernels: {info['cpu_isa']}" + (f" (also compiled: {', '.join(others)})" if others else "")
+    if not info["cuda"]:
+        cuda = "no CUDA kernels" + (" (a GPU is visible: rebuild with FASTKD_CUDA=1)" if info["gpu_visible"] else "")
+    elif info["gpu_visible"]:
+        cuda = f"CUDA kernels for {info['cuda_archs']}, running on {torch.cuda.get_device_name()}"
+    else:
+        cuda = f"CUDA kernels for {info['cuda_archs']} compiled, no GPU visible"
+    return f"{cpu}; {cuda}"

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from helpers import assert_close, oracle_kd, repdistiller_distill_kl, value_and_grads
 
 import fastkd
+from fastkd import _ops_loader
 
 REDUCTIONS = ["batchmean", "sum", "mean", "none"]
 
@@ -392,8 +393,8 @@ def test_reference_fallback_warns_and_matches(device, monkeypatch):
 def test_build_info():
     info = fastkd.build_info()
     assert info["compiled"] and info["load_error"] is None
-    assert info["cpu_isa"] in info["cpu_isas_compiled"]
-    assert "default" in info["cpu_isas_compiled"]
+    # the best library compiled that ATen's capability allows (a build for this machine may hold one)
+    assert info["cpu_isa"] == [isa for isa in _ops_loader._runnable_isas() if isa in info["cpu_isas_compiled"]][0]
     assert info["num_threads"] >= 1
     assert isinstance(info["cuda"], bool)
     if torch.cuda.is_available():

@@ -25,7 +25,13 @@
 #include <string_view>
 #include <tuple>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros.h>
 
 #include "fastkd/kd_host.h"
 
@@ -147,7 +153,7 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
   FASTKD_CHECK_ARG(teacher_vocab >= 1 && teacher_vocab <= vocab, "teacher",
                    "the teacher's vocabulary must not be larger than the student's (", vocab, "), got ", teacher_vocab);
 
-  const at::ScalarType out_dtype = at::promote_types(hidden.scalar_type(), teacher_dtype);
+  const at::ScalarType out_dtype = c10::promoteTypes(hidden.scalar_type(), teacher_dtype);
   const bool any_double = out_dtype == at::kDouble;
   const at::ScalarType acc_dtype = any_double ? at::kDouble : at::kFloat;
   // Element types the kernels read: logits in the student's dtype where the kernels have that pair.
@@ -294,7 +300,7 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
       at::mm_out(out, g, weight);
       if (w.defined()) out.mul_(w);
     }
-    if (o.grad_weight) B::add_weight_grad(grad_weight_acc, g, w.defined() ? h * w : h);
+    if (o.grad_weight) B::add_weight_grad(grad_weight_acc, g, w.defined() ? h.mul(w) : h);
     if (o.grad_bias) {
       if (w.defined()) grad_bias_acc.addmv_(g.t().to(acc_dtype), w.squeeze(1).to(acc_dtype));
       else grad_bias_acc.add_(g.sum(0, false, acc_dtype));

@@ -11,7 +11,16 @@
 #include <tuple>
 #include <utility>
 
-#include <ATen/ATen.h>
+// Per-operator headers, not <ATen/ATen.h>: it declares every operator and costs ~15 s of compile time
+// in each translation unit.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <ATen/Dispatch.h>
 
 #include "fastkd/kd_params.h"
@@ -266,7 +275,7 @@ KdCall kd_prepare(const at::Tensor& student, const at::Tensor& teacher, const st
   KdCall c;
   c.student_dtype = student.scalar_type();
   c.teacher_dtype = teacher.scalar_type();
-  c.out_dtype = at::promote_types(c.student_dtype, c.teacher_dtype);
+  c.out_dtype = c10::promoteTypes(c.student_dtype, c.teacher_dtype);
   const bool any_double = c.out_dtype == at::kDouble;
   const auto [s_type, t_type] = kd_compute_types(c.student_dtype, c.teacher_dtype);
   c.student = rows_with_unit_stride(student, s_type);
@@ -322,7 +331,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_parts(const at::Ten
   if (reduction == Reduction::None) {
     at::Tensor soft = row_soft.to(out_dtype);
     at::Tensor h = hard ? row_hard.to(out_dtype) : at::zeros_like(soft);
-    at::Tensor loss = hard ? soft * soft_weight + h * hard_weight : soft * soft_weight;
+    at::Tensor loss = hard ? soft.mul(soft_weight).add(h.mul(hard_weight)) : soft.mul(soft_weight);
     return {loss, soft, h};
   }
   if (row_soft.is_cpu()) {
@@ -345,11 +354,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_parts(const at::Ten
   at::Tensor h = hard ? row_hard.sum(at::kDouble) : at::zeros({}, s.options());
   if (reduction != Reduction::Sum) {
     at::Tensor n = count.defined() ? count : at::scalar_tensor(static_cast<double>(rows), s.options());
-    n = at::where(n > 0, n, at::ones_like(n));
-    h = h / n;
-    s = reduction == Reduction::Mean ? s / (n * static_cast<double>(vocab)) : s / n;
+    n = at::where(n.gt(0), n, at::ones_like(n));
+    h = h.div(n);
+    s = reduction == Reduction::Mean ? s.div(n.mul(static_cast<double>(vocab))) : s.div(n);
   }
-  at::Tensor loss = hard ? s * soft_weight + h * hard_weight : s * soft_weight;
+  at::Tensor loss = hard ? s.mul(soft_weight).add(h.mul(hard_weight)) : s.mul(soft_weight);
   return {loss.to(out_dtype), s.to(out_dtype), h.to(out_dtype)};
 }
 
@@ -436,7 +445,7 @@ TopkCall topk_prepare(const at::Tensor& student, const at::Tensor& values, const
 
   TopkCall c;
   c.student_dtype = student.scalar_type();
-  c.out_dtype = at::promote_types(c.student_dtype, values.scalar_type());
+  c.out_dtype = c10::promoteTypes(c.student_dtype, values.scalar_type());
   const bool any_double = c.out_dtype == at::kDouble;
   c.student = rows_with_unit_stride(student, any_double ? at::kDouble : c.student_dtype);
   c.labels = prepare_labels(labels, student, rows);

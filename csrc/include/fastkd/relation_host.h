@@ -12,7 +12,11 @@
 #include <string_view>
 #include <tuple>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/zeros.h>
 
 #include "fastkd/kd_host.h"
 #include "fastkd/relation_math.h"
@@ -73,7 +77,7 @@ inline void check_relation_args(const at::Tensor& student, const at::Tensor& tea
 }
 
 inline at::Tensor relation_loss_like(const at::Tensor& s, const at::Tensor& t) {
-  return at::zeros({}, s.options().dtype(at::promote_types(s.scalar_type(), t.scalar_type())));
+  return at::zeros({}, s.options().dtype(c10::promoteTypes(s.scalar_type(), t.scalar_type())));
 }
 
 // The dtype of an input's gradient output: float32 for float16 / bfloat16 inputs. The op computes the gradient
@@ -96,7 +100,7 @@ inline at::Tensor zero_grad_output(const at::Tensor& x) {
 inline at::Tensor contiguous_as(const at::Tensor& x, at::ScalarType type) { return x.to(type).contiguous(); }
 
 // dL/dX = (D + D^T) X for a loss of G = X X^T with dL/dG = D.
-inline at::Tensor gram_input_grad(const at::Tensor& D, const at::Tensor& X) { return at::matmul(D + D.t(), X); }
+inline at::Tensor gram_input_grad(const at::Tensor& D, const at::Tensor& X) { return at::matmul(D.add(D.t()), X); }
 
 template <typename A>
 struct ColumnMean {  // column d of X [N, D]: the mean over rows, in double, rounded to A
@@ -122,13 +126,13 @@ at::Tensor rkd_centered(const at::Tensor& x64) {
   at::Tensor mean = at::empty({x64.size(1)}, x64.options());
   B::rows(x64.size(1), x64.size(0),
           ColumnMean<double>{x64.data_ptr<double>(), x64.size(0), x64.size(1), mean.data_ptr<double>()});
-  return (x64 - mean).contiguous();
+  return x64.sub(mean).contiguous();
 }
 
 // The Gram matrix, made exactly symmetric (the GEMM need not round G_ij and G_ji alike).
 inline at::Tensor symmetric_gram(const at::Tensor& c) {
   at::Tensor g = at::matmul(c, c.t());
-  return ((g + g.t()) * 0.5).contiguous();
+  return g.add(g.t()).mul(0.5).contiguous();
 }
 
 template <class B>
@@ -203,7 +207,7 @@ Tensor4 rkd_forward_impl(const at::Tensor& student, const at::Tensor& teacher, d
   const at::ScalarType out = loss.scalar_type();
   part_d = scal[2].to(out, /*non_blocking=*/false, /*copy=*/true);
   part_a = scal[4].to(out, /*non_blocking=*/false, /*copy=*/true);
-  loss = (scal[2] * distance_weight + scal[4] * angle_weight).to(out);
+  loss = scal[2].mul(distance_weight).add(scal[4].mul(angle_weight)).to(out);
   if (!grad_student) return {loss, part_d, part_a, grad};
 
   at::Tensor M = at::zeros({n, n}, f64);

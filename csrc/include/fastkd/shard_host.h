@@ -11,7 +11,8 @@
 
 #include <string_view>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include "fastkd/kd_host.h"
 
