@@ -1,133 +1,250 @@
 #!/usr/bin/env bash
-# One-command GPU check for fastkd, for a machine with an NVIDIA GPU and no network:
-#   bash benchmarks/gpu_check.sh [REPORT_PATH]
-# 1. builds fastkd with CUDA against the torch installed there (no build isolation, nothing downloaded),
-# 2. runs the whole test suite (every test runs on cpu and cuda),
-# 3. runs compute-sanitizer memcheck and racecheck over the kernels on small inputs,
-# 4. runs the benchmark (eager, torch.compile, Liger-Kernel if installed, fastkd; the logit losses, the
-#    relation / feature losses RKD, SP, PKT, CC, AT with the RKD N sweep, and the LLM head: fused linear KD at
-#    8192 x 4096 x 128256 bf16 against Liger-Kernel's fused linear JSD, with its token sweep),
-# and writes everything into one report file (default: gpu_report.txt, or $OUT/gpu_report.txt when $OUT is set).
+# GPU check for fastkd on a short window: an H100 / H200 machine with 16 cores and no network, under 12
+# minutes in all.
+#
+#   bash benchmarks/gpu_check.sh [--dry-run] [REPORT_PATH]
+#
+# Stages, in order, each under its own time limit (`timeout`), and all under a total budget: a stage's limit
+# is min(its own, what is left of the budget); a stage with under 10 s left is not started.
+#
+#   stage              limit   what
+#   machine             30 s   GPU, driver, torch, nvcc, CPU capability, Liger-Kernel version
+#   build              240 s   pip install --no-build-isolation -e . for the visible GPU only: FASTKD_CUDA=1,
+#                              TORCH_CUDA_ARCH_LIST=<its capability>, MAX_JOBS=16, FASTKD_CPU_ISAS=<the best
+#                              ISA this CPU runs> (the "default" library is always built). On failure the
+#                              report holds the log's tail and every later stage is skipped.
+#   smoke              120 s   tests/test_smoke.py (pytest -m smoke): every op family once on cpu and cuda
+#                              against the float64 reference, and the check that it touches every op
+#   sanitize_memcheck   60 s   compute-sanitizer memcheck over benchmarks/sanitize_workload.py (every kernel,
+#                              minimal shapes, no caching allocator so that out-of-bounds accesses are seen)
+#   sanitize_racecheck  60 s   compute-sanitizer racecheck over the same workload, fastkd's kernels only
+#   tests              rest    the rest of the test suite on cuda (pytest -k cuda -m "not smoke"), leaving
+#                              BENCH_S for the benchmark
+#   bench              150 s   python -m fastkd.bench --suite quick (Liger-Kernel rows when importable)
+#   bench_llm          rest    if time remains: the LLM head, fused linear KD at 8192 x 4096 x 128256 bf16
+#
+# Limits: FASTKD_GPU_CHECK_BUDGET_S (total, default 720) and <STAGE>_S (BUILD_S, SMOKE_S, MEMCHECK_S,
+# RACECHECK_S, TESTS_S, BENCH_S, BENCH_LLM_S) in seconds. PYTHON: the interpreter (default python3).
+#
+# The report (default gpu_report.txt, or $OUT/gpu_report.txt when $OUT is set) is appended to as each stage
+# ends, so a stage cut short, or the whole command killed, leaves the earlier stages' results in it. Each stage
+# ends with one machine-readable line
+#   STAGE <name> <pass|fail|timeout|skipped|nobudget|killed> <seconds>
+# and the report with "RESULT PASS" or "RESULT FAIL". Every stage's full output goes to gpu_check.log beside
+# the report (written live); the benchmark's JSON to gpu_bench.json / gpu_bench_llm.json. Exit status 0 only if
+# every stage passed or was skipped by design (the build in a dry run when fastkd imports, racecheck in a dry
+# run, bench_llm when under 60 s are left); fail, timeout, nobudget (under 10 s left) or killed make it 1 (and
+# a failed build skips every later stage).
+#
+# Dry run (--dry-run or FASTKD_GPU_CHECK_DRY_RUN=1), for a CPU machine (CI, under ~2 minutes on 2 cores): the
+# same flow with no GPU. The build is skipped when fastkd's kernels already import (else a CPU-only build);
+# the smoke tests run on cpu; the sanitizer workload runs on cpu without compute-sanitizer (the command it
+# would run is printed) and checks that it covers every registered op; a small subset of the other tests
+# (DRY_TESTS, DRY_TESTS_K: test_kd.py's quick tests) and a tiny benchmark run; then the report's stage lines are
+# checked.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-REPORT="${1:-${OUT:-.}/gpu_report.txt}"
-PY="${PYTHON:-python3}"
-: > "$REPORT"
-section() { printf '\n===== %s =====\n' "$*" | tee -a "$REPORT"; }
-status=0
+cd "$(dirname "$0")/.." || exit 1
 
-section "machine"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; nvcc --version | tail -1; } 2>&1 | tee -a "$REPORT"
-# Liger-Kernel is benchmarked when importable (pip install liger-kernel beforehand; nothing is downloaded here)
-"$PY" -c "from importlib.metadata import version; print('liger-kernel', version('liger-kernel'))" 2>/dev/null | tee -a "$REPORT" || echo "liger-kernel not installed: no Liger-Kernel rows" | tee -a "$REPORT"
-
-section "build (FASTKD_CUDA=1)"
-cap=$("$PY" -c "import torch; m,n=torch.cuda.get_device_capability(); print(f'{m}.{n}')")
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$cap}"
-if ! FASTKD_CUDA=1 MAX_JOBS="${MAX_JOBS:-8}" "$PY" -m pip install --no-build-isolation --no-deps -e . >build.log 2>&1; then
-  tail -50 build.log | tee -a "$REPORT"; echo "BUILD FAILED" | tee -a "$REPORT"; exit 1
-fi
-"$PY" -c "import fastkd, json; print(json.dumps(fastkd.build_info()))" 2>&1 | tee -a "$REPORT"
-
-section "tests (cpu + cuda)"
-"$PY" -m pytest -q -p no:cacheprovider tests 2>&1 | tail -40 | tee -a "$REPORT" || status=1
-
-section "compute-sanitizer"
-cat > /tmp/fastkd_sanitize.py <<'PYEOF'
-import torch, fastkd
-for shape in [(1, 2), (3, 7), (5, 1003), (2, 4099), (4, 3, 130)]:
-    V = shape[-1]
-    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        s = torch.randn(shape, device="cuda", dtype=dt, requires_grad=True)
-        t = torch.randn(shape, device="cuda", dtype=dt, requires_grad=True)
-        labels = torch.randint(-1, min(V, 3), shape[:-1], device="cuda")
-        for red in ("batchmean", "none"):
-            losses = [
-                fastkd.kd_loss(s, t, 2.0, reduction=red, labels=labels, ignore_index=-1),
-                fastkd.kd_loss(s, t, 2.0, reduction=red, labels=labels, ignore_index=-1, alpha=0.3),
-                fastkd.reverse_kl_loss(s, t, 2.0, reduction=red, labels=labels, ignore_index=-1),
-                fastkd.jsd_loss(s, t, 0.3, 2.0, reduction=red, labels=labels, ignore_index=-1),
-                fastkd.tvd_loss(s, t, 2.0, reduction=red, labels=labels, ignore_index=-1),
-                fastkd.dkd_loss(s, t, labels, 1.0, 8.0, 4.0, reduction=red, ignore_index=-1),
-            ]
-            k = min(V, 5)
-            vals, idx = t.detach().topk(k, dim=-1)
-            losses.append(fastkd.topk_kd_loss(s, vals, idx, 2.0, reduction=red, labels=labels, ignore_index=-1))
-            lp = torch.log_softmax(t.detach().float(), -1).topk(k, dim=-1)
-            losses.append(fastkd.topk_kd_loss(s, lp.values, lp.indices, values_are="logprobs", tail="bucket",
-                                              reduction=red, labels=labels, ignore_index=-1))
-            sum(l.sum() for l in losses).backward()
-    # unaligned rows (odd vocab, sliced view) take the scalar path
-    base = torch.randn(6, 133, device="cuda")
-    fastkd.kd_loss(base[:, 1:], base[:, :-1].flip(0))
-    fastkd.jsd_loss(base[:, 1:], base[:, :-1].flip(0))
-# relation / feature losses (issue 5): N = 0, 1, 2 and odd sizes, student width != teacher width, mixed
-# dtypes, teacher gradients (SP, PKT, CC, AT), every weight / kernel / reduction / mode, strided input
-for n, d_s, d_t in [(0, 3, 5), (1, 3, 3), (2, 5, 7), (7, 33, 16), (33, 130, 257), (70, 1, 4)]:
-    for ds, dt in [(torch.float32, torch.float32), (torch.bfloat16, torch.float16), (torch.float64, torch.float64),
-                   (torch.float32, torch.bfloat16)]:
-        fs = torch.randn(n, d_s, device="cuda", dtype=ds, requires_grad=True)
-        ft = torch.randn(n, d_t, device="cuda", dtype=dt, requires_grad=True)
-        losses = [
-            fastkd.rkd_loss(fs, ft), fastkd.rkd_loss(fs, ft, 0.0, 1.0), fastkd.rkd_loss(fs, ft, 1.0, 0.0),
-            fastkd.sp_loss(fs, ft), fastkd.sp_loss(fs, ft, reduction="sum"), fastkd.pkt_loss(fs, ft),
-            fastkd.cc_loss(fs, ft), fastkd.cc_loss(fs, ft, "bilinear", reduction="sum"),
-            fastkd.cc_loss(fs, ft, max_p=4), fastkd.rkd_loss(fs.t().contiguous().t(), ft),
-        ]
-        sum(l.float() for l in losses).backward()
-# RKD: exact duplicates (both sides, student only) and a large common offset take the flagged-pair paths
-for n, d in [(9, 17), (64, 300)]:
-    x = torch.randn(n, d, device="cuda")
-    x[n // 2:] = x[0]
-    y = torch.randn(n, d, device="cuda")
-    for fs, ft in [(x, x * 2), (x, y), (x + 100.0, y - 50.0)]:
-        fs = fs.clone().requires_grad_(True)
-        fastkd.rkd_loss(fs, ft).backward()
-# AT: code / paper, p = 2 and 3, pooling either way, 3-D maps, different channel counts, lists with weights
-for shape_s, shape_t in [((4, 3, 8, 8), (4, 5, 4, 4)), ((4, 6, 4, 4), (4, 2, 8, 8)), ((5, 3, 7, 7), (5, 3, 7, 7)),
-                         ((3, 2, 11), (3, 4, 11)), ((0, 2, 4, 4), (0, 2, 4, 4))]:
-    for dt in (torch.float32, torch.bfloat16, torch.float64):
-        gs = torch.randn(shape_s, device="cuda", dtype=dt, requires_grad=True)
-        gt = torch.randn(shape_t, device="cuda", dtype=dt, requires_grad=True)
-        losses = [fastkd.at_loss(gs, gt), fastkd.at_loss(gs, gt, 3.0), fastkd.at_loss(gs, gt, mode="paper"),
-                  fastkd.at_loss([gs, gs], [gt, gt], weights=[0.5, 2.0]), fastkd.sp_loss([gs, gs], [gt, gt], weights=[1.0, 3.0])]
-        sum(l.float() for l in losses).backward()
-# fused linear head (issue 6): the response / top-k kernels writing their gradient in place over the logits
-# chunk, every teacher kind, a padded teacher vocabulary, the fused CE, reduction "none" (recomputed in
-# backward), bf16 (the fp32 weight-gradient accumulation of bf16 GEMMs) and fp32, odd sizes
-for dt in (torch.float32, torch.bfloat16):
-    h = torch.randn(2, 13, 24, device="cuda", dtype=dt, requires_grad=True)
-    w = (torch.randn(301, 24, device="cuda", dtype=dt) / 5).requires_grad_(True)
-    b = torch.randn(301, device="cuda", dtype=dt, requires_grad=True)
-    th = torch.randn(2, 13, 20, device="cuda", dtype=dt)
-    tw = torch.randn(290, 20, device="cuda", dtype=dt) / 5
-    y = torch.randint(-1, 301, (2, 13), device="cuda")
-    vals, idx = (h @ w.t()).detach().topk(7, dim=-1)
-    for red in ("batchmean", "none"):
-        losses = [
-            fastkd.fused_linear_kd_loss(h, w, fastkd.TeacherHead(th, tw), student_bias=b, loss="jsd", beta=0.3,
-                                        labels=y, ignore_index=-1, hard_label_weight=0.5, reduction=red, chunk_size=5),
-            fastkd.fused_linear_kd_loss(h, w, th @ tw.t(), labels=y, ignore_index=-1, reduction=red, chunk_size=4),
-            fastkd.fused_linear_kd_loss(h, w[:290], th @ tw.t(), loss="reverse_kl", reduction=red, chunk_size=7),
-            fastkd.fused_linear_kd_loss(h, w, fastkd.TopKTeacher(vals, idx), labels=y, ignore_index=-1,
-                                        hard_label_weight=0.2, soft_weight=0.8, reduction=red, chunk_size=6),
-        ]
-        sum(l.float().sum() for l in losses).backward()
-torch.cuda.synchronize()
-print("sanitizer workload done")
-PYEOF
-for tool in memcheck racecheck; do
-  echo "-- $tool" | tee -a "$REPORT"
-  compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" /tmp/fastkd_sanitize.py 2>&1 | tail -5 | tee -a "$REPORT" || status=1
+DRY="${FASTKD_GPU_CHECK_DRY_RUN:-0}"
+REPORT=""
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY=1 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "unknown option: $arg" >&2; exit 2 ;;
+    *) REPORT="$arg" ;;
+  esac
 done
+REPORT="${REPORT:-${OUT:-.}/gpu_report.txt}"
+DIR="$(dirname "$REPORT")"
+mkdir -p "$DIR"
+LOG="$DIR/gpu_check.log"
+PY="${PYTHON:-python3}"
+BUDGET_S="${FASTKD_GPU_CHECK_BUDGET_S:-720}"
+BUILD_S="${BUILD_S:-240}" SMOKE_S="${SMOKE_S:-120}" MEMCHECK_S="${MEMCHECK_S:-60}" RACECHECK_S="${RACECHECK_S:-60}"
+TESTS_S="${TESTS_S:-600}" BENCH_S="${BENCH_S:-150}" BENCH_LLM_S="${BENCH_LLM_S:-240}"
+DRY_TESTS="${DRY_TESTS:-tests/test_kd.py}"  # dry run: the "tests" stage's subset (files, and a -k expression)
+DRY_TESTS_K="${DRY_TESTS_K:-not oracle and not opcheck and not compile and not low_precision}"
+SANITIZER="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}"
+PYTEST=("$PY" -m pytest -p no:cacheprovider)
+export PYTHONUNBUFFERED=1
 
-section "benchmark"
-# eager baselines and fastkd compute the same relation and LLM-head losses on this device (fast; before the long run)
-"$PY" -m pytest -q -p no:cacheprovider benchmarks/test_bench_relation.py benchmarks/test_bench_fused_linear.py -k test_same_loss 2>&1 | tail -3 | tee -a "$REPORT" || status=1
-# every loss (logit losses, RKD / RKD N sweep / SP / PKT / CC / AT, then the LLM head and its token sweep, bf16)
-# on its default CUDA shapes
-"$PY" -m fastkd.bench --json "${REPORT%.txt}.json" 2>/dev/null | tee -a "$REPORT" || status=1
-"$PY" -m fastkd.bench --loss kd,jsd,reverse_kl,tvd --dtype bfloat16 --shapes 8192x128256,4096x32000 --no-compile 2>/dev/null | tee -a "$REPORT" || status=1
+START=$SECONDS
+FAILED=0
+CURRENT="" CURRENT_T0=0 CURRENT_OFFSET=0 CHILD=""
+: > "$REPORT"
+: > "$LOG"
 
-section "result: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
-exit $status
+say() { printf '%s\n' "$*" >> "$REPORT"; printf '%s\n' "$*"; }
+left() { echo $((BUDGET_S - (SECONDS - START))); }
+stage_line() {  # name status seconds
+  say "STAGE $1 $2 $3"
+  case "$2" in fail|timeout|nobudget|killed) FAILED=1 ;; esac
+}
+# Killed (TERM, INT, HUP) while a stage runs: stop it, keep the tail of its output and say so in the report.
+# shellcheck disable=SC2317  # reached through the trap
+on_kill() {
+  trap - TERM INT HUP
+  if [ -n "$CHILD" ]; then
+    kill -TERM "$CHILD" 2>/dev/null
+    tail -c "+$CURRENT_OFFSET" "$LOG" | tail -n 20 >> "$REPORT"
+  fi
+  [ -n "$CURRENT" ] && stage_line "$CURRENT" killed $((SECONDS - CURRENT_T0))
+  say "RESULT FAIL (killed)"
+  exit 143
+}
+trap on_kill TERM INT HUP
+
+# run_stage NAME LIMIT_S TAIL_LINES CMD...: runs CMD under min(LIMIT_S, what is left), its output into the log,
+# then appends the output's last TAIL_LINES lines and the STAGE line to the report. Returns CMD's status.
+run_stage() {
+  local name=$1 limit=$2 tail_lines=$3 rem rc status t0 offset
+  shift 3
+  rem=$(left)
+  [ "$rem" -lt "$limit" ] && limit=$rem
+  say ""
+  say "===== $name: $(printf '%q ' "$@" | cut -c1-300)"
+  if [ "$rem" -lt 10 ] || [ "$limit" -lt 1 ]; then
+    stage_line "$name" nobudget 0
+    return 1
+  fi
+  printf '\n===== %s (limit %s s): %s\n' "$name" "$limit" "$*" >> "$LOG"
+  offset=$(($(wc -c < "$LOG") + 1))
+  CURRENT=$name CURRENT_T0=$SECONDS CURRENT_OFFSET=$offset t0=$SECONDS
+  # in the background, so that a TERM to this script runs on_kill at once (bash defers traps until a
+  # foreground child exits)
+  timeout -k 10 "$limit" "$@" >> "$LOG" 2>&1 &
+  CHILD=$!
+  wait "$CHILD"
+  rc=$?
+  CURRENT="" CHILD=""
+  tail -c "+$offset" "$LOG" | tail -n "$tail_lines" >> "$REPORT"
+  case $rc in
+    0) status=pass ;;
+    124|137) status=timeout; say "(stopped at its limit of $limit s)" ;;
+    *) status=fail; say "(exit status $rc)" ;;
+  esac
+  stage_line "$name" "$status" $((SECONDS - t0))
+  return $rc
+}
+skip_stage() { say ""; say "===== $1: skipped ($2)"; stage_line "$1" skipped 0; }
+
+say "fastkd GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ) $([ "$DRY" = 1 ] && echo '(dry run: cpu, no compute-sanitizer)')"
+if rev=$(git rev-parse --short HEAD 2>/dev/null); then
+  git diff --quiet HEAD 2>/dev/null || rev="$rev (modified)"
+else
+  rev="? (not a git checkout)"
+fi
+say "budget ${BUDGET_S} s; git ${rev}"
+
+# ---- machine ---------------------------------------------------------------------------------------------
+# shellcheck disable=SC2317  # run by timeout through bash -c (exported)
+machine() {
+  if [ "$DRY" != 1 ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || return 1
+    nvcc --version | tail -1
+  fi
+  "$PY" - <<'EOF'
+import torch, torch.backends.cpu
+from importlib.metadata import version, PackageNotFoundError
+print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())
+print("cpu capability", torch.backends.cpu.get_cpu_capability())
+try:
+    print("liger-kernel", version("liger-kernel"))
+except PackageNotFoundError:
+    print("liger-kernel not installed: no Liger-Kernel rows")
+EOF
+}
+export -f machine
+export DRY PY
+run_stage machine 30 20 bash -c machine
+
+# ---- build -----------------------------------------------------------------------------------------------
+# The CPU library for the best ISA this CPU runs (default is always built), the CUDA kernels for the visible GPU.
+cpu_isa=$("$PY" -c "import torch.backends.cpu as c; x = c.get_cpu_capability().lower(); print('avx512' if x.startswith('avx512') else 'avx2' if x.startswith('avx2') else '')")
+built=0
+if [ "$DRY" = 1 ] && "$PY" -c "import fastkd, sys; sys.exit(0 if fastkd.build_info()['compiled'] else 1)" 2>/dev/null; then
+  skip_stage build "dry run: fastkd's kernels already import"
+  built=1
+elif [ "$DRY" = 1 ]; then
+  FASTKD_CUDA=0 FASTKD_CPU_ISAS="$cpu_isa" MAX_JOBS="${MAX_JOBS:-2}" \
+    run_stage build "$BUILD_S" 50 "$PY" -m pip install --no-build-isolation --no-deps -e . && built=1
+elif ! cap=$("$PY" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')" 2>/dev/null); then
+  say "no CUDA GPU visible to torch (on a CPU machine use --dry-run)"
+  stage_line build fail 0
+else
+  say "building for sm ${cap}, CPU ISAs: default ${cpu_isa}"
+  FASTKD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$cap}" FASTKD_CPU_ISAS="$cpu_isa" \
+    MAX_JOBS="${MAX_JOBS:-16}" \
+    run_stage build "$BUILD_S" 50 "$PY" -m pip install --no-build-isolation --no-deps -e . && built=1
+fi
+if [ "$built" = 1 ]; then
+  need_cuda=$([ "$DRY" = 1 ] && echo False || echo True)
+  "$PY" -c "import fastkd, json; i = fastkd.build_info(); print(json.dumps(i)); assert i['compiled'], i
+assert i['cuda'] or not $need_cuda, 'no CUDA kernels in the build'" >> "$REPORT" 2>&1 ||
+    { say "fastkd does not import with its kernels"; built=0; FAILED=1; }
+fi
+
+if [ "$built" != 1 ]; then
+  for s in smoke sanitize_memcheck sanitize_racecheck tests bench bench_llm; do skip_stage "$s" "no build"; done
+else
+  # ---- smoke: every op family once, cpu and cuda, and the coverage check ---------------------------------
+  run_stage smoke "$SMOKE_S" 15 "${PYTEST[@]}" -q -m smoke tests/test_smoke.py
+
+  # ---- compute-sanitizer ---------------------------------------------------------------------------------
+  # memcheck without the caching allocator (an access past a tensor's end inside a cached block goes unseen);
+  # racecheck (shared-memory hazards) on fastkd's kernels only (kernel names in namespace fastkd)
+  workload=("$PY" benchmarks/sanitize_workload.py --device cuda)
+  memcheck=("$SANITIZER" --tool memcheck --error-exitcode 9 "${workload[@]}")
+  racecheck=("$SANITIZER" --tool racecheck --error-exitcode 9 --kernel-name kns=fastkd "${workload[@]}")
+  if [ "$DRY" = 1 ]; then
+    say "would run: PYTORCH_NO_CUDA_MEMORY_CACHING=1 ${memcheck[*]}"
+    say "instead (dry run): the same workload on cpu, with its coverage check"
+    run_stage sanitize_memcheck "$MEMCHECK_S" 10 env OMP_NUM_THREADS=1 "$PY" benchmarks/sanitize_workload.py \
+      --device cpu --check-coverage
+    say "would run: ${racecheck[*]}"
+    skip_stage sanitize_racecheck "dry run: the workload ran in sanitize_memcheck"
+  else
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_stage sanitize_memcheck "$MEMCHECK_S" 12 "${memcheck[@]}"
+    run_stage sanitize_racecheck "$RACECHECK_S" 12 "${racecheck[@]}"
+  fi
+
+  # ---- the rest of the test suite (on cuda), leaving time for the quick benchmark --------------------------
+  tests_limit=$(($(left) - BENCH_S))
+  [ "$tests_limit" -gt "$TESTS_S" ] && tests_limit=$TESTS_S
+  if [ "$DRY" = 1 ]; then
+    read -r -a dry_tests <<< "$DRY_TESTS"
+    run_stage tests "$tests_limit" 15 "${PYTEST[@]}" -q -m "not smoke" -k "$DRY_TESTS_K" "${dry_tests[@]}"
+  else
+    run_stage tests "$tests_limit" 40 "${PYTEST[@]}" -q -rfE -m "not smoke" -k cuda tests
+  fi
+
+  # ---- benchmark -----------------------------------------------------------------------------------------
+  if [ "$DRY" = 1 ]; then
+    run_stage bench "$BENCH_S" 20 "$PY" -m fastkd.bench --loss kd --shapes 64x1000 --no-compile --repeats 1 \
+      --json "$DIR/gpu_bench.json"
+    skip_stage bench_llm "dry run"
+  else
+    if "$PY" -m fastkd.bench --help 2>/dev/null | grep -q -- '--suite'; then
+      bench=("$PY" -m fastkd.bench --suite quick)
+    else  # a tree without the quick suite: the logit losses on their default shapes
+      bench=("$PY" -m fastkd.bench --loss "kd,jsd,reverse_kl,tvd")
+    fi
+    run_stage bench "$BENCH_S" 80 "${bench[@]}" --json "$DIR/gpu_bench.json"
+    if [ "$(left)" -ge 60 ]; then
+      run_stage bench_llm "$BENCH_LLM_S" 30 "$PY" -m fastkd.bench --loss fused_linear --dtype bfloat16 \
+        --no-compile --json "$DIR/gpu_bench_llm.json"
+    else
+      skip_stage bench_llm "$(left) s left"
+    fi
+  fi
+fi
+
+# ---- the report itself: one STAGE line per stage -----------------------------------------------------------
+for s in machine build smoke sanitize_memcheck sanitize_racecheck tests bench bench_llm; do
+  grep -Eq "^STAGE $s (pass|fail|timeout|skipped|nobudget) [0-9]+$" "$REPORT" || { say "no STAGE line for $s"; FAILED=1; }
+done
+say ""
+say "total $((SECONDS - START)) s"
+if [ "$FAILED" = 0 ]; then say "RESULT PASS"; else say "RESULT FAIL"; fi
+exit "$FAILED"
