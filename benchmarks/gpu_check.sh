@@ -9,10 +9,10 @@
 #
 #   stage              limit   what
 #   machine             30 s   GPU, driver, torch, nvcc, CPU capability, Liger-Kernel version
-#   build              240 s   pip install --no-build-isolation -e . for the visible GPU only: FASTKD_CUDA=1,
-#                              TORCH_CUDA_ARCH_LIST=<its capability>, MAX_JOBS=16, FASTKD_CPU_ISAS=<the best
-#                              ISA this CPU runs> (the "default" library is always built). On failure the
-#                              report holds the log's tail and every later stage is skipped.
+#   build              240 s   pip install --no-build-isolation -e . for this machine only: FASTKD_CUDA=1,
+#                              TORCH_CUDA_ARCH_LIST=<the visible GPU's capability>, MAX_JOBS=16, and the CPU
+#                              library of the best ISA this CPU runs (setup.py's FASTKD_CPU_ISAS=auto). On
+#                              failure the report holds the log's tail and every later stage is skipped.
 #   smoke              120 s   tests/test_smoke.py (pytest -m smoke): every op family once on cpu and cuda
 #                              against the float64 reference, and the check that it touches every op
 #   sanitize_memcheck   60 s   compute-sanitizer memcheck over benchmarks/sanitize_workload.py (every kernel,
@@ -160,21 +160,20 @@ export DRY PY
 run_stage machine 30 20 bash -c machine
 
 # ---- build -----------------------------------------------------------------------------------------------
-# The CPU library for the best ISA this CPU runs (default is always built), the CUDA kernels for the visible GPU.
-cpu_isa=$("$PY" -c "import torch.backends.cpu as c; x = c.get_cpu_capability().lower(); print('avx512' if x.startswith('avx512') else 'avx2' if x.startswith('avx2') else '')")
+# The CPU library for the best ISA this CPU runs (setup.py's default), the CUDA kernels for the visible GPU.
 built=0
 if [ "$DRY" = 1 ] && "$PY" -c "import fastkd, sys; sys.exit(0 if fastkd.build_info()['compiled'] else 1)" 2>/dev/null; then
   skip_stage build "dry run: fastkd's kernels already import"
   built=1
 elif [ "$DRY" = 1 ]; then
-  FASTKD_CUDA=0 FASTKD_CPU_ISAS="$cpu_isa" MAX_JOBS="${MAX_JOBS:-2}" \
+  FASTKD_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" \
     run_stage build "$BUILD_S" 50 "$PY" -m pip install --no-build-isolation --no-deps -e . && built=1
 elif ! cap=$("$PY" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')" 2>/dev/null); then
   say "no CUDA GPU visible to torch (on a CPU machine use --dry-run)"
   stage_line build fail 0
 else
-  say "building for sm ${cap}, CPU ISAs: default ${cpu_isa}"
-  FASTKD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$cap}" FASTKD_CPU_ISAS="$cpu_isa" \
+  say "building for sm ${cap} and this CPU's ISA"
+  FASTKD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$cap}" \
     MAX_JOBS="${MAX_JOBS:-16}" \
     run_stage build "$BUILD_S" 50 "$PY" -m pip install --no-build-isolation --no-deps -e . && built=1
 fi
