@@ -121,7 +121,7 @@ def test_load_warning(monkeypatch):
 def test_keyboard_interrupt_keeps_what_was_measured(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(C.QUICK, "cpu", {"kd": "16x128", "topk": "16x128"})
     calls = []
-    real = runner.time_ms
+    real = runner.time_with_peak
 
     def interrupted(*args, **kw):
         calls.append(1)
@@ -129,7 +129,7 @@ def test_keyboard_interrupt_keeps_what_was_measured(monkeypatch, tmp_path, capsy
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(runner, "time_ms", interrupted)
+    monkeypatch.setattr(runner, "time_with_peak", interrupted)
     path = tmp_path / "partial.json"
     assert cli.main(TINY_ARGS + ["--json", str(path)]) == cli.EXIT_INTERRUPTED
     out = capsys.readouterr()

@@ -13,15 +13,17 @@ side in one run, with the floor of the work any implementation must do and the p
     fastkd-bench --loss llm --llm-shape 2048x1024x32000 --llm-tokens 256,512,1024
 
 Suites. quick (the default) runs one representative case per family against eager and torch.compile: Hinton
-KD 512x32000, generalized JSD 256x32000, DKD 1024x1000, top-k KD 512x32000, RKD 256x512, SP and AT on
-128x256x8x8 maps, the fused LLM head 512x512x32000, plus the small scaling data the plot draws: fastkd's RKD
-over N = 256, 512, 1024 (D = 2048) and the fused head against eager over 128, 256, 512 tokens. Its timing is 5
-runs after 1 warmup (a compiled row's compiling call is that warmup). On the 2-core CPU it takes about two
-minutes, most of it torch.compile compiling the eight baselines on a cold cache (later runs reuse inductor's
-cache). full runs today's whole set: KD at 2048x32000, 1024x1000, 256x100, reverse KL, JSD, TVD, DKD, top-k
-at 4096x50257, RKD 512x2048 with its sweep to N = 2048, SP, PKT, CC, AT, the LLM head at 4096x1024x32000 and
-its token sweep (5 runs after 2 warmups). --loss overrides the suite: those losses on --shapes, else on
-their full-suite shapes.
+KD 256x32000, generalized JSD 128x32000, DKD 512x1000, top-k KD 256x32000, RKD 128x512, SP and AT on
+128x256x8x8 maps, the fused LLM head 128x256x32000, and the small scaling data the plot draws: fastkd's RKD
+over N = 32, 64, 128 (D = 512) and the fused head against eager over 32, 64, 128 tokens (H x V = 256 x 8000);
+3 timed runs after 1 warmup (a compiled row's compiling call counts as a warmup). On the 2-core development CPU a
+cold inductor cache makes it ~2 minutes, ~90 s of them torch.compile compiling the eight baselines (its
+RKD alone ~30 s: the anchor's boolean-mask means break it into 5 graphs); with the cache warm it takes under a
+minute. full runs the whole set (~15 min there): KD at 2048x32000, 1024x1000, 256x100, reverse KL, JSD, TVD,
+DKD, top-k at 4096x50257, RKD 512x2048 with its sweep to N = 2048, SP, PKT, CC, AT, the LLM head at
+4096x1024x32000 and its token sweep, 5 timed runs after 2 warmups. --loss overrides the suite: those losses
+on --shapes, else on their full-suite shapes. On 2 usable cores or fewer inductor compiles in the process
+itself (TORCHINDUCTOR_COMPILE_THREADS overrides): its pool of workers cost more than it saved there.
 
 Output. Each loss's table prints as soon as its last case is measured; a progress line on stderr shows the
 elapsed time and an estimate of what is left. Ctrl-C stops the run: the tables of what was measured print,
@@ -31,7 +33,8 @@ Columns: median time per fwd+bwd; its spread as the min-max of the timed runs ('
 (max - min) / median exceeds 25%: its median is not to be trusted to better than that; the run warns once);
 effective bandwidth (student + teacher read once, gradient written once: 3 * N * V * itemsize bytes); ratio
 to the floor; how many times faster fastkd is than that row; peak extra memory while the step runs (inputs
-excluded). The header gives the thread count and the 1-minute load average, and warns when that exceeds the
+excluded; taken in the step's first call after any compilation, untimed, which is also its first warmup; on the
+CPU the resident-set growth after the C heap's free pages are handed back). The header gives the thread count and the 1-minute load average, and warns when that exceeds the
 usable cores (at the start or at any case): other processes then share the cores, and on the CPU small
 shapes time as multiples of the OpenMP pool's ~8 ms quantum (OMP_NUM_THREADS=1 or --threads 1 steadies them).
 

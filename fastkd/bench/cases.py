@@ -16,7 +16,7 @@ parameters, against the eager composition of its formula (:mod:`fastkd.reference
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -65,7 +65,7 @@ class Case:
 
     loss: str
     shape: Tuple[int, ...]
-    teacher_shape: Tuple[int, ...] = field(default=())
+    teacher_shape: Tuple[int, ...] = ()
 
     @property
     def teacher(self) -> Tuple[int, ...]:

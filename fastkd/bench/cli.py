@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quick (default): one representative case per family, ~2 min on a 2-core CPU; full: every "
                         "default loss on its default shapes (--loss overrides the suite)")
     p.add_argument("--loss", type=str, default=None,
-                   help=f"comma-separated losses, from {', '.join(C.LOSSES)}, or the groups {', '.join(C.LOSS_GROUPS)}; "
+                   help=f"comma-separated losses, from {', '.join(C.LOSSES)}, or the groups "
+                        f"{', '.join(C.LOSS_GROUPS)}; "
                         "shapes: --shapes, else each loss's full-suite shapes")
     p.add_argument("--shapes", type=str, default=None,
                    help="comma-separated shapes for every selected loss but the LLM-head ones: ROWSxVOCAB for the "
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"default: float32; the LLM-head losses: {C.LLM_DTYPES['cpu']} on cpu, "
                         f"{C.LLM_DTYPES['cuda']} on cuda")
     p.add_argument("--temperature", type=float, default=4.0,
-                   help=f"softmax temperature (the LLM-head losses: T = {C.LLM_TEMPERATURE:g}, as TRL and Liger-Kernel)")
+                   help=f"softmax temperature (the LLM-head losses: T = {C.LLM_TEMPERATURE:g}, as TRL and "
+                        "Liger-Kernel)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repetitions per row (median and min-max reported; default: quick 3, else 5; LLM "
                         "head: at most 2 after a call over 1 s)")

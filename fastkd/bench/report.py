@@ -73,7 +73,8 @@ class Row:
         times = list(times)
         kw.setdefault("gbps", float("nan"))
         kw.setdefault("floor_ratio", float("nan"))
-        return cls(loss, shape, impl, statistics.median(times), min(times), max_ms=max(times), times_ms=times, timed_runs=len(times), **kw)
+        return cls(loss, shape, impl, statistics.median(times), min(times), max_ms=max(times), times_ms=times,
+                   timed_runs=len(times), **kw)
 
     @classmethod
     def failed(cls, loss: str, shape: str, impl: str, **kw: Any) -> "Row":
@@ -168,19 +169,28 @@ def new_report(device: str, dtype: torch.dtype, temperature: float, suite: Optio
                   command=list(command), cores=usable_cores(), load_avg_start=load_average())
 
 
+def load_warning(report: Report) -> Optional[str]:
+    """The warning for a run whose 1-minute load average exceeded its usable cores, or None."""
+    if not report.overloaded:
+        return None
+    start = report.load_avg_start[0] if report.load_avg_start else float("nan")
+    return (f"WARNING: 1-minute load average {start:.2f} at the start, {report.load_avg_max or start:.2f} at most, "
+            f"above the {report.cores} usable cores: other processes share them, small shapes time as noise "
+            "(try OMP_NUM_THREADS=1 / --threads 1, or a quiet machine).")
+
+
+def spread_warning(report: Report) -> Optional[str]:
+    """The one warning for the rows whose spread is too wide to trust, or None."""
+    noisy = [r for r in report.rows if r.noisy]
+    if not noisy:
+        return None
+    return (f"WARNING: {len(noisy)} row(s) marked '!' have a spread (max - min) / median above {SPREAD_WARN:.0%}: "
+            "their medians are not to be trusted to better than that.")
+
+
 def warnings(report: Report) -> List[str]:
     """Why the run's figures may not be trusted: an overloaded machine, noisy rows."""
-    out = []
-    if report.overloaded:
-        start = report.load_avg_start[0] if report.load_avg_start else float("nan")
-        out.append(f"WARNING: 1-minute load average {start:.2f} at the start, {report.load_avg_max or start:.2f} at "
-                   f"most, above the {report.cores} usable cores: other processes share them, small shapes time "
-                   "as noise (try OMP_NUM_THREADS=1 / --threads 1, or a quiet machine).")
-    noisy = [r for r in report.rows if r.noisy]
-    if noisy:
-        out.append(f"WARNING: {len(noisy)} row(s) marked '!' have a spread (max - min) / median above "
-                   f"{SPREAD_WARN:.0%}: their medians are not to be trusted to better than that.")
-    return out
+    return [w for w in (load_warning(report), spread_warning(report)) if w]
 
 
 def to_json(report: Report) -> str:

@@ -21,14 +21,14 @@ from fastkd.bench.cases import (LLM_TEMPERATURE, LOSSES, Case, Step, estimated_b
                                 implementations, llm_inputs, logit_inputs)
 from fastkd.bench.liger import error_text
 from fastkd.bench.report import Report, Row
-from fastkd.bench.timing import (first_call_s, memory_budget_bytes, peak_extra_bytes, size_str, time_adaptive,
-                                 time_ms, time_with_peak)
+from fastkd.bench.timing import first_call_s, memory_budget_bytes, size_str, time_with_peak
 
 MEM_FRACTION = 0.6  # eager / compiled RKD and the unfused LLM-head baselines only where their estimated memory
                     # fits this fraction of RAM / GPU memory
 LLM_SLOW_MS = 1000.0  # an LLM-head first call slower than this is followed by LLM_SLOW_REPEATS timed calls at most
 LLM_SLOW_REPEATS = {False: 2, True: 0}  # by sweep; 0: the first call is the one timed run
 COMPILED = ("torch.compile", "liger chunked")  # implementations whose first call compiles
+COMPILE_PRIOR_S = 10.0  # a compilation's duration until one has been measured (cold cache, 2-core CPU: 5-30 s)
 
 
 @dataclass
@@ -55,7 +55,8 @@ def _clock(seconds: float) -> str:
 
 class Progress:
     """One stderr line per step: ``[step/total | elapsed m:ss | ~m:ss left] message``. What is left is estimated
-    from the mean duration of the finished steps of each kind (compilations, floors, timed runs)."""
+    from the mean duration of the finished steps of each kind (compilations, floors, timed runs); a kind not yet
+    seen counts as the mean of all finished steps, a compilation as COMPILE_PRIOR_S."""
 
     def __init__(self, kinds: List[str], quiet: bool) -> None:
         self.kinds = kinds
@@ -69,8 +70,9 @@ class Progress:
         done = [d for ds in self.durations.values() for d in ds]
         if not done:
             return None
+        prior = {"compile": COMPILE_PRIOR_S}
         overall = statistics.mean(done)
-        return sum(statistics.mean(self.durations.get(k, [overall])) for k in self.kinds[self.index - 1:])
+        return sum(statistics.mean(self.durations.get(k, [prior.get(k, overall)])) for k in self.kinds[self.index - 1:])
 
     def step(self, msg: str) -> None:
         now = time.perf_counter()
@@ -157,24 +159,18 @@ def _bind_inputs(case: Case, dtype: torch.dtype, opts: Options, teacher_head: bo
 
 def _measure(case: Case, name: str, step: Callable[[], None], opts: Options, floor: Optional[float],
              itemsize: int) -> Row:
-    """Times one implementation of the case (see :mod:`fastkd.bench.timing` for the policies)."""
+    """Times one implementation of the case and takes its peak extra memory (:func:`time_with_peak`): a call
+    slower than its kind's limit (relation losses: --slow-s; the LLM head: LLM_SLOW_MS) is timed once (the LLM
+    head: LLM_SLOW_REPEATS more calls follow)."""
     spec = LOSSES[case.loss]
     compiled = name in COMPILED
     compile_s = first_call_s(step, opts.device) if compiled else None
-    warmup = max(0, opts.warmup - compiled)  # the compiling call was a warmup too
-    peak: Optional[int]
-    if spec.kind == "logits":
-        times = time_ms(step, opts.device, opts.repeats, warmup)
-        peak = peak_extra_bytes(step, opts.device)
-    elif spec.kind == "features":
-        times, peak = time_adaptive(step, opts.device, opts.repeats, warmup, opts.slow_ms, trim=True)
-        if peak is None:
-            peak = peak_extra_bytes(step, opts.device, trim=True)
-    else:
-        if opts.device == "cuda" and not compiled:
-            step()  # cuBLAS workspaces and Triton autotuning
-        times, peak = time_with_peak(step, opts.device, opts.repeats, opts.warmup, LLM_SLOW_MS,
-                                     LLM_SLOW_REPEATS[spec.sweep])
+    if spec.kind == "llm" and opts.device == "cuda" and not compiled:
+        step()  # cuBLAS workspaces and Triton autotuning
+    slow_ms, slow_repeats = {"logits": (math.inf, 0), "features": (opts.slow_ms, 0),
+                             "llm": (LLM_SLOW_MS, LLM_SLOW_REPEATS[spec.sweep])}[spec.kind]
+    times, peak = time_with_peak(step, opts.device, opts.repeats, max(0, opts.warmup - compiled), slow_ms,
+                                 slow_repeats)  # the compiling call was a warmup too
     med = statistics.median(times)
     extra: Dict[str, float] = {}
     if spec.kind == "logits":

@@ -8,7 +8,7 @@ from typing import Dict, List
 import torch
 
 from fastkd.bench.cases import DTYPES, LLM_IGNORE_EVERY, LLM_TEMPERATURE, LOSSES, TOPK_K
-from fastkd.bench.report import SPREAD_WARN, Report, Row, warnings
+from fastkd.bench.report import SPREAD_WARN, Report, Row, load_warning, warnings
 from fastkd.bench.timing import size_str
 
 SPREAD_HEAD = f"{'min-max ms':>17}"
@@ -41,9 +41,8 @@ def header(report: Report) -> List[str]:
     load_text = "load average n/a" if not load else f"load average {load[0]:.2f} (1 min) on {report.cores} cores"
     lines.append(f"suite: {report.suite or 'explicit --loss'} | {report.date} | {load_text} | median of the timed "
                  f"runs; spread: min-max, '!' where (max - min) / median > {SPREAD_WARN:.0%}")
-    if report.overloaded:
-        lines += warnings(report)[:1]
-    return lines
+    warning = load_warning(report)
+    return lines + ([warning] if warning else [])
 
 
 def _logit_table(report: Report, loss: str) -> List[str]:
@@ -120,7 +119,8 @@ def _llm_table(report: Report, loss: str) -> List[str]:
     if not sweep:
         for key, ms in report.floors_ms.items():
             if key.startswith(loss + " "):
-                lines.append(f"{key.split()[1]:>18} {'GEMM floor':>14} {ms:10.2f}  (h W^T, dlogits W, dlogits^T h alone)")
+                lines.append(f"{key.split()[1]:>18} {'GEMM floor':>14} {ms:10.2f}  "
+                             "(h W^T, dlogits W, dlogits^T h alone)")
         lines += _llm_targets(report, rows)
     return lines
 
@@ -181,8 +181,7 @@ def footer(report: Report) -> List[str]:
         lines.append("relation losses: shapes are [N, ...] features (STUDENT:TEACHER when they differ), teacher "
                      "without grad; 'x floor' = time / (GEMM floor: student + teacher Gram and the gradient GEMM, "
                      "torch.mm; AT: clone the student map + read the teacher map); 'runs' = timed calls (1: a "
-                     "call slower than the --slow-s limit, timed once without warmup); CPU peak MB: resident-set "
-                     "growth after returning the heap's free pages.")
+                     "call slower than the --slow-s limit, timed once without warmup).")
     if "llm" in kinds:
         lines.append("LLM head: tokens x hidden x vocab; a step = fwd+bwd to the gradients of the hidden states and "
                      "the lm_head weight; peak MB = beyond the inputs (hidden states, weights, teacher logits), "
@@ -193,6 +192,9 @@ def footer(report: Report) -> List[str]:
         lines.append(f"skipped: eager / torch.compile RKD and unfused LLM-head steps whose estimated memory exceeds "
                      f"the budget ({size_str(report.memory_budget_gb * 1e9)}: --mem-fraction of the "
                      f"{'GPU memory' if report.device == 'cuda' else 'RAM'}, at most 90% of what is free).")
+    if kinds:
+        lines.append("peak MB: a step's extra memory, taken in its first call after any compilation, untimed (CPU: "
+                     "resident-set growth after the heap's free pages are handed back; GPU: the allocator's peak).")
     compiled = [r.compile_s for r in report.rows if r.compile_s is not None]
     if compiled:
         lines.append(f"torch.compile: {len(compiled)} first calls (the compilation, never timed) took "

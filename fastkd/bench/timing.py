@@ -3,13 +3,14 @@ allocator, or the process's resident-set high-water mark on Linux), and the memo
 which baselines are too big to run.
 
 Policies (see the package docs): a compiled step's first call, its compilation, is timed on its own and never
-counted; a call slower than ``slow_ms`` is timed once without warmup and takes the peak-memory window in that
-same call.
+counted; the next call is the peak-memory window and a warmup, or, when slower than ``slow_ms``, the one timed
+run.
 """
 
 from __future__ import annotations
 
 import gc
+import math
 import time
 from typing import Callable, List, Optional, Tuple
 
@@ -109,33 +110,13 @@ def peak_end(device: str, base: Optional[int]) -> Optional[int]:
     return None if peak is None else max(0, peak - base)
 
 
-def peak_extra_bytes(fn: Thunk, device: str, trim: bool = False) -> Optional[int]:
-    """The peak extra memory of one call of fn."""
-    base = peak_begin(device, trim)
-    if base is None:
-        return None
-    fn()
-    return peak_end(device, base)
-
-
-def time_adaptive(fn: Thunk, device: str, repeats: int, warmup: int, slow_ms: float,
-                  trim: bool = False) -> Tuple[List[float], Optional[int]]:
-    """Times fn like :func:`time_ms`, but a first call slower than ``slow_ms`` is the only (warmup-free) timed
-    run, and its peak memory is taken in that same call. Returns (times, peak bytes or None when not taken)."""
-    sync(device)
-    base = peak_begin(device, trim)
-    first = time_ms(fn, device, 1, 0)[0]
-    if first > slow_ms:
-        return [first], peak_end(device, base)
-    return time_ms(fn, device, repeats, max(0, warmup - 1)), None
-
-
-def time_with_peak(fn: Thunk, device: str, repeats: int, warmup: int, slow_ms: float,
-                   slow_repeats: int) -> Tuple[List[float], Optional[int]]:
-    """Times one LLM-head step and takes its peak extra memory: the first call is a warmup and the peak-memory
-    window; when it took longer than ``slow_ms``, at most ``slow_repeats`` timed calls follow (on the CPU each
-    step takes seconds; with 0 that call is the one timed run), else ``warmup - 1`` more warmups and
-    ``repeats`` timed calls. Returns (times in ms, peak extra bytes or None)."""
+def time_with_peak(fn: Thunk, device: str, repeats: int, warmup: int, slow_ms: float = math.inf,
+                   slow_repeats: int = 0) -> Tuple[List[float], Optional[int]]:
+    """Times one step and takes its peak extra memory. The first call is the peak-memory window (after the C
+    heap's free pages are handed back, so that every page it touches counts) and the first warmup; when it
+    took longer than ``slow_ms``, at most ``slow_repeats`` timed calls follow (with 0, that call is the one
+    timed run: the eager RKD takes ~30 s per call at N = 512 on a 2-core CPU), else ``warmup - 1`` more
+    warmups and ``repeats`` timed calls. Returns (times in ms, peak extra bytes or None)."""
     base = peak_begin(device, trim=True)
     first = time_ms(fn, device, 1, 0)[0]
     peak = peak_end(device, base)
