@@ -64,7 +64,7 @@ def plot_report(report: Report, path: str) -> List[str]:
              (["head"] if any(len(v) > 1 for v in head.values()) else [])
     if not panels:
         raise ValueError("the run holds no case with fastkd and a baseline, and no sweep: nothing to plot")
-    widths = [2.0 + 0.8 * len(bars) if p == "speedup" else 4.5 for p in panels]  # inches
+    widths = [2.0 + 1.0 * len(bars) if p == "speedup" else 4.5 for p in panels]  # inches
     fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths), 4.8), gridspec_kw={"width_ratios": widths},
                              squeeze=False)
     titles = []
@@ -87,6 +87,7 @@ def plot_report(report: Report, path: str) -> List[str]:
             titles.append("fastkd speedup per case")
         elif panel == "rkd":
             ns = [int(r.shape.split("x")[0]) for r in rkd]
+            plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
             ax.loglog(ns, [r.median_ms for r in rkd], "o-", label="time (ms)")
             ax.set_xlabel("batch N (RKD, D = " + rkd[0].shape.split("x", 1)[1].split(":")[0] + ")")
             ax.set_ylabel("fastkd RKD fwd+bwd time (ms)")
@@ -96,6 +97,10 @@ def plot_report(report: Report, path: str) -> List[str]:
                 twin.loglog(*zip(*mem), "s--", color="tab:orange", label="peak MB")
                 twin.set_ylabel("peak extra memory (MB)")
                 twin.legend(loc="lower right", fontsize=8)
+            for axis in [ax.xaxis, ax.yaxis] + ([twin.yaxis] if mem else []):  # after twin's loglog: x is shared
+                axis.set_major_formatter(plain)
+                axis.set_minor_formatter(ticker.NullFormatter())
+            ax.set_xticks(ns)
             ax.legend(loc="upper left", fontsize=8)
             titles.append("RKD over N (fastkd)")
         else:
