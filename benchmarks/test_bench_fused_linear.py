@@ -16,10 +16,10 @@ import torch
 
 from fastkd.bench import (
     LLM_TEMPERATURE,
-    _llm_inputs,
     eager_fused_linear,
     fastkd_fused_linear,
     fastkd_unfused_linear,
+    llm_inputs,
     main,
 )
 
@@ -35,7 +35,7 @@ def _case_id(case):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_fwd_bwd(benchmark, impl, case):
-    hidden, weight, inp = _llm_inputs(*case, torch.float32, DEVICE, teacher_head=False)
+    hidden, weight, inp = llm_inputs(*case, torch.float32, DEVICE, teacher_head=False)
     fn = IMPLS[impl]
 
     def step():
@@ -51,7 +51,7 @@ def test_fwd_bwd(benchmark, impl, case):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_same_loss(case):
     """Every implementation gives the eager value and the eager gradients of the hidden states and the weight."""
-    hidden, weight, inp = _llm_inputs(*case, torch.float32, DEVICE, teacher_head=False)
+    hidden, weight, inp = llm_inputs(*case, torch.float32, DEVICE, teacher_head=False)
     out = {}
     for name, fn in IMPLS.items():
         value = fn(hidden, weight, inp, LLM_TEMPERATURE)

@@ -8,25 +8,22 @@ The pytest configuration disables benchmarking by default (each case then runs o
 import pytest
 import torch
 
-from fastkd.bench import DEFAULT_SHAPES, EAGER, _inputs, fastkd_fn
+from fastkd.bench import LOSSES, logit_inputs, parse_cases
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CASES = [
-    (loss, tuple(int(x) for x in shape.split("x")))
-    for loss, shapes in DEFAULT_SHAPES[DEVICE].items()
-    for shape in shapes.split(",")
-]
+CASES = [(loss, case.shape) for loss, spec in LOSSES.items() if spec.kind == "logits"
+         for case in parse_cases(loss, spec.shapes[DEVICE])]
 IMPLS = ("eager", "torch.compile", "fastkd")
 _COMPILED = {}
 
 
 def _impl(loss: str, impl: str):
     if impl == "eager":
-        return EAGER[loss]
+        return LOSSES[loss].eager
     if impl == "fastkd":
-        return fastkd_fn(loss)
+        return LOSSES[loss].fastkd
     if loss not in _COMPILED:
-        _COMPILED[loss] = torch.compile(EAGER[loss], dynamic=False)
+        _COMPILED[loss] = torch.compile(LOSSES[loss].eager, dynamic=False)
     return _COMPILED[loss]
 
 
@@ -34,7 +31,7 @@ def _impl(loss: str, impl: str):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1][0]}x{c[1][1]}")
 def test_fwd_bwd(benchmark, impl, case):
     loss, (n, v) = case
-    s, inp = _inputs(loss, n, v, torch.float32, DEVICE)
+    s, inp = logit_inputs(loss, n, v, torch.float32, DEVICE)
     fn = _impl(loss, impl)
 
     def step():

@@ -1,5 +1,5 @@
 """pytest-benchmark suite for the relation- and feature-based losses (fwd+bwd, teacher without gradient):
-fastkd against the anchors' eager code (fastkd.bench's RepDistiller / torchdistill formulations), at modest
+fastkd against the anchors' eager code (fastkd.bench.anchors: the RepDistiller / torchdistill formulations), at modest
 sizes so that the whole file runs in a couple of minutes on a 2-core CPU (the eager RKD needs N x N x D and
 N^3 tensors; `fastkd-bench --loss rkd` measures N = 512, D = 2048).
 
@@ -12,7 +12,7 @@ test_same_loss checks that both sides of each comparison compute the same loss.
 import pytest
 import torch
 
-from fastkd.bench import EAGER, _feature_inputs, fastkd_fn
+from fastkd.bench import LOSSES, feature_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = [
@@ -34,14 +34,14 @@ def _case_id(case):
 
 
 def _impl(loss: str, impl: str):
-    return EAGER[loss] if impl == "eager" else fastkd_fn(loss)
+    return LOSSES[loss].eager if impl == "eager" else LOSSES[loss].fastkd
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_fwd_bwd(benchmark, impl, case):
     loss, shape = case
-    s, inp = _feature_inputs(shape, shape, torch.float32, DEVICE)
+    s, inp = feature_inputs(shape, shape, torch.float32, DEVICE)
     fn = _impl(loss, impl)
 
     def step():
@@ -59,7 +59,7 @@ def test_same_loss(case):
     """The eager baseline and fastkd compute the same value and student gradient (fp32 tolerances; the
     eager RKD's Gram-identity distances lose a few digits)."""
     loss, shape = case
-    s, inp = _feature_inputs(shape, shape, torch.float32, DEVICE)
+    s, inp = feature_inputs(shape, shape, torch.float32, DEVICE)
     out = {}
     for impl in IMPLS:
         value = _impl(loss, impl)(s, inp, 0.0).reshape(())
