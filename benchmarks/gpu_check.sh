@@ -224,11 +224,7 @@ else
       --json "$DIR/gpu_bench.json"
     skip_stage bench_llm "dry run"
   else
-    if "$PY" -m fastkd.bench --help 2>/dev/null | grep -q -- '--suite'; then
-      bench=("$PY" -m fastkd.bench --suite quick)
-    else  # a tree without the quick suite: the logit losses on their default shapes
-      bench=("$PY" -m fastkd.bench --loss "kd,jsd,reverse_kl,tvd")
-    fi
+    bench=("$PY" -m fastkd.bench --suite quick)
     run_stage bench "$BENCH_S" 80 "${bench[@]}" --json "$DIR/gpu_bench.json"
     if [ "$(left)" -ge 60 ]; then
       run_stage bench_llm "$BENCH_LLM_S" 30 "$PY" -m fastkd.bench --loss fused_linear --dtype bfloat16 \

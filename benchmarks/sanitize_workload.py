@@ -21,7 +21,6 @@ registered op, divergence or teacher kind is missing: run it in CI so that a new
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from contextlib import nullcontext

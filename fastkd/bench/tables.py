@@ -33,10 +33,11 @@ def _ratio(x, width: int = 6, digits: int = 2) -> str:
 def header(report: Report) -> List[str]:
     """The run's conditions: what ran where, threads, load, and how the columns summarize the samples."""
     fk = report.fastkd
-    kernels = f"compiled, cpu {fk.get('cpu_isa')}" if fk.get("compiled") else "NOT compiled (reference)"
+    # build_info's summary, e.g. "CPU kernels: avx2; CUDA kernels for 9.0 compiled, no GPU visible"
+    kernels = fk.get("summary") or (f"CPU kernels: {fk.get('cpu_isa')}" if fk.get("compiled")
+                                    else "NOT compiled (the plain-PyTorch reference)")
     lines = [f"fastkd {fk.get('version')} | fwd+bwd | {report.device}: {report.device_name} | {report.dtype} | "
-             f"T={report.temperature} | threads={report.threads} | torch {report.torch} | kernels: {kernels}"
-             + (", cuda" if fk.get("cuda") else "")]
+             f"T={report.temperature} | threads={report.threads} | torch {report.torch} | {kernels}"]
     load = report.load_avg_start
     load_text = "load average n/a" if not load else f"load average {load[0]:.2f} (1 min) on {report.cores} cores"
     lines.append(f"suite: {report.suite or 'explicit --loss'} | {report.date} | {load_text} | median of the timed "
