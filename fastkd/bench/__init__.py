@@ -17,7 +17,7 @@ KD 256x32000, generalized JSD 128x32000, DKD 512x1000, top-k KD 256x32000, RKD 1
 128x256x8x8 maps, the fused LLM head 128x256x32000, and the small scaling data the plot draws: fastkd's RKD
 over N = 32, 64, 128 (D = 512) and the fused head against eager over 32, 64, 128 tokens (H x V = 256 x 8000);
 3 timed runs after 1 warmup (a compiled row's compiling call counts as a warmup). On the 2-core development CPU a
-cold inductor cache makes it ~2 minutes, ~90 s of them torch.compile compiling the eight baselines (its
+cold inductor cache makes it ~2 minutes, ~80 s of them torch.compile compiling the eight baselines (its
 RKD alone ~30 s: the anchor's boolean-mask means break it into 5 graphs); with the cache warm it takes under a
 minute. full runs the whole set (~15 min there): KD at 2048x32000, 1024x1000, 256x100, reverse KL, JSD, TVD,
 DKD, top-k at 4096x50257, RKD 512x2048 with its sweep to N = 2048, SP, PKT, CC, AT, the LLM head at

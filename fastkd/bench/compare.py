@@ -8,7 +8,7 @@ Rows only in one of the runs are listed.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 from fastkd.bench.report import Report, Row
 
@@ -33,10 +33,13 @@ def verdict(new: Row, old: Row) -> str:
     return "~"
 
 
-def _change(new: Optional[float], old: Optional[float]) -> str:
-    if new is None or old is None:
+def _change(new: Row, old: Row, baseline: str) -> str:
+    """A row's speedup over ``baseline`` in both runs, "old->new" (blank for the baseline itself)."""
+    attr = "speedup_vs_eager" if baseline == "eager" else "speedup_vs_compile"
+    was, now = getattr(old, attr), getattr(new, attr)
+    if new.impl == baseline or was is None or now is None:
         return ""
-    return f"{old:.2f}->{new:.2f}x"
+    return f"{was:.2f}->{now:.2f}x"
 
 
 def compare(new: Report, old: Report) -> Tuple[List[Tuple[Row, Row]], List[Row], List[Row]]:
@@ -59,8 +62,7 @@ def format_compare(new: Report, old: Report, old_name: str) -> str:
         lines.append(f"{new_row.loss:>18} {new_row.shape:>18} {new_row.impl:>14} {old_row.median_ms:10.2f} "
                      f"{new_row.median_ms:10.2f} {new_row.median_ms / old_row.median_ms:8.2f} "
                      f"{verdict(new_row, old_row):>6} "
-                     f"{_change(new_row.speedup_vs_eager, old_row.speedup_vs_eager):>14} "
-                     f"{_change(new_row.speedup_vs_compile, old_row.speedup_vs_compile):>14}")
+                     f"{_change(new_row, old_row, 'eager'):>14} {_change(new_row, old_row, 'torch.compile'):>14}")
     slower = sum(verdict(n, o) == "slower" for n, o in matched)
     faster = sum(verdict(n, o) == "faster" for n, o in matched)
     lines.append(f"{len(matched)} rows matched: {slower} slower, {faster} faster beyond the two runs' min-max "
