@@ -176,7 +176,8 @@ def load_warning(report: Report) -> Optional[str]:
     start = report.load_avg_start[0] if report.load_avg_start else float("nan")
     return (f"WARNING: 1-minute load average {start:.2f} at the start, {report.load_avg_max or start:.2f} at most, "
             f"above the {report.cores} usable cores: other processes share them, small shapes time as noise "
-            "(try OMP_NUM_THREADS=1 / --threads 1, or a quiet machine).")
+            "(try OMP_NUM_THREADS=1 / --threads 1, or a quiet machine; the average lags by a minute or so, so a "
+            "build that just ended still counts at the start).")
 
 
 def spread_warning(report: Report) -> Optional[str]:
