@@ -179,29 +179,26 @@ core_sources = [str(CSRC / "registration.cpp"), str(CSRC / "autograd.cpp"), str(
                 str(CSRC / "autocast.cpp")]
 core_defines = list(DEFINES)
 core_args = {"cxx": ["-O3", "-g0", "-Wall"]}
+# _C first: with its CUDA kernels it is the longest build, and the CPU libraries fill the other slot.
 if WITH_CUDA:
     core_sources += sorted(str(p) for p in (CSRC / "cuda").glob("*.cu"))
     core_defines += [("FASTKD_WITH_CUDA", None), ("FASTKD_CUDA_ARCHS", f'"{CUDA_ARCHS}"')]
     core_args["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler", "-Wall"]
-    ext_modules.append(
-        cpp_extension.CUDAExtension(
-            name="fastkd._C",
-            sources=core_sources,
-            include_dirs=INCLUDES + _pip_cuda_include_dirs(),
-            define_macros=core_defines,
-            extra_compile_args=core_args,
-        )
-    )
+    ext_modules.insert(0, cpp_extension.CUDAExtension(
+        name="fastkd._C",
+        sources=core_sources,
+        include_dirs=INCLUDES + _pip_cuda_include_dirs(),
+        define_macros=core_defines,
+        extra_compile_args=core_args,
+    ))
 else:
-    ext_modules.append(
-        cpp_extension.CppExtension(
-            name="fastkd._C",
-            sources=core_sources,
-            include_dirs=INCLUDES,
-            define_macros=core_defines,
-            extra_compile_args=core_args,
-        )
-    )
+    ext_modules.insert(0, cpp_extension.CppExtension(
+        name="fastkd._C",
+        sources=core_sources,
+        include_dirs=INCLUDES,
+        define_macros=core_defines,
+        extra_compile_args=core_args,
+    ))
 
 BUILD_DIR = Path(os.environ.get("FASTKD_BUILD_DIR") or ROOT / "build" / "fastkd-objects").resolve()
 
@@ -226,7 +223,7 @@ def _announce() -> None:
     _note(f"CPU kernels for {', '.join(CPU_ISAS)} (FASTKD_CPU_ISAS={os.environ.get('FASTKD_CPU_ISAS', 'auto')}; "
           f"this CPU runs {_machine_isa()})")
     _note(f"CUDA kernels for {CUDA_ARCHS} ({CUDA_WHY})" if WITH_CUDA else f"no CUDA kernels: {CUDA_WHY}")
-    _note(f"about {minutes} min from scratch with {jobs} parallel jobs ({core_s / 60:.0f} core-minutes on the "
+    _note(f"about {minutes} min from scratch with {jobs} parallel job{'s' if jobs > 1 else ''} ({core_s / 60:.0f} core-minutes on the "
           f"development machine); objects kept in {BUILD_DIR}: a rebuild compiles only what changed")
 
 
