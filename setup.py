@@ -223,8 +223,9 @@ def _announce() -> None:
     _note(f"CPU kernels for {', '.join(CPU_ISAS)} (FASTKD_CPU_ISAS={os.environ.get('FASTKD_CPU_ISAS', 'auto')}; "
           f"this CPU runs {_machine_isa()})")
     _note(f"CUDA kernels for {CUDA_ARCHS} ({CUDA_WHY})" if WITH_CUDA else f"no CUDA kernels: {CUDA_WHY}")
-    _note(f"about {minutes} min from scratch with {jobs} parallel job{'s' if jobs > 1 else ''} ({core_s / 60:.0f} core-minutes on the "
-          f"development machine); objects kept in {BUILD_DIR}: a rebuild compiles only what changed")
+    plural = "s" if jobs > 1 else ""
+    _note(f"about {minutes} min from scratch with {jobs} parallel job{plural} ({core_s / 60:.0f} core-minutes on "
+          f"the development machine); objects kept in {BUILD_DIR}: a rebuild compiles only what changed")
 
 
 class BuildExt(cpp_extension.BuildExtension):
