@@ -30,6 +30,17 @@ def _ratio(x, width: int = 6, digits: int = 2) -> str:
     return "" if x is None else f"{x:{width}.{digits}f}x"
 
 
+def _not_ok(row: Row, width: int) -> str:
+    """The line of a row that has no timing: skipped (and why) or failed (and how)."""
+    return f"{row.shape:>{width}} {row.impl:>14}  " + (f"skipped ({row.skipped})" if row.skipped else f"failed: {row.error}")
+
+
+def _fastkd_speedup(report: Report, loss: str, row: Row) -> str:
+    """How many times faster fastkd is than this row at the same shape ('' for fastkd itself or without one)."""
+    fast = report.find(loss, row.shape, "fastkd")
+    return "" if row.impl == "fastkd" or fast is None or not fast.ok else f"{row.median_ms / fast.median_ms:8.2f}x"
+
+
 def header(report: Report) -> List[str]:
     """The run's conditions: what ran where, threads, load, and how the columns summarize the samples."""
     fk = report.fastkd
@@ -51,11 +62,9 @@ def _logit_table(report: Report, loss: str) -> List[str]:
              f"{'peak MB':>9}"]
     for row in report.rows_of(loss):
         if not row.ok:
-            lines.append(f"{row.shape:>14} {row.impl:>14}  " +
-                         (f"skipped ({row.skipped})" if row.skipped else f"failed: {row.error}"))
+            lines.append(_not_ok(row, 14))
             continue
-        fast = report.find(loss, row.shape, "fastkd")
-        speed = "" if row.impl == "fastkd" or fast is None or not fast.ok else f"{row.median_ms / fast.median_ms:8.2f}x"
+        speed = _fastkd_speedup(report, loss, row)
         lines.append(f"{row.shape:>14} {row.impl:>14} {row.median_ms:10.2f} {_spread(row)} {row.gbps:8.1f} "
                      f"{row.floor_ratio:8.2f} {speed:>9} {_peak(row):>9}")
     return lines
@@ -83,11 +92,9 @@ def _feature_table(report: Report, loss: str) -> List[str]:
              f"{'fastkd x':>9} {'peak MB':>9}"]
     for row in rows:
         if not row.ok:
-            lines.append(f"{row.shape:>22} {row.impl:>14}  " +
-                         (f"skipped ({row.skipped})" if row.skipped else f"failed: {row.error}"))
+            lines.append(_not_ok(row, 22))
             continue
-        fast = report.find(loss, row.shape, "fastkd")
-        speed = "" if row.impl == "fastkd" or fast is None or not fast.ok else f"{row.median_ms / fast.median_ms:8.2f}x"
+        speed = _fastkd_speedup(report, loss, row)
         lines.append(f"{row.shape:>22} {row.impl:>14} {row.median_ms:10.2f} {_spread(row)} {row.timed_runs or 0:>4} "
                      f"{row.floor_ratio:8.2f} {speed:>9} {_peak(row):>9}")
     return lines
