@@ -239,8 +239,9 @@ using OptTensor = std::optional<at::Tensor>;
 using FusedLinearSig = Six(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                            const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                            const OptTensor&, const OptTensor&, c10::string_view, c10::ArrayRef<double>, double, double,
-                           double, int64_t, c10::string_view, bool, bool, bool, int64_t, bool, bool, bool);
-constexpr size_t kFusedLinearArgs = 26;
+                           double, int64_t, c10::string_view, bool, bool, bool, int64_t, double, double, double,
+                           double, bool, bool, bool);
+constexpr size_t kFusedLinearArgs = 30;
 
 // The fused linear head. Scalar reductions: the forward computes the gradients of hidden, weight and bias
 // with the loss (the logits exist one chunk at a time, so they cannot wait for backward) and the backward
@@ -256,8 +257,9 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
                                const OptTensor& num_items, const OptTensor& grad_rows, c10::string_view divergence,
                                c10::ArrayRef<double> params, double temperature, double soft_weight, double hard_weight,
                                int64_t ignore_index, c10::string_view reduction, bool scale_by_temperature,
-                               bool values_are_logprobs, bool tail_bucket, int64_t chunk_size, bool grad_hidden,
-                               bool grad_weight, bool grad_bias) {
+                               bool values_are_logprobs, bool tail_bucket, int64_t chunk_size,
+                               double student_logit_scale, double student_softcap, double teacher_logit_scale,
+                               double teacher_softcap, bool grad_hidden, bool grad_weight, bool grad_bias) {
     static auto op = typed_op<FusedLinearSig>("fastkd::fused_linear_kd_forward");
     at::AutoDispatchBelowADInplaceOrView guard;
     // With grad_rows the call *is* a backward (as a traced backward graph replays it): it returns the weighted
@@ -268,7 +270,8 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
         op.call(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, topk_values,
                 topk_indices, labels, num_items, grad_rows, divergence, params, temperature, soft_weight, hard_weight,
                 ignore_index, reduction, scale_by_temperature, values_are_logprobs, tail_bucket, chunk_size,
-                grad_hidden && !per_row, grad_weight && !per_row, grad_bias && !per_row);
+                student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap, grad_hidden && !per_row,
+                grad_weight && !per_row, grad_bias && !per_row);
     ctx->set_materialize_grads(false);
     ctx->saved_data["per_row"] = per_row;
     if (weighted) {
@@ -300,6 +303,8 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
       ctx->saved_data["values_are_logprobs"] = values_are_logprobs;
       ctx->saved_data["tail_bucket"] = tail_bucket;
       ctx->saved_data["chunk_size"] = chunk_size;
+      ctx->saved_data["head"] = std::vector<double>{student_logit_scale, student_softcap, teacher_logit_scale,
+                                                    teacher_softcap};
       // The gradients the caller asked for (those of inputs that required grad).
       ctx->saved_data["grad_hidden"] = grad_hidden;
       ctx->saved_data["grad_weight"] = grad_weight;
@@ -331,6 +336,7 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
                           d["grad_weight"].toBool() && ctx->needs_input_grad(1),
                           d["grad_bias"].toBool() && ctx->needs_input_grad(2)};
     const double w = per_row ? 1.0 : grads[0].item<double>();
+    const std::vector<double> head = d["head"].toDoubleVector();
     at::AutoDispatchBelowADInplaceOrView guard;  // the kernels themselves, not this autograd function again
     auto [loss, soft, hard, gh, gw, gb] =
         op.call(saved[0], saved[1], opt(saved[2]), opt(saved[3]), opt(saved[4]), opt(saved[5]), opt(saved[6]),
@@ -339,7 +345,7 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
                 d["temperature"].toDouble(), d["soft_weight"].toDouble() * w, d["hard_weight"].toDouble() * w,
                 d["ignore_index"].toInt(), per_row ? std::string("none") : d["reduction"].toStringRef(),
                 d["scale_by_temperature"].toBool(), d["values_are_logprobs"].toBool(), d["tail_bucket"].toBool(),
-                d["chunk_size"].toInt(), want[0], want[1], want[2]);
+                d["chunk_size"].toInt(), head[0], head[1], head[2], head[3], want[0], want[1], want[2]);
     if (want[0]) out[0] = gh;
     if (want[1]) out[1] = gw;
     if (want[2]) out[2] = gb;
@@ -354,13 +360,15 @@ Six fused_linear_kd_forward_autograd(
     const OptTensor& topk_values, const OptTensor& topk_indices, const OptTensor& labels, const OptTensor& num_items,
     const OptTensor& grad_rows, c10::string_view divergence, c10::ArrayRef<double> params, double temperature,
     double soft_weight, double hard_weight, int64_t ignore_index, c10::string_view reduction, bool scale_by_temperature,
-    bool values_are_logprobs, bool tail_bucket, int64_t chunk_size, bool grad_hidden, bool grad_weight,
+    bool values_are_logprobs, bool tail_bucket, int64_t chunk_size, double student_logit_scale,
+    double student_softcap, double teacher_logit_scale, double teacher_softcap, bool grad_hidden, bool grad_weight,
     bool grad_bias) {
   auto r = FusedLinearForward::apply(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,
                                      teacher_bias, topk_values, topk_indices, labels, num_items, grad_rows, divergence,
                                      params, temperature, soft_weight, hard_weight, ignore_index, reduction,
-                                     scale_by_temperature, values_are_logprobs, tail_bucket, chunk_size, grad_hidden,
-                                     grad_weight, grad_bias);
+                                     scale_by_temperature, values_are_logprobs, tail_bucket, chunk_size,
+                                     student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap,
+                                     grad_hidden, grad_weight, grad_bias);
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 

@@ -605,4 +605,10 @@ def resolve_divergence_params(loss: str, beta: Optional[float], params, where: s
 
 
 # The fused linear head's checks (fastkd/_validation_head.py), reached through this module as the others.
-from fastkd._validation_head import _Shape, check_fused_linear, check_linear_head, fused_linear_losses  # noqa: E402,F401
+from fastkd._validation_head import (  # noqa: E402,F401
+    _Shape,
+    check_fused_linear,
+    check_head_transforms,
+    check_linear_head,
+    fused_linear_losses,
+)

@@ -16,6 +16,7 @@ from fastkd._validation import (
     check_ignore_index,
     check_mix_weights,
     check_num_items,
+    check_real,
     check_reduction,
     check_target,
     check_temperature,
@@ -160,6 +161,26 @@ def check_fused_linear(
             f"(student_weight[:{teacher_vocab}])"
         )
     return kind, teacher_vocab, t, div_params, hard, soft, n, scale
+
+
+def check_head_transforms(student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap,
+                          teacher_kind: str) -> Tuple[float, float, float, float]:
+    """The fused head's logit transforms ``z -> softcap(scale * z)``: each scale None (1) or a finite number
+    > 0, each softcap None (none) or a finite number > 0; no teacher transform for a top-k teacher (its values
+    are used as given). Returns ``(student_scale, student_cap, teacher_scale, teacher_cap)`` as the operator
+    takes them: scale 1.0 and cap 0.0 mean none."""
+    out = []
+    for scale_name, scale, cap_name, cap in (("student_logit_scale", student_logit_scale, "student_softcap",
+                                              student_softcap),
+                                             ("teacher_logit_scale", teacher_logit_scale, "teacher_softcap",
+                                              teacher_softcap)):
+        out.append(1.0 if scale is None else check_real(scale_name, scale, 0.0, low_open=True))
+        out.append(0.0 if cap is None else check_real(cap_name, cap, 0.0, low_open=True,
+                                                      why=" (None: no softcap)"))
+    if teacher_kind == "topk" and (teacher_logit_scale is not None or teacher_softcap is not None):
+        name = "teacher_softcap" if teacher_softcap is not None else "teacher_logit_scale"
+        raise ValueError(f"{name}: a TopKTeacher's values are used as given (no teacher logit transform)")
+    return tuple(out)
 
 
 class _Shape:

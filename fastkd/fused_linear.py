@@ -3,8 +3,8 @@
 :func:`fused_linear_kd_loss` takes the student's last hidden states and lm_head instead of its logits. The
 operator ``torch.ops.fastkd.fused_linear_kd_forward`` processes the tokens in chunks of ``chunk_size`` rows:
 
-1. the chunk's student logits, ``hidden @ weight.T + bias``, by one GEMM into a ``[chunk_size, V]`` buffer (and
-   the teacher's, for a :class:`fastkd.TeacherHead`);
+1. the chunk's student logits, ``hidden @ weight.T + bias``, by one GEMM into a float32 ``[chunk_size, V]``
+   buffer (and the teacher's, for a :class:`fastkd.TeacherHead`), then the head's logit scale and softcap;
 2. the fused response kernel of :func:`fastkd.kd_loss` / :func:`fastkd.reverse_kl_loss` /
    :func:`fastkd.jsd_loss` (or of :func:`fastkd.topk_kd_loss`) computes each row's loss and overwrites the
    logits with their gradient;
@@ -32,9 +32,10 @@ __all__ = ["fused_linear_kd_loss", "default_chunk_size", "TeacherHead", "TopKTea
 
 Teacher = Union[torch.Tensor, TeacherHead, TopKTeacher]
 
-# Elements of one [chunk_size, V] logits buffer chosen by default. CPU: 16M (64 MB in float32). CUDA: 64M
-# (128 MB in bf16): every chunk reads and writes the whole float32 weight-gradient accumulator (V x H), so
-# on a GPU the chunks must be long enough (~500 rows at V = 128k) for the GEMMs, not that traffic, to dominate.
+# Elements of one [chunk_size, V] logits buffer (float32 whatever the input dtype) chosen by default. CPU: 16M
+# (64 MB). CUDA: 64M (256 MB): every chunk reads and writes the whole float32 weight-gradient accumulator
+# (V x H), so on a GPU the chunks must be long enough (~500 rows at V = 128k) for the GEMMs, not that traffic,
+# to dominate.
 _CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 26}
 
 
@@ -47,6 +48,23 @@ def default_chunk_size(rows: int, vocab: int, device: Union[str, torch.device] =
     if chunk >= 8:
         chunk -= chunk % 8
     return max(1, min(chunk, rows))
+
+
+def _autocast_head(hidden, weight, bias, teacher):
+    """Under ``torch.autocast`` the head's operands in the autocast dtype, as ``F.linear`` would take them
+    (autocast hands over bf16 hidden states with an fp32 lm_head weight); the casts are differentiable, so
+    the gradients reach the original tensors in their dtypes. Outside autocast: unchanged."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias, teacher
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(x):
+        return x if x is None or not x.is_floating_point() or x.dtype == torch.float64 else x.to(dtype)
+
+    if isinstance(teacher, TeacherHead):
+        teacher = TeacherHead(cast(teacher.hidden), cast(teacher.weight), cast(teacher.bias))
+    return cast(hidden), cast(weight), cast(bias), teacher
 
 
 def _rows(x: Optional[torch.Tensor], last: bool = True) -> Optional[torch.Tensor]:
@@ -73,6 +91,10 @@ def fused_linear_kd_loss(
     scale_by_temperature: Optional[bool] = None,
     num_items_in_batch: NumItems = None,
     return_parts: bool = False,
+    student_softcap: Optional[float] = None,
+    student_logit_scale: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
+    teacher_logit_scale: Optional[float] = None,
     **params: float,
 ) -> Union[torch.Tensor, LossParts]:
     r"""Distillation loss of a student given by its hidden states and linear head, fused and chunked:
@@ -140,9 +162,32 @@ def fused_linear_kd_loss(
             accumulation).
         return_parts: return a :class:`fastkd.LossParts` ``(loss, soft, hard)``, the unweighted distillation
             and cross-entropy terms detached, for logging.
+        student_softcap, student_logit_scale: the student head's final logit transform: its logits are
+            ``softcap(scale * (h W^T + b))`` with ``softcap(x) = cap * tanh(x / cap)``, the scale first (Cohere's
+            ``logit_scale``), then the cap (Gemma-2's ``final_logit_softcapping``), applied to every use of the
+            logits (the divergence and the cross-entropy), inside the chunk loop with the exact gradient
+            (``scale * (1 - tanh^2)``). None (default): no scale, no cap. Each a finite number > 0.
+            :func:`fastkd.integrations.head_options` reads them from a Hugging Face config.
+        teacher_softcap, teacher_logit_scale: the same for the teacher's logits, those a :class:`TeacherHead`
+            computes or dense ones (then transformed as given); not with a :class:`TopKTeacher`.
+
+    Precision: the logits of a chunk are float32 (float64 for float64 input) whatever the dtype of the hidden
+    states and weights, computed by GEMMs that accumulate and write float32 (on the CPU a bfloat16 / float16
+    weight is widened to float32 once per call, O(V * H) memory): rounding bf16 logits before the divergence,
+    as the eager composition ``F.linear`` in bf16 + the loss does, puts an error of ~1e-2 |z| into each logit
+    (4-23% in the gradients of Liger-Kernel's bf16 fused JSD). The logit gradient is rounded to the GEMM
+    operand dtype (bf16 on a GPU) only for the gradient GEMMs.
+
+    Autocast: under ``torch.autocast`` the head's hidden states, weight and bias (and a TeacherHead's) are
+    cast to the autocast dtype as ``F.linear`` would cast them (a bf16 hidden state with an fp32 lm_head
+    weight is the usual pair), then computed as above; the gradients reach the original tensors in their own
+    dtypes. Outside autocast the hidden states, weight and bias must share one dtype (TypeError otherwise, as
+    ``F.linear``).
 
     Returns:
-        The loss in the promoted dtype of the student hidden states and the teacher (float32 accumulation).
+        The loss in float32 (float64 if the hidden states or the teacher are float64), also for bfloat16 /
+        float16 input: unlike the eager composition (and fastkd's losses on logits, which return the input
+        dtype), the fused head's loss is not rounded to the input dtype, as its logits are not.
 
     Determinism: run to run (same thread count) the value and every gradient are bitwise reproducible. Across
     CPU thread counts they are not: the logits and the gradients come from GEMMs, which the BLAS splits by
@@ -154,15 +199,20 @@ def fused_linear_kd_loss(
     gradients themselves. With ``reduction="none"`` the gradients depend on each token's upstream gradient,
     so they are computed in the backward pass by running the chunks again.
     """
+    student_hidden, student_weight, student_bias, teacher = _autocast_head(student_hidden, student_weight,
+                                                                          student_bias, teacher)
     kind, _, t, div_params, hard, soft, n, scale = v.check_fused_linear(
         student_hidden, student_weight, teacher, student_bias, loss, beta, temperature, labels, ignore_index,
         hard_label_weight, soft_weight, reduction, chunk_size, num_items_in_batch, scale_by_temperature,
         return_parts, params)
+    head = v.check_head_transforms(student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap, kind)
     if not _use_kernels():
         return reference.fused_linear_kd_loss(
             student_hidden, student_weight, teacher, student_bias=student_bias, loss=loss, temperature=t,
             labels=labels, ignore_index=ignore_index, hard_label_weight=hard, soft_weight=soft, reduction=reduction,
             scale_by_temperature=scale, num_items_in_batch=n, return_parts=return_parts,
+            student_softcap=student_softcap, student_logit_scale=student_logit_scale,
+            teacher_softcap=teacher_softcap, teacher_logit_scale=teacher_logit_scale,
             **dict(zip(divergences.get(loss).param_names, div_params)))
 
     lead = student_hidden.shape[:-1]
@@ -184,7 +234,7 @@ def fused_linear_kd_loss(
         hidden, student_weight, student_bias, dense, t_hidden, t_weight, t_bias, values, indices,
         _rows(labels, last=False), _num_items_tensor(n), None, loss, list(div_params), t, soft, hard, ignore_index,
         reduction, scale, values_are_logprobs, tail_bucket,
-        default_chunk_size(rows, vocab, hidden.device) if chunk_size is None else int(chunk_size),
+        default_chunk_size(rows, vocab, hidden.device) if chunk_size is None else int(chunk_size), *head,
         grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
         grad_on and student_bias is not None and student_bias.requires_grad)
     if reduction == "none":

@@ -370,6 +370,9 @@ class FusedLinearKDLoss(nn.Module):
         return_parts: make ``forward`` return a :class:`fastkd.LossParts` ``(loss, soft, hard)`` (detached parts,
             for logging). A constructor argument, as for every fastkd module (:class:`KDLoss`); it was a
             ``forward`` argument before.
+        student_softcap, student_logit_scale, teacher_softcap, teacher_logit_scale: the heads' final logit
+            transforms (Gemma-2, Cohere); ``fastkd.FusedLinearKDLoss(**fastkd.integrations.head_options(
+            student.config))`` reads the student's from its config.
 
     ``forward(student_hidden, student_weight, teacher, labels=None, *, student_bias=None,
     num_items_in_batch=None)`` where ``teacher`` is dense teacher logits, a :class:`fastkd.TeacherHead` or a
@@ -396,10 +399,19 @@ class FusedLinearKDLoss(nn.Module):
         chunk_size: Optional[int] = None,
         scale_by_temperature: Optional[bool] = None,
         return_parts: bool = False,
+        student_softcap: Optional[float] = None,
+        student_logit_scale: Optional[float] = None,
+        teacher_softcap: Optional[float] = None,
+        teacher_logit_scale: Optional[float] = None,
         **params: float,
     ) -> None:
         super().__init__()
         self.loss = v.check_choice("loss", loss, v.fused_linear_losses())
+        v.check_head_transforms(student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap, "head")
+        self.head_options = {k: x for k, x in (("student_softcap", student_softcap),
+                                               ("student_logit_scale", student_logit_scale),
+                                               ("teacher_softcap", teacher_softcap),
+                                               ("teacher_logit_scale", teacher_logit_scale)) if x is not None}
         self.chunk_size = v.check_chunk_size(chunk_size)
         v.resolve_scale_by_temperature(scale_by_temperature, loss)  # checks it; None is kept (resolved per call)
         self.scale_by_temperature = scale_by_temperature
@@ -431,10 +443,10 @@ class FusedLinearKDLoss(nn.Module):
             temperature=self.temperature, labels=labels, ignore_index=self.ignore_index,
             hard_label_weight=self.hard_label_weight, soft_weight=self.soft_weight, reduction=self.reduction,
             chunk_size=self.chunk_size, scale_by_temperature=self.scale_by_temperature,
-            num_items_in_batch=num_items_in_batch, return_parts=self.return_parts)
+            num_items_in_batch=num_items_in_batch, return_parts=self.return_parts, **self.head_options)
 
     def extra_repr(self) -> str:
-        params = "".join(f"{k}={x}, " for k, x in self.params.items())
+        params = "".join(f"{k}={x}, " for k, x in {**self.params, **self.head_options}.items())
         return (f"loss={self.loss!r}, {params}temperature={self.temperature}, "
                 f"hard_label_weight={self.hard_label_weight}, soft_weight={self.soft_weight}, "
                 f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, "

@@ -45,6 +45,7 @@ __all__ = [
     "dkd_loss",
     "topk_kd_loss",
     "reduce_rows",
+    "head_transform",
 ] + _relation.__all__
 
 NumItems = Union[None, int, float, torch.Tensor]
@@ -466,6 +467,17 @@ def topk_kd_loss(
     return reduce_rows(_mask(rows, keep), reduction, counted, vocab, num).to(out_dtype)
 
 
+def head_transform(z: torch.Tensor, scale: float = 1.0, softcap: float = 0.0) -> torch.Tensor:
+    """A head's final logit transform ``softcap(scale * z)``, ``softcap(x) = cap * tanh(x / cap)`` (Cohere's
+    ``logit_scale``, then Gemma-2's ``final_logit_softcapping``, as Hugging Face computes them); scale 1 and
+    cap 0 leave ``z`` unchanged."""
+    if scale != 1.0:
+        z = z * scale
+    if softcap != 0.0:
+        z = torch.tanh(z / softcap) * softcap
+    return z
+
+
 # --------------------------------------------------------------------------------------------------------
 # The fused linear head's twin: the unfused composition (full logits, then the loss)
 # --------------------------------------------------------------------------------------------------------
@@ -487,6 +499,10 @@ def fused_linear_kd_loss(
     scale_by_temperature: Optional[bool] = None,
     num_items_in_batch: NumItems = None,
     return_parts: bool = False,
+    student_softcap: Optional[float] = None,
+    student_logit_scale: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
+    teacher_logit_scale: Optional[float] = None,
     **params: float,
 ) -> Union[torch.Tensor, LossParts]:
     """The composition :func:`fastkd.fused_linear_kd_loss` fuses, in plain PyTorch: the full logits
@@ -495,14 +511,19 @@ def fused_linear_kd_loss(
     or :func:`topk_kd_loss` on the rows, plus ``hard_label_weight`` times the cross-entropy.
     The teacher is detached. ``chunk_size`` is accepted and ignored (nothing is chunked here). Defaults as
     :func:`fastkd.fused_linear_kd_loss`: ``soft_weight=None`` is ``1 - hard_label_weight`` and
-    ``scale_by_temperature=None`` the divergence's own (``T^2`` for "kl" / "reverse_kl", none for "jsd")."""
+    ``scale_by_temperature=None`` the divergence's own (``T^2`` for "kl" / "reverse_kl", none for "jsd").
+    The head transforms are :func:`head_transform` on each side's logits (before the teacher's padding). The
+    logits here are in the input dtype (bf16 input: bf16 logits, the eager composition's rounding)."""
     kind, teacher_vocab, t, values, hard, soft, num, scale = v.check_fused_linear(
         student_hidden, student_weight, teacher, student_bias, loss, beta, temperature, labels, ignore_index,
         hard_label_weight, soft_weight, reduction, chunk_size, num_items_in_batch, scale_by_temperature,
         return_parts, params)
+    s_scale, s_cap, t_scale, t_cap = v.check_head_transforms(student_logit_scale, student_softcap,
+                                                             teacher_logit_scale, teacher_softcap, kind)
     scale_by_temperature = scale
     lead = student_hidden.shape[:-1]
-    logits = F.linear(student_hidden, student_weight, student_bias).reshape(-1, student_weight.shape[0])
+    logits = head_transform(F.linear(student_hidden, student_weight, student_bias), s_scale, s_cap)
+    logits = logits.reshape(-1, student_weight.shape[0])
     vocab = logits.shape[-1]
     rows_labels = None if labels is None else labels.reshape(-1)
     common = dict(reduction=reduction, labels=rows_labels, ignore_index=ignore_index, num_items_in_batch=num)
@@ -516,7 +537,7 @@ def fused_linear_kd_loss(
             t_logits = F.linear(teacher.hidden, teacher.weight, teacher.bias)
         else:
             t_logits = teacher
-        t_logits = t_logits.detach().reshape(-1, teacher_vocab)
+        t_logits = head_transform(t_logits.detach(), t_scale, t_cap).reshape(-1, teacher_vocab)
         if teacher_vocab < vocab:
             pad = torch.full((t_logits.shape[0], vocab - teacher_vocab), -math.inf, dtype=t_logits.dtype,
                              device=t_logits.device)

@@ -233,20 +233,22 @@ def test_equals_unfused_composition_in_dtype(device, dtype, rtol, loss, kind):
     kw = dict(labels=labels, temperature=2.0, loss=loss, beta=0.5)
     fused = _run(fastkd.fused_linear_kd_loss, h, w, b, teacher, chunk_size=16, **kw)
     eager = _run(_composition, h, w, b, teacher, **kw)
-    assert fused[0].dtype == dtype and all(g.dtype == dtype for g in fused[1])
+    # the loss in float32 (the fused head's logits are float32 whatever the input dtype), gradients in dtype
+    assert fused[0].dtype == torch.float32 and all(g.dtype == dtype for g in fused[1])
     _check(fused, eager, rtol, f"{dtype} {loss} {kind}")
 
 
 def test_mixed_teacher_dtype(device):
-    """An fp32 student against a bf16 teacher head (or bf16 dense logits): loss in fp32."""
+    """An fp32 student against a bf16 teacher head (or bf16 dense logits): loss in fp32. The head's logits
+    are computed in float32 from its bf16 operands (not rounded to bf16); dense bf16 logits are used as given."""
     h, w, b, th, tw, tb, labels = _problem(device, seed=11)
     head = TeacherHead(th.bfloat16(), tw.bfloat16(), tb.bfloat16())
-    # the bf16 teacher logits, as the teacher head computes them (a bf16 GEMM, rounded to bf16)
-    dense = F.linear(*head)
-    for teacher in (head, dense):
+    exact = F.linear(*(x.double() for x in head))  # the head's logits from its bf16 operands, unrounded
+    dense = F.linear(*head)                        # bf16 logits as a bf16 model would return them
+    for teacher, expected in ((head, exact), (dense, dense)):
         fused = _run(fastkd.fused_linear_kd_loss, h, w, b, teacher, labels=labels, chunk_size=5)
         assert fused[0].dtype == torch.float32 and fused[1][0].dtype == torch.float32
-        _check(fused, _oracle(h, w, b, dense, labels=labels), 2e-5, "bf16 teacher")
+        _check(fused, _oracle(h, w, b, expected, labels=labels), 2e-5, "bf16 teacher")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -278,15 +280,17 @@ def _op_samples(device):
     n = torch.tensor(5.0)
     # (hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, topk_values,
     #  topk_indices, labels, num_items, grad_rows, divergence, params, T, soft_w, hard_w, ignore_index, reduction,
-    #  scale_by_temperature, values_are_logprobs, tail_bucket, chunk_size, grad_hidden, grad_weight, grad_bias)
+    #  scale_by_temperature, values_are_logprobs, tail_bucket, chunk_size, student_logit_scale, student_softcap,
+    #  teacher_logit_scale, teacher_softcap, grad_hidden, grad_weight, grad_bias)
+    none = (1.0, 0.0, 1.0, 0.0)  # no head transforms
     yield (req(h), req(w), req(b), dense, None, None, None, None, None, labels, None, None, "kl", [], 2.0, 1.0,
-           0.5, -100, "batchmean", True, False, False, 3, True, True, True)
+           0.5, -100, "batchmean", True, False, False, 3, *none, True, True, True)
     yield (req(h), req(w), None, None, th, tw, tb, None, None, labels, n, None, "jsd", [0.3], 1.0, 1.0, 0.0, -100,
-           "mean", False, False, False, 4, True, True, False)
+           "mean", False, False, False, 4, *none, True, True, False)
     yield (req(h), w, b, None, None, None, None, vals, idx, None, None, None, "kl", [], 1.5, 1.0, 0.0, -100,
-           "sum", True, False, False, 2, True, False, False)
+           "sum", True, False, False, 2, 0.5, 3.0, 1.0, 0.0, True, False, False)
     yield (h, req(w), req(b), None, th, tw, tb, None, None, labels, None, None, "reverse_kl", [], 1.0, 1.0, 0.0,
-           -100, "none", False, False, False, 5, False, False, False)
+           -100, "none", False, False, False, 5, 1.0, 2.0, 0.7, 4.0, False, False, False)
 
 
 def test_opcheck_fused_linear_kd_forward(device):
@@ -296,7 +300,7 @@ def test_opcheck_fused_linear_kd_forward(device):
             torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_forward, tuple(args))
         else:
             # "none" computes its gradients in backward, with grad_rows
-            args[23:26] = [False, False, False]
+            args[27:30] = [False, False, False]
             torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_forward, tuple(args))
 
 
@@ -406,10 +410,12 @@ def test_op_rejects_bad_arguments_by_name(device):
     dense = F.linear(th, tw, tb)
     op = torch.ops.fastkd.fused_linear_kd_forward
     base = [h, w, b, dense, None, None, None, None, None, labels, None, None, "kl", [], 1.0, 1.0, 0.0, -100,
-            "batchmean", False, False, False, 4, False, False, False]
+            "batchmean", False, False, False, 4, 1.0, 0.0, 1.0, 0.0, False, False, False]
     for index, value, match in [(3, None, "exactly one of"), (12, "dkd", "does not run 'dkd'"),
                                 (22, 0, "chunk_size"), (1, w[:, :3], "student_weight"),
-                                (11, torch.ones(13, device=device), "grad_rows")]:
+                                (11, torch.ones(13, device=device), "grad_rows"),
+                                (23, 0.0, "student_logit_scale"), (24, -1.0, "student_softcap"),
+                                (25, math.nan, "teacher_logit_scale"), (26, math.inf, "teacher_softcap")]:
         args = list(base)
         args[index] = value
         with pytest.raises(RuntimeError, match=match):

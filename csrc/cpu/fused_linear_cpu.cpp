@@ -13,12 +13,14 @@ namespace {
 struct CpuFusedBackend {
   static void response(const KdCall& c, double count) { run_response(c, count); }
   static void topk(const TopkCall& c, double count) { run_topk_rows(c, count); }
-  // acc += g^T h. Reduced-precision operands are widened chunk by chunk (O(chunk * (vocab + hidden))): the
-  // CPU GEMMs have no float32 output for bfloat16 / float16 input.
-  static void add_weight_grad(at::Tensor& acc, const at::Tensor& g, const at::Tensor& h) {
-    if (g.scalar_type() == acc.scalar_type()) acc.addmm_(g.t(), h);
-    else acc.addmm_(g.t().to(acc.scalar_type()), h.to(acc.scalar_type()));
+  // The CPU GEMMs have no float32 output for bfloat16 / float16 input: such a weight is widened once per
+  // call, and every GEMM runs in float32 (float64 for float64 input).
+  static constexpr bool kWidenWeight = true;
+  static void linear_wide(at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&) {
+    TORCH_INTERNAL_ASSERT(false, "fastkd: the CPU fused head widens its weights");
   }
+  // acc += g^T h, all three in the accumulation dtype.
+  static void add_weight_grad(at::Tensor& acc, const at::Tensor& g, const at::Tensor& h) { acc.addmm_(g.t(), h); }
 };
 
 Tensor6 fused_linear_kd_forward_cpu(
@@ -29,12 +31,13 @@ Tensor6 fused_linear_kd_forward_cpu(
     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& num_items,
     const std::optional<at::Tensor>& grad_rows, c10::string_view divergence, c10::ArrayRef<double> params,
     double temperature, double soft_weight, double hard_weight, int64_t ignore_index, c10::string_view reduction,
-    bool scale_by_temperature, bool values_are_logprobs, bool tail_bucket, int64_t chunk_size, bool grad_hidden,
-    bool grad_weight, bool grad_bias) {
-  const FusedLinearOptions o =
-      fused_linear_options(divergence, params, temperature, soft_weight, hard_weight, ignore_index, reduction,
-                           scale_by_temperature, values_are_logprobs, tail_bucket, chunk_size, grad_hidden,
-                           grad_weight, grad_bias);
+    bool scale_by_temperature, bool values_are_logprobs, bool tail_bucket, int64_t chunk_size,
+    double student_logit_scale, double student_softcap, double teacher_logit_scale, double teacher_softcap,
+    bool grad_hidden, bool grad_weight, bool grad_bias) {
+  const FusedLinearOptions o = fused_linear_options(
+      divergence, params, temperature, soft_weight, hard_weight, ignore_index, reduction, scale_by_temperature,
+      values_are_logprobs, tail_bucket, chunk_size, student_logit_scale, student_softcap, teacher_logit_scale,
+      teacher_softcap, grad_hidden, grad_weight, grad_bias);
   return fused_linear_kd<CpuFusedBackend>(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,
                                           teacher_bias, topk_values, topk_indices, labels, num_items, grad_rows, o);
 }

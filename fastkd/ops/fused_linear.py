@@ -35,6 +35,10 @@ def _fused_linear_kd_forward_fake(
     values_are_logprobs: bool,
     tail_bucket: bool,
     chunk_size: int,
+    student_logit_scale: float,
+    student_softcap: float,
+    teacher_logit_scale: float,
+    teacher_softcap: float,
     grad_hidden: bool,
     grad_weight: bool,
     grad_bias: bool,
@@ -44,7 +48,7 @@ def _fused_linear_kd_forward_fake(
     if teacher is None:
         teacher = topk_values
     torch._check(teacher is not None, lambda: "a teacher is required")
-    out_dtype = torch.promote_types(hidden.dtype, teacher.dtype)
+    out_dtype = torch.float64 if torch.float64 in (hidden.dtype, teacher.dtype) else torch.float32
     rows = hidden.shape[0]
     shape = (rows,) if reduction == "none" else ()
     loss = hidden.new_empty(shape, dtype=out_dtype)

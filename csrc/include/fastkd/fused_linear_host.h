@@ -16,7 +16,9 @@
 // The CPU and CUDA libraries instantiate fused_linear_kd with a backend that supplies
 //   B::response(call, count)        the response kernel over the rows of a KdCall (count: host divisor, CPU)
 //   B::topk(call, count)            the top-k kernel over the rows of a TopkCall
-//   B::add_weight_grad(acc, g, h)   acc += g^T h, acc float32/64, g and h in the input dtype
+//   B::add_weight_grad(acc, g, h)   acc += g^T h, acc float32/64, g and h in the GEMM dtype
+//   B::kWidenWeight                 whether a weight not in the accumulation dtype is widened once per call
+//   B::linear_wide(out, x, w, b)    out = x @ w^T (+ b) for x, w narrower than out (when not widened)
 #pragma once
 
 #include <algorithm>
@@ -26,11 +28,14 @@
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addcmul.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/tanh.h>
 #include <ATen/ops/zeros.h>
 
 #include "fastkd/kd_host.h"
@@ -39,8 +44,17 @@ namespace fastkd {
 
 using Tensor6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// A head's transform of its logits, z -> softcap(scale * z) with softcap(x) = cap * tanh(x / cap): Cohere's
+// logit_scale, then Gemma-2's final logit softcapping. scale 1 and cap 0 leave the logits as they are.
+struct HeadTransform {
+  double scale = 1.0;
+  double softcap = 0.0;  // 0: none
+  bool active() const { return scale != 1.0 || softcap != 0.0; }
+};
+
 struct FusedLinearOptions {
   LossConfig loss;  // the divergence, its parameters, temperature, weights, masking, reduction
+  HeadTransform student_head, teacher_head;
   int64_t chunk_size = 1024;
   bool values_are_logprobs = false;
   bool tail_bucket = false;
@@ -49,15 +63,27 @@ struct FusedLinearOptions {
   bool grad_bias = false;
 };
 
+// A head transform's arguments: scale finite and > 0, cap finite and > 0 or 0 (none).
+inline HeadTransform head_transform(double scale, double softcap, const char* scale_name, const char* cap_name) {
+  FASTKD_CHECK_ARG(std::isfinite(scale) && scale > 0.0, scale_name, "expected a finite value > 0, got ", scale);
+  FASTKD_CHECK_ARG(std::isfinite(softcap) && softcap >= 0.0, cap_name,
+                   "expected a finite value > 0 (or 0: no softcap), got ", softcap);
+  return {scale, softcap};
+}
+
 // The operator's scalar arguments, in schema order, checked (make_loss_config) and gathered.
 inline FusedLinearOptions fused_linear_options(c10::string_view divergence, c10::ArrayRef<double> params,
                                                double temperature, double soft_weight, double hard_weight,
                                                int64_t ignore_index, c10::string_view reduction,
                                                bool scale_by_temperature, bool values_are_logprobs, bool tail_bucket,
-                                               int64_t chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias) {
+                                               int64_t chunk_size, double student_logit_scale, double student_softcap,
+                                               double teacher_logit_scale, double teacher_softcap, bool grad_hidden,
+                                               bool grad_weight, bool grad_bias) {
   FASTKD_CHECK_ARG(parse_divergence(to_view(divergence)) != Divergence::DKD, "divergence",
                    "the fused linear head does not run 'dkd' (its class targets are the labels of a classifier)");
   FusedLinearOptions o;
+  o.student_head = head_transform(student_logit_scale, student_softcap, "student_logit_scale", "student_softcap");
+  o.teacher_head = head_transform(teacher_logit_scale, teacher_softcap, "teacher_logit_scale", "teacher_softcap");
   o.loss = make_loss_config(to_view(divergence), params, temperature, scale_by_temperature, soft_weight, hard_weight,
                             ignore_index, to_view(reduction));
   FASTKD_CHECK_ARG(chunk_size >= 1, "chunk_size", "expected a value >= 1, got ", chunk_size);
@@ -92,16 +118,43 @@ inline void check_linear_args(const at::Tensor& hidden, const at::Tensor& weight
   }
 }
 
-// out = x @ w^T (+ b), computed in x's dtype and written into out (a [rows, w.size(0)] view with unit
-// column stride; its dtype may be wider).
-inline void linear_into(at::Tensor out, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
-  if (out.scalar_type() != x.scalar_type()) {
-    out.copy_(b.has_value() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t()));
-  } else if (b.has_value()) {
-    at::addmm_out(out, *b, x, w.t());
+// out = x @ w^T (+ b) into out (a [rows, w.size(0)] view with unit column stride, float32 or float64), the
+// result never rounded below out's dtype: bfloat16 / float16 logits would put an error of ~1e-2 * |z| into
+// every logit before the divergence (4-23% in the gradients of a bf16 fused JSD, Liger-Kernel#1432).
+// Operands in out's dtype (b already converted) multiply as they are; a weight in out's dtype (CPU: widened
+// once per call) takes the chunk widened too; reduced-precision operands on a backend that keeps them
+// (B::kWidenWeight false: cuBLAS) go through its GEMM with a float32 output (B::linear_wide).
+template <class B>
+void linear_exact(at::Tensor out, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  const at::ScalarType o = out.scalar_type();
+  if (w.scalar_type() == o) {
+    const at::Tensor xo = x.scalar_type() == o ? x : x.to(o);
+    if (b.has_value()) at::addmm_out(out, *b, xo, w.t());
+    else at::mm_out(out, xo, w.t());
   } else {
-    at::mm_out(out, x, w.t());
+    B::linear_wide(out, x, w, b);
   }
+}
+
+// A head's transform in place, z -> softcap(scale * z). With `keep_tanh` defined (a buffer of z's shape) it
+// keeps tanh(scale * z / cap) there for head_transform_grad.
+inline void apply_head_transform(at::Tensor z, const HeadTransform& h, at::Tensor keep_tanh) {
+  if (h.softcap == 0.0) {
+    if (h.scale != 1.0) z.mul_(h.scale);
+    return;
+  }
+  if (keep_tanh.defined()) {
+    at::mul_out(keep_tanh, z, h.scale / h.softcap).tanh_();
+    at::mul_out(z, keep_tanh, h.softcap);
+  } else {
+    z.mul_(h.scale / h.softcap).tanh_().mul_(h.softcap);
+  }
+}
+
+// The chain rule through apply_head_transform: g -> g * scale * (1 - tanh^2) (tanh as it kept; overwritten).
+inline void head_transform_grad(at::Tensor g, const HeadTransform& h, at::Tensor kept_tanh) {
+  if (h.softcap != 0.0) g.addcmul_(g, kept_tanh.mul_(kept_tanh), -1.0);
+  if (h.scale != 1.0) g.mul_(h.scale);
 }
 
 template <class B>
@@ -153,17 +206,32 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
   FASTKD_CHECK_ARG(teacher_vocab >= 1 && teacher_vocab <= vocab, "teacher",
                    "the teacher's vocabulary must not be larger than the student's (", vocab, "), got ", teacher_vocab);
 
-  const at::ScalarType out_dtype = c10::promoteTypes(hidden.scalar_type(), teacher_dtype);
-  const bool any_double = out_dtype == at::kDouble;
+  FASTKD_CHECK_ARG(!topk || !o.teacher_head.active(), "teacher_softcap",
+                   "a top-k teacher's values are used as given: no teacher logit scale or softcap");
+  const bool any_double = c10::promoteTypes(hidden.scalar_type(), teacher_dtype) == at::kDouble;
   const at::ScalarType acc_dtype = any_double ? at::kDouble : at::kFloat;
-  // Element types the kernels read: logits in the student's dtype where the kernels have that pair.
-  at::ScalarType logit_dtype, teacher_buf_dtype;
-  if (topk) {
-    logit_dtype = any_double ? at::kDouble : hidden.scalar_type();
-    teacher_buf_dtype = acc_dtype;
-  } else {
-    std::tie(logit_dtype, teacher_buf_dtype) = kd_compute_types(hidden.scalar_type(), teacher_dtype);
-  }
+  // The loss leaves in the accumulation dtype: a bfloat16 loss would round away what the float32 logits keep.
+  const at::ScalarType out_dtype = acc_dtype;
+  // Element types the kernels read: the logits of a head always in the accumulation dtype (linear_exact);
+  // dense teacher logits in theirs where the kernels have the pair and nothing transforms them.
+  const at::ScalarType logit_dtype = acc_dtype;
+  const at::ScalarType teacher_buf_dtype = topk || teacher_hidden.has_value() || o.teacher_head.active()
+                                               ? acc_dtype
+                                               : kd_compute_types(acc_dtype, teacher_dtype).second;
+  // The operands of the GEMMs: on a backend without reduced-precision GEMMs of float32 output (the CPU), a
+  // reduced-precision weight is widened once per call (O(V * H) memory), so that every GEMM is exact float32.
+  auto gemm_weight = [&](const at::Tensor& w) {
+    return B::kWidenWeight && w.scalar_type() != acc_dtype ? w.to(acc_dtype) : w;
+  };
+  auto gemm_bias = [&](const std::optional<at::Tensor>& b, const at::Tensor& w) -> std::optional<at::Tensor> {
+    if (!b.has_value() || w.scalar_type() != acc_dtype) return b;  // linear_wide adds it
+    return b->to(acc_dtype);
+  };
+  const at::Tensor weight_g = gemm_weight(weight);
+  const std::optional<at::Tensor> bias_g = gemm_bias(bias, weight_g);
+  const at::Tensor t_weight_g = teacher_weight.has_value() ? gemm_weight(*teacher_weight) : at::Tensor();
+  const std::optional<at::Tensor> t_bias_g = teacher_weight.has_value() ? gemm_bias(teacher_bias, t_weight_g)
+                                                                        : std::optional<at::Tensor>();
 
   at::Tensor labels_l = prepare_labels(labels, hidden, rows);
   if (hard) check_targets_in_range(labels_l, o.loss.ignore_index, vocab);
@@ -178,7 +246,7 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
     FASTKD_CHECK_ARG(grad_rows->dim() == 1 && grad_rows->size(0) == rows && grad_rows->device() == device,
                      "grad_rows", "expected a [", rows, "] tensor on ", device, ", got ", grad_rows->sizes(), " on ",
                      grad_rows->device());
-    row_weights = grad_rows->to(hidden.scalar_type());
+    row_weights = grad_rows->to(logit_dtype);
   }
 
   at::Tensor values_s, indices_s;
@@ -203,7 +271,8 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
   // teacher vocabulary: the extra columns stay -inf), converted or strided; a dense teacher that the kernels
   // can read as is is only sliced.
   const bool dense_as_is = teacher_logits.has_value() && teacher_vocab == vocab &&
-                           teacher_logits->scalar_type() == teacher_buf_dtype && teacher_logits->stride(1) == 1;
+                           teacher_logits->scalar_type() == teacher_buf_dtype && teacher_logits->stride(1) == 1 &&
+                           !o.teacher_head.active();
   at::Tensor teacher_buf;
   if (!topk && !dense_as_is && rows > 0) {
     teacher_buf = at::full({chunk, vocab}, -std::numeric_limits<double>::infinity(), opts.dtype(teacher_buf_dtype));
@@ -215,12 +284,19 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
   const bool topk_ce = topk && hard && rows > 0;
   at::Tensor ce_buf = topk_ce ? at::empty({chunk, vocab}, opts.dtype(logit_dtype)) : at::Tensor();
   at::Tensor ce_soft = topk_ce ? at::empty({chunk}, opts.dtype(acc_dtype)) : at::Tensor();
+  // A student softcap with gradients: tanh of the chunk's logits, kept for the chain rule (the kernels
+  // overwrite the logits with their gradient).
+  at::Tensor tanh_buf = o.student_head.softcap != 0.0 && need_grad && rows > 0
+                            ? at::empty({chunk, vocab}, opts.dtype(logit_dtype))
+                            : at::Tensor();
 
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
     const int64_t n = std::min(chunk, rows - r0);
     const at::Tensor h = hidden.narrow(0, r0, n);
     at::Tensor logits = logits_buf.narrow(0, 0, n);
-    linear_into(logits, h, weight, bias);
+    linear_exact<B>(logits, h, weight_g, bias_g);
+    at::Tensor kept_tanh = tanh_buf.defined() ? tanh_buf.narrow(0, 0, n) : at::Tensor();
+    apply_head_transform(logits, o.student_head, kept_tanh);
     const int64_t* chunk_labels = labels_l.defined() ? labels_l.data_ptr<int64_t>() + r0 : nullptr;
     if (topk) {
       TopkCall c;
@@ -270,7 +346,8 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
         t = teacher_buf.narrow(0, 0, n);
         at::Tensor dst = t.narrow(1, 0, teacher_vocab);
         if (teacher_logits.has_value()) dst.copy_(teacher_logits->narrow(0, r0, n));
-        else linear_into(dst, teacher_hidden->narrow(0, r0, n), *teacher_weight, teacher_bias);
+        else linear_exact<B>(dst, teacher_hidden->narrow(0, r0, n), t_weight_g, t_bias_g);
+        apply_head_transform(dst, o.teacher_head, at::Tensor());
       }
       KdCall c;
       c.student = logits;
@@ -292,19 +369,20 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
     }
     if (!need_grad) continue;
 
-    // logits now holds d(loss) / d(logits) of these rows.
-    const at::Tensor g = logits.scalar_type() == hidden.scalar_type() ? logits : logits.to(hidden.scalar_type());
-    const at::Tensor w = row_weights.defined() ? row_weights.narrow(0, r0, n).unsqueeze(1) : at::Tensor();
+    // logits now holds d(loss) / d(transformed logits) of these rows: through the head's transform, and
+    // weighted by each row's upstream gradient (reduction "none"), it becomes d(loss) / d(h W^T + b).
+    head_transform_grad(logits, o.student_head, kept_tanh);
+    if (row_weights.defined()) logits.mul_(row_weights.narrow(0, r0, n).unsqueeze(1));
+    if (o.grad_bias) grad_bias_acc.add_(logits.sum(0, false, acc_dtype));
+    // The GEMMs' operands: in the weight's dtype as the backend multiplies it (float32 for a widened weight).
+    const at::ScalarType gemm_dtype = weight_g.scalar_type();
+    const at::Tensor g = logits.scalar_type() == gemm_dtype ? logits : logits.to(gemm_dtype);
     if (o.grad_hidden) {
       at::Tensor out = grad_hidden.narrow(0, r0, n);
-      at::mm_out(out, g, weight);
-      if (w.defined()) out.mul_(w);
+      if (out.scalar_type() == gemm_dtype) at::mm_out(out, g, weight_g);
+      else out.copy_(at::mm(g, weight_g));
     }
-    if (o.grad_weight) B::add_weight_grad(grad_weight_acc, g, w.defined() ? h.mul(w) : h);
-    if (o.grad_bias) {
-      if (w.defined()) grad_bias_acc.addmv_(g.t().to(acc_dtype), w.squeeze(1).to(acc_dtype));
-      else grad_bias_acc.add_(g.sum(0, false, acc_dtype));
-    }
+    if (o.grad_weight) B::add_weight_grad(grad_weight_acc, g, h.scalar_type() == gemm_dtype ? h : h.to(gemm_dtype));
   }
 
   auto [loss, soft, hard_part] = finish_parts(row_soft, row_hard, hard, count, red, rows, vocab, o.loss.soft_weight,
