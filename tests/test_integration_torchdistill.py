@@ -60,12 +60,13 @@ def _value_and_grads(loss_module, s_spec, t_spec, targets, teacher_grad):
 
 
 def assert_matches(orig_key, kwargs, s_spec, t_spec, targets=None, *, teacher_grad=False, dtype=torch.float64,
-                   fast_kwargs=None):
+                   fast_kwargs=None, device="cpu"):
     """fastkd's loss (key ``fastkd.<orig_key>``, ``fast_kwargs`` or the same kwargs) == torchdistill's
     ``orig_key`` built from ``kwargs``, in value and in the gradients of every student (and, with
     ``teacher_grad``, teacher) tensor."""
-    s_spec = {k: x.to(dtype) for k, x in s_spec.items()}
-    t_spec = {k: x.to(dtype) for k, x in t_spec.items()}
+    s_spec = {k: x.to(device, dtype) for k, x in s_spec.items()}
+    t_spec = {k: x.to(device, dtype) for k, x in t_spec.items()}
+    targets = targets.to(device) if isinstance(targets, torch.Tensor) else targets
     fast = _build("fastkd." + orig_key, kwargs if fast_kwargs is None else fast_kwargs)
     orig = _build(orig_key, kwargs)
     assert isinstance(fast, ftd.LOSSES["fastkd." + orig_key])
@@ -112,11 +113,11 @@ KD_CONFIGS = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 2), (3, 7), (17, 100)])
 @pytest.mark.parametrize("config", KD_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_kd_loss(config, shape, dtype):
+def test_kd_loss(config, shape, dtype, device):
     kwargs = dict(KD_IO, **config)
     s, t = _logits(shape, 1), _logits(shape, 2)
     y = _targets(shape[0], shape[1], 3)
-    assert_matches("KDLoss", kwargs, s, t, y, dtype=dtype, teacher_grad=True)
+    assert_matches("KDLoss", kwargs, s, t, y, dtype=dtype, teacher_grad=True, device=device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -146,25 +147,28 @@ def test_kd_loss_mixed_branch_runs_fused(monkeypatch):
     dict(label_smoothing=0.1),
     dict(ignore_index=3),     # some targets are 3: they drop out of the CE but their rows stay in the KL
 ], ids=["label_smoothing", "ignored_targets"])
-def test_kd_loss_cross_entropy_kwargs(ce_kwargs, dtype):
+def test_kd_loss_cross_entropy_kwargs(ce_kwargs, dtype, device):
     y = _targets(12, 5, 9)
     y[::3] = 3
     kwargs = dict(KD_IO, temperature=2.0, alpha=0.4, **ce_kwargs)
-    value = assert_matches("KDLoss", kwargs, _logits((12, 5), 10), _logits((12, 5), 11), y, dtype=dtype)
+    value = assert_matches("KDLoss", kwargs, _logits((12, 5), 10), _logits((12, 5), 11), y, dtype=dtype, device=device)
     # not vacuous: the fused mix (rows with an ignored target dropped from the KL too) is another number
     s, t = _logits((12, 5), 10)[(".", "output")].to(dtype), _logits((12, 5), 11)[(".", "output")].to(dtype)
     fused = fastkd.kd_loss(s, t, 2.0, labels=y, alpha=0.4, ignore_index=ce_kwargs.get("ignore_index", -100))
-    assert (fused - value).abs() > 1e-3
+    assert (fused - value.cpu()).abs() > 1e-3
 
 
-@pytest.mark.parametrize("config", [dict(temperature=2.0, alpha=0.0), dict(temperature=2.0, alpha=0.0, reduction="mean"),
-                                    dict(temperature=3.0, alpha=0.5), dict(temperature=3.0, alpha=0.5, reduction="sum")],
-                         ids=["soft-batchmean", "soft-mean", "mixed-batchmean", "mixed-sum"])
-def test_kd_loss_segmentation_shaped_logits(config):
+@pytest.mark.parametrize("config", [
+    dict(temperature=2.0, alpha=0.0),
+    dict(temperature=2.0, alpha=0.0, reduction="mean"),
+    dict(temperature=3.0, alpha=0.5),
+    dict(temperature=3.0, alpha=0.5, reduction="sum"),
+], ids=["soft-batchmean", "soft-mean", "mixed-batchmean", "mixed-sum"])
+def test_kd_loss_segmentation_shaped_logits(config, device):
     """[N, C, H, W] logits: torchdistill's softmax over dim 1, KLDivLoss's batchmean over N."""
     kwargs = dict(KD_IO, **config)
     y = _targets((2, 3, 5), 6, 12)
-    assert_matches("KDLoss", kwargs, _logits((2, 6, 3, 5), 13), _logits((2, 6, 3, 5), 14), y)
+    assert_matches("KDLoss", kwargs, _logits((2, 6, 3, 5), 13), _logits((2, 6, 3, 5), 14), y, device=device)
 
 
 def test_kd_loss_alpha_and_beta_none():
@@ -184,10 +188,10 @@ def test_kd_loss_alpha_and_beta_none():
     dict(temperature=3.0, eps=1e-3, alpha=0.2, reduction="sum"),
 ], ids=["mixed", "soft", "mixed-sum-eps"])
 @pytest.mark.parametrize("shape", [(2, 3), (9, 50)])
-def test_logit_std_kd_loss(config, shape, dtype):
+def test_logit_std_kd_loss(config, shape, dtype, device):
     kwargs = dict(KD_IO, **config)
     assert_matches("LogitStdKDLoss", kwargs, _logits(shape, 20), _logits(shape, 21), _targets(shape[0], shape[1], 22),
-                   dtype=dtype, teacher_grad=True)
+                   dtype=dtype, teacher_grad=True, device=device)
 
 
 def test_logit_std_kd_loss_three_dim_logits():
@@ -207,11 +211,12 @@ def _features(path, shape, seed, offset=0.0):
 @pytest.mark.parametrize("factors", [(1.0, 2.0), (25.0, 50.0), (0.0, 2.0), (1.0, 0)], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("shapes", [((2, 3), (2, 5)), ((7, 5), (7, 11)), ((6, 3, 2, 2), (6, 4, 3))], ids=str)
-def test_rkd_loss(shapes, reduction, factors, dtype):
+def test_rkd_loss(shapes, reduction, factors, dtype, device):
     kwargs = dict(student_output_path="layer4", teacher_output_path="fc", dist_factor=factors[0],
                   angle_factor=factors[1], reduction=reduction)
     # the teacher gets no gradient in either (torchdistill computes its side under no_grad)
-    assert_matches("RKDLoss", kwargs, _features("layer4", shapes[0], 30), _features("fc", shapes[1], 31), dtype=dtype)
+    assert_matches("RKDLoss", kwargs, _features("layer4", shapes[0], 30), _features("fc", shapes[1], 31), dtype=dtype,
+                   device=device)
 
 
 def test_rkd_loss_factor_none_is_zero():
@@ -228,16 +233,16 @@ def test_rkd_loss_factor_none_is_zero():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean"])
 @pytest.mark.parametrize("shapes", [((1, 4), (1, 6)), ((5, 8), (5, 3)), ((6, 3, 2, 2), (6, 7))], ids=str)
-def test_spkd_loss(shapes, reduction, dtype):
+def test_spkd_loss(shapes, reduction, dtype, device):
     kwargs = dict(student_output_path="layer4", teacher_output_path="layer4", reduction=reduction)
     assert_matches("SPKDLoss", kwargs, _features("layer4", shapes[0], 40), _features("layer4", shapes[1], 41),
-                   dtype=dtype, teacher_grad=True)
+                   dtype=dtype, teacher_grad=True, device=device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("eps", [None, 1e-5])
 @pytest.mark.parametrize("shapes", [((2, 3), (2, 3)), ((9, 16), (9, 7))], ids=str)
-def test_pkt_loss(shapes, eps, dtype):
+def test_pkt_loss(shapes, eps, dtype, device):
     kwargs = dict(student_module_path="fc", student_module_io="input", teacher_module_path="fc",
                   teacher_module_io="input")
     if eps is not None:
@@ -245,7 +250,7 @@ def test_pkt_loss(shapes, eps, dtype):
     g = torch.Generator().manual_seed(50)
     s = {("fc", "input"): torch.randn(*shapes[0], generator=g, dtype=torch.float64)}
     t = {("fc", "input"): torch.randn(*shapes[1], generator=g, dtype=torch.float64)}
-    assert_matches("PKTLoss", kwargs, s, t, dtype=dtype, teacher_grad=True)
+    assert_matches("PKTLoss", kwargs, s, t, dtype=dtype, teacher_grad=True, device=device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -256,13 +261,13 @@ def test_pkt_loss(shapes, eps, dtype):
 ], ids=["gaussian-0.4-2", "gaussian-0.1-5", "bilinear"])
 @pytest.mark.parametrize("reduction", ["batchmean", "sum"])
 @pytest.mark.parametrize("shapes", [((1, 3), (1, 3)), ((6, 8), (6, 5))], ids=str)
-def test_cckd_loss(shapes, reduction, kernel_config, dtype):
+def test_cckd_loss(shapes, reduction, kernel_config, dtype, device):
     kwargs = dict(student_linear_path="linear", teacher_linear_path="linear", kernel_config=kernel_config,
                   reduction=reduction)
     # unit-scale rows, as Linear4CCKD's outputs: the Taylor terms stay O(1)
     s = {k: 0.4 * x for k, x in _features("linear", shapes[0], 60).items()}
     t = {k: 0.4 * x for k, x in _features("linear", shapes[1], 61).items()}
-    assert_matches("CCKDLoss", kwargs, s, t, dtype=dtype, teacher_grad=True)
+    assert_matches("CCKDLoss", kwargs, s, t, dtype=dtype, teacher_grad=True, device=device)
 
 
 # ---- ATLoss ----------------------------------------------------------------------------------------------
@@ -287,9 +292,10 @@ def _at_maps(n):
 @pytest.mark.parametrize("mode", ["code", "paper"])
 @pytest.mark.parametrize("weights", [(1,), (1, 0.5, 2.0), (1.0, -0.5, 0)], ids=str)
 @pytest.mark.parametrize("n", [1, 4])
-def test_at_loss(n, weights, mode, dtype):
+def test_at_loss(n, weights, mode, dtype, device):
     s, t = _at_maps(n)
-    assert_matches("ATLoss", dict(at_pairs=_at_pairs(weights), mode=mode), s, t, dtype=dtype, teacher_grad=True)
+    assert_matches("ATLoss", dict(at_pairs=_at_pairs(weights), mode=mode), s, t, dtype=dtype, teacher_grad=True,
+                   device=device)
 
 
 @pytest.mark.parametrize("mode", ["code", "paper"])
