@@ -108,12 +108,12 @@ def _io(io_dict: Mapping[str, Any], path: str, io: str, side: str) -> torch.Tens
     try:
         entry = io_dict[path]
     except KeyError:
-        raise KeyError(f"{side}_io_dict has no module path {path!r} (it has {sorted(io_dict)}): the forward hooks of "
+        raise KeyError(f"{side}_io_dict has no module path {path!r} (it has {list(io_dict)}): the forward hooks of "
                        "torchdistill record only the paths a config names") from None
     try:
         return entry[io]
     except KeyError:
-        raise KeyError(f"{side}_io_dict[{path!r}] has no {io!r} (it has {sorted(entry)})") from None
+        raise KeyError(f"{side}_io_dict[{path!r}] has no {io!r} (it has {list(entry)})") from None
 
 
 def _real_or_none(name: str, value) -> Optional[float]:
