@@ -188,6 +188,12 @@ def fastkd_fused_linear(h: torch.Tensor, w: torch.Tensor, inp: tuple, T: float) 
                                        scale_by_temperature=False)  # the bare KL, as the eager rows
 
 
+def fastkd_fused_linear_softcap(h: torch.Tensor, w: torch.Tensor, inp: tuple, T: float) -> torch.Tensor:
+    """fastkd fused with Gemma-2's final logit softcap (30) on the student head: its cost next to the row above."""
+    return fastkd.fused_linear_kd_loss(h, w, inp[0], temperature=T, labels=inp[1], ignore_index=IGNORE_INDEX,
+                                       scale_by_temperature=False, student_softcap=30.0)
+
+
 def fastkd_fused_linear_head(h: torch.Tensor, w: torch.Tensor, inp: tuple, T: float) -> torch.Tensor:
     """The teacher as hidden states + lm_head (its logits computed chunk by chunk too), as Liger-Kernel takes it."""
     return fastkd.fused_linear_kd_loss(h, w, fastkd.TeacherHead(inp[2], inp[3]), temperature=T, labels=inp[1],
@@ -316,6 +322,8 @@ def implementations(loss: str, device: str, compile_baseline: bool = True,
         if not spec.sweep:
             impls["fastkd unfused"] = fastkd_unfused_linear
         impls["fastkd fused"] = fastkd_fused_linear
+        if not spec.sweep:
+            impls["fastkd fused softcap"] = fastkd_fused_linear_softcap
         if not spec.sweep and device == "cuda":
             impls.update(liger.fused_linear_steps(LLM_TEMPERATURE))
             impls["fastkd head"] = fastkd_fused_linear_head

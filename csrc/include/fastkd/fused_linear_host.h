@@ -143,11 +143,13 @@ inline void apply_head_transform(at::Tensor z, const HeadTransform& h, at::Tenso
     if (h.scale != 1.0) z.mul_(h.scale);
     return;
   }
+  // In-place and tensor-tensor forms only: ATen's out= form with a Scalar multiplies into a temporary and copies.
+  z.mul_(h.scale / h.softcap);
   if (keep_tanh.defined()) {
-    at::mul_out(keep_tanh, z, h.scale / h.softcap).tanh_();
-    at::mul_out(z, keep_tanh, h.softcap);
+    at::tanh_out(keep_tanh, z);
+    at::mul_out(z, keep_tanh, at::scalar_tensor(h.softcap, z.options().device(at::kCPU)));
   } else {
-    z.mul_(h.scale / h.softcap).tanh_().mul_(h.softcap);
+    z.tanh_().mul_(h.softcap);
   }
 }
 
