@@ -84,6 +84,17 @@ def _trl_logit_transforms(config: Any) -> Tuple[float, Optional[float]]:
     return (1.0 if scale is None else float(scale)), getattr(config, "final_logit_softcapping", None)
 
 
+def _transform_logits(logits: torch.Tensor, head_keywords: Dict[str, float], role: str) -> torch.Tensor:
+    """The model's logits from its lm_head's output: the logit scale, then the softcap (TRL's and the models'
+    order)."""
+    scale, cap = head_keywords.get(f"{role}_logit_scale"), head_keywords.get(f"{role}_softcap")
+    if scale is not None:
+        logits = logits * scale
+    if cap is not None:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
 def _text_config(config: Any) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
@@ -410,7 +421,9 @@ def _build_gkd_trainer() -> type:
                 student_hidden[:, :-1].to(device), student_head, teacher_hidden[:, :-1].to(device), teacher_head,
                 inputs["labels"][:, 1:].to(device) != _IGNORE_INDEX, beta=self.beta, temperature=1.0,
                 num_items_in_batch=num_items_in_batch, head_keywords=self._fastkd_head_keywords)
-            logits = student_head(student_hidden) if with_logits else None
+            logits = None
+            if with_logits:  # what TRL returns (the model's logits), built only when asked for
+                logits = _transform_logits(student_head(student_hidden), self._fastkd_head_keywords, "student")
             return loss, logits
 
     FastKDGKDTrainer.__module__ = __name__
