@@ -275,7 +275,8 @@ from trl import DistillationTrainer as _DistillationTrainer  # noqa: E402
 
 class FastKDDistillationTrainer(_DistillationTrainer):
     """``trl.DistillationTrainer`` with the loss computed by :func:`fastkd.fused_linear_kd_loss` (TRL's own
-    chunked loss replaced; everything else, generation included, is TRL's).
+    chunked loss replaced; everything else, generation included, is TRL's). It also stands for
+    ``trl.experimental.distillation.DistillationTrainer``, a deprecated alias of the same class.
 
     Same arguments as ``trl.DistillationTrainer``, plus:
 
@@ -302,8 +303,10 @@ class FastKDDistillationTrainer(_DistillationTrainer):
                 self.accelerator.unwrap_model(self.model).config,
                 self.accelerator.unwrap_model(self.teacher_model).config)
 
-    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
-        # The same inputs and hidden states as TRL's `_compute_loss`; the loss through fastkd.
+    def _compute_loss(self, unwrapped_student: nn.Module, inputs: Dict[str, Any],
+                      num_items_in_batch: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """TRL's ``_compute_loss`` (run inside the student wrapper's forward by TRL's ``compute_loss``): the same
+        inputs and hidden states, the loss through fastkd. Returns ``(loss, entropy sum, counted tokens)``."""
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         completion_mask = inputs["completion_mask"]
@@ -397,7 +400,10 @@ def _build_gkd_trainer() -> type:
                 self.accelerator.unwrap_model(self.model).config,
                 self.accelerator.unwrap_model(self.teacher_model).config)
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        def compute_loss(self, model: nn.Module, inputs: Dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None):
+            """TRL's ``compute_loss`` through fastkd: the loss, or ``(loss, outputs)`` with ``outputs.logits``
+            the student's logits (built only then)."""
             unwrapped = self.accelerator.unwrap_model(model)
             # the accelerator's autocast: the forward TRL calls carries it, the redirected one does not
             with self.accelerator.autocast():
@@ -406,7 +412,8 @@ def _build_gkd_trainer() -> type:
             empty_cache()
             return (loss, CausalLMOutputWithPast(loss=loss, logits=logits)) if return_outputs else loss
 
-        def _fastkd_loss(self, unwrapped, inputs, num_items_in_batch, with_logits):
+        def _fastkd_loss(self, unwrapped: nn.Module, inputs: Dict[str, Any], num_items_in_batch: Any,
+                         with_logits: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
             input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
             student_hidden = _last_hidden_state(unwrapped, input_ids, attention_mask)
             self.teacher_model.eval()
@@ -427,6 +434,7 @@ def _build_gkd_trainer() -> type:
             return loss, logits
 
     FastKDGKDTrainer.__module__ = __name__
+    FastKDGKDTrainer.__qualname__ = "FastKDGKDTrainer"  # found by pickle through this module's __getattr__
     return FastKDGKDTrainer
 
 
