@@ -202,8 +202,11 @@ def _prompts(n, seed=1):
                                                                        generator=g))} for _ in range(n)]
 
 
-def _distill_run(cls, tmp_path, *, beta, temperature, batches, grad_accum=1, dtype=torch.float32):
+def _distill_run(cls, tmp_path, *, beta, temperature, batches, grad_accum=1, dtype=torch.float32, configs=None):
     student, teacher = (m.to(dtype) for m in _models())
+    for model, settings in zip((student, teacher), configs or ({}, {})):
+        for key, value in settings.items():  # TRL's chunked loss reads these from the configs, as fastkd does
+            setattr(model.config, key, value)
     head_calls = _forbid_head_calls(student, teacher)
     initial = {n: p.detach().clone() for n, p in student.named_parameters()}
     args = trl.DistillationConfig(
@@ -247,6 +250,22 @@ def test_distillation_trainer_matches_trl(tmp_path, beta, temperature, grad_accu
     _assert_same_run(ref_losses, losses, ref_model, model, initial)
     assert len(entropy) == len(ref_entropy) == 3
     torch.testing.assert_close(torch.tensor(entropy), torch.tensor(ref_entropy), rtol=1e-5, atol=0.0)
+
+
+def test_distillation_trainer_matches_trl_with_softcapped_and_scaled_heads(tmp_path):
+    """A Gemma-2 style softcap on the student, a Cohere style logit scale and a softcap on the teacher: TRL's
+    chunked loss applies them from the configs; fastkd reads them (head_options) into the fused head."""
+    configs = ({"final_logit_softcapping": 2.0}, {"logit_scale": 0.5, "final_logit_softcapping": 3.0})
+    batches = []
+    ref = _distill_run(trl.DistillationTrainer, tmp_path, beta=0.5, temperature=1.5, batches=batches,
+                       configs=configs)
+    ours = _distill_run(fk_trl.FastKDDistillationTrainer, tmp_path, beta=0.5, temperature=1.5, batches=batches,
+                        configs=configs)
+    _assert_same_run(ref[0], ours[0], ref[1], ours[1], ref[2])
+    # and the transforms matter: without them the first loss differs
+    plain = _distill_run(fk_trl.FastKDDistillationTrainer, tmp_path, beta=0.5, temperature=1.5,
+                         batches=list(batches[:3]))
+    assert abs(plain[0][0] - ref[0][0]) > 1e-3 * abs(ref[0][0])
 
 
 # --- compute_loss outside training: no num_items_in_batch, return_outputs, all tokens masked ---
@@ -346,29 +365,24 @@ def test_generalized_jsd_loss_matches_trl(beta):
                 torch.testing.assert_close(student.grad, ref_student.grad, rtol=1e-4, atol=1e-7, msg=str(kw))
 
 
-# --- logit transforms (softcap, logit scale): refused until fastkd applies them ---
+# --- logit transforms (softcap, logit scale): read as TRL reads them, applied by the fused head ---
 
-def test_head_keywords(monkeypatch):
+def test_head_keywords():
     from types import SimpleNamespace as C
 
     plain = C(model_type="llama")
     assert fk_trl._head_keywords(plain, plain) == {}
     gemma = C(model_type="gemma2", final_logit_softcapping=30.0)
-    with pytest.raises(NotImplementedError, match="teacher.*final_logit_softcapping=30.0"):
-        fk_trl._head_keywords(plain, gemma)
     cohere, granite = C(model_type="cohere", logit_scale=0.0625), C(model_type="granite", logits_scaling=8.0)
-    # TRL's reading of the scale (DistillationTrainer._compute_loss)
-    assert fk_trl._trl_logit_transforms(cohere) == (0.0625, None)
-    assert fk_trl._trl_logit_transforms(granite) == (0.125, None)
-    assert fk_trl._trl_logit_transforms(C(model_type="hyperclovax", logits_scaling=2.0)) == (2.0, None)
-    assert fk_trl._trl_logit_transforms(C(model_type="falcon_h1", lm_head_multiplier=0.5)) == (0.5, None)
-    assert fk_trl._trl_logit_transforms(C(model_type="mpt", logit_scale=None)) == (1.0, None)
-    with pytest.raises(NotImplementedError, match="student.*logit scale of 0.125"):
-        fk_trl._head_keywords(granite, plain)
-    # once fastkd reads them (fastkd.integrations.head_options), they become the fused head's keywords
-    monkeypatch.setattr(fk_trl, "_head_options", lambda config: {
-        "gemma2": {"softcap": 30.0}, "cohere": {"logit_scale": 0.0625}}.get(config.model_type, {}))
+    # TRL's reading of the scale (DistillationTrainer._compute_loss), and fastkd's the same
+    cases = [(cohere, 0.0625), (granite, 0.125), (C(model_type="hyperclovax", logits_scaling=2.0), 2.0),
+             (C(model_type="falcon_h1", lm_head_multiplier=0.5), 0.5), (C(model_type="mpt", logit_scale=None), 1.0)]
+    for config, scale in cases:
+        assert fk_trl._trl_logit_transforms(config) == (scale, None)
+        expected = {} if scale == 1.0 else {"student_logit_scale": scale}
+        assert fk_trl._head_keywords(config, plain) == expected
     assert fk_trl._head_keywords(cohere, gemma) == {"student_logit_scale": 0.0625, "teacher_softcap": 30.0}
+    assert fk_trl._head_keywords(plain, granite) == {"teacher_logit_scale": 0.125}
 
 
 def test_import_error_names_the_extra(monkeypatch):

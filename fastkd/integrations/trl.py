@@ -46,6 +46,7 @@ except ImportError as _err:  # pragma: no cover - exercised by a test that hides
 from torch import nn
 
 import fastkd
+from fastkd.integrations import head_options
 
 __all__ = ["FastKDDistillationTrainer", "FastKDGKDTrainer"]
 
@@ -58,13 +59,9 @@ _IGNORE_INDEX = -100  # TRL's generalized_jsd_loss masks `labels != -100` (a lit
 
 def _head_options(model_config: Any) -> Dict[str, float]:
     """The fused head's logit transforms for one model, unprefixed: ``{"softcap": cap, "logit_scale": s}``
-    (each key only when the model applies it). Today: ``{}`` (fastkd's fused head applies neither yet).
-
-    TODO(lead): return what ``fastkd.integrations.head_options(model_config)`` reads (Gemma-2
-    ``final_logit_softcapping``, Cohere ``logit_scale``), in this unprefixed form; :func:`_head_keywords` adds the
-    ``student_`` / ``teacher_`` prefixes of ``fused_linear_kd_loss``'s keywords.
-    """
-    return {}
+    (each key only when the model applies it), from :func:`fastkd.integrations.head_options`;
+    :func:`_head_keywords` adds the ``student_`` / ``teacher_`` prefixes of ``fused_linear_kd_loss``'s keywords."""
+    return {key[len("student_"):]: value for key, value in head_options(model_config).items()}
 
 
 def _trl_logit_transforms(config: Any) -> Tuple[float, Optional[float]]:
@@ -101,8 +98,8 @@ def _text_config(config: Any) -> Any:
 
 def _head_keywords(student_config: Any, teacher_config: Any) -> Dict[str, float]:
     """Keywords of :func:`fastkd.fused_linear_kd_loss` for the two heads' logit transforms, from the models'
-    configs; NotImplementedError where a model transforms its logits (TRL applies that transform) and fastkd is
-    not given it, rather than a silently different loss."""
+    configs (:func:`fastkd.integrations.head_options`); NotImplementedError where TRL's reading finds a transform
+    that reading does not (never expected: the two read the same names), rather than a silently different loss."""
     keywords: Dict[str, float] = {}
     for role, config in (("student", student_config), ("teacher", teacher_config)):
         config = _text_config(config)
@@ -116,7 +113,7 @@ def _head_keywords(student_config: Any, teacher_config: Any) -> Dict[str, float]
         if missing:
             raise NotImplementedError(
                 f"the {role} model ({getattr(config, 'model_type', type(config).__name__)}) transforms its logits "
-                f"({', '.join(missing)}), which TRL's loss applies and this fastkd integration does not apply yet"
+                f"({', '.join(missing)}), which TRL's loss applies and fastkd.integrations.head_options does not read"
             )
         keywords.update({f"{role}_{name}": value for name, value in options.items()})
     return keywords
@@ -290,8 +287,9 @@ class FastKDDistillationTrainer(_DistillationTrainer):
     ``softmax(z_t / T)``, ``T = args.temperature``, no ``T^2``; summed and divided by ``num_items_in_batch`` (in
     training: TRL's count of completion tokens over the generation batch, at least 1, over the number of
     processes) or, without it (evaluation), by the local count of completion tokens (at least 1). Differences:
-    the head GEMMs run in the dtype of the lm_head weights (TRL: autocast's dtype under autocast); logit
-    transforms (softcap, logit scale) fastkd does not apply yet are refused at construction.
+    the head GEMMs run in the dtype of the lm_head weights (TRL: autocast's dtype under autocast). The heads'
+    logit transforms (softcap, logit scale) are read from the configs as TRL reads them
+    (:func:`fastkd.integrations.head_options`) and applied inside the fused head.
     """
 
     def __init__(self, *args: Any, log_entropy: bool = True, **kwargs: Any) -> None:
@@ -388,8 +386,8 @@ def _build_gkd_trainer() -> type:
         forward, under the accelerator's autocast; the head GEMMs run in the dtype of the lm_head weights. With
         ``return_outputs=True`` (evaluation) the returned outputs hold only the student's ``logits``, computed
         from its hidden states. A ``num_items_in_batch`` of 0 (no completion token in the whole batch) is an
-        error (TRL: a NaN loss). Logit transforms (softcap, logit scale) fastkd does not apply yet are refused at
-        construction.
+        error (TRL: a NaN loss). The heads' logit transforms (softcap, logit scale) are read from the configs
+        (:func:`fastkd.integrations.head_options`) and applied inside the fused head.
         """
 
         generalized_jsd_loss = staticmethod(_generalized_jsd_loss)
