@@ -26,6 +26,8 @@ Conventions shared by every response-based loss:
 * Computed in float32 (float64 for float64 input); the result has the inputs' promoted dtype. Float16
   gradients are recomputed in backward under a loss scale (an upstream gradient != 1), so that entries
   below float16's range are not flushed before the scale applies. Double backward raises.
+* DTensor inputs on a 1-D mesh: ``Shard(-1)`` logits run vocabulary-parallel, row shards locally with the
+  global count, replicated ones locally (:mod:`fastkd._dtensor`).
 """
 
 from __future__ import annotations
