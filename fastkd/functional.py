@@ -26,6 +26,8 @@ Conventions shared by every response-based loss:
 * Computed in float32 (float64 for float64 input); the result has the inputs' promoted dtype. Float16
   gradients are recomputed in backward under a loss scale (an upstream gradient != 1), so that entries
   below float16's range are not flushed before the scale applies. Double backward raises.
+* DTensor inputs on a 1-D mesh: ``Shard(-1)`` logits run vocabulary-parallel, row shards locally with the
+  global count, replicated ones locally (:mod:`fastkd._dtensor`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 
 from fastkd import _ops_loader, reference
 from fastkd import _codegen
+from fastkd import _dtensor
 from fastkd import _validation as v
 from fastkd import relation_functional as _relation
 from fastkd.outputs import LossParts
@@ -135,6 +138,7 @@ def _check_common(student_logits, teacher_logits, labels, temperature, reduction
     return t, n
 
 
+@_dtensor.accepts_dtensor
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -204,6 +208,7 @@ def kd_loss(
     return LossParts(loss, soft, hard) if return_parts else loss
 
 
+@_dtensor.accepts_dtensor
 def reverse_kl_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -233,6 +238,7 @@ def reverse_kl_loss(
                      reduction=reduction, scale_by_temperature=scale_by_temperature)[0]
 
 
+@_dtensor.accepts_dtensor
 def jsd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -278,6 +284,7 @@ def jsd_loss(
                      reduction=reduction)[0]
 
 
+@_dtensor.accepts_dtensor
 def tvd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -301,6 +308,7 @@ def tvd_loss(
                      reduction=reduction)[0]
 
 
+@_dtensor.accepts_dtensor
 def dkd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -348,6 +356,7 @@ def dkd_loss(
                      ignore_index=ignore_index, reduction=reduction, scale_by_temperature=True)[0]
 
 
+@_dtensor.accepts_dtensor
 def _divergence(spec, where: str, student_logits, teacher_logits, params, temperature, *, reduction="batchmean",
                 labels=None, ignore_index=-100, scale_by_temperature=None, num_items_in_batch=None):
     """The response op for any registered divergence. Python checks what the op cannot see (tensor and Python
@@ -389,6 +398,7 @@ divergence_loss = _codegen.make_divergence_loss(_divergence, __name__, _DIVERGEN
 __all__ += ["divergence_loss"] + _codegen.generate_functions(globals(), _divergence, __name__, "fused")
 
 
+@_dtensor.accepts_dtensor
 def topk_kd_loss(
     student_logits: torch.Tensor,
     teacher_topk_values: torch.Tensor,

@@ -22,6 +22,7 @@ from typing import Optional, Union
 
 import torch
 
+from fastkd import _dtensor
 from fastkd import _validation as v
 from fastkd import divergences, reference
 from fastkd.functional import NumItems, _num_items_tensor, _use_kernels
@@ -73,6 +74,7 @@ def _rows(x: Optional[torch.Tensor], last: bool = True) -> Optional[torch.Tensor
     return x.reshape(-1, x.shape[-1]) if last else x.reshape(-1)
 
 
+@_dtensor.accepts_dtensor  # DTensor inputs: fastkd/_dtensor.py
 def fused_linear_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
