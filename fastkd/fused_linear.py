@@ -52,20 +52,25 @@ def default_chunk_size(rows: int, vocab: int, device: Union[str, torch.device] =
 
 
 def _autocast_head(hidden, weight, bias, teacher):
-    """Under ``torch.autocast`` the head's operands in the autocast dtype, as ``F.linear`` would take them
-    (autocast hands over bf16 hidden states with an fp32 lm_head weight); the casts are differentiable, so
-    the gradients reach the original tensors in their dtypes. Outside autocast: unchanged."""
+    """Under ``torch.autocast``, a head whose hidden states, weight and bias have different dtypes (autocast
+    hands over bf16 hidden states with an fp32 lm_head weight) in the autocast dtype, as ``F.linear`` would take
+    them; the casts are differentiable, so the gradients reach the original tensors in their dtypes. A head of
+    one dtype is left as it is, as fastkd's ops take their inputs under autocast (fp32 stays exact fp32).
+    Outside autocast: unchanged (mixed dtypes are then a TypeError)."""
     device_type = hidden.device.type
     if not torch.is_autocast_enabled(device_type):
         return hidden, weight, bias, teacher
     dtype = torch.get_autocast_dtype(device_type)
 
-    def cast(x):
-        return x if x is None or not x.is_floating_point() or x.dtype == torch.float64 else x.to(dtype)
+    def head(*xs):
+        dtypes = {x.dtype for x in xs if isinstance(x, torch.Tensor)}
+        if len(dtypes) < 2 or not all(d.is_floating_point for d in dtypes):
+            return xs
+        return tuple(x if x is None else x.to(dtype) for x in xs)
 
     if isinstance(teacher, TeacherHead):
-        teacher = TeacherHead(cast(teacher.hidden), cast(teacher.weight), cast(teacher.bias))
-    return cast(hidden), cast(weight), cast(bias), teacher
+        teacher = TeacherHead(*head(teacher.hidden, teacher.weight, teacher.bias))
+    return (*head(hidden, weight, bias), teacher)
 
 
 def _rows(x: Optional[torch.Tensor], last: bool = True) -> Optional[torch.Tensor]:
@@ -180,11 +185,12 @@ def fused_linear_kd_loss(
     (4-23% in the gradients of Liger-Kernel's bf16 fused JSD). The logit gradient is rounded to the GEMM
     operand dtype (bf16 on a GPU) only for the gradient GEMMs.
 
-    Autocast: under ``torch.autocast`` the head's hidden states, weight and bias (and a TeacherHead's) are
-    cast to the autocast dtype as ``F.linear`` would cast them (a bf16 hidden state with an fp32 lm_head
-    weight is the usual pair), then computed as above; the gradients reach the original tensors in their own
-    dtypes. Outside autocast the hidden states, weight and bias must share one dtype (TypeError otherwise, as
-    ``F.linear``).
+    Autocast: under ``torch.autocast`` a head whose hidden states, weight and bias have different dtypes (a
+    bf16 hidden state with an fp32 lm_head weight is the usual pair; a TeacherHead's likewise) is cast to the
+    autocast dtype as ``F.linear`` would cast it, then computed as above; the gradients reach the original
+    tensors in their own dtypes. A head of one dtype runs in it, as every fastkd op under autocast (fp32 stays
+    exact fp32). Outside autocast the hidden states, weight and bias must share one dtype (TypeError otherwise,
+    as ``F.linear``).
 
     Returns:
         The loss in float32 (float64 if the hidden states or the teacher are float64), also for bfloat16 /

@@ -254,10 +254,10 @@ def test_autocast_takes_mixed_dtypes():
         loss = fastkd.fused_linear_kd_loss(hidden, weight, TeacherHead(th, tw), labels=labels, chunk_size=3)
     loss.backward()
     assert weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.bfloat16
-    # what autocast computes: the head in bf16 operands, as F.linear under autocast
+    # what autocast computes: the mixed student head in bf16 operands, as F.linear under autocast; the
+    # teacher head, of one dtype (fp32), as it is
     h2, w2 = hidden.detach().clone().requires_grad_(True), w.bfloat16().requires_grad_(True)
-    expected = fastkd.fused_linear_kd_loss(h2, w2, TeacherHead(th.bfloat16(), tw.bfloat16()), labels=labels,
-                                           chunk_size=3)
+    expected = fastkd.fused_linear_kd_loss(h2, w2, TeacherHead(th, tw), labels=labels, chunk_size=3)
     expected.backward()
     assert_close(loss, expected, rtol=0, atol=0, what="loss")
     assert_close(weight.grad, w2.grad.float(), rtol=0, atol=0, what="weight grad")
