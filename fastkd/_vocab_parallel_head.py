@@ -116,8 +116,8 @@ def vocab_parallel_fused_linear_kd_loss(
         scale_by_temperature, num_items_in_batch, return_parts, **params: as in
             :func:`fastkd.fused_linear_kd_loss`; ``labels`` are global vocabulary indices (the cross-entropy
             targets, at ``T = 1``); ``chunk_size=None`` picks :func:`fastkd.fused_linear.default_chunk_size` of
-            the shard (its ``V_r``), and every rank must then have a width giving the same value: pass it
-            explicitly when the shards are uneven. ``"mean"`` divides the distillation term by the counted
+            the gathered head (the global ``V``: the single-process head's chunk, so that each rank's
+            buffers are ``1 / world`` of its). ``"mean"`` divides the distillation term by the counted
             rows times the global ``V``.
 
     Returns:
@@ -150,11 +150,12 @@ def vocab_parallel_fused_linear_kd_loss(
     grad_on = torch.is_grad_enabled()
     want = (grad_on and student_hidden.requires_grad, grad_on and student_weight_shard.requires_grad,
             grad_on and student_bias_shard is not None and student_bias_shard.requires_grad)
-    offset, vocab, widest = _exchange_widths(cfg, rows, student_hidden.shape[-1], width,
+    offset, vocab = _exchange_widths(cfg, rows, student_hidden.shape[-1], width,
                                              0 if chunk_size is None else int(chunk_size), want[0], group,
                                              hidden.device)
-    # the default chunk: the same on every rank, sized for the widest slice
-    chunk = default_chunk_size(rows, widest, hidden.device) if chunk_size is None else int(chunk_size)
+    # the default chunk: the single-process head's on the gathered weight (the same on every rank), so that each
+    # rank's logits buffers are 1/world of its
+    chunk = default_chunk_size(rows, vocab, hidden.device) if chunk_size is None else int(chunk_size)
     _check_global(cfg, vocab, labels, ignore_index)
 
     run = _Run(cfg, hidden, student_weight_shard, student_bias_shard, teacher, labels, ignore_index, offset, vocab,
@@ -268,9 +269,9 @@ class _Shape:
 
 
 def _exchange_widths(cfg: _Config, rows: int, hidden_size: int, width: int, chunk: int, grad_hidden: bool, group,
-                     device) -> Tuple[int, int, int]:
+                     device) -> Tuple[int, int]:
     """The one all-gather before the work: every rank's shard width and the arguments that decide the
-    communication pattern (``chunk`` 0: None). Returns ``(offset, V, the widest slice)``; raises the same ValueError on every rank where they
+    communication pattern (``chunk`` 0: None). Returns ``(offset, V)``; raises the same ValueError on every rank where they
     disagree (a mismatch would otherwise hang or mix rows)."""
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
@@ -289,7 +290,7 @@ def _exchange_widths(cfg: _Config, rows: int, hidden_size: int, width: int, chun
                 "(ranks in order)"
             )
     widths = table[:, 0].tolist()
-    return sum(widths[:rank]), sum(widths), max(widths)
+    return sum(widths[:rank]), sum(widths)
 
 
 def _check_global(cfg: _Config, vocab: int, labels, ignore_index: int) -> None:
@@ -408,11 +409,12 @@ class _Run:
             origin, (sum1, label_logit) = ce_stats
             log_sum1 = sum1.log()
             hard_rows = log_sum1 - label_logit
-            if need_grad:
-                g_ce = (xs - origin.unsqueeze(-1) - log_sum1.unsqueeze(-1)).exp()
+            if need_grad:  # softmax(x) - onehot(y), in place in one [chunk, V_r] temporary
+                g_ce = torch.sub(xs, (origin + log_sum1).unsqueeze(-1)).exp_()
                 if self.width > 0:
                     g_ce[owned, y_local[owned]] -= 1.0
-                grad = grad + w_hard.unsqueeze(-1) * g_ce
+                grad.add_(g_ce.mul_(w_hard.unsqueeze(-1)))
+                del g_ce
         if self.keep is not None:
             keep = self.keep[r0:r1]
             zero = torch.zeros((), dtype=self.cdtype, device=xs.device)
@@ -420,7 +422,7 @@ class _Run:
             if ce:
                 hard_rows = torch.where(keep, hard_rows, zero)
             if grad is not None:
-                grad = torch.where(keep.unsqueeze(-1), grad, zero)
+                grad.masked_fill_(~keep.unsqueeze(-1), 0.0)
         return soft_rows, hard_rows, grad
 
     # ---- the pass over the chunks -------------------------------------------------------------------------
@@ -459,7 +461,8 @@ class _Run:
             if not need_grad:
                 continue
             if factor is not None:
-                grad = grad * factor
+                grad.mul_(factor)
+            del raw, xs, factor
             g_in = grad.to(hidden.dtype)  # the logits' gradient in the input dtype, as the fused head's GEMMs
             if want[0]:
                 g_hidden[r0:r1] = g_in @ weight  # (cast to the compute dtype)
@@ -590,17 +593,17 @@ def _topk_chunk(run: _Run, xs: torch.Tensor, r0: int, r1: int, w_soft, need_grad
 
     grad = None
     if need_grad:
-        z = (xs - o.unsqueeze(-1)) / T
-        grad = (z - log_z.unsqueeze(-1)).exp()
-        # the others: - p_tail * q_j / q_tail (no tail: p_tail = 0)
-        finite_out = torch.where(l_out == -math.inf, zero, l_out)
-        tail = p_tail.unsqueeze(-1) * (z - finite_out.unsqueeze(-1)).exp()
-        grad = grad - torch.where(kept, zero, tail)
-        if width > 0:
-            p_local = torch.zeros((n, width), dtype=dtype, device=device)
-            p_local[ri, col[ri, ki]] = p[ri, ki]
-            grad = grad - p_local
-        grad = grad * (w_soft * (cfg.scale_t2 / T)).unsqueeze(-1)
+        z = torch.sub(xs, o.unsqueeze(-1)).div_(T)
+        grad = torch.sub(z, log_z.unsqueeze(-1)).exp_()  # q
+        if bool((p_tail > 0).any()):  # the others: - p_tail * q_j / q_tail
+            finite_out = torch.where(l_out == -math.inf, zero, l_out)
+            tail = z.sub_(finite_out.unsqueeze(-1)).exp_().mul_(p_tail.unsqueeze(-1)).masked_fill_(kept, 0.0)
+            grad.sub_(tail)
+            del tail
+        del z
+        if width > 0:  # the kept entries: - p_k
+            grad.index_put_((ri, col[ri, ki]), -p[ri, ki], accumulate=True)
+        grad.mul_((w_soft * (cfg.scale_t2 / T)).unsqueeze(-1))
     ce_stats = (o, sums[3:]) if ce else None
     return soft_rows, grad, ce_stats
 

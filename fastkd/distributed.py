@@ -327,8 +327,7 @@ def _divergence_grad(spec, named, xs, xt, shift, log_s, temperature, coef, sum_p
     ``z = x / T`` the tempered student logits (``coef`` carries the ``1 / T`` of the chain rule when the
     gradient of the raw logits is wanted); NaN in :func:`_bad_rows`."""
     grad = _range_grad(spec, named, xs, xt, shift, log_s, temperature, coef, sum_psi_q)
-    nan = torch.full((), math.nan, dtype=xs.dtype, device=xs.device)
-    return torch.where(_bad_rows(shift, log_s).unsqueeze(-1), nan, grad)
+    return grad.masked_fill_(_bad_rows(shift, log_s).unsqueeze(-1), math.nan)  # in place: a fresh tensor
 
 
 def _entry_terms(spec, named, log_p: torch.Tensor, log_q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
