@@ -130,7 +130,9 @@ def vocab_parallel_fused_linear_kd_loss(
     the ``[rows, H]`` hidden-state gradient.
 
     Memory: the ``[chunk_size, V_r]`` logits slices (student, teacher) and their gradient, the weight gradient
-    (accumulated in float32 for half-precision input), never ``O(rows * V)``.
+    (accumulated in float32 for half-precision input), never ``O(rows * V)``. With a scalar reduction the
+    gradients are computed in the forward and handed to autograd once, without a copy: a second backward through
+    the same graph (``retain_graph=True``) is a RuntimeError (the single-process head allows it).
 
     Raises:
         ValueError / TypeError: invalid arguments, with the fused head's messages. Everything that can be
@@ -271,8 +273,8 @@ class _Shape:
 def _exchange_widths(cfg: _Config, rows: int, hidden_size: int, width: int, chunk: int, grad_hidden: bool, group,
                      device) -> Tuple[int, int]:
     """The one all-gather before the work: every rank's shard width and the arguments that decide the
-    communication pattern (``chunk`` 0: None). Returns ``(offset, V)``; raises the same ValueError on every rank where they
-    disagree (a mismatch would otherwise hang or mix rows)."""
+    communication pattern (``chunk`` 0: None). Returns ``(offset, V)``; raises the same ValueError on every rank
+    where they disagree (a mismatch would otherwise hang or mix rows)."""
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     mine = torch.tensor([width, rows, hidden_size, chunk, _KINDS[cfg.kind], cfg.k, int(cfg.hard != 0.0),
@@ -409,8 +411,8 @@ class _Run:
             origin, (sum1, label_logit) = ce_stats
             log_sum1 = sum1.log()
             hard_rows = log_sum1 - label_logit
-            if need_grad:  # softmax(x) - onehot(y), in place in one [chunk, V_r] temporary
-                g_ce = torch.sub(xs, (origin + log_sum1).unsqueeze(-1)).exp_()
+            if need_grad:  # softmax(x) - onehot(y), in place over xs (the chunk's own buffer, not needed after)
+                g_ce = xs.sub_((origin + log_sum1).unsqueeze(-1)).exp_()
                 if self.width > 0:
                     g_ce[owned, y_local[owned]] -= 1.0
                 grad.add_(g_ce.mul_(w_hard.unsqueeze(-1)))
@@ -639,8 +641,15 @@ class _VocabParallelHead(torch.autograd.Function):
             want = tuple(w and ctx.needs_input_grad[i] for i, w in enumerate(ctx.want))
             _, _, gh, gw, gb = ctx.run.run(hidden, weight, bias, grad_out.reshape(-1), want)
         else:
+            if ctx.grads is None:
+                raise RuntimeError(
+                    "vocab_parallel_fused_linear_kd_loss: backward ran a second time (retain_graph=True); the "
+                    "gradients were computed in the forward and are handed over once, without a copy")
+            # copy-free for an upstream gradient of exactly 1 (the usual loss.backward()): the references are
+            # dropped so that autograd takes the tensors as the .grad fields instead of copying them
             g = grad_out.to(ctx.run.cdtype)
-            gh, gw, gb = (None if x is None else x * g for x in ctx.grads)
+            one = bool(g == 1.0)
+            gh, gw, gb = (None if x is None else x if one else x * g for x in ctx.grads)
             ctx.grads = None
         out = []
         for x, like in zip((gh, gw, gb), ctx.run.like):

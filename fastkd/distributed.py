@@ -60,6 +60,10 @@ the kernels, kd_math.h). The statistics (maxima, sums of exponentials) are plain
 are the fused shard kernels ``torch.ops.fastkd.response_shard_terms`` / ``response_shard_grad``, the
 divergence's trait of the single-device kernels in the same coordinates (csrc/include/fastkd/shard_host.h),
 with the spec's formula as the fallback where the kernels are not compiled.
+
+:func:`vocab_parallel_fused_linear_kd_loss` (fastkd/_vocab_parallel_head.py) runs the same phases per chunk of
+rows of a vocabulary-sharded lm_head (the logits slices computed by a local GEMM, never whole), with the fused
+cross-entropy, a top-k teacher of global indices and the softcap / logit-scale transforms.
 """
 
 from __future__ import annotations
@@ -254,8 +258,9 @@ def _row_log_sums(
     rows, width = xs.shape
     n_extra = 0 if extra is None else extra.numel()
     sums = torch.empty(2 * rows + 1 + n_extra, dtype=xs.dtype, device=xs.device)
-    sums[:rows] = _shifted(xs, shift[0], temperature).exp().sum(dim=-1)
-    sums[rows : 2 * rows] = _shifted(xt, shift[1], temperature).exp().sum(dim=-1)
+    # one [rows, V_r] temporary at a time: (x - shift) / T, exponentiated in place
+    sums[:rows] = torch.sub(xs, shift[0].unsqueeze(-1)).div_(temperature).exp_().sum(dim=-1)
+    sums[rows : 2 * rows] = torch.sub(xt, shift[1].unsqueeze(-1)).div_(temperature).exp_().sum(dim=-1)
     sums[2 * rows] = width
     if extra is not None:
         sums[2 * rows + 1 :] = extra.reshape(-1)

@@ -242,6 +242,14 @@ def _bad_runs(world: int, rank: int) -> Dict[str, Optional[str]]:
         torch.arange(K).expand(7, K).clone()
     indices[2, 1] = VOCAB + 1
     out["topk-index-range"] = _expect_error(lambda: vp_head(hidden, w, fastkd.TopKTeacher(values, indices)))
+    hg, wg = hidden.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    loss = vp_head(hg, wg, t)
+    loss.backward(retain_graph=True)
+    try:  # the gradients were computed in the forward and handed over once (no copy): a second backward refuses
+        loss.backward()
+        out["second-backward"] = None
+    except RuntimeError as e:
+        out["second-backward"] = f"RuntimeError: {e}"
     big = torch.randn(7, VOCAB + 1, dtype=torch.float64)
     out["topk-k>V"] = _expect_error(lambda: vp_head(hidden, w, fastkd.TopKTeacher(big, big.argsort(-1))))
     return out
@@ -395,6 +403,7 @@ def test_errors_that_need_the_group(world, tmp_path_factory):
                          "same chunk_size",
         "topk-index-range": f"ValueError: teacher_topk_indices must be in [0, {VOCAB})",
         "topk-k>V": f"ValueError: k (the last dimension of teacher_topk_values) must be in [1, V={VOCAB}]",
+        "second-backward": "RuntimeError: vocab_parallel_fused_linear_kd_loss: backward ran a second time",
     }
     for rank, r in enumerate(ranks):
         for key, start in expected.items():
