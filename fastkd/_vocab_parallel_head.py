@@ -11,8 +11,7 @@ holds rows ``[offset_r, offset_r + V_r)`` of the ``[V, H]`` weight (and of the b
    phases, never the logits; the cross-entropy's global log-sum-exp at ``T = 1`` and the label's logit (from
    the rank owning its column) ride in the statistics phase's all-reduce;
 3. the local gradient of the logits slice, then the local weight (and bias) gradient of this rank's rows and
-   this rank's share of the hidden-state gradient; the hidden-state gradient is all-reduced (SUM) once, at
-   the end.
+   this rank's share of the chunk's hidden-state gradient, all-reduced (SUM) over the group.
 
 A :class:`fastkd.TopKTeacher` holds *global* vocabulary indices; every rank uses the kept entries that fall in
 its slice. Its math (fastkd's ``topk_*`` of kd_math.h) needs, per row, the student's log-sum-exp over the kept
@@ -125,9 +124,9 @@ def vocab_parallel_fused_linear_kd_loss(
         float64 input), a :class:`fastkd.LossParts` with ``return_parts``.
 
     Communication per chunk, on the hidden states' device (any backend): three all-reduces of ``O(chunk)``
-    numbers (two with a TopKTeacher); once per call, an all-gather of a few integers per rank (the shard widths,
-    from which the offsets and ``V`` follow, and the arguments every rank must agree on) and the all-reduce of
-    the ``[rows, H]`` hidden-state gradient.
+    numbers (two with a TopKTeacher) and, when the hidden states require grad, the all-reduce of the chunk's
+    ``[chunk, H]`` hidden-state gradient; once per call, an all-gather of a few integers per rank (the shard
+    widths, from which the offsets and ``V`` follow, and the arguments every rank must agree on).
 
     Memory: the ``[chunk_size, V_r]`` logits slices (student, teacher) and their gradient, the weight gradient
     (accumulated in float32 for half-precision input), never ``O(rows * V)``. With a scalar reduction the
@@ -466,14 +465,14 @@ class _Run:
                 grad.mul_(factor)
             del raw, xs, factor
             g_in = grad.to(hidden.dtype)  # the logits' gradient in the input dtype, as the fused head's GEMMs
-            if want[0]:
-                g_hidden[r0:r1] = g_in @ weight  # (cast to the compute dtype)
+            if want[0]:  # this rank's share, summed over the group chunk by chunk (O(chunk * H) in flight)
+                part = (g_in @ weight).to(cdtype)
+                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=self.group)
+                g_hidden[r0:r1] = part
             if want[1]:
                 g_weight.addmm_(g_in.t().to(acc), h.to(acc))
             if want[2]:
                 g_bias += g_in.to(acc).sum(dim=0)
-        if want[0]:
-            dist.all_reduce(g_hidden, op=dist.ReduceOp.SUM, group=self.group)
         return soft_rows, hard_rows, g_hidden, g_weight, g_bias
 
     def reduce(self, soft_rows: torch.Tensor, hard_rows: torch.Tensor):

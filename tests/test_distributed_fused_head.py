@@ -68,6 +68,13 @@ def _cases(world: int) -> Dict[str, Case]:
                 k = f"{teacher}-{loss}-ce{hard}"
                 cases.append(Case(f"{k}-batchmean", teacher, loss, params, hard=hard))
                 cases.append(Case(f"{k}-none", teacher, loss, params, "none", hard=hard))
+    # every other divergence of the registry the fused head runs, at its first test parameters
+    named = {name for name, _ in divs}
+    for spec in fastkd.divergences.REGISTRY.values():
+        if spec.fused_head and spec.name not in named:
+            params = tuple(sorted(spec.test_params[0].items()))
+            cases.append(Case(f"head-{spec.name}-ce0.4-batchmean", "head", spec.name, params, hard=0.4))
+            cases.append(Case(f"dense-{spec.name}-none", "dense", spec.name, params, "none"))
     for red in ("sum", "mean"):
         for hard in (0.0, 0.4):
             cases.append(Case(f"dense-kl-ce{hard}-{red}", reduction=red, hard=hard))
