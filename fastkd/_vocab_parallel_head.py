@@ -152,8 +152,7 @@ def vocab_parallel_fused_linear_kd_loss(
     want = (grad_on and student_hidden.requires_grad, grad_on and student_weight_shard.requires_grad,
             grad_on and student_bias_shard is not None and student_bias_shard.requires_grad)
     offset, vocab = _exchange_widths(cfg, rows, student_hidden.shape[-1], width,
-                                             0 if chunk_size is None else int(chunk_size), want[0], group,
-                                             hidden.device)
+                                     0 if chunk_size is None else int(chunk_size), want[0], group, hidden.device)
     # the default chunk: the single-process head's on the gathered weight (the same on every rank), so that each
     # rank's logits buffers are 1/world of its
     chunk = default_chunk_size(rows, vocab, hidden.device) if chunk_size is None else int(chunk_size)
@@ -473,6 +472,7 @@ class _Run:
                 g_weight.addmm_(g_in.t().to(acc), h.to(acc))
             if want[2]:
                 g_bias += g_in.to(acc).sum(dim=0)
+            del grad, g_in  # before the next chunk's logits: one chunk's buffers alive at a time
         return soft_rows, hard_rows, g_hidden, g_weight, g_bias
 
     def reduce(self, soft_rows: torch.Tensor, hard_rows: torch.Tensor):
