@@ -36,9 +36,10 @@ def fused_linear_losses() -> Tuple[str, ...]:
     return divergences.names(fused_head=True)
 
 
-def check_linear_head(hidden, weight, bias, lead: Optional[tuple], names: tuple) -> None:
+def check_linear_head(hidden, weight, bias, lead: Optional[tuple], names: tuple, allow_empty: bool = False) -> None:
     """hidden ``[..., H]`` (leading dimensions ``lead`` when given), weight ``[V, H]``, bias ``[V]`` or None: one
-    float dtype (the matmul needs it), one device, ``V >= 1``."""
+    float dtype (the matmul needs it), one device, ``V >= 1`` (``V = 0`` with ``allow_empty``: a vocabulary-parallel
+    rank's empty slice)."""
     h_name, w_name, b_name = names
     _check_float_tensor(hidden, h_name, 1)
     _check_float_tensor(weight, w_name, 2)
@@ -46,7 +47,7 @@ def check_linear_head(hidden, weight, bias, lead: Optional[tuple], names: tuple)
         raise ValueError(
             f"{w_name} must have shape [V, {hidden.shape[-1]}] ({h_name}'s last dimension), got {tuple(weight.shape)}"
         )
-    if weight.shape[0] == 0:
+    if weight.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{w_name}: the vocabulary (first) dimension must not be empty")
     if lead is not None and tuple(hidden.shape[:-1]) != lead:
         raise ValueError(

@@ -60,6 +60,10 @@ the kernels, kd_math.h). The statistics (maxima, sums of exponentials) are plain
 are the fused shard kernels ``torch.ops.fastkd.response_shard_terms`` / ``response_shard_grad``, the
 divergence's trait of the single-device kernels in the same coordinates (csrc/include/fastkd/shard_host.h),
 with the spec's formula as the fallback where the kernels are not compiled.
+
+:func:`vocab_parallel_fused_linear_kd_loss` (fastkd/_vocab_parallel_head.py) runs the same phases per chunk of
+rows of a vocabulary-sharded lm_head (the logits slices computed by a local GEMM, never whole), with the fused
+cross-entropy, a top-k teacher of global indices and the softcap / logit-scale transforms.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ from fastkd import _validation as v
 from fastkd import divergences
 from fastkd.reference import _dtypes
 
-__all__ = ["vocab_parallel_kd_loss", "LOSSES"]
+__all__ = ["vocab_parallel_kd_loss", "vocab_parallel_fused_linear_kd_loss", "LOSSES"]
 
 LOSSES = v.fused_linear_losses()  # the divergences it runs (every registered one but "dkd")
 
@@ -218,26 +222,53 @@ def _global_log_normalizers(
     ``shift [2, rows]`` the global row maxima of the raw logits (student, teacher; 0 for a row with no finite
     maximum, so that an all ``-inf`` row stays ``-inf`` and not NaN), ``log_s [2, rows]`` the global
     ``log sum_j exp((x_j - shift) / T)`` (0 for a row with no mass), whether the teacher row has mass, and the
-    global vocabulary size. Two all-reduces. The log-probabilities are then ``(x - shift) / T - log_s``."""
+    global vocabulary size. Two all-reduces (:func:`_row_shift`, :func:`_row_log_sums`). The log-probabilities
+    are then ``(x - shift) / T - log_s``."""
+    shift = _row_shift(xs, xt, group)
+    log_s, sum_exp, vocab, _ = _row_log_sums(xs, xt, shift, temperature, group)
+    return shift, log_s, sum_exp[1] > 0, vocab
+
+
+def _row_shift(xs: torch.Tensor, xt: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """The statistics phase, part 1 (one all-reduce MAX of ``[2, rows]``): ``shift [2, rows]``, the global row
+    maxima of the raw student and teacher logits ``[rows, V_r]``, 0 for a row with no finite maximum (an all
+    ``-inf`` row stays ``-inf``, not NaN; ``+inf`` and NaN stay in the shift and make the row NaN)."""
     rows, width = xs.shape
-    neg_inf = torch.full((), -math.inf, dtype=xs.dtype, device=xs.device)
-    maxima = neg_inf.expand(2, rows).clone()
+    maxima = torch.full((2, rows), -math.inf, dtype=xs.dtype, device=xs.device)
     if width > 0:
         maxima[0] = xs.amax(dim=-1)
         maxima[1] = xt.amax(dim=-1)
     dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
-    # an all -inf row: shift 0 (exp(-inf) = 0); +inf or NaN stay in the shift and make the row NaN
-    shift = torch.where(maxima == -math.inf, torch.zeros_like(maxima), maxima)
+    return torch.where(maxima == -math.inf, torch.zeros_like(maxima), maxima)
 
-    sums = torch.empty(2 * rows + 1, dtype=xs.dtype, device=xs.device)
-    sums[:rows] = _shifted(xs, shift[0], temperature).exp().sum(dim=-1)
-    sums[rows : 2 * rows] = _shifted(xt, shift[1], temperature).exp().sum(dim=-1)
+
+def _row_log_sums(
+    xs: torch.Tensor,
+    xt: torch.Tensor,
+    shift: torch.Tensor,
+    temperature: float,
+    group: Optional[dist.ProcessGroup],
+    extra: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The statistics phase, part 2 (one all-reduce SUM of ``2 * rows + 1`` numbers, plus ``extra``):
+    ``(log_s, sum_exp, vocab, extra)`` with ``sum_exp [2, rows]`` the global ``sum_j exp((x_j - shift) / T)``
+    (student, teacher), ``log_s`` its log (0 for a row with no mass), ``vocab`` the global vocabulary size
+    (the sum of the shard widths) and ``extra`` (``[k, rows]`` per-row partial sums of the caller, e.g. the
+    fused head's cross-entropy terms) summed over the group in the same all-reduce (None if not given)."""
+    rows, width = xs.shape
+    n_extra = 0 if extra is None else extra.numel()
+    sums = torch.empty(2 * rows + 1 + n_extra, dtype=xs.dtype, device=xs.device)
+    # one [rows, V_r] temporary at a time: (x - shift) / T, exponentiated in place
+    sums[:rows] = torch.sub(xs, shift[0].unsqueeze(-1)).div_(temperature).exp_().sum(dim=-1)
+    sums[rows : 2 * rows] = torch.sub(xt, shift[1].unsqueeze(-1)).div_(temperature).exp_().sum(dim=-1)
     sums[2 * rows] = width
+    if extra is not None:
+        sums[2 * rows + 1 :] = extra.reshape(-1)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     sum_exp, vocab = sums[: 2 * rows].reshape(2, rows), sums[2 * rows]
-
     log_s = torch.where(sum_exp == 0, torch.zeros_like(sum_exp), sum_exp.log())
-    return shift, log_s, sum_exp[1] > 0, vocab
+    reduced = None if extra is None else sums[2 * rows + 1 :].reshape(extra.shape)
+    return log_s, sum_exp, vocab, reduced
 
 
 def _shifted(x: torch.Tensor, shift: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -279,6 +310,31 @@ def _range_grad(spec, named, xs, xt, shift, log_s, temperature, coef, sum_psi_q)
     return coef.unsqueeze(-1) * (psi_q - log_q.exp() * sum_psi_q.unsqueeze(-1))
 
 
+def _bad_rows(shift: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
+    """``[rows]``: rows with a NaN or ``+inf`` logit on some rank (in the shift) or a NaN normalizer: their
+    value and gradient are NaN, not silently 0 (the probability-0 tests of the formulas would drop NaN
+    entries)."""
+    return shift.isnan().any(dim=0) | (shift == math.inf).any(dim=0) | log_s.isnan().any(dim=0)
+
+
+def _divergence_rows(spec, named, xs, xt, shift, log_s, temperature, group) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The divergence phase (one all-reduce SUM of ``[2, rows]``): ``(per_row, sum_psi_q)``, each row's
+    divergence over the whole vocabulary (NaN for :func:`_bad_rows`; no ``T^2``, no mask) and its sum of
+    ``psi_q``, which :func:`_divergence_grad` needs."""
+    parts = _range_sums(spec, named, xs, xt, shift, log_s, temperature)
+    dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=group)
+    nan = torch.full((), math.nan, dtype=xs.dtype, device=xs.device)
+    return torch.where(_bad_rows(shift, log_s), nan, parts[0]), parts[1]
+
+
+def _divergence_grad(spec, named, xs, xt, shift, log_s, temperature, coef, sum_psi_q) -> torch.Tensor:
+    """The gradient phase (local): ``coef_i * d D_i / d z_ij`` over this rank's range, ``[rows, V_r]``, with
+    ``z = x / T`` the tempered student logits (``coef`` carries the ``1 / T`` of the chain rule when the
+    gradient of the raw logits is wanted); NaN in :func:`_bad_rows`."""
+    grad = _range_grad(spec, named, xs, xt, shift, log_s, temperature, coef, sum_psi_q)
+    return grad.masked_fill_(_bad_rows(shift, log_s).unsqueeze(-1), math.nan)  # in place: a fresh tensor
+
+
 def _entry_terms(spec, named, log_p: torch.Tensor, log_q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The divergence's per-entry terms ``phi`` (its spec's formula) and ``psi_q = q dphi/dq = dphi/d(log q)``,
     the student's share of the gradient through the softmax, by differentiating the formula entry by entry."""
@@ -317,18 +373,11 @@ class _VocabParallelKD(torch.autograd.Function):
         xs = student.reshape(rows, width).to(cdtype)
         xt = teacher.reshape(rows, width).to(cdtype)
         shift, log_s, _, vocab = _global_log_normalizers(xs, xt, temperature, group)
-        bad = shift.isnan().any(dim=0) | (shift == math.inf).any(dim=0)  # a NaN or +inf logit in the row
         zero = torch.zeros((), dtype=cdtype, device=xs.device)
-        nan = torch.full((), math.nan, dtype=cdtype, device=xs.device)
-
-        parts = _range_sums(spec, named, xs, xt, shift, log_s, temperature)
-        dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=group)
-        per_row, sum_psi_q = parts[0], parts[1]
+        # a NaN (or +inf) logit anywhere in a row makes its normalizer NaN: the row is NaN
+        per_row, sum_psi_q = _divergence_rows(spec, named, xs, xt, shift, log_s, temperature, group)
         if scale != 1.0:
             per_row = per_row * scale
-        # a NaN (or +inf) logit anywhere in a row makes its normalizer NaN: the row is NaN, not silently 0 (the
-        # probability-0 tests of the formulas would drop NaN entries)
-        per_row = torch.where(bad | log_s.isnan().any(dim=0), nan, per_row)
         if keep is not None:
             per_row = torch.where(keep, per_row, zero)
 
@@ -366,11 +415,12 @@ class _VocabParallelKD(torch.autograd.Function):
 
         xs = student.reshape(rows, width).to(cdtype)
         xt = teacher.reshape(rows, width).to(cdtype)
-        bad = shift.isnan().any(dim=0) | (shift == math.inf).any(dim=0) | log_s.isnan().any(dim=0)
         zero = torch.zeros((), dtype=cdtype, device=xs.device)
-        nan = torch.full((), math.nan, dtype=cdtype, device=xs.device)
-        grad = _range_grad(spec, named, xs, xt, shift, log_s, temperature, coef, sum_psi_q)
-        grad = torch.where(bad.unsqueeze(-1), nan, grad)  # NaN rows: NaN, not 0
+        grad = _divergence_grad(spec, named, xs, xt, shift, log_s, temperature, coef, sum_psi_q)  # NaN rows: NaN
         if keep is not None:
             grad = torch.where(keep.unsqueeze(-1), grad, zero)
         return (grad.reshape(student.shape).to(student.dtype),) + nothing
+
+
+# the fused linear head over a vocabulary-sharded lm_head, on the phases above (imported last: it uses them)
+from fastkd._vocab_parallel_head import vocab_parallel_fused_linear_kd_loss  # noqa: E402

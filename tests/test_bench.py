@@ -47,7 +47,7 @@ def test_suites_and_loss_selection():
                                                                 if c.loss in C.names("features")]
     llm = _cases(["--loss", "llm", "--llm-shape", "64x8x100", "--llm-tokens", "16,32"])
     assert [(c.loss, c.label) for c in llm] == [("fused_linear", "64x8x100"), ("fused_linear_sweep", "16x8x100"),
-                                                ("fused_linear_sweep", "32x8x100")]
+                                                ("fused_linear_sweep", "32x8x100"), ("fused_linear_tp", "64x8x100")]
     assert [c.label for c in _cases(["--loss", "rkd", "--shapes", "8x4:8x6"])] == ["8x4:8x6"]
 
 
@@ -204,3 +204,32 @@ def test_progress_estimates_what_is_left(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("[1/4 | 0:00 elapsed] a")
     assert "left] d" in lines[-1] and lines[-1].startswith("[4/4")
+
+
+# --------------------------------------------------------------------------------------------------------
+# the vocabulary-parallel LLM head: 2 spawned gloo processes (fastkd.bench.tp)
+# --------------------------------------------------------------------------------------------------------
+def test_vocab_parallel_head_implementations_and_slices():
+    from fastkd.bench import tp
+
+    impls = C.implementations("fused_linear_tp", "cpu")
+    assert list(impls) == ["fastkd fused", "fastkd tp2"]
+    assert isinstance(impls["fastkd tp2"], tp.SpawnedHead) and impls["fastkd tp2"].world == 2
+    assert isinstance(C.implementations("fused_linear_tp", "cuda")["fastkd tp2"], str)  # a skipped row on a GPU
+    assert [tp._bounds(7, 3, r) for r in range(3)] == [(0, 3), (3, 5), (5, 7)]
+    assert [tp._bounds(32000, 2, r) for r in range(2)] == [(0, 16000), (16000, 32000)]
+    assert [c.label for c in _cases(["--loss", "fused_linear_tp", "--llm-shape", "16x8x64"])] == ["16x8x64"]
+
+
+def test_vocab_parallel_head_tiny_run(tmp_path, capsys):
+    path = tmp_path / "tp.json"
+    assert cli.main(TINY_ARGS + ["--loss", "fused_linear_tp", "--llm-shape", "16x8x64", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "vocabulary-parallel" in out and "failed" not in out
+    assert "fastkd tp2: time / fastkd fused's" in out and "x the single-process weight gradient" in out
+    rows = {r["impl"]: r for r in json.loads(path.read_text())["rows"] if r["loss"] == "fused_linear_tp"}
+    assert set(rows) == {"fastkd fused", "fastkd tp2"}
+    for row in rows.values():
+        assert row["error"] is None and row["skipped"] is None
+        assert row["timed_runs"] == 2 and len(row["times_ms"]) == 2 and row["median_ms"] > 0
+        assert row["peak_extra_mb"] is not None and row["tokens_per_s"] > 0

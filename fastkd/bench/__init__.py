@@ -66,7 +66,11 @@ gradient, weight gradient). fused_linear_sweep runs eager and fastkd fused over 
 gradient plus one chunk. The first call of each is a warmup and the peak-memory window; when it takes more
 than 1 s, 2 timed calls follow (the sweep: none, that call is timed), else --repeats. Baselines whose
 estimated memory (~6 [tokens, V] tensors for eager / torch.compile, 2 for fastkd unfused) exceeds the
---mem-fraction budget are skipped.
+--mem-fraction budget are skipped. fused_linear_tp (CPU; in --loss llm and the full suite, 4096x1024x32000, or
+--llm-shape) runs fastkd fused, then the vocabulary-parallel head
+(fastkd.distributed.vocab_parallel_fused_linear_kd_loss) in 2 spawned gloo processes each holding half of the
+lm_head and of the teacher logits ('fastkd tp2', threads // 2 threads each): the slowest rank's time and the
+largest rank's peak, which its target line sets against the single-process head's weight-gradient term.
 
 --json writes the run (schema_version 2: every row's timed samples, the run's conditions, "partial");
 --compare OLD.json prints, per case matched by loss + shape + implementation, new median / old median and
@@ -76,7 +80,8 @@ over eager and torch.compile and, when the run holds them, RKD time and memory o
 memory over the tokens against eager, labelled with the machine, threads, dtype and date.
 
 The package: anchors (the anchors' eager formulations, shared with the test suite), cases (losses, suites,
-inputs), liger, timing, floors, runner, report (rows, JSON, warnings), tables, compare, plot, cli.
+inputs), liger, tp (the spawned vocabulary-parallel run), timing, floors, runner, report (rows, JSON,
+warnings), tables, compare, plot, cli.
 """
 
 from fastkd.bench.anchors import IGNORE_INDEX

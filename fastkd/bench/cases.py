@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 
 import fastkd
-from fastkd.bench import anchors, liger
+from fastkd.bench import anchors, liger, tp
 
 TOPK_K = 64
 CC_GAMMA, CC_MAX_P = 0.4, 2
@@ -273,6 +273,10 @@ _LLM_LOSSES = [
               fastkd_fused_linear, eager_fused_linear,
               {"cpu": ",".join(f"{t}x{_LLM_CPU}" for t in (512, 1024, 2048, 4096)),
                "cuda": ",".join(f"{t}x{_LLM_CUDA}" for t in (1024, 2048, 4096, 8192))}, sweep=True),
+    BenchLoss("fused_linear_tp", "llm",
+              f"LLM head, vocabulary-parallel: the lm_head and the teacher logits split over {tp.TP_WORLD} gloo "
+              "processes (fastkd.distributed.vocab_parallel_fused_linear_kd_loss) vs one process",
+              fastkd_fused_linear, None, {"cpu": "4096x1024x32000", "cuda": "4096x1024x32000"}),
 ]
 LOSSES: Dict[str, BenchLoss] = {x.name: x for x in _logit_losses() + _FEATURE_LOSSES + _LLM_LOSSES}
 
@@ -310,9 +314,16 @@ def implementations(loss: str, device: str, compile_baseline: bool = True,
     """The implementations of one case, in table order: each a step function, or the reason its row is
     skipped. Eager (the anchor's code) and its torch.compile (``dynamic=False``), Liger-Kernel's where one
     exists (GPU), fastkd; the LLM head adds fastkd on the full logits ("fastkd unfused") and, on a GPU, the
-    teacher-head forms (Liger-Kernel, "fastkd head"); its token sweep runs eager and "fastkd fused" only."""
+    teacher-head forms (Liger-Kernel, "fastkd head"); its token sweep runs eager and "fastkd fused" only; its
+    vocabulary-parallel case "fastkd fused" and the same step in spawned processes (a :class:`tp.SpawnedHead`,
+    CPU only)."""
     spec = LOSSES[loss]
-    impls: Dict[str, Union[Step, str]] = {}
+    impls: Dict[str, Union[Step, str, tp.SpawnedHead]] = {}
+    if loss == "fused_linear_tp":  # the single-process fused head, then the same step in TP_WORLD processes
+        impls["fastkd fused"] = fastkd_fused_linear
+        head = tp.SpawnedHead()
+        impls[head.name] = head if device == "cpu" else "the spawned run uses gloo on the CPU"
+        return impls
     if spec.eager is not None:
         impls["eager"] = spec.eager
         if compile_baseline and not (spec.kind == "llm" and spec.sweep):

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _sweep_shapes(loss: str, text: str, args: argparse.Namespace) -> str:
     """The LLM-head shapes after --llm-shape (fused_linear's shape, the sweep's HIDDENxVOCAB) and --llm-tokens."""
-    if loss == "fused_linear":
+    if loss in ("fused_linear", "fused_linear_tp"):
         return args.llm_shape or text
     if not (args.llm_shape or args.llm_tokens):
         return text

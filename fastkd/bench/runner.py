@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
-from fastkd.bench import floors
+from fastkd.bench import floors, tp
 from fastkd.bench.cases import (LLM_TEMPERATURE, LOSSES, Case, Step, estimated_bytes, feature_inputs,
                                 implementations, llm_inputs, logit_inputs)
 from fastkd.bench.liger import error_text
@@ -182,6 +182,18 @@ def _measure(case: Case, name: str, step: Callable[[], None], opts: Options, flo
                         peak_extra_mb=None if peak is None else peak / 2**20, compile_s=compile_s, **extra)
 
 
+def _measure_spawned(case: Case, name: str, impl: "tp.SpawnedHead", opts: Options, floor: Optional[float]) -> Row:
+    """The vocabulary-parallel head in spawned processes (:func:`tp.measure`): the slowest rank's times, the
+    largest rank's peak extra memory."""
+    dtype_name = str(opts.llm_dtype).replace("torch.", "")
+    out = tp.measure(impl, case.shape, dtype_name, opts.repeats, opts.warmup, LLM_SLOW_MS, LLM_SLOW_REPEATS[False])
+    times, peaks = out["times"], out["peaks"]
+    med = statistics.median(times)
+    peak = None if any(p is None for p in peaks) else max(peaks)
+    return Row.measured(case.loss, case.label, name, times, floor_ratio=float("nan") if floor is None else med / floor,
+                        peak_extra_mb=None if peak is None else peak / 2**20, tokens_per_s=case.shape[0] / (med * 1e-3))
+
+
 def _relate(results: Dict[str, Row], kind: str) -> None:
     """Each measured row's speedups over eager and torch.compile (LLM head: its peak memory / eager's)."""
     ok = {name: r for name, r in results.items() if r.ok}
@@ -219,7 +231,13 @@ def _run_case(report: Report, case: Case, impls: Dict[str, Union[Step, str]], op
         for name, fn in impls.items():
             need = None if isinstance(fn, str) else estimated_bytes(case, name, itemsize)
             budget = None if need is None else memory_budget_bytes(opts.device, opts.mem_fraction)
-            if isinstance(fn, str):
+            if isinstance(fn, tp.SpawnedHead):
+                progress.step(f"{key}: {name} ({fn.world} gloo processes)")
+                try:
+                    results[name] = _measure_spawned(case, name, fn, opts, floor)
+                except Exception as e:  # noqa: BLE001 - a failed spawn is a failed row
+                    results[name] = Row.failed(case.loss, case.label, name, error=error_text(e))
+            elif isinstance(fn, str):
                 progress.step(f"{key}: {name} skipped ({fn})")
                 results[name] = Row.failed(case.loss, case.label, name, skipped=fn)
             elif need is not None and budget is not None and need > budget:

@@ -143,6 +143,10 @@ def _llm_targets(report: Report, rows: List[Row]) -> List[str]:
         fused, eager = ok.get((shape, "fastkd fused")), ok.get((shape, "eager"))
         if fused is None or fused.peak_extra_mb is None:
             continue
+        spawned = [r for (s, impl), r in ok.items() if s == shape and impl.startswith("fastkd tp")]
+        if spawned:
+            lines += [_tp_target(report, shape, fused, r) for r in spawned]
+            continue
         if report.device == "cuda":
             _, h, v = (int(x) for x in shape.split("x"))
             itemsize = torch.tensor([], dtype=DTYPES[report.llm_dtype]).element_size()
@@ -160,6 +164,22 @@ def _llm_targets(report: Report, rows: List[Row]) -> List[str]:
             continue
         lines.append(f"{shape:>18} {'target':>14}  fastkd fused: {text}")
     return lines
+
+
+def _tp_target(report: Report, shape: str, fused: Row, row: Row) -> str:
+    """The vocabulary-parallel row against the single-process fused head: its largest rank's peak extra memory
+    over the single-process head's weight-gradient term (the V x H float32 accumulator; float64 for float64),
+    and its time over the single-process time."""
+    _, h, v = (int(x) for x in shape.split("x"))
+    grad_bytes = v * h * (8 if report.llm_dtype == "float64" else 4)
+    world = int(row.impl[len("fastkd tp"):] or 1)
+    text = f"{row.impl}: time / fastkd fused's {row.median_ms / fused.median_ms:.2f}"
+    if row.peak_extra_mb is not None:
+        peak = row.peak_extra_mb * 2**20
+        text += (f"; per-rank peak {size_str(peak)} = {peak / grad_bytes:.2f} x the single-process weight gradient "
+                 f"({size_str(grad_bytes)}; its 1/{world}: {size_str(grad_bytes / world)}), single-process peak "
+                 f"{size_str(fused.peak_extra_mb * 2**20)}")
+    return f"{shape:>18} {'target':>14}  {text}"
 
 
 def loss_table(report: Report, loss: str) -> str:
