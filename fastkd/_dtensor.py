@@ -351,7 +351,6 @@ def _route_response(fn: Callable, bound: inspect.BoundArguments):
 
 def _vocab_response(fn: Callable, call: _Call, a: Dict[str, Any], where: str):
     """The vocab-parallel path: the function's arguments translated to vocab_parallel_kd_loss."""
-    from fastkd import divergences
     from fastkd.distributed import vocab_parallel_kd_loss
     from fastkd.outputs import LossParts
 
@@ -476,9 +475,10 @@ def _route_fused(fn: Callable, bound: inspect.BoundArguments):
     if mode == _VOCAB:
         from fastkd import distributed
 
-        # looked up when called: built alongside (issue 16); every keyword of the fused head is passed on
-        head = distributed.vocab_parallel_fused_linear_kd_loss
-        out = head(*bound.args, group=call.group(), **bound.kwargs)
+        # every keyword of the fused head is passed on; its bias is the shard's
+        kwargs = dict(bound.kwargs)
+        kwargs["student_bias_shard"] = kwargs.pop("student_bias", None)
+        out = distributed.vocab_parallel_fused_linear_kd_loss(*bound.args, group=call.group(), **kwargs)
         return call.wrap(out, ("R",))
     if mode == _REPLICATE:
         return call.wrap(fn(*bound.args, **bound.kwargs), ("R",))

@@ -8,9 +8,7 @@ head (dense, TeacherHead and TopKTeacher teachers), against the single-process l
 layouts -> clear errors.
 
 The fused head's vocabulary-parallel layout (weight ``Shard(0)``) runs
-``fastkd.distributed.vocab_parallel_fused_linear_kd_loss``; until that exists (built alongside, issue 16) the
-workers install a stand-in with its contract (``_stand_in_vocab_parallel_head``) so that the routing is tested;
-with the real function the same cases test it.
+``fastkd.distributed.vocab_parallel_fused_linear_kd_loss`` (tested on its own in test_distributed_fused_head.py).
 
 One group of 2 processes is spawned for the module (a module-scoped cache): every worker runs all the
 scenarios and saves its results with torch.save; the tests compare them in the parent.
@@ -41,7 +39,6 @@ WORLD = 2
 VOCAB = 11  # uneven vocabulary shards: 6 / 5
 HIDDEN = 4
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
-HAS_VOCAB_PARALLEL_HEAD = hasattr(fastkd.distributed, "vocab_parallel_fused_linear_kd_loss")
 RTOL, ATOL = 1e-10, 1e-12  # float64 throughout
 
 
@@ -356,41 +353,6 @@ def _errors(mesh):
     return errors
 
 
-def _stand_in_vocab_parallel_head(mesh):
-    """Until ``fastkd.distributed.vocab_parallel_fused_linear_kd_loss`` exists (built alongside, issue 16), a
-    stand-in with its contract checks the routing of the fused head's vocabulary-parallel layout: it must get
-    plain local tensors (the weight's and bias's vocabulary rows, the teacher's vocabulary slice or rows) and the
-    mesh's group, and return the loss of the gathered head on every rank with the local gradients (hidden
-    states: the full gradient; weight and bias shards: their rows). It gathers the shards differentiably and
-    runs the single-device fused head."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    def gather(x, dim, shape):
-        if x is None:
-            return None
-        assert type(x) is torch.Tensor, f"the vocab-parallel head got a {type(x).__name__}, not a local tensor"
-        shape = torch.Size(shape)
-        strides = tuple(torch.empty(shape).stride())
-        return DTensor.from_local(x, mesh, [Shard(dim)], shape=shape, stride=strides).full_tensor()
-
-    def head(student_hidden, student_weight_shard, teacher, *, group=None, student_bias=None, **kwargs):
-        assert group is mesh.get_group(), "the vocab-parallel head must get the mesh's process group"
-        assert type(student_hidden) is torch.Tensor
-        weight = gather(student_weight_shard, 0, (VOCAB, student_weight_shard.shape[1]))
-        bias = gather(student_bias, 0, (VOCAB,))
-        if isinstance(teacher, fastkd.TeacherHead):
-            assert type(teacher.hidden) is torch.Tensor
-            teacher = fastkd.TeacherHead(teacher.hidden, gather(teacher.weight, 0, (VOCAB, teacher.weight.shape[1])),
-                                         gather(teacher.bias, 0, (VOCAB,)))
-        elif isinstance(teacher, fastkd.TopKTeacher):
-            assert type(teacher.values) is torch.Tensor and type(teacher.indices) is torch.Tensor
-        else:
-            teacher = gather(teacher, teacher.dim() - 1, tuple(teacher.shape[:-1]) + (VOCAB,))
-        return fastkd.fused_linear_kd_loss(student_hidden, weight, teacher, student_bias=bias, **kwargs)
-
-    return head
-
-
 def _worker(rank: int, init_file: str, out_dir: str):
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -399,8 +361,6 @@ def _worker(rank: int, init_file: str, out_dir: str):
                             timeout=datetime.timedelta(seconds=120))
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
-        if not HAS_VOCAB_PARALLEL_HEAD:
-            fastkd.distributed.vocab_parallel_fused_linear_kd_loss = _stand_in_vocab_parallel_head(mesh)
         results = {"cases": {}, "errors": _errors(mesh)}
         for name, case in _cases().items():
             try:
