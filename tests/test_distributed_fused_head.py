@@ -127,6 +127,9 @@ def _cases(world: int) -> Dict[str, Case]:
         cases.append(Case(f"{teacher}-reverse_kl-scale-only", teacher, "reverse_kl", reduction="sum",
                           transforms=(("student_logit_scale", 0.5), ("teacher_logit_scale", 2.0))))
     cases.append(Case("head-kl-float32-softcap", "head", hard=0.4, dtype=torch.float32, transforms=both))
+    # bfloat16 head: float32 logits and loss, as the single-process head (gradients rounded to bf16 only)
+    cases.append(Case("head-kl-ce0.4-bfloat16", "head", hard=0.4, dtype=torch.bfloat16))
+    cases.append(Case("dense-jsd-none-bfloat16", "dense", "jsd", (("beta", 0.3),), "none", dtype=torch.bfloat16))
     for teacher in ("topk", "bucket"):
         cases.append(Case(f"{teacher}-ce0.4-student-softcap-scale", teacher, reduction="none", hard=0.4,
                           transforms=(("student_softcap", 3.0), ("student_logit_scale", 0.7))))
@@ -375,10 +378,14 @@ def test_vocab_parallel_head_matches_single_process(world, name, tmp_path_factor
                 assert res["grad_bias"].shape == (hi - lo,)
     res = per_rank[0]
     out_shape = case.lead if case.reduction == "none" else ()
-    assert res["loss"].dtype == case.dtype and res["loss"].shape == out_shape
+    loss_dtype = torch.float64 if case.dtype == torch.float64 else torch.float32  # also for bf16 input
+    assert res["loss"].dtype == loss_dtype and res["loss"].shape == out_shape
     assert res["grad_hidden"].dtype == case.dtype and res["grad_hidden"].shape == case.lead + (HIDDEN,)
 
     tol = dict(rtol=1e-10, atol=1e-12) if case.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    # bf16: the loss as float32 (its logits are float32 from the bf16 operands); the gradients are returned in
+    # bf16, each rounded once (relative 2^-9)
+    grad_tol = dict(rtol=2.0**-8, atol=1e-6) if case.dtype == torch.bfloat16 else tol
     if case.transforms:
         loss, g_hidden, g_weight, g_bias = _eager(case)
     else:
@@ -387,11 +394,11 @@ def test_vocab_parallel_head_matches_single_process(world, name, tmp_path_factor
         assert_close(res["soft"], out.soft, **tol, what="soft part")
         assert_close(res["hard"], out.hard, **tol, what="hard part")
     assert_close(res["loss"], loss, **tol, what="loss")
-    assert_close(res["grad_hidden"], g_hidden, **tol, what="hidden-state gradient")
+    assert_close(res["grad_hidden"], g_hidden, **grad_tol, what="hidden-state gradient")
     if not case.frozen:
-        assert_close(torch.cat([r["grad_weight"] for r in per_rank]), g_weight, **tol, what="weight gradient")
+        assert_close(torch.cat([r["grad_weight"] for r in per_rank]), g_weight, **grad_tol, what="weight gradient")
         if case.bias:
-            assert_close(torch.cat([r["grad_bias"] for r in per_rank]), g_bias, **tol, what="bias gradient")
+            assert_close(torch.cat([r["grad_bias"] for r in per_rank]), g_bias, **grad_tol, what="bias gradient")
     if case.labels == "all":
         assert (res["loss"] == 0).all() and (res["grad_hidden"] == 0).all()
     if math.prod(case.lead) == 0:
