@@ -183,7 +183,9 @@ def kd_loss(
 
     torchdistill's ``KDLoss`` returns the bare KL when ``alpha`` is 0/None or no targets are given
     (``kd_loss(s, t, T, scale_by_temperature=False)``) and ``alpha * CE + beta * T^2 * KL`` otherwise
-    (``kd_loss(s, t, T, labels=targets, alpha=alpha, beta=beta)``).
+    (``kd_loss(s, t, T, labels=targets, alpha=alpha, beta=beta)`` when no target equals ``ignore_index``:
+    torchdistill keeps such rows in its KL, fastkd drops them from both terms; ``fastkd.integrations.torchdistill``
+    is the exact drop-in).
 
     Returns:
         The loss, in the promoted dtype of the inputs (computed in float32, or float64 for float64 input),

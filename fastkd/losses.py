@@ -60,7 +60,9 @@ class KDLoss(nn.Module):
         num_items_in_batch=None)``. With ``alpha != 0`` a target is required.
 
     torchdistill's ``KDLoss(temperature, alpha, beta)``: its soft-only branch (alpha 0/None or no targets) is
-    ``KDLoss(T, scale_by_temperature=False)``; its mixed branch is ``KDLoss(T, alpha=alpha, beta=beta)``.
+    ``KDLoss(T, scale_by_temperature=False)``; its mixed branch is ``KDLoss(T, alpha=alpha, beta=beta)`` when no
+    target equals ``ignore_index`` (torchdistill keeps those rows in its KL; ``fastkd.integrations.torchdistill``
+    is the exact drop-in).
 
     Example::
 

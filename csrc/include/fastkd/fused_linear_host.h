@@ -119,7 +119,7 @@ inline void check_linear_args(const at::Tensor& hidden, const at::Tensor& weight
 }
 
 // out = x @ w^T (+ b) into out (a [rows, w.size(0)] view with unit column stride, float32 or float64), the
-// result never rounded below out's dtype: bfloat16 / float16 logits would put an error of ~1e-2 * |z| into
+// result never rounded below out's dtype: bfloat16 logits would put an error of up to 2^-9 * |z| into
 // every logit before the divergence (4-23% in the gradients of a bf16 fused JSD, Liger-Kernel#1432).
 // Operands in out's dtype (b already converted) multiply as they are; a weight in out's dtype (CPU: widened
 // once per call) takes the chunk widened too; reduced-precision operands on a backend that keeps them
