@@ -74,6 +74,18 @@ def _models():
     return _llama(0, 32), _llama(1, 48)
 
 
+def _gemma2(seed, hidden, softcap):
+    """A tiny Gemma-2 (its forward softcaps the logits: final_logit_softcapping)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                          max_position_embeddings=64, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS,
+                          final_logit_softcapping=softcap, initializer_range=0.2, attn_implementation="eager")
+    return Gemma2ForCausalLM(config)
+
+
 def _token_rows(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     rows = []
@@ -142,8 +154,8 @@ def _forbid_head_calls(*models):
     return calls
 
 
-def _gkd_run(cls, tmp_path, *, beta, lmbda=0.0, grad_accum=1, generated=None, dtype=torch.float32):
-    student, teacher = (m.to(dtype) for m in _models())
+def _gkd_run(cls, tmp_path, *, beta, lmbda=0.0, grad_accum=1, generated=None, dtype=torch.float32, models=_models):
+    student, teacher = (m.to(dtype) for m in models())
     head_calls = _forbid_head_calls(student, teacher)
     initial = {n: p.detach().clone() for n, p in student.named_parameters()}
     args = GKDConfig(output_dir=str(tmp_path / cls.__name__), max_steps=3, per_device_train_batch_size=2,
@@ -178,6 +190,17 @@ def _gkd_run(cls, tmp_path, *, beta, lmbda=0.0, grad_accum=1, generated=None, dt
 def test_gkd_trainer_matches_trl(tmp_path, beta, grad_accum):
     ref_losses, ref_model, initial = _gkd_run(GKDTrainer, tmp_path, beta=beta, grad_accum=grad_accum)
     losses, model, _ = _gkd_run(fk_trl.FastKDGKDTrainer, tmp_path, beta=beta, grad_accum=grad_accum)
+    _assert_same_run(ref_losses, losses, ref_model, model, initial)
+
+
+def test_gkd_trainer_matches_trl_on_softcapped_gemma2(tmp_path):
+    """Gemma-2 heads softcap their logits (TRL's GKD loss sees them through the models' forwards); fastkd
+    applies the same caps inside the fused head, read from the configs (TRL#6629's case)."""
+    def models():
+        return _gemma2(0, 32, 2.0), _gemma2(1, 48, 3.0)
+
+    ref_losses, ref_model, initial = _gkd_run(GKDTrainer, tmp_path, beta=0.5, models=models)
+    losses, model, _ = _gkd_run(fk_trl.FastKDGKDTrainer, tmp_path, beta=0.5, models=models)
     _assert_same_run(ref_losses, losses, ref_model, model, initial)
 
 
