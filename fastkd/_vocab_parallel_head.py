@@ -424,8 +424,8 @@ class _Run:
             hard_rows = log_sum1 - label_logit
             if need_grad:  # softmax(x) - onehot(y), in place over xs (the chunk's own buffer, not needed after)
                 g_ce = xs.sub_((origin + log_sum1).unsqueeze(-1)).exp_()
-                if self.width > 0:
-                    g_ce[owned, y_local[owned]] -= 1.0
+                if self.width > 0:  # -1 at the owned label columns (y_local is 0 where not owned: adds 0 there)
+                    g_ce.scatter_add_(1, y_local.unsqueeze(-1), owned.to(g_ce.dtype).neg().unsqueeze(-1))
                 grad.add_(g_ce.mul_(w_hard.unsqueeze(-1)))
                 del g_ce
         if self.keep is not None:

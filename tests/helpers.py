@@ -224,3 +224,13 @@ class RepDistillerConvReg(torch.nn.Module):
 def repdistiller_hint(f_s, f_t):
     """RepDistiller HintLoss: nn.MSELoss() (mean)."""
     return F.mse_loss(f_s, f_t)
+
+
+def eager_head_transform(z, scale=None, cap=None):
+    """A head's logit transform written out with torch.tanh, independent of fastkd's: ``scale * z`` (None:
+    none), then ``cap * tanh(z / cap)`` (None: none); the oracle of the fused heads' softcap / logit scale."""
+    if scale is not None:
+        z = z * scale
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    return z

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import assert_close, eager_head_transform
 
 import fastkd
 from fastkd import reference
@@ -314,14 +314,6 @@ def _single_process(case: Case):
     return out, h.grad, w.grad, None if b is None else b.grad
 
 
-def _transformed(x, scale, cap):
-    if scale is not None:
-        x = x * scale
-    if cap is not None:
-        x = cap * torch.tanh(x / cap)
-    return x
-
-
 def _eager(case: Case):
     """The eager composition with the logit scale and softcap (torch.tanh), in float64: the logits, then
     fastkd.reference's losses (as fastkd.reference.fused_linear_kd_loss composes them)."""
@@ -330,7 +322,7 @@ def _eager(case: Case):
     h = hidden.to(case.dtype).double().requires_grad_(True)
     w = weight.to(case.dtype).double().requires_grad_(True)
     b = bias.to(case.dtype).double().requires_grad_(True)
-    logits = _transformed(F.linear(h, w, b), tr.get("student_logit_scale"), tr.get("student_softcap"))
+    logits = eager_head_transform(F.linear(h, w, b), tr.get("student_logit_scale"), tr.get("student_softcap"))
     logits = logits.reshape(-1, VOCAB)
     rows_labels = None if labels is None else labels.reshape(-1)
     common = dict(reduction=case.reduction, labels=rows_labels, num_items_in_batch=case.num_items)
@@ -340,7 +332,7 @@ def _eager(case: Case):
                                            case.temperature, values_are=t.values_are, tail=t.tail, **common)
     else:
         t_logits = t if isinstance(t, torch.Tensor) else F.linear(t.hidden, t.weight, t.bias)
-        t_logits = _transformed(t_logits, tr.get("teacher_logit_scale"), tr.get("teacher_softcap"))
+        t_logits = eager_head_transform(t_logits, tr.get("teacher_logit_scale"), tr.get("teacher_softcap"))
         soft_loss = reference.divergence_loss(logits, t_logits.reshape(-1, VOCAB), case.loss, case.temperature,
                                               **common, **dict(case.params))
     hard_loss = reference.kd_loss(logits, logits.detach(), 1.0, alpha=1.0, beta=0.0, **common)

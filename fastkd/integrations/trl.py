@@ -47,6 +47,7 @@ from torch import nn
 
 import fastkd
 from fastkd.integrations import head_options
+from fastkd.reference import head_transform
 
 __all__ = ["FastKDDistillationTrainer", "FastKDGKDTrainer"]
 
@@ -57,66 +58,26 @@ _IGNORE_INDEX = -100  # TRL's generalized_jsd_loss masks `labels != -100` (a lit
 # Logit transforms of the heads (softcap, logit scale)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _head_options(model_config: Any) -> Dict[str, float]:
-    """The fused head's logit transforms for one model, unprefixed: ``{"softcap": cap, "logit_scale": s}``
-    (each key only when the model applies it), from :func:`fastkd.integrations.head_options`;
-    :func:`_head_keywords` adds the ``student_`` / ``teacher_`` prefixes of ``fused_linear_kd_loss``'s keywords."""
-    return {key[len("student_"):]: value for key, value in head_options(model_config).items()}
-
-
 def _trl_logit_transforms(config: Any) -> Tuple[float, Optional[float]]:
-    """``(logit_scale, softcap)`` as TRL's DistillationTrainer reads them from a (text) config
-    (trl/trainer/distillation_trainer.py, ``_compute_loss``): ``logit_scale``, else ``output_multiplier``, else
-    ``lm_head_multiplier``, else ``1 / logits_scaling`` (``logits_scaling`` itself for HyperCLOVA X), else 1;
-    the softcap is ``final_logit_softcapping`` (None: none). The models' own forwards apply the same transforms
-    to the logits that TRL's GKDTrainer reads."""
-    scale = getattr(config, "logit_scale", None)
-    if scale is None:
-        scale = getattr(config, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(config, "lm_head_multiplier", None)
-    if scale is None and getattr(config, "logits_scaling", None) is not None:
-        scaling = config.logits_scaling
-        scale = scaling if getattr(config, "model_type", None) == "hyperclovax" else 1 / scaling
-    return (1.0 if scale is None else float(scale)), getattr(config, "final_logit_softcapping", None)
+    """``(logit_scale, softcap)`` of a model as TRL's DistillationTrainer reads them from its (text) config
+    (trl/trainer/distillation_trainer.py, ``_compute_loss``; the models' own forwards apply the same transforms to
+    the logits TRL's GKDTrainer reads): scale 1.0 and softcap None when the model has none. Read by
+    :func:`fastkd.integrations.head_options`, which follows TRL's names and order."""
+    options = head_options(config)
+    return options.get("student_logit_scale", 1.0), options.get("student_softcap")
 
 
 def _transform_logits(logits: torch.Tensor, head_keywords: Dict[str, float], role: str) -> torch.Tensor:
     """The model's logits from its lm_head's output: the logit scale, then the softcap (TRL's and the models'
-    order)."""
-    scale, cap = head_keywords.get(f"{role}_logit_scale"), head_keywords.get(f"{role}_softcap")
-    if scale is not None:
-        logits = logits * scale
-    if cap is not None:
-        logits = cap * torch.tanh(logits / cap)
-    return logits
-
-
-def _text_config(config: Any) -> Any:
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+    order; :func:`fastkd.reference.head_transform`)."""
+    return head_transform(logits, head_keywords.get(f"{role}_logit_scale", 1.0),
+                          head_keywords.get(f"{role}_softcap", 0.0))
 
 
 def _head_keywords(student_config: Any, teacher_config: Any) -> Dict[str, float]:
     """Keywords of :func:`fastkd.fused_linear_kd_loss` for the two heads' logit transforms, from the models'
-    configs (:func:`fastkd.integrations.head_options`); NotImplementedError where TRL's reading finds a transform
-    that reading does not (never expected: the two read the same names), rather than a silently different loss."""
-    keywords: Dict[str, float] = {}
-    for role, config in (("student", student_config), ("teacher", teacher_config)):
-        config = _text_config(config)
-        scale, softcap = _trl_logit_transforms(config)
-        options = dict(_head_options(config))
-        missing = []
-        if softcap is not None and "softcap" not in options:
-            missing.append(f"final_logit_softcapping={softcap}")
-        if scale != 1.0 and "logit_scale" not in options:
-            missing.append(f"a logit scale of {scale}")
-        if missing:
-            raise NotImplementedError(
-                f"the {role} model ({getattr(config, 'model_type', type(config).__name__)}) transforms its logits "
-                f"({', '.join(missing)}), which TRL's loss applies and fastkd.integrations.head_options does not read"
-            )
-        keywords.update({f"{role}_{name}": value for name, value in options.items()})
-    return keywords
+    configs (:func:`fastkd.integrations.head_options`)."""
+    return {**head_options(student_config, "student"), **head_options(teacher_config, "teacher")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
