@@ -67,11 +67,13 @@ std::optional<at::Tensor> undefined_to_opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
-using Five = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using ResponseSig = Five(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                         const std::optional<at::Tensor>&, c10::string_view, c10::ArrayRef<double>, double, double,
-                         double, int64_t, c10::string_view, bool, bool, bool);
-constexpr size_t kResponseArgs = 14;
+using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ResponseSig = Six(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                        const std::optional<at::Tensor>&, c10::string_view, c10::ArrayRef<double>, double, double,
+                        double, int64_t, c10::string_view, bool, bool, bool, const std::optional<at::Tensor>&,
+                        const std::optional<at::Tensor>&, bool, double, bool);
+constexpr size_t kResponseArgs = 19;
+constexpr size_t kRowTemperatureArg = 14;  // its place among all arguments (the backward's outputs)
 
 class ResponseForward : public torch::autograd::Function<ResponseForward> {
  public:
@@ -79,20 +81,27 @@ class ResponseForward : public torch::autograd::Function<ResponseForward> {
                                const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& num_items,
                                c10::string_view divergence, c10::ArrayRef<double> params, double temperature,
                                double soft_weight, double hard_weight, int64_t ignore_index, c10::string_view reduction,
-                               bool scale_by_temperature, bool grad_student, bool grad_teacher) {
+                               bool scale_by_temperature, bool grad_student, bool grad_teacher,
+                               const std::optional<at::Tensor>& row_temperature,
+                               const std::optional<at::Tensor>& row_weight, bool standardize, double standardize_eps,
+                               bool grad_temperature) {
     static auto op = typed_op<ResponseSig>("fastkd::response_forward");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, soft, hard, gs, gt] = op.call(student, teacher, labels, num_items, divergence, params, temperature,
-                                             soft_weight, hard_weight, ignore_index, reduction, scale_by_temperature,
-                                             grad_student, grad_teacher);
-    ctx->mark_non_differentiable({soft, hard, gs, gt});
+    auto [loss, soft, hard, gs, gt, g_temp] =
+        op.call(student, teacher, labels, num_items, divergence, params, temperature, soft_weight, hard_weight,
+                ignore_index, reduction, scale_by_temperature, grad_student, grad_teacher, row_temperature, row_weight,
+                standardize, standardize_eps, grad_temperature);
+    ctx->mark_non_differentiable({soft, hard, gs, gt, g_temp});
     // The gradient outputs are never differentiated; without this autograd would hand the backward freshly
     // zeroed [rows, vocab] tensors.
     ctx->set_materialize_grads(false);
     const bool recompute = needs_fp16_recompute(grad_student, student) || needs_fp16_recompute(grad_teacher, teacher);
     if (recompute) {  // the inputs and arguments of the op, for a backward under a loss scale
-      ctx->save_for_backward({gs, gt, student, teacher, opt_or_undefined(labels), opt_or_undefined(num_items)});
+      ctx->save_for_backward({gs, gt, g_temp, student, teacher, opt_or_undefined(labels), opt_or_undefined(num_items),
+                              opt_or_undefined(row_temperature), opt_or_undefined(row_weight)});
       auto& d = ctx->saved_data;
+      d["standardize"] = standardize;
+      d["standardize_eps"] = standardize_eps;
       d["temperature"] = temperature;
       d["params"] = params.vec();
       d["soft_weight"] = soft_weight;
@@ -101,11 +110,13 @@ class ResponseForward : public torch::autograd::Function<ResponseForward> {
       d["reduction"] = std::string(reduction.data(), reduction.size());
       d["scale_by_temperature"] = scale_by_temperature;
     } else {
-      ctx->save_for_backward({gs, gt});
+      ctx->save_for_backward({gs, gt, g_temp});
     }
     ctx->saved_data["recompute"] = recompute;
     ctx->saved_data["divergence"] = std::string(divergence.data(), divergence.size());
-    return {loss, soft, hard, gs, gt};
+    ctx->saved_data["row_temperature_edge"] =
+        row_temperature.has_value() ? int64_t(2 + labels.has_value() + num_items.has_value()) : int64_t(-1);
+    return {loss, soft, hard, gs, gt, g_temp};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -119,6 +130,13 @@ class ResponseForward : public torch::autograd::Function<ResponseForward> {
       if (ctx->needs_input_grad(0)) out[0] = grad_from(saved[0], grads[0], "student");
       if (ctx->needs_input_grad(1)) out[1] = grad_from(saved[1], grads[0], "teacher");
     }
+    // needs_input_grad counts the tensor arguments that are present (an absent optional is not an edge)
+    const int64_t row_temperature_edge = ctx->saved_data["row_temperature_edge"].toInt();
+    // d loss / d row temperature, per row: times the upstream (a scalar, or one value per row for "none")
+    if (row_temperature_edge >= 0 && ctx->needs_input_grad(row_temperature_edge)) {
+      const at::Tensor& g = grads[0];  // [] or [rows]: the saved gradient is [rows]
+      out[kRowTemperatureArg] = g.dim() == 0 ? grad_from(saved[2], g, "temperature") : saved[2] * g.to(saved[2].scalar_type());
+    }
     refuse_double_backward(response_loss_name(divergence));
     return out;
   }
@@ -131,18 +149,20 @@ class ResponseForward : public torch::autograd::Function<ResponseForward> {
     static auto op = typed_op<ResponseSig>("fastkd::response_forward");
     auto& d = ctx->saved_data;
     const bool want_s = ctx->needs_input_grad(0), want_t = ctx->needs_input_grad(1);
-    const at::Tensor &student = saved[2], &teacher = saved[3];
+    const at::Tensor &student = saved[3], &teacher = saved[4];
     const bool scalar = g.dim() == 0;
     const double w = scalar ? g.item<double>() : 1.0;
     at::AutoDispatchBelowADInplaceOrView guard;
     // per-row upstreams: the float16 side(s) widened to float32 (a float32 / float64 side as it is)
     auto widen = [&](const at::Tensor& x) { return !scalar && x.scalar_type() == at::kHalf ? x.to(at::kFloat) : x; };
     const at::Tensor s_in = widen(student), t_in = widen(teacher);
-    auto [loss, soft, hard, gs, gt] =
-        op.call(s_in, t_in, undefined_to_opt(saved[4]), undefined_to_opt(saved[5]), d["divergence"].toStringRef(),
+    auto [loss, soft, hard, gs, gt, g_temp] =
+        op.call(s_in, t_in, undefined_to_opt(saved[5]), undefined_to_opt(saved[6]), d["divergence"].toStringRef(),
                 d["params"].toDoubleVector(), d["temperature"].toDouble(), d["soft_weight"].toDouble() * w,
                 d["hard_weight"].toDouble() * w, d["ignore_index"].toInt(),
-                d["reduction"].toStringRef(), d["scale_by_temperature"].toBool(), want_s, want_t);
+                d["reduction"].toStringRef(), d["scale_by_temperature"].toBool(), want_s, want_t,
+                undefined_to_opt(saved[7]), undefined_to_opt(saved[8]), d["standardize"].toBool(),
+                d["standardize_eps"].toDouble(), false);
     variable_list out(kResponseArgs);
     if (want_s) out[0] = scalar ? gs : scaled_to(gs, g, student.scalar_type());
     if (want_t) out[1] = scalar ? gt : scaled_to(gt, g, teacher.scalar_type());
@@ -214,15 +234,19 @@ class TopkForward : public torch::autograd::Function<TopkForward> {
   }
 };
 
-Five response_forward_autograd(const at::Tensor& student, const at::Tensor& teacher,
-                               const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& num_items,
-                               c10::string_view divergence, c10::ArrayRef<double> params, double temperature,
-                               double soft_weight, double hard_weight, int64_t ignore_index, c10::string_view reduction,
-                               bool scale_by_temperature, bool grad_student, bool grad_teacher) {
+Six response_forward_autograd(const at::Tensor& student, const at::Tensor& teacher,
+                              const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& num_items,
+                              c10::string_view divergence, c10::ArrayRef<double> params, double temperature,
+                              double soft_weight, double hard_weight, int64_t ignore_index, c10::string_view reduction,
+                              bool scale_by_temperature, bool grad_student, bool grad_teacher,
+                              const std::optional<at::Tensor>& row_temperature,
+                              const std::optional<at::Tensor>& row_weight, bool standardize, double standardize_eps,
+                              bool grad_temperature) {
   auto r = ResponseForward::apply(student, teacher, labels, num_items, divergence, params, temperature,
                                   soft_weight, hard_weight, ignore_index, reduction, scale_by_temperature, grad_student,
-                                  grad_teacher);
-  return {r[0], r[1], r[2], r[3], r[4]};
+                                  grad_teacher, row_temperature, row_weight, standardize, standardize_eps,
+                                  grad_temperature);
+  return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 
 Two topk_kd_forward_autograd(const at::Tensor& student, const at::Tensor& values, const at::Tensor& indices,

@@ -32,13 +32,18 @@ TORCH_LIBRARY(fastkd, m) {
   //   student, teacher: [rows, vocab]; labels: [rows] integer or None (rows == ignore_index are not
   //   counted; class targets of the CE and of "dkd"); num_items: scalar divisor replacing the counted rows
   //   in batchmean/mean, or None.
-  // Returns (loss, soft, hard, grad_student, grad_teacher); soft and hard are the reduced parts; a gradient
-  // not asked for is an empty tensor.
+  //   row_temperature [rows]: a temperature per row (replaces temperature); row_weight [rows]: multiplies each
+  //   row's loss and gradients (not the divisor); standardize: each row of both sides becomes (z - mean) /
+  //   (standardize_eps + std) (unbiased std) before the temperature (row_options.h).
+  // Returns (loss, soft, hard, grad_student, grad_teacher, grad_temperature); soft and hard are the reduced
+  // parts; grad_temperature [rows] is d loss / d row_temperature (grad_temperature=True); a gradient not asked
+  // for is an empty tensor.
   m.def(
       "response_forward(Tensor student, Tensor teacher, Tensor? labels, Tensor? num_items, str divergence, "
       "float[] params, float temperature, float soft_weight, float hard_weight, int ignore_index, "
-      "str reduction, bool scale_by_temperature, bool grad_student, bool grad_teacher) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "str reduction, bool scale_by_temperature, bool grad_student, bool grad_teacher, "
+      "Tensor? row_temperature=None, Tensor? row_weight=None, bool standardize=False, float standardize_eps=1e-7, "
+      "bool grad_temperature=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // KD against a sparse teacher: k kept entries per row (values: logits, or log-probabilities used as
   // given; indices into the vocabulary), the student's full row. tail_bucket keeps the teacher's missing
   // mass as one extra bucket. Returns (loss, grad_student).

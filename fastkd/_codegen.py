@@ -2,7 +2,7 @@
 (``help()``, ``inspect.signature`` and IDEs see the parameters) and no per-call binding overhead.
 
 A generated function ``name(student_logits, teacher_logits, <params>, temperature=1.0, *, reduction=...,
-labels=None, ignore_index=-100, scale_by_temperature=<spec default>, num_items_in_batch=None)`` calls
+labels=None, ignore_index=-100, scale_by_temperature=<spec default>, num_items_in_batch=None, token_weights=None, standardize=False)`` calls
 ``impl(spec, name, student_logits, teacher_logits, {param: value}, temperature, **keywords)``; the module
 holds the same arguments and calls the function in ``forward(student_logits, teacher_logits, labels=None,
 num_items_in_batch=None)``.
@@ -40,10 +40,12 @@ def make_function(spec: DivergenceSpec, impl: Callable, module: str, kind: str) 
     src = (
         f"def {spec.function}(student_logits, teacher_logits, {_params_src(spec)}temperature=1.0, *, "
         f"reduction='batchmean', labels=None, ignore_index=-100, "
-        f"scale_by_temperature={spec.temperature_squared!r}, num_items_in_batch=None):\n"
+        f"scale_by_temperature={spec.temperature_squared!r}, num_items_in_batch=None, token_weights=None, "
+        f"standardize=False):\n"
         f"    return _impl(_spec, {spec.function!r}, student_logits, teacher_logits, {{{keys}}}, temperature, "
         f"reduction=reduction, labels=labels, ignore_index=ignore_index, "
-        f"scale_by_temperature=scale_by_temperature, num_items_in_batch=num_items_in_batch)\n"
+        f"scale_by_temperature=scale_by_temperature, num_items_in_batch=num_items_in_batch, "
+        f"token_weights=token_weights, standardize=standardize)\n"
     )
     scope: Dict[str, object] = {"_impl": impl, "_spec": spec}
     exec(compile(src, f"<fastkd generated {spec.function}>", "exec"), scope)
@@ -62,12 +64,14 @@ def make_divergence_loss(impl: Callable, module: str, doc: str) -> Callable:
                         temperature: float = 1.0, *, reduction: str = "batchmean",
                         labels: Optional[torch.Tensor] = None, ignore_index: int = -100,
                         scale_by_temperature: Optional[bool] = None, num_items_in_batch=None,
+                        token_weights: Optional[torch.Tensor] = None, standardize: bool = False,
                         **params: float) -> torch.Tensor:
         from fastkd import divergences
 
         return impl(divergences.get(divergence), "divergence_loss", student_logits, teacher_logits, params,
                     temperature, reduction=reduction, labels=labels, ignore_index=ignore_index,
-                    scale_by_temperature=scale_by_temperature, num_items_in_batch=num_items_in_batch)
+                    scale_by_temperature=scale_by_temperature, num_items_in_batch=num_items_in_batch,
+                    token_weights=token_weights, standardize=standardize)
 
     divergence_loss.__module__ = module
     divergence_loss.__doc__ = doc

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -73,6 +73,68 @@ def check_temperature(temperature: float, name: str = "temperature") -> float:
             f"float32, where 1/T and the T^2 factor must be finite and nonzero; got {temperature!r}"
         )
     return t
+
+
+Temperature = Union[float, torch.Tensor]
+
+
+def check_temperature_or_tensor(temperature, student_logits: torch.Tensor, name: str = "temperature"):
+    """A response loss's temperature: a Python number (:func:`check_temperature`), or a floating-point tensor,
+    0-dim (one learnable temperature) or of the logits' leading shape ``[...]`` (one per row: instance-wise
+    temperatures), on the logits' device (a 0-dim CPU tensor is moved). Returns the float or the tensor. The
+    entries' range (the float rule, for every entry) is checked by the op where it reads them (one host sync on
+    CUDA) and by :func:`check_row_temperature_values` in the plain-PyTorch path."""
+    if not isinstance(temperature, torch.Tensor):
+        return check_temperature(temperature, name)
+    if not temperature.is_floating_point():
+        raise TypeError(f"{name} must be a float or a floating-point tensor, got a {temperature.dtype} tensor")
+    lead = tuple(student_logits.shape[:-1])
+    if temperature.dim() != 0 and tuple(temperature.shape) != lead:
+        raise ValueError(f"{name} as a tensor must be 0-dim or have the logits' leading shape {list(lead)} (one "
+                         f"temperature per row), got shape {list(temperature.shape)}")
+    if temperature.device != student_logits.device:
+        if temperature.dim() == 0 and temperature.device.type == "cpu":
+            return temperature.to(student_logits.device)
+        raise ValueError(f"{name} must be on the logits' device {student_logits.device}, got {temperature.device}")
+    return temperature
+
+
+def check_row_temperature_values(temperature: torch.Tensor, name: str = "temperature") -> None:
+    """Every entry of a temperature tensor in the float rule's range (the op's rule and message)."""
+    if temperature.numel() and _inspectable(temperature):
+        t = temperature.detach()
+        if not bool(((t >= TEMPERATURE_MIN) & (t <= TEMPERATURE_MAX)).all()):
+            raise ValueError(f"fastkd: argument '{name}': every entry must be a finite value in [2**-63, 2**63], "
+                             f"got min {float(t.min())}, max {float(t.max())}")
+
+
+def check_token_weights(token_weights: Optional[torch.Tensor], student_logits: torch.Tensor) -> Optional[torch.Tensor]:
+    """Per-row weights ``[...]`` (the logits' leading shape), floating point, on the logits' device, or None.
+    Returned detached: the weights get no gradient. Any real value is accepted (NaN propagates)."""
+    if token_weights is None:
+        return None
+    if not isinstance(token_weights, torch.Tensor):
+        raise TypeError(f"token_weights must be a tensor or None, got {type(token_weights).__name__}")
+    if not token_weights.is_floating_point():
+        raise TypeError(f"token_weights must be a floating-point tensor, got {token_weights.dtype}")
+    lead = tuple(student_logits.shape[:-1])
+    if tuple(token_weights.shape) != lead:
+        raise ValueError(f"token_weights must have the logits' leading shape {list(lead)} (one weight per row), "
+                         f"got shape {list(token_weights.shape)}")
+    if token_weights.device != student_logits.device:
+        raise ValueError(f"token_weights must be on the logits' device {student_logits.device}, got "
+                         f"{token_weights.device}")
+    return token_weights.detach()
+
+
+def check_standardize(standardize, student_logits: torch.Tensor, eps: float = 1e-7) -> float:
+    """The ``standardize`` flag (a bool) and its ``eps`` (finite, >= 0); standardization needs ``V >= 2`` (an
+    unbiased std). Returns eps as a float."""
+    check_bool("standardize", standardize)
+    e = check_real("eps", eps, 0.0)
+    if standardize and student_logits.shape[-1] < 2:
+        raise ValueError(f"standardize needs at least 2 classes (an unbiased std), got V={student_logits.shape[-1]}")
+    return e
 
 
 def check_reduction(reduction: str) -> str:

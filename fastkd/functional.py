@@ -101,12 +101,20 @@ def _response(
     ignore_index: int = -100,
     reduction: str = "batchmean",
     scale_by_temperature: bool = False,
+    token_weights: Optional[torch.Tensor] = None,
+    standardize: bool = False,
+    eps: float = 1e-7,
 ):
     """Runs fastkd::response_forward on [..., V] logits; returns (loss, soft, hard) shaped for reduction.
-    ``params``: the divergence's parameters in registry order (fastkd/divergences.py)."""
+    ``params``: the divergence's parameters in registry order (fastkd/divergences.py). ``temperature``: a float,
+    or a checked tensor (0-dim or one per row), passed to the op as one temperature per row."""
     vocab = student_logits.shape[-1]
     grad_on = torch.is_grad_enabled()
-    loss, soft, hard, _, _ = torch.ops.fastkd.response_forward(
+    row_temperature = None
+    if isinstance(temperature, torch.Tensor):
+        row_temperature = temperature.expand(student_logits.shape[:-1]).reshape(-1)
+        temperature = 1.0
+    loss, soft, hard, _, _, _ = torch.ops.fastkd.response_forward(
         student_logits.reshape(-1, vocab),
         teacher_logits.reshape(-1, vocab),
         None if labels is None else labels.reshape(-1),
@@ -121,6 +129,11 @@ def _response(
         bool(scale_by_temperature),
         grad_on and student_logits.requires_grad,
         grad_on and teacher_logits.requires_grad,
+        row_temperature,
+        None if token_weights is None else token_weights.reshape(-1),
+        standardize,
+        eps,
+        grad_on and row_temperature is not None and row_temperature.requires_grad,
     )
     if reduction == "none":
         lead = student_logits.shape[:-1]
@@ -128,10 +141,24 @@ def _response(
     return loss, soft, hard
 
 
+def _row_options(student_logits, token_weights, standardize, *, temperature=None, divergence: str = "") -> dict:
+    """The per-row options every response loss takes, checked: ``token_weights`` and ``standardize`` (keywords
+    of the op through :func:`_response` and of the reference functions). DKD's row math has one temperature
+    for both sides and no row dots: no standardization, no temperature gradient (clear errors here)."""
+    v.check_standardize(standardize, student_logits)
+    if divergence == "dkd":
+        if standardize:
+            raise ValueError("standardize is not supported for 'dkd' (its decoupled row math has no standardized form)")
+        if isinstance(temperature, torch.Tensor) and temperature.requires_grad and torch.is_grad_enabled():
+            raise ValueError("'dkd' does not support a temperature that requires grad (pass a plain or detached "
+                             "tensor temperature)")
+    return {"token_weights": v.check_token_weights(token_weights, student_logits), "standardize": standardize}
+
+
 def _check_common(student_logits, teacher_logits, labels, temperature, reduction, ignore_index, num_items):
     v.check_logits(student_logits, teacher_logits)
     v.check_labels(labels, student_logits)
-    t = v.check_temperature(temperature)
+    t = v.check_temperature_or_tensor(temperature, student_logits)
     v.check_reduction(reduction)
     v.check_ignore_index(ignore_index)
     n = v.check_num_items(num_items, reduction)
@@ -152,6 +179,8 @@ def kd_loss(
     beta: Optional[float] = None,
     num_items_in_batch: NumItems = None,
     return_parts: bool = False,
+    token_weights: Optional[torch.Tensor] = None,
+    standardize: bool = False,
 ) -> Union[torch.Tensor, LossParts]:
     r"""Hinton knowledge-distillation loss, fused, optionally mixed with the hard-label cross-entropy.
 
@@ -180,6 +209,28 @@ def kd_loss(
         return_parts: also return the reduced parts: a :class:`fastkd.LossParts` ``(loss, soft, hard)``,
             where ``soft`` (the unweighted KD term) and ``hard`` (the unweighted cross-entropy; 0 when
             ``alpha == 0``) are detached, for logging.
+        token_weights: optional weights ``[...]`` (the logits' leading shape), one per row: each counted
+            row's loss (both terms) is multiplied by its weight; the divisor of ``"batchmean"``/``"mean"`` stays
+            the count of counted rows (or ``num_items_in_batch``). The weights get no gradient.
+        standardize: logit standardization ("Logit Standardization in KD", CVPR 2024): each row of student and
+            teacher logits becomes ``(z - mean(z)) / (1e-7 + std(z))`` (unbiased std, as torchdistill's
+            ``LogitStdKDLoss``) before the temperature, with the exact gradient through mean and std, computed in
+            the kernel's own sweeps (no standardized copy). The cross-entropy part uses the raw logits. A
+            constant row (std 0) gets no gradient term through its std (torch's autograd of ``std`` gives NaN
+            there). Needs ``V >= 2``.
+
+    ``temperature`` may also be a tensor (every response loss accepts it): 0-dim (one temperature, e.g.
+    learnable: CTKD's, behind a gradient-reversal layer the caller owns) or of the logits' leading shape
+    (instance-wise temperatures). When it requires grad its exact gradient, ``T^2`` factor included, comes
+    from per-row sums of the same fused pass: :math:`\partial L / \partial T = f'(T)\,D - f(T)/T \sum_j (s_j
+    \partial D / \partial s_j + t_j \partial D / \partial t_j)` with the scaled logits and ``f = T^2`` or 1.
+    Every entry must be in ``[2**-63, 2**63]``.
+
+    Example (importance-weighted on-policy distillation with a learnable temperature)::
+
+        log_t = torch.zeros((), requires_grad=True)          # T = exp(log_t) > 0
+        w = (labels != -100).float() * importance             # [B, T]
+        loss = fastkd.kd_loss(s, t, log_t.exp(), labels=labels, token_weights=w)
 
     torchdistill's ``KDLoss`` returns the bare KL when ``alpha`` is 0/None or no targets are given
     (``kd_loss(s, t, T, scale_by_temperature=False)``) and ``alpha * CE + beta * T^2 * KL`` otherwise
@@ -198,15 +249,16 @@ def kd_loss(
                          num_items_in_batch)
     a, b = v.check_mix_weights(alpha, beta)
     v.check_flags(scale_by_temperature=scale_by_temperature, return_parts=return_parts)
+    rows = _row_options(student_logits, token_weights, standardize)
     if a != 0.0:
         v.check_target(labels, student_logits, ignore_index, required=True, name="labels", check_range=False)
     if not _use_kernels():
         return reference.kd_loss(student_logits, teacher_logits, t, reduction=reduction, labels=labels,
                                  ignore_index=ignore_index, scale_by_temperature=scale_by_temperature, alpha=a,
-                                 beta=beta, num_items_in_batch=n, return_parts=return_parts)
+                                 beta=beta, num_items_in_batch=n, return_parts=return_parts, **rows)
     loss, soft, hard = _response(student_logits, teacher_logits, labels, n, "kl", t, soft_weight=b, hard_weight=a,
                                  ignore_index=ignore_index, reduction=reduction,
-                                 scale_by_temperature=scale_by_temperature)
+                                 scale_by_temperature=scale_by_temperature, **rows)
     return LossParts(loss, soft, hard) if return_parts else loss
 
 
@@ -221,6 +273,8 @@ def reverse_kl_loss(
     ignore_index: int = -100,
     scale_by_temperature: bool = True,
     num_items_in_batch: NumItems = None,
+    token_weights: Optional[torch.Tensor] = None,
+    standardize: bool = False,
 ) -> torch.Tensor:
     r"""Reverse KL, fused: :math:`T^2 \cdot \mathrm{KL}(\mathrm{softmax}(s/T) \,\|\, \mathrm{softmax}(t/T))`
     per row (mode-seeking; TRL's generalized JSD with ``beta=1``, MiniLLM's objective).
@@ -232,12 +286,13 @@ def reverse_kl_loss(
     t, n = _check_common(student_logits, teacher_logits, labels, temperature, reduction, ignore_index,
                          num_items_in_batch)
     v.check_flags(scale_by_temperature=scale_by_temperature)
+    rows = _row_options(student_logits, token_weights, standardize)
     if not _use_kernels():
         return reference.reverse_kl_loss(student_logits, teacher_logits, t, reduction=reduction, labels=labels,
                                          ignore_index=ignore_index, scale_by_temperature=scale_by_temperature,
-                                         num_items_in_batch=n)
+                                         num_items_in_batch=n, **rows)
     return _response(student_logits, teacher_logits, labels, n, "reverse_kl", t, ignore_index=ignore_index,
-                     reduction=reduction, scale_by_temperature=scale_by_temperature)[0]
+                     reduction=reduction, scale_by_temperature=scale_by_temperature, **rows)[0]
 
 
 @_dtensor.accepts_dtensor
@@ -251,6 +306,8 @@ def jsd_loss(
     labels: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     num_items_in_batch: NumItems = None,
+    token_weights: Optional[torch.Tensor] = None,
+    standardize: bool = False,
 ) -> torch.Tensor:
     r"""Generalized Jensen-Shannon divergence, fused, with the semantics of TRL's GKD
     ``generalized_jsd_loss``:
@@ -275,15 +332,16 @@ def jsd_loss(
     b = v.check_beta_unit(beta)
     t, n = _check_common(student_logits, teacher_logits, labels, temperature, reduction, ignore_index,
                          num_items_in_batch)
+    rows = _row_options(student_logits, token_weights, standardize)
     if not _use_kernels():
         return reference.jsd_loss(student_logits, teacher_logits, b, t, reduction=reduction, labels=labels,
-                                  ignore_index=ignore_index, num_items_in_batch=n)
+                                  ignore_index=ignore_index, num_items_in_batch=n, **rows)
     if reduction == "batchmean" and labels is None and n is None and student_logits.dim() >= 3 \
             and student_logits.shape[0] > 0:
         n = student_logits.shape[0]  # TRL: jsd.sum() / jsd.size(0) (empty input: 0, as every loss)
     # beta 0 and 1 (forward and reverse KL, TRL's convention) are run by those kernels: the op resolves them
     return _response(student_logits, teacher_logits, labels, n, "jsd", t, params=(b,), ignore_index=ignore_index,
-                     reduction=reduction)[0]
+                     reduction=reduction, **rows)[0]
 
 
 @_dtensor.accepts_dtensor
@@ -296,6 +354,8 @@ def tvd_loss(
     labels: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     num_items_in_batch: NumItems = None,
+    token_weights: Optional[torch.Tensor] = None,
+    standardize: bool = False,
 ) -> torch.Tensor:
     r"""Total variation distance, fused: :math:`\tfrac12 \sum_j |p_j - q_j|` per row, with
     ``p = softmax(t/T)``, ``q = softmax(s/T)`` and no ``T^2`` factor. The gradient takes the subgradient
@@ -303,11 +363,12 @@ def tvd_loss(
     """
     t, n = _check_common(student_logits, teacher_logits, labels, temperature, reduction, ignore_index,
                          num_items_in_batch)
+    rows = _row_options(student_logits, token_weights, standardize)
     if not _use_kernels():
         return reference.tvd_loss(student_logits, teacher_logits, t, reduction=reduction, labels=labels,
-                                  ignore_index=ignore_index, num_items_in_batch=n)
+                                  ignore_index=ignore_index, num_items_in_batch=n, **rows)
     return _response(student_logits, teacher_logits, labels, n, "tvd", t, ignore_index=ignore_index,
-                     reduction=reduction)[0]
+                     reduction=reduction, **rows)[0]
 
 
 @_dtensor.accepts_dtensor
@@ -322,6 +383,7 @@ def dkd_loss(
     reduction: str = "batchmean",
     ignore_index: int = -100,
     num_items_in_batch: NumItems = None,
+    token_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     r"""Decoupled KD (Zhao et al., CVPR 2022), fused: :math:`T^2 (\alpha\,\mathrm{TCKD} + \beta\,\mathrm{NCKD})`
     per row, with the defaults and value of mdistiller's ``dkd_loss(logits_student, logits_teacher, target,
@@ -351,16 +413,18 @@ def dkd_loss(
     v.check_target(target, student_logits, ignore_index, required=True, name="target", check_range=False)
     if student_logits.shape[-1] < 2:
         raise ValueError(f"dkd_loss needs at least 2 classes, got V={student_logits.shape[-1]}")
+    rows = _row_options(student_logits, token_weights, False, temperature=t, divergence="dkd")
     if not _use_kernels():
         return reference.dkd_loss(student_logits, teacher_logits, target, a, b, t, reduction=reduction,
-                                  ignore_index=ignore_index, num_items_in_batch=n)
+                                  ignore_index=ignore_index, num_items_in_batch=n, **rows)
     return _response(student_logits, teacher_logits, target, n, "dkd", t, params=(a, b),
-                     ignore_index=ignore_index, reduction=reduction, scale_by_temperature=True)[0]
+                     ignore_index=ignore_index, reduction=reduction, scale_by_temperature=True, **rows)[0]
 
 
 @_dtensor.accepts_dtensor
 def _divergence(spec, where: str, student_logits, teacher_logits, params, temperature, *, reduction="batchmean",
-                labels=None, ignore_index=-100, scale_by_temperature=None, num_items_in_batch=None):
+                labels=None, ignore_index=-100, scale_by_temperature=None, num_items_in_batch=None,
+                token_weights=None, standardize=False):
     """The response op for any registered divergence. Python checks what the op cannot see (tensor and Python
     types); the op checks the parameters' ranges (ValueError naming the parameter)."""
     values = spec.resolve(params, where)
@@ -369,12 +433,13 @@ def _divergence(spec, where: str, student_logits, teacher_logits, params, temper
                          num_items_in_batch)
     if spec.family == "decoupled":
         v.check_target(labels, student_logits, ignore_index, required=True, name="labels", check_range=False)
+    rows = _row_options(student_logits, token_weights, standardize, temperature=t, divergence=spec.name)
     if not _use_kernels():
         return reference.divergence_loss(student_logits, teacher_logits, spec.name, t, reduction=reduction,
                                          labels=labels, ignore_index=ignore_index, scale_by_temperature=scale,
-                                         num_items_in_batch=n, **dict(zip(spec.param_names, values)))
+                                         num_items_in_batch=n, **rows, **dict(zip(spec.param_names, values)))
     return _response(student_logits, teacher_logits, labels, n, spec.name, t, params=values,
-                     ignore_index=ignore_index, reduction=reduction, scale_by_temperature=scale)[0]
+                     ignore_index=ignore_index, reduction=reduction, scale_by_temperature=scale, **rows)[0]
 
 
 _DIVERGENCE_LOSS_DOC = r"""Any registered response divergence by name, fused (one read of the logits for the loss and its

@@ -142,16 +142,43 @@ def _drop_masked(rows: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
 def _check_pair(student_logits, teacher_logits, temperature, reduction, labels, ignore_index, num_items_in_batch):
     v.check_logits(student_logits, teacher_logits)
     v.check_labels(labels, student_logits)
-    t = v.check_temperature(temperature)
+    t = _temperature(temperature, student_logits)
     v.check_reduction(reduction)
     v.check_ignore_index(ignore_index)
     num = v.check_num_items(num_items_in_batch, reduction)
     return t, num
 
 
-def _log_softmaxes(student_logits, teacher_logits, t, cdtype):
-    log_q = F.log_softmax(student_logits.to(cdtype) / t, dim=-1)
-    log_p = F.log_softmax(teacher_logits.to(cdtype) / t, dim=-1)
+def _temperature(temperature, student_logits):
+    """A float, or a tensor temperature (0-dim or one per row) with its entries checked."""
+    t = v.check_temperature_or_tensor(temperature, student_logits)
+    if isinstance(t, torch.Tensor):
+        v.check_row_temperature_values(t)
+    return t
+
+
+def _per_entry(t):
+    """A temperature (float or tensor of the leading shape) broadcastable against [..., V] logits."""
+    return t.unsqueeze(-1) if isinstance(t, torch.Tensor) and t.dim() > 0 else t
+
+
+def standardized(z: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardization (torchdistill ``LogitStdKDLoss.standardize``): ``(z - mean) / (eps + std)`` over the
+    last dimension, unbiased std."""
+    return (z - z.mean(dim=-1, keepdim=True)) / (eps + z.std(dim=-1, keepdim=True))
+
+
+def _weighted(rows: torch.Tensor, token_weights: Optional[torch.Tensor]) -> torch.Tensor:
+    v_ = token_weights
+    return rows if v_ is None else rows * v_.to(rows.dtype)
+
+
+def _log_softmaxes(student_logits, teacher_logits, t, cdtype, standardize: bool = False):
+    s, te = student_logits.to(cdtype), teacher_logits.to(cdtype)
+    if standardize:
+        s, te = standardized(s), standardized(te)
+    log_q = F.log_softmax(s / _per_entry(t), dim=-1)
+    log_p = F.log_softmax(te / _per_entry(t), dim=-1)
     return log_q, log_p
 
 
@@ -171,6 +198,8 @@ def kd_loss(
     beta: Optional[float] = None,
     num_items_in_batch: NumItems = None,
     return_parts: bool = False,
+    token_weights: Optional[torch.Tensor] = None,
+    standardize: bool = False,
 ) -> Union[torch.Tensor, LossParts]:
     """Hinton KD in plain PyTorch: ``T^2 * KL(softmax(t/T) || softmax(s/T))`` summed over the last dim, mixed
     with the cross-entropy of the student against ``labels`` as ``alpha * CE + (1 - alpha or beta) * KD``.
@@ -189,10 +218,11 @@ def kd_loss(
     out_dtype, cdtype = _dtypes(student_logits, teacher_logits)
     vocab = student_logits.shape[-1]
     student_logits, teacher_logits, empty = _fully_masked(student_logits, teacher_logits)
-    log_q, log_p = _log_softmaxes(student_logits, teacher_logits, t, cdtype)
+    log_q, log_p = _log_softmaxes(student_logits, teacher_logits, t, cdtype, standardize)
     soft_rows = _drop_masked(_plogp_ratio(log_p.exp(), log_p, log_q).sum(-1), empty)
     if scale_by_temperature:
         soft_rows = soft_rows * (t * t)
+    soft_rows = _weighted(soft_rows, token_weights)
     keep, counted = _keep_rows(labels, ignore_index, soft_rows.shape, soft_rows.device)
     soft_rows = _mask(soft_rows, keep)
     soft = reduce_rows(soft_rows, reduction, counted, vocab, num)
@@ -200,7 +230,7 @@ def kd_loss(
         s = student_logits.to(cdtype)
         y = torch.where(keep, labels, torch.zeros((), dtype=labels.dtype, device=labels.device)).long()
         s_y = s.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        hard_rows = _mask(_drop_masked(torch.logsumexp(s, dim=-1) - s_y, empty), keep)
+        hard_rows = _mask(_weighted(_drop_masked(torch.logsumexp(s, dim=-1) - s_y, empty), token_weights), keep)
         # CE is per row, never per vocabulary entry: "mean" divides it by the counted rows, as "batchmean".
         hard = reduce_rows(hard_rows, "batchmean" if reduction == "mean" else reduction, counted, vocab, num)
         loss = a * hard + w * soft
@@ -226,6 +256,8 @@ def reverse_kl_loss(
     ignore_index: int = -100,
     scale_by_temperature: bool = True,
     num_items_in_batch: NumItems = None,
+    token_weights: Optional[torch.Tensor] = None,
+    standardize: bool = False,
 ) -> torch.Tensor:
     """Reverse KL in plain PyTorch: ``T^2 * KL(softmax(s/T) || softmax(t/T))`` per row. +inf where the student
     has mass the teacher lacks. See :func:`fastkd.reverse_kl_loss`."""
@@ -235,10 +267,11 @@ def reverse_kl_loss(
     v.check_flags(scale_by_temperature=scale_by_temperature)
     out_dtype, cdtype = _dtypes(student_logits, teacher_logits)
     student_logits, teacher_logits, empty = _fully_masked(student_logits, teacher_logits)
-    log_q, log_p = _log_softmaxes(student_logits, teacher_logits, t, cdtype)
+    log_q, log_p = _log_softmaxes(student_logits, teacher_logits, t, cdtype, standardize)
     rows = _drop_masked(_plogp_ratio(log_q.exp(), log_q, log_p).sum(-1), empty)
     if scale_by_temperature:
         rows = rows * (t * t)
+    rows = _weighted(rows, token_weights)
     keep, counted = _keep_rows(labels, ignore_index, rows.shape, rows.device)
     return reduce_rows(_mask(rows, keep), reduction, counted, student_logits.shape[-1], num).to(out_dtype)
 
@@ -253,6 +286,8 @@ def jsd_loss(
     labels: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     num_items_in_batch: NumItems = None,
+    token_weights: Optional[torch.Tensor] = None,
+    standardize: bool = False,
 ) -> torch.Tensor:
     """Generalized JSD in plain PyTorch, with TRL GKD's ``generalized_jsd_loss`` semantics:
     ``beta * KL(p || m) + (1 - beta) * KL(q || m)``, ``m = beta * p + (1 - beta) * q``; ``beta = 0`` is
@@ -266,7 +301,7 @@ def jsd_loss(
     out_dtype, cdtype = _dtypes(student_logits, teacher_logits)
     shape = student_logits.shape
     student_logits, teacher_logits, empty = _fully_masked(student_logits, teacher_logits)
-    log_q, log_p = _log_softmaxes(student_logits, teacher_logits, t, cdtype)
+    log_q, log_p = _log_softmaxes(student_logits, teacher_logits, t, cdtype, standardize)
     p, q = log_p.exp(), log_q.exp()
     if b == 0.0:
         elems = _plogp_ratio(p, log_p, log_q)
@@ -275,7 +310,7 @@ def jsd_loss(
     else:
         log_m = _safe_logaddexp(log_p + math.log(b), log_q + math.log1p(-b))
         elems = b * _plogp_ratio(p, log_p, log_m) + (1.0 - b) * _plogp_ratio(q, log_q, log_m)
-    rows = _drop_masked(elems.sum(-1), empty)
+    rows = _weighted(_drop_masked(elems.sum(-1), empty), token_weights)
     keep, counted = _keep_rows(labels, ignore_index, rows.shape, rows.device)
     if reduction == "batchmean" and keep is None and len(shape) >= 2:
         counted = shape[0]  # TRL: jsd.sum() / jsd.size(0); "mean" is jsd.mean() over all rows
@@ -291,6 +326,8 @@ def tvd_loss(
     labels: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     num_items_in_batch: NumItems = None,
+    token_weights: Optional[torch.Tensor] = None,
+    standardize: bool = False,
 ) -> torch.Tensor:
     """Total variation distance in plain PyTorch: ``0.5 * sum_j |p_j - q_j|`` per row (no T^2); the
     gradient at ties is 0 (``torch.abs``). See :func:`fastkd.tvd_loss`."""
@@ -299,9 +336,9 @@ def tvd_loss(
     )
     out_dtype, cdtype = _dtypes(student_logits, teacher_logits)
     student_logits, teacher_logits, empty = _fully_masked(student_logits, teacher_logits)
-    q = F.softmax(student_logits.to(cdtype) / t, dim=-1)
-    p = F.softmax(teacher_logits.to(cdtype) / t, dim=-1)
-    rows = _drop_masked(0.5 * (p - q).abs().sum(-1), empty)
+    log_q, log_p = _log_softmaxes(student_logits, teacher_logits, t, cdtype, standardize)
+    q, p = log_q.exp(), log_p.exp()
+    rows = _weighted(_drop_masked(0.5 * (p - q).abs().sum(-1), empty), token_weights)
     keep, counted = _keep_rows(labels, ignore_index, rows.shape, rows.device)
     return reduce_rows(_mask(rows, keep), reduction, counted, student_logits.shape[-1], num).to(out_dtype)
 
@@ -335,13 +372,17 @@ def dkd_loss(
     reduction: str = "batchmean",
     ignore_index: int = -100,
     num_items_in_batch: NumItems = None,
+    token_weights: Optional[torch.Tensor] = None,
+    standardize: bool = False,
 ) -> torch.Tensor:
     """Decoupled KD (mdistiller ``dkd_loss`` semantics) in plain PyTorch, computed exactly from log-sum-exps:
     per row ``T^2 * (alpha * TCKD + beta * NCKD)``, TCKD the KL of the binary (target, rest) distributions,
     NCKD the KL of the softmaxes over the non-target classes. See :func:`fastkd.dkd_loss`."""
     v.check_logits(student_logits, teacher_logits)
     v.check_num_classes(student_logits, 2, "dkd_loss (it splits the target class from the others)")
-    t = v.check_temperature(temperature)
+    t = _temperature(temperature, student_logits)
+    if standardize:
+        raise ValueError("standardize is not supported for 'dkd' (its decoupled row math has no standardized form)")
     v.check_reduction(reduction)
     v.check_ignore_index(ignore_index)
     v.check_target(target, student_logits, ignore_index, required=True, name="target")
@@ -352,14 +393,14 @@ def dkd_loss(
     keep = target != ignore_index
     y = torch.where(keep, target, torch.zeros((), dtype=target.dtype, device=target.device)).long()
     student_logits, teacher_logits, empty = _fully_masked(student_logits, teacher_logits)
-    zs = student_logits.to(cdtype) / t
-    zt = teacher_logits.to(cdtype) / t
+    zs = student_logits.to(cdtype) / _per_entry(t)
+    zt = teacher_logits.to(cdtype) / _per_entry(t)
     is_target = torch.zeros(zs.shape, dtype=torch.bool, device=zs.device).scatter(-1, y.unsqueeze(-1), True)
     lq_y, lq_nt, lq_hat = _dkd_logs(zs, y, is_target)
     lp_y, lp_nt, lp_hat = _dkd_logs(zt, y, is_target)
     tckd = _plogp_ratio(lp_y.exp(), lp_y, lq_y) + _plogp_ratio(lp_nt.exp(), lp_nt, lq_nt)
     nckd = _plogp_ratio(lp_hat.exp(), lp_hat, lq_hat).sum(-1)
-    rows = _drop_masked((t * t) * (a * tckd + b * nckd), empty)
+    rows = _weighted(_drop_masked((t * t) * (a * tckd + b * nckd), empty), token_weights)
     rows = torch.where(keep, rows, _zero(rows))
     return reduce_rows(rows, reduction, keep.sum(), student_logits.shape[-1], num).to(out_dtype)
 
@@ -368,7 +409,8 @@ def dkd_loss(
 # any registered divergence, from its spec's formula (fastkd/divergences.py)
 # --------------------------------------------------------------------------------------------------------
 def _divergence(spec, where: str, student_logits, teacher_logits, params, temperature, *, reduction="batchmean",
-                labels=None, ignore_index=-100, scale_by_temperature=None, num_items_in_batch=None):
+                labels=None, ignore_index=-100, scale_by_temperature=None, num_items_in_batch=None,
+                token_weights=None, standardize=False):
     values = spec.resolve(params, where)
     spec.check_ranges(values)
     scale = v.resolve_scale_by_temperature(scale_by_temperature, spec.name)
@@ -377,15 +419,19 @@ def _divergence(spec, where: str, student_logits, teacher_logits, params, temper
     )
     named = dict(zip(spec.param_names, values))
     if spec.family == "decoupled":  # DKD: the labels are the class targets
-        out = dkd_loss(student_logits, teacher_logits, labels, **named, temperature=t, reduction=reduction,
-                       ignore_index=ignore_index, num_items_in_batch=num)
-        return out if scale else out / (t * t)
+        w = token_weights
+        if not scale:  # the T^2 of mdistiller's formula undone, per row (the row weights carry it)
+            w = (1.0 if w is None else w) / (torch.as_tensor(t, dtype=torch.float64) * t).expand(
+                student_logits.shape[:-1])
+        return dkd_loss(student_logits, teacher_logits, labels, **named, temperature=t, reduction=reduction,
+                        ignore_index=ignore_index, num_items_in_batch=num, token_weights=w, standardize=standardize)
     out_dtype, cdtype = _dtypes(student_logits, teacher_logits)
     student_logits, teacher_logits, empty = _fully_masked(student_logits, teacher_logits)
-    log_q, log_p = _log_softmaxes(student_logits, teacher_logits, t, cdtype)
+    log_q, log_p = _log_softmaxes(student_logits, teacher_logits, t, cdtype, standardize)
     rows = _drop_masked(spec.formula(log_p.exp(), log_q.exp(), log_p, log_q, **named).sum(-1), empty)
     if scale:
         rows = rows * (t * t)
+    rows = _weighted(rows, token_weights)
     keep, counted = _keep_rows(labels, ignore_index, rows.shape, rows.device)
     return reduce_rows(_mask(rows, keep), reduction, counted, student_logits.shape[-1], num).to(out_dtype)
 

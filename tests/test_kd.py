@@ -415,7 +415,8 @@ def test_bad_input_messages(device):
         ((s, t, math.nan), {}, ValueError, "temperature"),
         ((s, t, math.inf), {}, ValueError, "temperature"),
         ((s, t, "hot"), {}, TypeError, "temperature"),
-        ((s, t, torch.tensor(2.0)), {}, TypeError, "temperature"),
+        ((s, t, torch.tensor([2.0, 3.0], device=device)), {}, ValueError, "leading shape"),  # a tensor T: 0-dim or per row
+        ((s, t, torch.tensor(2, device=device)), {}, TypeError, "floating-point tensor"),
         ((s, t), {"reduction": "avg"}, ValueError, "reduction"),
         ((s, t), {"labels": torch.zeros(5, dtype=torch.long, device=device)}, ValueError, "labels must have shape"),
         ((s, t), {"labels": torch.zeros(4, 1, dtype=torch.long, device=device)}, ValueError, "labels must have"),

@@ -118,8 +118,15 @@ def _bad_cases():
     }
     temperature_takers = list(calls)
     bad = []
+    # the response functions take a tensor temperature (0-dim or one per row): a wrong shape is a ValueError
+    tensor_takers = {"kd_loss", "reference.kd_loss", "reverse_kl_loss", "jsd_loss", "tvd_loss", "dkd_loss",
+                     "reference.dkd_loss"}
+    for name in tensor_takers:
+        bad.append((name, calls[name], {"temperature": torch.ones(3)}, ValueError, "temperature as a tensor"))
+        bad.append((name, calls[name], {"temperature": torch.ones(4, dtype=torch.long)}, TypeError, "temperature"))
     for name in temperature_takers:
-        for value, exc in (("2", TypeError), (True, TypeError), (torch.tensor(2.0), TypeError), (None, TypeError),
+        tensor, tensor_exc = (torch.ones(2), ValueError) if name in tensor_takers else (torch.tensor(2.0), TypeError)
+        for value, exc in (("2", TypeError), (True, TypeError), (tensor, tensor_exc), (None, TypeError),
                            (5e-324, ValueError), (0.0, ValueError), (-1.0, ValueError), (math.inf, ValueError),
                            (math.nan, ValueError), (2.0**64, ValueError), (1e-20, ValueError)):
             bad.append((name, calls[name], {"temperature": value}, exc, "temperature"))

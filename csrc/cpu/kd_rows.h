@@ -13,6 +13,7 @@
 
 #include "cpu_common.h"
 #include "fastkd/kd_host.h"
+#include "fastkd/row_options.h"
 
 namespace fastkd {
 namespace cpu {
@@ -36,12 +37,9 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
   const int64_t V = p.vocab;
   const int64_t V2 = V - V % (2 * W);  // sweeps 1-2 take two vectors at a time
   const int64_t V1 = V - V % W;        // full vectors of sweeps 3-4
-  const Vec<Acc> inv_t_v(static_cast<Acc>(p.inv_temperature));
-  const double coef = kd_grad_coef(p, count);
-  const Vec<Acc> coef_v(static_cast<Acc>(coef));
   const bool hard = p.hard;
-  const bool z1_separate = hard && p.inv_temperature != 1.0;  // at T = 1 the CE's Z is Z_s
-  const Acc ce_coef = static_cast<Acc>(hard ? ce_grad_coef(p, count) : 0.0);
+  // The row dots of the temperature gradient and of the standardization's (row_options.h); not for DKD.
+  const bool dots = !kDkd && (p.row_grad_temperature != nullptr || p.standardize);
   auto* S_out = static_cast<S*>(p.grad_student);
   auto* T_out = static_cast<T*>(p.grad_teacher);
   auto* row_soft = static_cast<Acc*>(p.row_soft);
@@ -57,6 +55,7 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     auto zero_row = [&] {
       row_soft[r] = Acc(0);
       if (hard) row_hard[r] = Acc(0);
+      if (p.row_grad_temperature) p.row_grad_temperature[r] = 0.0;
       if (gs) std::fill(gs, gs + V, S(0));
       if (gt) std::fill(gt, gt + V, T(0));
     };
@@ -90,19 +89,49 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     }
     const Vec<Acc> max_s_v(max_s), max_t_v(max_t);
 
+    // Standardization: each side's row mean and std (a sweep over the row, now in L2), then the row's scalars.
+    RowStandardization st_s, st_t;
+    if (p.standardize) {
+      const Acc s0 = static_cast<Acc>(s[0]), t0 = static_cast<Acc>(t[0]);
+      const Vec<Acc> s0_v(s0), t0_v(t0);
+      auto body = [&](int64_t i, int64_t n) {
+        const Vec<Acc> ds = (n == W ? load<Acc>(s + i) : load_tail<Acc>(s + i, n, s0)) - s0_v;
+        const Vec<Acc> dt = (n == W ? load<Acc>(t + i) : load_tail<Acc>(t + i, n, t0)) - t0_v;
+        return std::array<Vec<Acc>, 4>{ds, ds * ds, dt, dt * dt};
+      };
+      auto sums = blocked_sums<Acc, 4>(0, V1, [&](int64_t i) { return body(i, W); });
+      if (V1 < V) {
+        const auto tail = body(V1, V - V1);
+        for (int k = 0; k < 4; ++k) sums[k] += lane_sum<Acc>(tail[k]);
+      }
+      st_s = row_standardization(s0, sums[0], sums[1], V, p.standardize_eps);
+      st_t = row_standardization(t0, sums[2], sums[3], V, p.standardize_eps);
+    }
+    const RowScalars rs = row_scalars(p, r, count, st_s.scale, st_t.scale);
+    const Vec<Acc> inv_s_v(static_cast<Acc>(rs.inv_s)), inv_t_v(static_cast<Acc>(rs.inv_t));
+    const bool z1_separate = hard && rs.inv_s != 1.0;  // at T = 1 the CE's Z is Z_s
+    const Acc ce_coef = static_cast<Acc>(rs.ce_coef);
+    // d(reduced loss) / d(student logit) = coef_s * d div / d b (+ the standardization's term), likewise the teacher
+    const double coef_s = rs.coef * rs.inv_s, coef_t = rs.coef * rs.inv_t;
+    const Vec<Acc> coef_v(static_cast<Acc>(coef_s)), coef_t_v(static_cast<Acc>(coef_t));
+
     // Sweep 2: Z_s, Z_t, the KL-type dot product, and Z of the student at T = 1 for the CE.
     // Hinton KD with only the student gradient asked for (and a full-precision gradient dtype) parks e_s
     // in the gradient row (its first touch happens here), so sweep 4 needs one exponential, not two.
     // The Psi family parks it the same way, for sweep 3 to read q = e_s / Z_s instead of another exponential.
     // Not when the gradient overwrites the student row in place (fastkd::fused_linear_kd_forward): parking
     // would clobber logits that sweeps 3-4 still read.
+    // (Not with standardization, whose gradient term needs the logits in sweep 4, nor with the Psi family's row
+    // dots, whose sweep 3 does not park.)
     const bool park = ((kKLType && !kSwap && !kDkd) || kPsi) && std::is_same_v<S, Acc> && gs != nullptr && gt == nullptr &&
-                      !hard && p.grad_student != p.student;
+                      !hard && p.grad_student != p.student && !p.standardize && !(kPsi && dots);
     double z_s = 0.0, z_t = 0.0, dot = 0.0, z_1 = 0.0;
+    KlDotSums kds;  // KL type: the sums of the row dots (row_options.h)
+    constexpr bool kKlDots = kKLType && !kDkd;
     auto sweep2 = [&](const Vec<Acc>& sv, const Vec<Acc>& tv, Vec<Acc>& zs, Vec<Acc>& zt, Vec<Acc>& d, Vec<Acc>& z1,
-                      S* park_at, int64_t n) {
+                      std::array<Vec<Acc>, 4>& k4, S* park_at, int64_t n) {
       const Vec<Acc> a = kd_shift(tv, max_t_v, inv_t_v);
-      const Vec<Acc> b = kd_shift(sv, max_s_v, inv_t_v);
+      const Vec<Acc> b = kd_shift(sv, max_s_v, inv_s_v);
       const Vec<Acc> et = fk_exp(a), es = fk_exp(b);
       if (park) {
         if (n == W) store<S>(park_at, es);
@@ -113,15 +142,35 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
       if constexpr (kSwap) d += kd_dot_term(es, b, a);
       else if constexpr (kKLType) d += kd_dot_term(et, a, b);
       if (z1_separate) z1 += fk_exp(sv - max_s_v);
+      if constexpr (kKlDots) {
+        if (dots) {  // P = the teacher (KL(p || q)) or the student (KL(q || p))
+          Vec<Acc> pp, pd, po, oo;
+          if constexpr (kSwap) kl_dot_terms(es, et, b, a, pp, pd, po, oo);
+          else kl_dot_terms(et, es, a, b, pp, pd, po, oo);
+          k4[0] += pp;
+          k4[1] += pd;
+          k4[2] += po;
+          k4[3] += oo;
+        }
+      }
+    };
+    auto flush_dots = [&](const std::array<Vec<Acc>, 4>& k4) {
+      kds.pp += lane_sum<Acc>(k4[0]);
+      kds.pd += lane_sum<Acc>(k4[1]);
+      kds.po += lane_sum<Acc>(k4[2]);
+      kds.oo += lane_sum<Acc>(k4[3]);
     };
     for (int64_t blk = 0; blk < V2; blk += kSumBlock) {
       const int64_t blk_end = std::min(V2, blk + kSumBlock);
       Vec<Acc> zs0(0), zs1(0), zt0(0), zt1(0), d0(0), d1(0), z10(0), z11(0);
+      std::array<Vec<Acc>, 4> k4;
+      k4.fill(Vec<Acc>(Acc(0)));
       for (int64_t i = blk; i < blk_end; i += 2 * W) {
-        sweep2(masked(load<Acc>(s + i), i), masked(load<Acc>(t + i), i), zs0, zt0, d0, z10, gs + i, W);
-        sweep2(masked(load<Acc>(s + i + W), i + W), masked(load<Acc>(t + i + W), i + W), zs1, zt1, d1, z11,
+        sweep2(masked(load<Acc>(s + i), i), masked(load<Acc>(t + i), i), zs0, zt0, d0, z10, k4, gs + i, W);
+        sweep2(masked(load<Acc>(s + i + W), i + W), masked(load<Acc>(t + i + W), i + W), zs1, zt1, d1, z11, k4,
                gs + i + W, W);
       }
+      if (dots) flush_dots(k4);
       z_s += lane_sum<Acc>(zs0 + zs1);
       z_t += lane_sum<Acc>(zt0 + zt1);
       dot += lane_sum<Acc>(d0 + d1);
@@ -130,7 +179,10 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     for (int64_t i = V2; i < V; i += W) {
       const int64_t n = std::min(W, V - i);
       Vec<Acc> zs(0), zt(0), d(0), z1(0);
-      sweep2(masked(load_tail<Acc>(s + i, n), i), masked(load_tail<Acc>(t + i, n), i), zs, zt, d, z1, gs + i, n);
+      std::array<Vec<Acc>, 4> k4;
+      k4.fill(Vec<Acc>(Acc(0)));
+      sweep2(masked(load_tail<Acc>(s + i, n), i), masked(load_tail<Acc>(t + i, n), i), zs, zt, d, z1, k4, gs + i, n);
+      if (dots) flush_dots(k4);
       z_s += lane_sum<Acc>(zs);
       z_t += lane_sum<Acc>(zt);
       dot += lane_sum<Acc>(d);
@@ -144,17 +196,19 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     double log_z1 = 0.0;
     if (hard) {
       log_z1 = z1_separate ? std::log(z_1) : log_zs;
-      row_hard[r] = static_cast<Acc>(log_z1 + static_cast<double>(max_s) - static_cast<double>(static_cast<Acc>(s[y])));
+      row_hard[r] = static_cast<Acc>(rs.weight * (log_z1 + static_cast<double>(max_s) -
+                                                 static_cast<double>(static_cast<Acc>(s[y]))));
     }
 
     // Sweep 3 (the Psi family): sums over the normalized distributions.
     double sum_psi_p = 0.0, sum_psi_q = 0.0, divergence = 0.0;
+    double d_s = 0.0, d_t = 0.0;  // the row dots (row_options.h)
     // qq may come in already computed (q_given: from the parked e_s).
     auto entry_terms = [&](const Vec<Acc>& sv, const Vec<Acc>& tv, Vec<Acc>& lp, Vec<Acc>& lq, Vec<Acc>& pp,
                          Vec<Acc>& qq, Vec<Acc>& psi_p, Vec<Acc>& psi_q, Vec<Acc>& phi, bool q_given = false) {
       const Vec<Acc> a = kd_shift(tv, max_t_v, inv_t_v);
       lp = a - log_zt_v;
-      lq = kd_shift(sv, max_s_v, inv_t_v) - log_zs_v;
+      lq = kd_shift(sv, max_s_v, inv_s_v) - log_zs_v;
       if (q_given) {
         pp = fk_exp(a) * inv_zt_v;  // the same form as q = e_s / Z_s: ties (p == q) stay exact
       } else {
@@ -179,26 +233,52 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
         }
         return std::array<Vec<Acc>, 3>{phi, psi_p, psi_q};
       };
-      const auto sums = blocked_sums<Acc, 3>(0, V1, [&](int64_t i) { return body(i, W); });
-      divergence = sums[0];
-      sum_psi_p = sums[1];
-      sum_psi_q = sums[2];
-      if (V1 < V) {
-        const auto tail = body(V1, V - V1);
-        divergence += lane_sum<Acc>(tail[0]);
-        sum_psi_p += lane_sum<Acc>(tail[1]);
-        sum_psi_q += lane_sum<Acc>(tail[2]);
-      }
+      // With the row dots: also sum log p psi_p, sum p log p, sum log q psi_q, sum q log q.
+      auto body_dots = [&](int64_t i, int64_t n) {
+        Vec<Acc> lp, lq, pp, qq, psi_p, psi_q, phi;
+        entry_terms(n == W ? load<Acc>(s + i) : load_tail<Acc>(s + i, n),
+                    n == W ? load<Acc>(t + i) : load_tail<Acc>(t + i, n), lp, lq, pp, qq, psi_p, psi_q, phi);
+        std::array<Vec<Acc>, 7> x{phi, psi_p, psi_q, phi, phi, phi, phi};
+        psi_dot_terms(lp, pp, psi_p, x[3], x[4]);
+        psi_dot_terms(lq, qq, psi_q, x[5], x[6]);
+        return x;
+      };
+      auto gather = [&](auto n_sums, auto&& f) {
+        constexpr size_t N = decltype(n_sums)::value;
+        auto sums = blocked_sums<Acc, N>(0, V1, [&](int64_t i) { return f(i, W); });
+        if (V1 < V) {
+          const auto tail = f(V1, V - V1);
+          for (size_t k = 0; k < N; ++k) sums[k] += lane_sum<Acc>(tail[k]);
+        }
+        divergence = sums[0];
+        sum_psi_p = sums[1];
+        sum_psi_q = sums[2];
+        if constexpr (N == 7) {
+          d_t = psi_row_dot(sums[3], sum_psi_p, sums[4]);
+          d_s = psi_row_dot(sums[5], sum_psi_q, sums[6]);
+        }
+      };
+      if (dots) gather(std::integral_constant<size_t, 7>{}, body_dots);
+      else gather(std::integral_constant<size_t, 3>{}, body);
     }
 
     // The row's soft loss, and the scalars of its gradient.
     DkdRow dkd{};
-    if constexpr (kKLType && !kDkd) divergence = kSwap ? kd_row_kl(z_t, z_s, dot) : kd_row_kl(z_s, z_t, dot);
+    if constexpr (kKlDots) {
+      divergence = kSwap ? kd_row_kl(z_t, z_s, dot) : kd_row_kl(z_s, z_t, dot);
+      if (dots) {
+        if constexpr (kSwap) kl_row_dots(kds, z_s, z_t, dot, d_s, d_t);
+        else kl_row_dots(kds, z_t, z_s, dot, d_t, d_s);
+      }
+    }
     if constexpr (kDkd) {
-      dkd = dkd_row(max_s, max_t, z_s, z_t, dot, static_cast<Acc>(s[y]), static_cast<Acc>(t[y]), p.inv_temperature);
+      dkd = dkd_row(max_s, max_t, z_s, z_t, dot, static_cast<Acc>(s[y]), static_cast<Acc>(t[y]), rs.inv_s);
       divergence = p.div.param[0] * dkd.tckd + p.div.param[1] * dkd.nckd;
     }
-    row_soft[r] = static_cast<Acc>(p.loss_factor * divergence);
+    row_soft[r] = static_cast<Acc>(rs.weight * rs.loss_factor * divergence);
+    if (p.row_grad_temperature) {
+      p.row_grad_temperature[r] = row_grad_temperature(rs, p.scale_by_temperature, divergence, d_s, d_t);
+    }
     if (!gs && !gt) continue;
 
     // Sweep 4: gradients.
@@ -215,30 +295,42 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
       continue;
     }
     // Per-divergence coefficients: student c_q * q - c_p * p, teacher p * (c * (log p - log q) - k) (KL type).
-    const KlGradScalars gk =
-        kDkd ? dkd_grad_scalars(dkd, p.div.param[0], p.div.param[1], coef) : kl_grad_scalars(coef, divergence);
-    const Vec<Acc> cq_v(static_cast<Acc>(gk.c_q)), cp_v(static_cast<Acc>(gk.c_p)), ct_v(static_cast<Acc>(gk.c_t)),
-        kt_v(static_cast<Acc>(gk.k_t));
-    const Acc gs_y = static_cast<Acc>(gk.student_target), gt_y = static_cast<Acc>(gk.teacher_target);  // DKD
+    // (Student and teacher scalars differ when standardized: each side's own scale.)
+    auto grad_scalars = [&](double c) {
+      return kDkd ? dkd_grad_scalars(dkd, p.div.param[0], p.div.param[1], c) : kl_grad_scalars(c, divergence);
+    };
+    const KlGradScalars gk_s = grad_scalars(coef_s), gk_t = grad_scalars(coef_t);
+    // the student's gradient takes c_q, c_p (c_t, k_t for KL(q || p), where the roles swap), the teacher the others
+    const KlGradScalars& gk_q = kSwap ? gk_t : gk_s;
+    const KlGradScalars& gk_p = kSwap ? gk_s : gk_t;
+    const Vec<Acc> cq_v(static_cast<Acc>(gk_q.c_q)), cp_v(static_cast<Acc>(gk_q.c_p)), ct_v(static_cast<Acc>(gk_p.c_t)),
+        kt_v(static_cast<Acc>(gk_p.k_t));
+    const Acc gs_y = static_cast<Acc>(gk_s.student_target), gt_y = static_cast<Acc>(gk_t.teacher_target);  // DKD
+    // The standardization's gradient term: k * (x - mean) on each side (0 without standardization).
+    const Acc k_s = static_cast<Acc>(p.standardize ? rs.coef * standardize_grad_factor(st_s, d_s, V) : 0.0);
+    const Acc k_t = static_cast<Acc>(p.standardize ? rs.coef * standardize_grad_factor(st_t, d_t, V) : 0.0);
+    const Vec<Acc> k_s_v(k_s), k_t_v(k_t), mean_s_v(static_cast<Acc>(st_s.mean)), mean_t_v(static_cast<Acc>(st_t.mean));
     const Vec<Acc> sum_psi_p_v(static_cast<Acc>(sum_psi_p)), sum_psi_q_v(static_cast<Acc>(sum_psi_q));
     const Vec<Acc> log_z1_v(static_cast<Acc>(log_z1)), ce_coef_v(ce_coef);
     auto grad_chunk = [&](int64_t i, int64_t n) {
       const Vec<Acc> sv = n == W ? load<Acc>(s + i) : load_tail<Acc>(s + i, n);
       auto load_t = [&] { return n == W ? load<Acc>(t + i) : load_tail<Acc>(t + i, n); };
-      Vec<Acc> g_s, g_t;
+      Vec<Acc> g_s, g_t, tv;
       if constexpr (kPsi) {
         if (park_psi) {
-          const Vec<Acc> qq = fk_exp(kd_shift(sv, max_s_v, inv_t_v) - log_zs_v);
+          const Vec<Acc> qq = fk_exp(kd_shift(sv, max_s_v, inv_s_v) - log_zs_v);
           g_s = psi_grad(n == W ? load<Acc>(gs + i) : load_tail<Acc>(gs + i, n, Acc(0)), qq, sum_psi_q_v, coef_v);
         } else {
           Vec<Acc> lp, lq, pp, qq, psi_p, psi_q, phi;
-          entry_terms(sv, load_t(), lp, lq, pp, qq, psi_p, psi_q, phi);
+          tv = load_t();
+          entry_terms(sv, tv, lp, lq, pp, qq, psi_p, psi_q, phi);
           g_s = psi_grad(psi_q, qq, sum_psi_q_v, coef_v);
-          g_t = psi_grad(psi_p, pp, sum_psi_p_v, coef_v);
+          g_t = psi_grad(psi_p, pp, sum_psi_p_v, coef_t_v);
         }
       } else {
-        const Vec<Acc> a = kd_shift(load_t(), max_t_v, inv_t_v);
-        const Vec<Acc> b = kd_shift(sv, max_s_v, inv_t_v);
+        tv = load_t();
+        const Vec<Acc> a = kd_shift(tv, max_t_v, inv_t_v);
+        const Vec<Acc> b = kd_shift(sv, max_s_v, inv_s_v);
         if constexpr (kSwap) {  // KL(q || p): the roles of the two sides swap
           if (gs) g_s = kd_grad_teacher2(b, a, log_zs_v, log_zt_v, ct_v, kt_v);
           if (gt) g_t = kd_grad_student2(b, a, log_zs_v, log_zt_v, cq_v, cp_v);
@@ -246,6 +338,10 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
           if (gs) g_s = kd_grad_student2(a, b, log_zt_v, log_zs_v, cq_v, cp_v);
           if (gt) g_t = kd_grad_teacher2(a, b, log_zt_v, log_zs_v, ct_v, kt_v);
         }
+      }
+      if (p.standardize) {
+        g_s = g_s + k_s_v * (sv - mean_s_v);
+        if (gt) g_t = g_t + k_t_v * (tv - mean_t_v);
       }
       if (gs) {
         if (hard) g_s = g_s + ce_coef_v * fk_exp(sv - max_s_v - log_z1_v);

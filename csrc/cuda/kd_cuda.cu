@@ -29,17 +29,20 @@ namespace {
 
 at::Tensor alloc_grad_cuda(at::IntArrayRef sizes, const at::TensorOptions& o) { return at::empty(sizes, o); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> response_forward_cuda(
+KdOutputs response_forward_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const std::optional<at::Tensor>& num_items, c10::string_view divergence, c10::ArrayRef<double> params,
     double temperature, double soft_weight, double hard_weight, int64_t ignore_index, c10::string_view reduction,
-    bool scale_by_temperature, bool grad_student, bool grad_teacher) {
+    bool scale_by_temperature, bool grad_student, bool grad_teacher, const std::optional<at::Tensor>& row_temperature,
+    const std::optional<at::Tensor>& row_weight, bool standardize, double standardize_eps, bool grad_temperature) {
   const c10::cuda::CUDAGuard guard(student.device());
   const LossConfig cfg = make_loss_config(to_view(divergence), params, temperature, scale_by_temperature, soft_weight,
-                                          hard_weight, ignore_index, to_view(reduction));
-  KdCall c = kd_prepare(student, teacher, labels, num_items, cfg, grad_student, grad_teacher, alloc_grad_cuda);
+                                          hard_weight, ignore_index, to_view(reduction), standardize,
+                                          standardize_eps);
+  const RowOptions ro{row_temperature, row_weight, standardize, standardize_eps, grad_temperature};
+  KdCall c = kd_prepare(student, teacher, labels, num_items, cfg, grad_student, grad_teacher, alloc_grad_cuda, ro);
   if (c.p.rows > 0) cuda::launch_response_any(c, at::cuda::getCurrentCUDAStream());
-  return kd_outputs(c);
+  return kd_outputs(c, ro);
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_kd_forward_cuda(const at::Tensor& student, const at::Tensor& values,

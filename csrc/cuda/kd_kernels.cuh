@@ -15,6 +15,7 @@
 #include <cub/block/block_reduce.cuh>
 
 #include "fastkd/kd_host.h"
+#include "fastkd/row_options.h"
 
 namespace fastkd {
 namespace cuda {
@@ -99,10 +100,9 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   const int64_t V = p.vocab;
   const double count = kd_count(p.count, p.rows);
-  const double coef = kd_grad_coef(p, count);
-  const Acc ce_coef = static_cast<Acc>(p.hard ? ce_grad_coef(p, count) : 0.0);
-  const Acc inv_t = static_cast<Acc>(p.inv_temperature);
-  const bool z1_separate = p.hard && p.inv_temperature != 1.0;
+  // The row dots of the temperature gradient and of the standardization's (row_options.h); not for DKD.
+  constexpr bool kKlDots = kKLType && !kDkd;
+  const bool dots = !kDkd && (p.row_grad_temperature != nullptr || p.standardize);
   auto* row_soft = static_cast<Acc*>(p.row_soft);
   auto* row_hard = static_cast<Acc*>(p.row_hard);
 
@@ -117,6 +117,7 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
       if (threadIdx.x == 0) {
         row_soft[r] = Acc(0);
         if (p.hard) row_hard[r] = Acc(0);
+        if (p.row_grad_temperature) p.row_grad_temperature[r] = 0.0;
       }
       for (int64_t i = threadIdx.x; i < V; i += kBlock) {
         if (gs) gs[i] = S(0);
@@ -148,83 +149,156 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
       continue;
     }
 
-    // Sweep 2: Z_s, Z_t, the KL-type dot product, Z of the student at T = 1 (CE).
+    // Standardization: each side's row mean and std, then the row's scalars (uniform over the block).
+    RowStandardization st_s, st_t;
+    if (p.standardize) {
+      const double s0 = static_cast<Acc>(s[0]), t0 = static_cast<Acc>(t[0]);
+      Acc4<double, 4> m4{{0.0, 0.0, 0.0, 0.0}};
+      for_each_in_row<kBlock, Acc>(s, t, V, packed, [&](int64_t, Acc sv, Acc tv) {
+        const double ds = static_cast<double>(sv) - s0, dt = static_cast<double>(tv) - t0;
+        m4.v[0] += ds;
+        m4.v[1] += ds * ds;
+        m4.v[2] += dt;
+        m4.v[3] += dt * dt;
+      });
+      m4 = block_reduce<kBlock>(m4, SumOp<double, 4>());
+      st_s = row_standardization(s0, m4.v[0], m4.v[1], V, p.standardize_eps);
+      st_t = row_standardization(t0, m4.v[2], m4.v[3], V, p.standardize_eps);
+    }
+    const RowScalars rs = row_scalars(p, r, count, st_s.scale, st_t.scale);
+    const Acc inv_s = static_cast<Acc>(rs.inv_s), inv_t = static_cast<Acc>(rs.inv_t);
+    const bool z1_separate = p.hard && rs.inv_s != 1.0;  // at T = 1 the CE's Z is Z_s
+    const Acc ce_coef = static_cast<Acc>(rs.ce_coef);
+    const double coef_s = rs.coef * rs.inv_s, coef_t = rs.coef * rs.inv_t;
+
+    // Sweep 2: Z_s, Z_t, the KL-type dot product, Z of the student at T = 1 (CE), and the KL-type row dots' sums.
     Acc4<Acc, 4> z{{Acc(0), Acc(0), Acc(0), Acc(0)}};
+    Acc4<Acc, 4> k4{{Acc(0), Acc(0), Acc(0), Acc(0)}};
     for_each_in_row<kBlock, Acc>(s, t, V, packed, [&](int64_t i, Acc sv, Acc tv) {
       if (i == excl) return;
       const Acc a = kd_shift(tv, max_t, inv_t);
-      const Acc b = kd_shift(sv, max_s, inv_t);
+      const Acc b = kd_shift(sv, max_s, inv_s);
       const Acc et = fk_exp(a), es = fk_exp(b);
       z.v[0] += es;
       z.v[1] += et;
       if constexpr (kSwap) z.v[2] += kd_dot_term(es, b, a);
       else if constexpr (kKLType) z.v[2] += kd_dot_term(et, a, b);
       if (z1_separate) z.v[3] += fk_exp(sv - max_s);
+      if constexpr (kKlDots) {
+        if (dots) {  // P = the teacher (KL(p || q)) or the student (KL(q || p))
+          Acc pp, pd, po, oo;
+          if constexpr (kSwap) kl_dot_terms(es, et, b, a, pp, pd, po, oo);
+          else kl_dot_terms(et, es, a, b, pp, pd, po, oo);
+          k4.v[0] += pp;
+          k4.v[1] += pd;
+          k4.v[2] += po;
+          k4.v[3] += oo;
+        }
+      }
     });
     z = block_reduce<kBlock>(z, SumOp<Acc, 4>());
+    if (kKlDots && dots) k4 = block_reduce<kBlock>(k4, SumOp<Acc, 4>());
     const double z_s = z.v[0], z_t = z.v[1], dot = z.v[2];
     const double log_zs_d = ::log(z_s), log_zt_d = ::log(z_t);
     const Acc log_zs = static_cast<Acc>(log_zs_d), log_zt = static_cast<Acc>(log_zt_d);
     const double log_z1_d = z1_separate ? ::log(static_cast<double>(z.v[3])) : log_zs_d;
     const Acc log_z1 = static_cast<Acc>(log_z1_d);
     if (p.hard && threadIdx.x == 0) {
-      row_hard[r] = static_cast<Acc>(log_z1_d + static_cast<double>(max_s) - static_cast<double>(static_cast<Acc>(s[y])));
+      row_hard[r] = static_cast<Acc>(rs.weight * (log_z1_d + static_cast<double>(max_s) -
+                                                 static_cast<double>(static_cast<Acc>(s[y]))));
     }
 
     // Sweep 3 (the Psi family): sums over the normalized distributions.
-    auto entry_terms = [&](Acc sv, Acc tv, Acc& pp, Acc& qq, Acc& psi_p, Acc& psi_q, Acc& phi) {
-      const Acc lp = kd_shift(tv, max_t, inv_t) - log_zt;
-      const Acc lq = kd_shift(sv, max_s, inv_t) - log_zs;
+    auto entry_terms = [&](Acc sv, Acc tv, Acc& lp, Acc& lq, Acc& pp, Acc& qq, Acc& psi_p, Acc& psi_q, Acc& phi) {
+      lp = kd_shift(tv, max_t, inv_t) - log_zt;
+      lq = kd_shift(sv, max_s, inv_s) - log_zs;
       pp = fk_exp(lp);
       qq = fk_exp(lq);
       if constexpr (kPsi) Trait::terms(lp, lq, pp, qq, p.div, psi_p, psi_q, phi);
     };
     double divergence = 0.0, sum_psi_p = 0.0, sum_psi_q = 0.0;
+    double d_s = 0.0, d_t = 0.0;  // the row dots (row_options.h)
     if constexpr (kPsi) {
-      Acc4<Acc, 3> acc{{Acc(0), Acc(0), Acc(0)}};
+      // with the row dots also sum log p psi_p, sum p log p, sum log q psi_q, sum q log q
+      Acc4<Acc, 7> acc{{Acc(0), Acc(0), Acc(0), Acc(0), Acc(0), Acc(0), Acc(0)}};
       for_each_in_row<kBlock, Acc>(s, t, V, packed, [&](int64_t, Acc sv, Acc tv) {
-        Acc pp, qq, psi_p, psi_q, phi;
-        entry_terms(sv, tv, pp, qq, psi_p, psi_q, phi);
+        Acc lp, lq, pp, qq, psi_p, psi_q, phi;
+        entry_terms(sv, tv, lp, lq, pp, qq, psi_p, psi_q, phi);
         acc.v[0] += phi;
         acc.v[1] += psi_p;
         acc.v[2] += psi_q;
+        if (dots) {
+          Acc x_psi, w_x;
+          psi_dot_terms(lp, pp, psi_p, x_psi, w_x);
+          acc.v[3] += x_psi;
+          acc.v[4] += w_x;
+          psi_dot_terms(lq, qq, psi_q, x_psi, w_x);
+          acc.v[5] += x_psi;
+          acc.v[6] += w_x;
+        }
       });
-      acc = block_reduce<kBlock>(acc, SumOp<Acc, 3>());
+      acc = block_reduce<kBlock>(acc, SumOp<Acc, 7>());
       divergence = acc.v[0];
       sum_psi_p = acc.v[1];
       sum_psi_q = acc.v[2];
+      if (dots) {
+        d_t = psi_row_dot(acc.v[3], sum_psi_p, acc.v[4]);
+        d_s = psi_row_dot(acc.v[5], sum_psi_q, acc.v[6]);
+      }
     }
 
     DkdRow dkd{};
-    if constexpr (kKLType && !kDkd) divergence = kSwap ? kd_row_kl(z_t, z_s, dot) : kd_row_kl(z_s, z_t, dot);
+    if constexpr (kKlDots) {
+      divergence = kSwap ? kd_row_kl(z_t, z_s, dot) : kd_row_kl(z_s, z_t, dot);
+      if (dots) {
+        const KlDotSums kds{k4.v[0], k4.v[1], k4.v[2], k4.v[3]};
+        if constexpr (kSwap) kl_row_dots(kds, z_s, z_t, dot, d_s, d_t);
+        else kl_row_dots(kds, z_t, z_s, dot, d_t, d_s);
+      }
+    }
     if constexpr (kDkd) {
-      dkd = dkd_row(max_s, max_t, z_s, z_t, dot, static_cast<Acc>(s[y]), static_cast<Acc>(t[y]), p.inv_temperature);
+      dkd = dkd_row(max_s, max_t, z_s, z_t, dot, static_cast<Acc>(s[y]), static_cast<Acc>(t[y]), rs.inv_s);
       divergence = p.div.param[0] * dkd.tckd + p.div.param[1] * dkd.nckd;
     }
-    if (threadIdx.x == 0) row_soft[r] = static_cast<Acc>(p.loss_factor * divergence);
+    if (threadIdx.x == 0) {
+      row_soft[r] = static_cast<Acc>(rs.weight * rs.loss_factor * divergence);
+      if (p.row_grad_temperature) {
+        p.row_grad_temperature[r] = row_grad_temperature(rs, p.scale_by_temperature, divergence, d_s, d_t);
+      }
+    }
 
     // Sweep 4: gradients. Each thread reads an entry before writing its gradient, so the gradient may
     // overwrite the student row in place (fused linear head); the barrier keeps the reads of s[y] above
     // ahead of any write.
     __syncthreads();
     if (gs || gt) {
-      const KlGradScalars gk =
-          kDkd ? dkd_grad_scalars(dkd, p.div.param[0], p.div.param[1], coef) : kl_grad_scalars(coef, divergence);
-      const Acc cq = static_cast<Acc>(gk.c_q), cp = static_cast<Acc>(gk.c_p), ct = static_cast<Acc>(gk.c_t),
-                kt = static_cast<Acc>(gk.k_t);
-      const Acc gs_y = static_cast<Acc>(gk.student_target), gt_y = static_cast<Acc>(gk.teacher_target);
-      const Acc c = static_cast<Acc>(coef);
+      // (Student and teacher scalars differ when standardized: each side's own scale.)
+      auto grad_scalars = [&](double c) {
+        return kDkd ? dkd_grad_scalars(dkd, p.div.param[0], p.div.param[1], c) : kl_grad_scalars(c, divergence);
+      };
+      const KlGradScalars gk_s = grad_scalars(coef_s), gk_t = grad_scalars(coef_t);
+      // the student's gradient takes c_q, c_p (c_t, k_t for KL(q || p), where the roles swap), the teacher the others
+      const KlGradScalars& gk_q = kSwap ? gk_t : gk_s;
+      const KlGradScalars& gk_p = kSwap ? gk_s : gk_t;
+      const Acc cq = static_cast<Acc>(gk_q.c_q), cp = static_cast<Acc>(gk_q.c_p), ct = static_cast<Acc>(gk_p.c_t),
+                kt = static_cast<Acc>(gk_p.k_t);
+      const Acc gs_y = static_cast<Acc>(gk_s.student_target), gt_y = static_cast<Acc>(gk_t.teacher_target);
+      const Acc c_s = static_cast<Acc>(coef_s), c_t = static_cast<Acc>(coef_t);
       const Acc spp = static_cast<Acc>(sum_psi_p), spq = static_cast<Acc>(sum_psi_q);
+      // the standardization's gradient term k * (x - mean) on each side (0 without standardization)
+      const Acc k_s = static_cast<Acc>(p.standardize ? rs.coef * standardize_grad_factor(st_s, d_s, V) : 0.0);
+      const Acc k_t = static_cast<Acc>(p.standardize ? rs.coef * standardize_grad_factor(st_t, d_t, V) : 0.0);
+      const Acc mean_s = static_cast<Acc>(st_s.mean), mean_t = static_cast<Acc>(st_t.mean);
       for_each_in_row<kBlock, Acc>(s, t, V, packed, [&](int64_t i, Acc sv, Acc tv) {
         Acc g_s = 0, g_t = 0;
         if constexpr (kPsi) {
-          Acc pp, qq, psi_p, psi_q, phi;
-          entry_terms(sv, tv, pp, qq, psi_p, psi_q, phi);
-          g_s = psi_grad(psi_q, qq, spq, c);
-          g_t = psi_grad(psi_p, pp, spp, c);
+          Acc lp, lq, pp, qq, psi_p, psi_q, phi;
+          entry_terms(sv, tv, lp, lq, pp, qq, psi_p, psi_q, phi);
+          g_s = psi_grad(psi_q, qq, spq, c_s);
+          g_t = psi_grad(psi_p, pp, spp, c_t);
         } else {
           const Acc a = kd_shift(tv, max_t, inv_t);
-          const Acc b = kd_shift(sv, max_s, inv_t);
+          const Acc b = kd_shift(sv, max_s, inv_s);
           if constexpr (kSwap) {
             g_s = kd_grad_teacher2(b, a, log_zs, log_zt, ct, kt);
             g_t = kd_grad_student2(b, a, log_zs, log_zt, cq, cp);
@@ -238,6 +312,10 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
             g_s = gs_y;
             g_t = gt_y;
           }
+        }
+        if (p.standardize) {
+          g_s += k_s * (sv - mean_s);
+          g_t += k_t * (tv - mean_t);
         }
         if (p.hard) g_s += ce_coef * (fk_exp(sv - max_s - log_z1) - (i == y ? Acc(1) : Acc(0)));
         if (gs) gs[i] = static_cast<S>(g_s);

@@ -35,6 +35,11 @@ def _response_forward_fake(
     scale_by_temperature: bool,
     grad_student: bool,
     grad_teacher: bool,
+    row_temperature: Optional[torch.Tensor] = None,
+    row_weight: Optional[torch.Tensor] = None,
+    standardize: bool = False,
+    standardize_eps: float = 1e-7,
+    grad_temperature: bool = False,
 ):
     torch._check(student.dim() == 2, lambda: "student must be 2-D")
     out_dtype = torch.promote_types(student.dtype, teacher.dtype)
@@ -44,7 +49,11 @@ def _response_forward_fake(
     hard = _loss_like(student, rows, reduction, out_dtype)
     gs = student.new_empty(student.shape if grad_student else (0,))
     gt = teacher.new_empty(teacher.shape if grad_teacher else (0,))
-    return loss, soft, hard, gs, gt
+    if grad_temperature and row_temperature is not None:
+        g_temp = row_temperature.new_empty((rows,))
+    else:
+        g_temp = student.new_empty((0,), dtype=torch.float64)
+    return loss, soft, hard, gs, gt, g_temp
 
 
 @torch.library.register_fake(_TOPK)

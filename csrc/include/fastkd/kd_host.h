@@ -24,6 +24,7 @@
 #include <ATen/Dispatch.h>
 
 #include "fastkd/kd_params.h"
+#include "fastkd/row_options.h"
 
 namespace fastkd {
 
@@ -208,7 +209,8 @@ inline at::Tensor prepare_count(const std::optional<at::Tensor>& num_items, cons
 // and 1, in TRL's convention) runs that one's kernels, for every entry point.
 inline LossConfig make_loss_config(std::string_view divergence, c10::ArrayRef<double> params, double temperature,
                                    bool scale_by_temperature, double soft_weight, double hard_weight,
-                                   int64_t ignore_index, std::string_view reduction) {
+                                   int64_t ignore_index, std::string_view reduction, bool standardize = false,
+                                   double standardize_eps = 1e-7) {
   LossConfig c;
   c.divergence = parse_divergence(divergence);
   check_divergence_params(c.divergence, params);
@@ -226,12 +228,17 @@ inline LossConfig make_loss_config(std::string_view divergence, c10::ArrayRef<do
   divergence_coefficients(c.divergence, c.div);
   c.inv_temperature = 1.0 / temperature;
   c.loss_factor = scale_by_temperature ? temperature * temperature : 1.0;
+  c.scale_by_temperature = scale_by_temperature;
   c.soft_weight = soft_weight;
   c.hard_weight = hard_weight;
   c.hard = hard_weight != 0.0;
   FASTKD_CHECK_ARG(!c.hard || c.divergence != Divergence::DKD, "hard_weight",
                    "'dkd' has no fused cross-entropy part; add the cross-entropy separately");
   c.ignore_index = ignore_index;
+  FASTKD_CHECK_ARG(std::isfinite(standardize_eps) && standardize_eps >= 0.0, "eps",
+                   "expected a finite value >= 0, got ", standardize_eps);
+  c.standardize = standardize;
+  c.standardize_eps = standardize_eps;
   return c;
 }
 
@@ -241,8 +248,38 @@ inline LossConfig make_topk_config(double temperature, bool scale_by_temperature
   return make_loss_config("kl", {}, temperature, scale_by_temperature, 1.0, 0.0, ignore_index, reduction);
 }
 
+// The per-row options of response_forward (row_options.h), as the op receives them.
+struct RowOptions {
+  std::optional<at::Tensor> temperature;  // [rows] per-row temperatures, or none (the float temperature)
+  std::optional<at::Tensor> weight;       // [rows] per-row weights, or none
+  bool standardize = false;
+  double standardize_eps = 1e-7;
+  bool grad_temperature = false;          // compute d loss / d temperature (needs temperature)
+};
+
+// A float [rows] tensor of per-row values on `device`, as float64 (one host sync on CUDA for the range check
+// of a temperature: a wrong value would otherwise be a silently wrong loss).
+inline at::Tensor prepare_row_values(const at::Tensor& x, const char* name, int64_t rows, const at::Device& device,
+                                     bool is_temperature) {
+  FASTKD_CHECK_ARG(at::isFloatingType(x.scalar_type()), name, "expected a floating-point tensor, got ",
+                   x.scalar_type());
+  FASTKD_CHECK_ARG(x.dim() == 1 && x.size(0) == rows, name, "expected shape [", rows, "] (one value per row), got ",
+                   x.sizes());
+  FASTKD_CHECK_ARG(x.device() == device, name, "expected device ", device, ", got ", x.device());
+  at::Tensor y = x.to(at::kDouble).contiguous();
+  if (is_temperature && rows > 0) {
+    // the range of check_temperature_arg, for every entry
+    const bool ok = y.ge(0x1p-63).logical_and(y.le(0x1p63)).all().item<bool>();
+    FASTKD_CHECK_ARG(ok, name, "every entry must be a finite value in [2**-63, 2**63], got min ",
+                     y.min().item<double>(), ", max ", y.max().item<double>());
+  }
+  return y;
+}
+
 struct KdCall {
   at::Tensor student, teacher;            // 2-D views [rows, vocab], unit stride along vocab
+  at::Tensor row_temperature, row_weight; // float64 [rows], or undefined
+  at::Tensor grad_temperature;            // float64 [rows], or [0]
   at::Tensor labels;                      // int64 [rows] or undefined
   at::Tensor count;                       // double scalar on the device, or undefined (all rows count)
   at::Tensor row_soft, row_hard;          // [rows] accumulation dtype (row_hard: [0] unless hard)
@@ -256,7 +293,7 @@ struct KdCall {
 template <typename GradAlloc>
 KdCall kd_prepare(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
                   const std::optional<at::Tensor>& num_items, const LossConfig& cfg, bool grad_student,
-                  bool grad_teacher, GradAlloc&& alloc_grad) {
+                  bool grad_teacher, GradAlloc&& alloc_grad, const RowOptions& ro = {}) {
   check_logits_arg(student, "student_logits");
   check_logits_arg(teacher, "teacher_logits");
   FASTKD_CHECK_ARG(teacher.sizes() == student.sizes(), "teacher_logits", "expected shape ", student.sizes(),
@@ -271,6 +308,14 @@ KdCall kd_prepare(const at::Tensor& student, const at::Tensor& teacher, const st
                    "class targets are required by the cross-entropy part and by 'dkd'");
   FASTKD_CHECK_ARG(div != Divergence::DKD || student.size(1) >= 2, "student_logits",
                    "decoupled KD needs at least 2 classes, got ", student.size(1));
+  FASTKD_CHECK_ARG(!cfg.standardize || student.size(1) >= 2, "standardize",
+                   "standardization needs at least 2 classes (an unbiased std), got ", student.size(1));
+  FASTKD_CHECK_ARG(!ro.grad_temperature || ro.temperature.has_value(), "temperature",
+                   "its gradient needs the temperature as a tensor");
+  // DKD's row math (dkd_row) takes one temperature for both sides and has no row dots
+  FASTKD_CHECK_ARG(div != Divergence::DKD || !cfg.standardize, "standardize", "'dkd' does not support standardize");
+  FASTKD_CHECK_ARG(div != Divergence::DKD || !ro.grad_temperature, "temperature",
+                   "'dkd' does not support a temperature that requires grad");
 
   KdCall c;
   c.student_dtype = student.scalar_type();
@@ -292,6 +337,13 @@ KdCall kd_prepare(const at::Tensor& student, const at::Tensor& teacher, const st
   c.row_soft = at::empty({rows}, opts.dtype(acc_dtype));
   c.row_hard = at::empty({hard ? rows : 0}, opts.dtype(acc_dtype));
   const auto no_grad = [&](at::ScalarType t) { return at::empty({0}, opts.dtype(t)); };
+  if (ro.temperature.has_value()) {
+    c.row_temperature = prepare_row_values(*ro.temperature, "temperature", rows, student.device(), true);
+  }
+  if (ro.weight.has_value()) {
+    c.row_weight = prepare_row_values(*ro.weight, "token_weights", rows, student.device(), false);
+  }
+  c.grad_temperature = at::empty({ro.grad_temperature ? rows : 0}, opts.dtype(at::kDouble));
   c.grad_student = grad_student ? alloc_grad(at::IntArrayRef{rows, vocab}, opts.dtype(c.student.scalar_type()))
                                 : no_grad(c.student.scalar_type());
   c.grad_teacher = grad_teacher ? alloc_grad(at::IntArrayRef{rows, vocab}, opts.dtype(c.teacher.scalar_type()))
@@ -311,6 +363,9 @@ KdCall kd_prepare(const at::Tensor& student, const at::Tensor& teacher, const st
   p.vocab = vocab;
   p.student_row_stride = c.student.stride(0);
   p.teacher_row_stride = c.teacher.stride(0);
+  p.row_temperature = c.row_temperature.defined() ? c.row_temperature.data_ptr<double>() : nullptr;
+  p.row_weight = c.row_weight.defined() ? c.row_weight.data_ptr<double>() : nullptr;
+  p.row_grad_temperature = ro.grad_temperature ? c.grad_temperature.data_ptr<double>() : nullptr;
   return c;
 }
 
@@ -363,11 +418,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_parts(const at::Ten
 }
 
 // Gradients leave the kernels in the compute dtypes; an upcast (mixed input dtypes) is undone here.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_outputs(KdCall& c) {
+// The temperature gradient in the per-row temperature's dtype ([0] when not asked for).
+using KdOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+inline KdOutputs kd_outputs(KdCall& c, const RowOptions& ro = {}) {
   const KdParams& p = c.p;
   auto [loss, soft, hard] = finish_parts(c.row_soft, c.row_hard, p.hard, c.count, p.reduction, p.rows, p.vocab,
                                          p.soft_weight, p.hard_weight, c.out_dtype);
-  return {loss, soft, hard, c.grad_student.to(c.student_dtype), c.grad_teacher.to(c.teacher_dtype)};
+  at::Tensor gt = ro.temperature.has_value() ? c.grad_temperature.to(ro.temperature->scalar_type()) : c.grad_temperature;
+  return {loss, soft, hard, c.grad_student.to(c.student_dtype), c.grad_teacher.to(c.teacher_dtype), gt};
 }
 
 // ---- fastkd::topk_kd_forward ----

@@ -17,11 +17,16 @@ struct LossConfig {
   DivArgs div;                          // the divergence's parameters (registry order) and derived constants
   double inv_temperature = 1.0;
   double loss_factor = 1.0;             // T^2 or 1
+  bool scale_by_temperature = false;    // whether loss_factor is T^2 (per-row temperatures: each row's T^2)
   double soft_weight = 1.0;
   double hard_weight = 0.0;
   bool hard = false;                    // compute the cross-entropy part (needs labels)
   int64_t ignore_index = -100;
   Reduction reduction = Reduction::BatchMean;
+  // Logit standardization (LSKD, CVPR 2024): each row of both sides becomes (z - mean) / (eps + std) (unbiased
+  // std) before the temperature; the exact gradient goes through mean and std (row_options.h).
+  bool standardize = false;
+  double standardize_eps = 1e-7;
 };
 
 // fastkd::response_forward: one row of student and teacher logits -> a soft (divergence) loss and,
@@ -40,6 +45,12 @@ struct KdParams : LossConfig {
   int64_t vocab = 0;
   int64_t student_row_stride = 0;
   int64_t teacher_row_stride = 0;
+  // Per-row options (row_options.h), each [rows] float64 or nullptr: a temperature per row (replaces
+  // inv_temperature), a weight per row (multiplies the row's loss and gradients; the divisor is unchanged),
+  // and the output d(reduced loss) / d(row temperature).
+  const double* row_temperature = nullptr;
+  const double* row_weight = nullptr;
+  double* row_grad_temperature = nullptr;
 };
 
 // fastkd::topk_kd_forward: a sparse teacher (k kept entries per row) against the full student row
