@@ -270,8 +270,8 @@ inline at::Tensor prepare_row_values(const at::Tensor& x, const char* name, int6
   if (is_temperature && rows > 0) {
     // the range of check_temperature_arg, for every entry
     const bool ok = y.ge(0x1p-63).logical_and(y.le(0x1p63)).all().item<bool>();
-    FASTKD_CHECK_ARG(ok, name, "every entry must be a finite value in [2**-63, 2**63], got min ",
-                     y.min().item<double>(), ", max ", y.max().item<double>());
+    TORCH_CHECK_VALUE(ok, "fastkd: argument '", name, "': every entry must be a finite value in [2**-63, 2**63], got min ",
+                      y.min().item<double>(), ", max ", y.max().item<double>());
   }
   return y;
 }

@@ -1,0 +1,259 @@
+"""Per-row options of every response loss: temperature as a tensor (0-dim or one per row, with its exact
+gradient), token_weights and logit standardization (fused, csrc/include/fastkd/row_options.h).
+
+Oracles: fastkd.reference (plain PyTorch autograd, float64) and the anchors' own formulations written out here
+(torchdistill's LogitStdKDLoss called directly; CTKD's learnable temperature as autograd sees it)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import fastkd
+from fastkd import reference as R
+from fastkd.divergences import REGISTRY
+
+# every registered divergence with its first test parameters (the list lives in fastkd/divergences.py)
+CASES = [(name, dict(spec.test_params[0]) if spec.test_params else {}) for name, spec in REGISTRY.items()]
+NON_DKD = [c for c in CASES if c[0] != "dkd"]
+
+
+def _logits(shape, seed, scale=3.0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+
+
+def _call(impl, name, s, t, T, params, **kw):
+    labels = kw.pop("labels", None)
+    if name == "dkd" and labels is None:
+        labels = torch.arange(s.shape[:-1].numel()).reshape(s.shape[:-1]) % s.shape[-1]
+    return impl.divergence_loss(s, t, name, T, labels=labels, **params, **kw)
+
+
+def _grads(fn, s, t, T):
+    s = s.detach().clone().requires_grad_(True)
+    t = t.detach().clone().requires_grad_(True)
+    T = T.detach().clone().requires_grad_(True) if isinstance(T, torch.Tensor) else T
+    loss = fn(s, t, T)
+    inputs = (s, t, T) if isinstance(T, torch.Tensor) else (s, t)
+    # reduction "none": a fixed non-uniform upstream gradient per row
+    go = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape) if loss.dim() else torch.ones_like(loss)
+    return (loss.detach(),) + torch.autograd.grad(loss, inputs, go)
+
+
+def _assert_all_close(got, want, rtol, atol, what):
+    for k, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what}[{k}]: {m}")
+
+
+@pytest.mark.parametrize("name,params", NON_DKD, ids=[c[0] for c in NON_DKD])
+@pytest.mark.parametrize("temperature", ["scalar", "row"])
+@pytest.mark.parametrize("standardize", [False, True])
+@pytest.mark.parametrize("reduction", ["batchmean", "none", "sum", "mean"])
+def test_values_and_every_gradient_match_float64_autograd(name, params, temperature, standardize, reduction):
+    """Value and the gradients of student, teacher and temperature (0-dim and per row), weighted rows with an
+    ignored one, against plain-PyTorch autograd in float64."""
+    s, t = _logits((3, 4, 19), 1), _logits((3, 4, 19), 2)
+    T = torch.tensor(1.7, dtype=torch.float64) if temperature == "scalar" else 0.5 + torch.rand(3, 4, dtype=torch.float64)
+    w = torch.rand(3, 4, dtype=torch.float64)
+    labels = torch.zeros(3, 4, dtype=torch.long)
+    labels[1, 2] = -100
+    kw = dict(token_weights=w, standardize=standardize, labels=labels, reduction=reduction)
+    got = _grads(lambda a, b, c: _call(fastkd, name, a, b, c, params, **dict(kw)), s, t, T)
+    want = _grads(lambda a, b, c: _call(R, name, a, b, c, params, **dict(kw)), s, t, T)
+    _assert_all_close(got, want, 1e-10, 1e-12, f"{name} T={temperature} std={standardize} {reduction}")
+
+
+def test_dkd_takes_row_temperatures_and_weights():
+    """DKD: per-row temperatures (no gradient) and token weights; standardize and a learnable T are clear errors."""
+    s, t = _logits((6, 11), 3), _logits((6, 11), 4)
+    y = torch.tensor([0, 3, 10, -100, 5, 1])
+    T = 1.0 + torch.rand(6, dtype=torch.float64)
+    w = torch.rand(6, dtype=torch.float64)
+    got = _grads(lambda a, b, c: fastkd.dkd_loss(a, b, y, 1.0, 8.0, T, token_weights=w), s, t, 1.0)
+    want = _grads(lambda a, b, c: R.dkd_loss(a, b, y, 1.0, 8.0, T, token_weights=w), s, t, 1.0)
+    _assert_all_close(got, want, 1e-10, 1e-12, "dkd")
+    with pytest.raises(ValueError, match="standardize is not supported for 'dkd'"):
+        fastkd.divergence_loss(s, t, "dkd", 2.0, labels=y, standardize=True)
+    with pytest.raises(ValueError, match="'dkd' does not support a temperature that requires grad"):
+        fastkd.dkd_loss(s, t, y, temperature=torch.tensor(2.0, dtype=torch.float64, requires_grad=True))
+
+
+def test_ctkd_learnable_temperature_is_autograd_exact():
+    """CTKD (AAAI 2023): a temperature learned through a gradient-reversal layer the user owns. fastkd's gradient
+    of the temperature parameter equals autograd's through the eager composition, T^2 factor included."""
+
+    class Reverse(torch.autograd.Function):  # the user's gradient-reversal layer
+        @staticmethod
+        def forward(ctx, x, lam):
+            ctx.lam = lam
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return -ctx.lam * g, None
+
+    s, t = _logits((8, 33), 5), _logits((8, 33), 6)
+    raw = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+
+    def temperature():
+        return 1.0 + 19.0 * torch.sigmoid(Reverse.apply(raw, 0.7))  # CTKD's T in [1, 21]
+
+    fastkd.kd_loss(s, t, temperature()).backward()
+    g_fast, raw.grad = raw.grad.clone(), None
+    T = temperature()
+    lq, lp = torch.log_softmax(s / T, -1), torch.log_softmax(t / T, -1)
+    (T * T * (lp.exp() * (lp - lq)).sum(-1).mean()).backward()
+    torch.testing.assert_close(g_fast, raw.grad, rtol=1e-10, atol=1e-15)
+
+
+def test_logit_std_kd_loss_anchor():
+    """torchdistill's LogitStdKDLoss, called as it is: the bare branch (KLDivLoss of the standardized softmaxes,
+    no T^2) and the mixed branch (alpha * CE on the raw logits + beta * T^2 * KL), value and student gradient."""
+    from torchdistill.losses.mid_level import LogitStdKDLoss
+
+    s, t = _logits((16, 100), 7, dtype=torch.float32), _logits((16, 100), 8, dtype=torch.float32)
+    y = torch.randint(0, 100, (16,), generator=torch.Generator().manual_seed(9))
+    # (torchdistill's constructor computes 1 - alpha when beta is None: alpha None needs a beta, unused then)
+    for alpha, beta, T in [(None, 1.0, 2.0), (0.5, 9.0, 2.0), (0.1, None, 4.0)]:
+        anchor = LogitStdKDLoss(".", "output", ".", "output", temperature=T, alpha=alpha, beta=beta)
+        s1 = s.clone().requires_grad_(True)
+        ref = anchor({".": {"output": s1}}, {".": {"output": t}}, y if alpha else None)
+        (g_ref,) = torch.autograd.grad(ref, s1)
+        s2 = s.clone().requires_grad_(True)
+        if alpha is None:
+            got = fastkd.kd_loss(s2, t, T, standardize=True, scale_by_temperature=False)
+        else:
+            got = fastkd.kd_loss(s2, t, T, standardize=True, labels=y, alpha=alpha, beta=anchor.beta)
+        (g_got,) = torch.autograd.grad(got, s2)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reduced_precision_is_close_to_float64(dtype):
+    """float32 / bf16 inputs compute in float32: value and gradients within float32 accuracy of float64 on the
+    same (rounded) logits; bf16 results are rounded to bf16 once (their floor: 2**-8 relative)."""
+    tol = 2e-4 if dtype == torch.float32 else 2.0**-7
+    s64, t64 = _logits((32, 257), 10), _logits((32, 257), 11)
+    s, t = s64.to(dtype), t64.to(dtype)
+    T = 0.5 + torch.rand(32, dtype=torch.float64)
+    w = torch.rand(32, dtype=torch.float64)
+    for standardize in (False, True):
+        fn = lambda a, b, c: fastkd.kd_loss(a, b, c, token_weights=w.to(a.dtype), standardize=standardize)  # noqa: E731
+        got = _grads(fn, s, t, T.float())
+        want = _grads(fn, s.double(), t.double(), T)
+        _assert_all_close(got[:1], want[:1], tol, 1e-6, f"{dtype} std={standardize} value")
+        for k in (1, 2):  # student and teacher gradients, relative to their largest entry
+            torch.testing.assert_close(got[k].double(), want[k], rtol=0, atol=tol * want[k].abs().max().item())
+        torch.testing.assert_close(got[3].double(), want[3], rtol=10 * tol, atol=1e-6)
+
+
+def test_token_weights_keep_the_divisor_and_get_no_gradient():
+    s, t = _logits((5, 13), 12), _logits((5, 13), 13)
+    y = torch.tensor([1, -100, 2, 3, 4])
+    w = torch.tensor([0.5, 7.0, 2.0, 0.0, 1.0], dtype=torch.float64, requires_grad=True)
+    rows = fastkd.kd_loss(s, t, 2.0, labels=y, reduction="none")
+    weighted = fastkd.kd_loss(s, t, 2.0, labels=y, token_weights=w)
+    torch.testing.assert_close(weighted, (rows * w.detach()).sum() / 4, rtol=1e-13, atol=0)  # 4 counted rows
+    n = fastkd.kd_loss(s, t, 2.0, labels=y, token_weights=w, num_items_in_batch=10)
+    torch.testing.assert_close(n, (rows * w.detach()).sum() / 10, rtol=1e-13, atol=0)
+    assert not weighted.requires_grad  # neither logits nor weights are differentiated here
+
+
+def test_torch_compile_fullgraph_and_opcheck():
+    s, t = _logits((6, 31), 14, dtype=torch.float32), _logits((6, 31), 15, dtype=torch.float32)
+    w = torch.rand(6)
+
+    def loss(a, b, T):
+        return fastkd.kd_loss(a, b, T, token_weights=w, standardize=True) + fastkd.jsd_loss(a, b, 0.3, T)
+
+    T0 = torch.tensor(1.5)
+    eager = _grads(loss, s, t, T0)
+    compiled = _grads(torch.compile(loss, fullgraph=True, backend="aot_eager"), s, t, T0)
+    _assert_all_close(compiled, eager, 1e-6, 1e-7, "compiled")
+    rt = (0.5 + torch.rand(6)).requires_grad_(True)
+    for args in [
+        (s.clone().requires_grad_(True), t, None, None, "kl", [], 1.0, 1.0, 0.0, -100, "batchmean", True, True, False,
+         rt, w, True, 1e-7, True),
+        (s, t.clone().requires_grad_(True), torch.tensor([0, 1, -100, 3, 4, 5]), None, "jsd", [0.4], 1.0, 1.0, 0.2,
+         -100, "none", False, False, True, rt, None, False, 1e-7, True),
+    ]:
+        torch.library.opcheck(torch.ops.fastkd.response_forward, args)
+
+
+def test_gradcheck_with_the_temperature():
+    s, t = _logits((3, 7), 16), _logits((3, 7), 17)
+    w = torch.rand(3, dtype=torch.float64)
+    for standardize in (False, True):
+        for name in ("kl", "jsd", "tvd"):
+            def fn(a, b, T, name=name, standardize=standardize):
+                return fastkd.divergence_loss(a, b, name, T, token_weights=w, standardize=standardize)
+
+            args = (s.clone().requires_grad_(True), t.clone().requires_grad_(True),
+                    (1.0 + torch.rand(3, dtype=torch.float64)).requires_grad_(True))
+            # tvd's subgradient at ties is not smooth; these random rows have none within gradcheck's eps
+            assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-8)
+
+
+def test_masked_entries_and_nan_with_row_options():
+    """-inf at the same entries of both sides contributes nothing to the value and the temperature gradient;
+    a NaN logit makes the loss and the temperature gradient NaN."""
+    s, t = _logits((4, 9), 18), _logits((4, 9), 19)
+    s[:, 3] = t[:, 3] = -math.inf
+    T = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    got = _grads(lambda a, b, c: fastkd.kd_loss(a, b, c), s, t, T)
+    keep = [0, 1, 2, 4, 5, 6, 7, 8]
+    want = _grads(lambda a, b, c: R.kd_loss(a, b, c), s[:, keep], t[:, keep], T)
+    _assert_all_close([got[0], got[3]], [want[0], want[3]], 1e-12, 1e-14, "masked")
+    assert torch.all(got[1][:, 3] == 0) and torch.all(got[2][:, 3] == 0)
+    s[2, 5] = math.nan
+    bad = _grads(lambda a, b, c: fastkd.kd_loss(a, b, c, reduction="none"), s, t, T)
+    assert torch.isnan(bad[0][2]) and torch.isnan(bad[3][2]) and torch.isfinite(bad[0][[0, 1, 3]]).all()
+
+
+def test_bad_row_options():
+    s, t = _logits((4, 6), 20), _logits((4, 6), 21)
+    with pytest.raises(ValueError, match="0-dim or have the logits' leading shape"):
+        fastkd.kd_loss(s, t, torch.ones(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="floating-point tensor"):
+        fastkd.kd_loss(s, t, torch.ones(4, dtype=torch.long))
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        T = torch.tensor([1.0, bad, 2.0, 3.0], dtype=torch.float64)
+        with pytest.raises(ValueError, match="argument 'temperature': every entry must be a finite value"):
+            fastkd.kd_loss(s, t, T)
+        with pytest.raises(ValueError, match="argument 'temperature': every entry must be a finite value"):
+            R.kd_loss(s, t, T)
+    with pytest.raises(ValueError, match="token_weights must have the logits' leading shape"):
+        fastkd.kd_loss(s, t, token_weights=torch.ones(5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="token_weights must be a floating-point tensor"):
+        fastkd.kd_loss(s, t, token_weights=torch.ones(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="token_weights must be a tensor"):
+        fastkd.kd_loss(s, t, token_weights=[1.0] * 4)
+    with pytest.raises(TypeError, match="standardize must be a bool"):
+        fastkd.kd_loss(s, t, standardize=1)
+    with pytest.raises(ValueError, match="standardize needs at least 2 classes"):
+        fastkd.kd_loss(s[:, :1], t[:, :1], standardize=True)
+    with pytest.raises(ValueError, match="token_weights must be on"):
+        fastkd.kd_loss(s, t, token_weights=torch.ones(4, dtype=torch.float64, device="meta"))
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 5), vocab=st.integers(2, 40), scale=st.floats(0.1, 30.0),
+       name=st.sampled_from([c[0] for c in NON_DKD]), standardize=st.booleans(), per_row=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_property_row_options_match_the_reference(rows, vocab, scale, name, standardize, per_row, seed):
+    """Any shape, logit scale, divergence and option mix: value and every gradient equal plain-PyTorch
+    autograd in float64."""
+    s, t = _logits((rows, vocab), seed, scale), _logits((rows, vocab), seed + 1, scale)
+    g = torch.Generator().manual_seed(seed + 2)
+    T = (0.3 + 3 * torch.rand(rows if per_row else (), generator=g, dtype=torch.float64))
+    w = torch.rand(rows, generator=g, dtype=torch.float64)
+    params = dict(CASES)[name]
+    kw = dict(token_weights=w, standardize=standardize)
+    got = _grads(lambda a, b, c: _call(fastkd, name, a, b, c, params, **dict(kw)), s, t, T)
+    want = _grads(lambda a, b, c: _call(R, name, a, b, c, params, **dict(kw)), s, t, T)
+    _assert_all_close(got, want, 1e-8, 1e-11, name)
