@@ -176,14 +176,24 @@ class _KDBase(nn.Module):
     def _mixed(self, targets) -> bool:
         return not (self.alpha is None or self.alpha == 0 or targets is None)
 
-    def _soft(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The fused bare KL, reduced as torchdistill's KLDivLoss over ``[N, C, ...]`` (batchmean: / N)."""
+    def _soft(self, s: torch.Tensor, t: torch.Tensor, standardize_eps: Optional[float] = None) -> torch.Tensor:
+        """The fused bare KL, reduced as torchdistill's KLDivLoss over ``[N, C, ...]`` (batchmean: / N); with
+        ``standardize_eps``, of the standardized logits (fused: the kernel standardizes each row)."""
         rows_s, rows_t = _classes_last(s, "student logits"), _classes_last(t, "teacher logits")
         n = None
         if self.reduction == "batchmean" and s.dim() > 2 and s.shape[0] > 0:
             n = s.shape[0]  # KLDivLoss's batchmean divides by input.size(0), not by the N * H * W rows
-        return _fn.kd_loss(rows_s, rows_t, self.temperature, reduction=self.reduction, scale_by_temperature=False,
-                           num_items_in_batch=n)
+        if standardize_eps is None:
+            return _fn.kd_loss(rows_s, rows_t, self.temperature, reduction=self.reduction, scale_by_temperature=False,
+                               num_items_in_batch=n)
+        v.check_logits(rows_s, rows_t)
+        v.check_standardize(True, rows_s, standardize_eps)
+        if not _fn._use_kernels():  # the plain-PyTorch path: the same formula
+            return _fn.reference.kd_loss(_fn.reference.standardized(rows_s, standardize_eps),
+                                         _fn.reference.standardized(rows_t, standardize_eps), self.temperature,
+                                         reduction=self.reduction, scale_by_temperature=False, num_items_in_batch=n)
+        return _fn._response(rows_s, rows_t, None, n, "kl", self.temperature, reduction=self.reduction,
+                             standardize=True, eps=standardize_eps)[0]
 
     def _compose(self, soft: torch.Tensor, ce_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         hard = self.cross_entropy_loss(ce_logits, targets)
@@ -265,9 +275,12 @@ class LogitStdKDLoss(_KDBase):
     sides), the fused KL at temperature ``T``; the mixed branch adds ``alpha * CrossEntropyLoss`` of the **raw**
     student logits and multiplies the KL by ``beta * T^2``, as torchdistill.
 
-    Arguments as :class:`KDLoss`, plus ``eps`` (default 1e-7). The standardization is a plain-PyTorch
-    composition (autograd through it); the KL is fused; the cross-entropy (on different logits than the KL)
-    is ``nn.CrossEntropyLoss``. Differences as :class:`KDLoss`.
+    Arguments as :class:`KDLoss`, plus ``eps`` (default 1e-7). For ``[N, C]`` logits the standardization and
+    the KL are fused (:func:`fastkd.kd_loss` with ``standardize=True``: the kernel standardizes each row in its
+    sweeps, with the exact gradient, no standardized copy); for ``[N, C, ...]`` torchdistill standardizes over the
+    last dim but softmaxes over dim 1, so the standardization is then a plain-PyTorch composition before the fused
+    KL. The cross-entropy (on the raw logits) is ``nn.CrossEntropyLoss``.
+    Differences as :class:`KDLoss`.
     """
 
     def __init__(self, student_module_path: str, student_module_io: str, teacher_module_path: str,
@@ -278,11 +291,15 @@ class LogitStdKDLoss(_KDBase):
         self.eps = v.check_real("eps", eps, 0.0)
 
     def standardize(self, logits: torch.Tensor) -> torch.Tensor:
-        return (logits - logits.mean(dim=-1, keepdim=True)) / (self.eps + logits.std(dim=-1, keepdim=True))
+        """torchdistill's method (the fused forward does not call it)."""
+        return _fn.reference.standardized(logits, self.eps)
 
     def forward(self, student_io_dict, teacher_io_dict, targets=None, *args, **kwargs) -> torch.Tensor:
         s, t = self._logits(student_io_dict, teacher_io_dict)
-        soft = self._soft(self.standardize(s), self.standardize(t))
+        if s.dim() > 2:  # torchdistill standardizes over the last dim but softmaxes over dim 1: two axes
+            soft = self._soft(self.standardize(s), self.standardize(t))
+        else:
+            soft = self._soft(s, t, standardize_eps=self.eps)
         if not self._mixed(targets):
             return soft
         return self._compose(soft, s, targets)
