@@ -264,8 +264,8 @@ using FusedLinearSig = Six(const at::Tensor&, const at::Tensor&, const OptTensor
                            const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                            const OptTensor&, const OptTensor&, c10::string_view, c10::ArrayRef<double>, double, double,
                            double, int64_t, c10::string_view, bool, bool, bool, int64_t, double, double, double,
-                           double, bool, bool, bool);
-constexpr size_t kFusedLinearArgs = 30;
+                           double, bool, bool, bool, const OptTensor&, bool, double);
+constexpr size_t kFusedLinearArgs = 33;
 
 // The fused linear head. Scalar reductions: the forward computes the gradients of hidden, weight and bias
 // with the loss (the logits exist one chunk at a time, so they cannot wait for backward) and the backward
@@ -283,7 +283,8 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
                                int64_t ignore_index, c10::string_view reduction, bool scale_by_temperature,
                                bool values_are_logprobs, bool tail_bucket, int64_t chunk_size,
                                double student_logit_scale, double student_softcap, double teacher_logit_scale,
-                               double teacher_softcap, bool grad_hidden, bool grad_weight, bool grad_bias) {
+                               double teacher_softcap, bool grad_hidden, bool grad_weight, bool grad_bias,
+                               const OptTensor& row_weight, bool standardize, double standardize_eps) {
     static auto op = typed_op<FusedLinearSig>("fastkd::fused_linear_kd_forward");
     at::AutoDispatchBelowADInplaceOrView guard;
     // With grad_rows the call *is* a backward (as a traced backward graph replays it): it returns the weighted
@@ -295,7 +296,7 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
                 topk_indices, labels, num_items, grad_rows, divergence, params, temperature, soft_weight, hard_weight,
                 ignore_index, reduction, scale_by_temperature, values_are_logprobs, tail_bucket, chunk_size,
                 student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap, grad_hidden && !per_row,
-                grad_weight && !per_row, grad_bias && !per_row);
+                grad_weight && !per_row, grad_bias && !per_row, row_weight, standardize, standardize_eps);
     ctx->set_materialize_grads(false);
     ctx->saved_data["per_row"] = per_row;
     if (weighted) {
@@ -315,7 +316,9 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
       auto value = [](const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); };
       ctx->save_for_backward({hidden, weight, value(bias), value(teacher_logits), value(teacher_hidden),
                               value(teacher_weight), value(teacher_bias), value(topk_values), value(topk_indices),
-                              value(labels), value(num_items), gh, gw, gb});
+                              value(labels), value(num_items), gh, gw, gb, value(row_weight)});
+      ctx->saved_data["standardize"] = standardize;
+      ctx->saved_data["standardize_eps"] = standardize_eps;
       ctx->saved_data["reduction"] = std::string(reduction.data(), reduction.size());
       ctx->saved_data["divergence"] = std::string(divergence.data(), divergence.size());
       ctx->saved_data["temperature"] = temperature;
@@ -369,7 +372,8 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
                 d["temperature"].toDouble(), d["soft_weight"].toDouble() * w, d["hard_weight"].toDouble() * w,
                 d["ignore_index"].toInt(), per_row ? std::string("none") : d["reduction"].toStringRef(),
                 d["scale_by_temperature"].toBool(), d["values_are_logprobs"].toBool(), d["tail_bucket"].toBool(),
-                d["chunk_size"].toInt(), head[0], head[1], head[2], head[3], want[0], want[1], want[2]);
+                d["chunk_size"].toInt(), head[0], head[1], head[2], head[3], want[0], want[1], want[2], opt(saved[14]),
+                d["standardize"].toBool(), d["standardize_eps"].toDouble());
     if (want[0]) out[0] = gh;
     if (want[1]) out[1] = gw;
     if (want[2]) out[2] = gb;
@@ -386,13 +390,13 @@ Six fused_linear_kd_forward_autograd(
     double soft_weight, double hard_weight, int64_t ignore_index, c10::string_view reduction, bool scale_by_temperature,
     bool values_are_logprobs, bool tail_bucket, int64_t chunk_size, double student_logit_scale,
     double student_softcap, double teacher_logit_scale, double teacher_softcap, bool grad_hidden, bool grad_weight,
-    bool grad_bias) {
+    bool grad_bias, const OptTensor& row_weight, bool standardize, double standardize_eps) {
   auto r = FusedLinearForward::apply(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,
                                      teacher_bias, topk_values, topk_indices, labels, num_items, grad_rows, divergence,
                                      params, temperature, soft_weight, hard_weight, ignore_index, reduction,
                                      scale_by_temperature, values_are_logprobs, tail_bucket, chunk_size,
                                      student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap,
-                                     grad_hidden, grad_weight, grad_bias);
+                                     grad_hidden, grad_weight, grad_bias, row_weight, standardize, standardize_eps);
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 

@@ -102,6 +102,8 @@ def fused_linear_kd_loss(
     student_logit_scale: Optional[float] = None,
     teacher_softcap: Optional[float] = None,
     teacher_logit_scale: Optional[float] = None,
+    token_weights: Optional[torch.Tensor] = None,
+    standardize: bool = False,
     **params: float,
 ) -> Union[torch.Tensor, LossParts]:
     r"""Distillation loss of a student given by its hidden states and linear head, fused and chunked:
@@ -177,6 +179,13 @@ def fused_linear_kd_loss(
             :func:`fastkd.integrations.head_options` reads them from a Hugging Face config.
         teacher_softcap, teacher_logit_scale: the same for the teacher's logits, those a :class:`TeacherHead`
             computes or dense ones (then transformed as given); not with a :class:`TopKTeacher`.
+        token_weights: optional weights ``[...]`` (the hidden states' leading shape), as :func:`fastkd.kd_loss`:
+            each counted token's loss (both terms) times its weight, the divisor unchanged, no gradient for the
+            weights; every teacher kind and reduction.
+        standardize: logit standardization of both sides' (transformed) logits, as :func:`fastkd.kd_loss`, in
+            the chunk loop's response kernel; needs teacher and student of one vocabulary, not a
+            :class:`TopKTeacher`. The temperature here is a Python number (a tensor temperature is taken by the
+            losses on logits).
 
     Precision: the logits of a chunk are float32 (float64 for float64 input) whatever the dtype of the hidden
     states and weights, computed by GEMMs that accumulate and write float32 (on the CPU a bfloat16 / float16
@@ -214,14 +223,23 @@ def fused_linear_kd_loss(
         hard_label_weight, soft_weight, reduction, chunk_size, num_items_in_batch, scale_by_temperature,
         return_parts, params)
     head = v.check_head_transforms(student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap, kind)
+    weights = v.check_token_weights(token_weights, student_hidden)
+    v.check_bool("standardize", standardize)
+    if standardize:
+        if kind == "topk":
+            raise ValueError("standardize: a top-k teacher has no full row to standardize")
+        t_vocab = teacher.shape[-1] if kind == "dense" else teacher.weight.shape[0]
+        if t_vocab != student_weight.shape[0] or t_vocab < 2:
+            raise ValueError(f"standardize: standardization needs teacher and student rows of one vocabulary of at "
+                             f"least 2 entries, got {t_vocab} and {student_weight.shape[0]}")
     if not _use_kernels():
         return reference.fused_linear_kd_loss(
             student_hidden, student_weight, teacher, student_bias=student_bias, loss=loss, temperature=t,
             labels=labels, ignore_index=ignore_index, hard_label_weight=hard, soft_weight=soft, reduction=reduction,
             scale_by_temperature=scale, num_items_in_batch=n, return_parts=return_parts,
             student_softcap=student_softcap, student_logit_scale=student_logit_scale,
-            teacher_softcap=teacher_softcap, teacher_logit_scale=teacher_logit_scale,
-            **dict(zip(divergences.get(loss).param_names, div_params)))
+            teacher_softcap=teacher_softcap, teacher_logit_scale=teacher_logit_scale, token_weights=weights,
+            standardize=standardize, **dict(zip(divergences.get(loss).param_names, div_params)))
 
     lead = student_hidden.shape[:-1]
     hidden = _rows(student_hidden)
@@ -244,7 +262,8 @@ def fused_linear_kd_loss(
         reduction, scale, values_are_logprobs, tail_bucket,
         default_chunk_size(rows, vocab, hidden.device) if chunk_size is None else int(chunk_size), *head,
         grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
-        grad_on and student_bias is not None and student_bias.requires_grad)
+        grad_on and student_bias is not None and student_bias.requires_grad,
+        None if weights is None else _rows(weights, last=False), standardize, 1e-7)
     if reduction == "none":
         out, soft_part, hard_part = out.reshape(lead), soft_part.reshape(lead), hard_part.reshape(lead)
     return LossParts(out, soft_part, hard_part) if return_parts else out

@@ -549,6 +549,8 @@ def fused_linear_kd_loss(
     student_logit_scale: Optional[float] = None,
     teacher_softcap: Optional[float] = None,
     teacher_logit_scale: Optional[float] = None,
+    token_weights: Optional[torch.Tensor] = None,
+    standardize: bool = False,
     **params: float,
 ) -> Union[torch.Tensor, LossParts]:
     """The composition :func:`fastkd.fused_linear_kd_loss` fuses, in plain PyTorch: the full logits
@@ -567,6 +569,11 @@ def fused_linear_kd_loss(
     s_scale, s_cap, t_scale, t_cap = v.check_head_transforms(student_logit_scale, student_softcap,
                                                              teacher_logit_scale, teacher_softcap, kind)
     scale_by_temperature = scale
+    w = v.check_token_weights(token_weights, student_hidden)
+    w = None if w is None else w.reshape(-1)
+    v.check_bool("standardize", standardize)
+    if standardize and kind == "topk":
+        raise ValueError("standardize: a top-k teacher has no full row to standardize")
     lead = student_hidden.shape[:-1]
     logits = head_transform(F.linear(student_hidden, student_weight, student_bias), s_scale, s_cap)
     logits = logits.reshape(-1, student_weight.shape[0])
@@ -575,9 +582,13 @@ def fused_linear_kd_loss(
     common = dict(reduction=reduction, labels=rows_labels, ignore_index=ignore_index, num_items_in_batch=num)
     if kind == "topk":
         k = teacher.values.shape[-1]
+        topk_common = dict(common, reduction="none") if w is not None else common
         soft_loss = topk_kd_loss(logits, teacher.values.reshape(-1, k), teacher.indices.reshape(-1, k), t,
                                  values_are=teacher.values_are, tail=teacher.tail,
-                                 scale_by_temperature=scale_by_temperature, **common)
+                                 scale_by_temperature=scale_by_temperature, **topk_common)
+        if w is not None:  # weighted rows, then the reduction (ignored rows are 0 already)
+            counted = rows_labels.ne(ignore_index).sum() if rows_labels is not None else soft_loss.numel()
+            soft_loss = reduce_rows(soft_loss * w.to(soft_loss.dtype), reduction, counted, vocab, num)
     else:
         if kind == "head":
             t_logits = F.linear(teacher.hidden, teacher.weight, teacher.bias)
@@ -592,10 +603,10 @@ def fused_linear_kd_loss(
 
         named = dict(zip(divergences.get(loss).param_names, values))
         soft_loss = divergence_loss(logits, t_logits, loss, t, scale_by_temperature=scale_by_temperature, **common,
-                                    **named)
+                                    token_weights=w, standardize=standardize, **named)
     if hard != 0.0:
         # the cross-entropy alone: alpha=1, beta=0 (the KD term against the student itself is 0 anyway)
-        hard_loss = kd_loss(logits, logits.detach(), 1.0, alpha=1.0, beta=0.0, **common)
+        hard_loss = kd_loss(logits, logits.detach(), 1.0, alpha=1.0, beta=0.0, token_weights=w, **common)
     else:
         hard_loss = torch.zeros_like(soft_loss)
     out = soft * soft_loss + hard * hard_loss if hard != 0.0 else (soft_loss if soft == 1.0 else soft * soft_loss)

@@ -257,3 +257,66 @@ def test_property_row_options_match_the_reference(rows, vocab, scale, name, stan
     got = _grads(lambda a, b, c: _call(fastkd, name, a, b, c, params, **dict(kw)), s, t, T)
     want = _grads(lambda a, b, c: _call(R, name, a, b, c, params, **dict(kw)), s, t, T)
     _assert_all_close(got, want, 1e-8, 1e-11, name)
+
+
+# ---- the fused linear head ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("teacher_kind", ["dense", "head", "topk"])
+@pytest.mark.parametrize("reduction", ["batchmean", "none", "sum"])
+@pytest.mark.parametrize("standardize", [False, True])
+def test_fused_head_token_weights_and_standardize_equal_the_dense_path(teacher_kind, reduction, standardize):
+    """fused_linear_kd_loss with token_weights / standardize == kd_loss on the head's logits with the same
+    options (values, hidden / weight / bias gradients), chunked, with the cross-entropy and an ignored row."""
+    if standardize and teacher_kind == "topk":
+        pytest.skip("a top-k teacher has no full row to standardize (a clear error, below)")
+    g = torch.Generator().manual_seed(30)
+    h = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    W = torch.randn(23, 8, generator=g, dtype=torch.float64)
+    b = torch.randn(23, generator=g, dtype=torch.float64)
+    th, tW = torch.randn(2, 5, 6, generator=g, dtype=torch.float64), torch.randn(23, 6, generator=g, dtype=torch.float64)
+    t_logits = th @ tW.T
+    y = torch.randint(0, 23, (2, 5), generator=g)
+    y[0, 3] = -100
+    w = torch.rand(2, 5, generator=g, dtype=torch.float64)
+    if teacher_kind == "dense":
+        teacher = t_logits
+    elif teacher_kind == "head":
+        teacher = fastkd.TeacherHead(th, tW)
+    else:
+        vals, idx = t_logits.topk(23)  # every entry kept: the dense KL
+        teacher = fastkd.TopKTeacher(vals, idx)
+
+    def fused(h_, W_, b_):
+        return fastkd.fused_linear_kd_loss(h_, W_, teacher, student_bias=b_, temperature=2.0, labels=y,
+                                           hard_label_weight=0.3, reduction=reduction, chunk_size=3,
+                                           token_weights=w, standardize=standardize)
+
+    def dense(h_, W_, b_):
+        return fastkd.kd_loss(h_ @ W_.T + b_, t_logits, 2.0, labels=y, alpha=0.3, reduction=reduction,
+                              token_weights=w, standardize=standardize)
+
+    args = [x.clone().requires_grad_(True) for x in (h, W, b)]
+    got = fused(*args)
+    go = torch.linspace(0.5, 1.5, got.numel(), dtype=got.dtype).reshape(got.shape)
+    g_got = torch.autograd.grad(got, args, go)
+    args = [x.clone().requires_grad_(True) for x in (h, W, b)]
+    want = dense(*args)
+    g_want = torch.autograd.grad(want, args, go)
+    _assert_all_close((got,) + g_got, (want,) + g_want, 1e-10, 1e-12, f"fused {teacher_kind} {reduction}")
+    ref = R.fused_linear_kd_loss(h, W, teacher, student_bias=b, temperature=2.0, labels=y, hard_label_weight=0.3,
+                                 reduction=reduction, token_weights=w, standardize=standardize)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_head_row_option_errors():
+    g = torch.Generator().manual_seed(31)
+    h, W = torch.randn(4, 8, generator=g), torch.randn(11, 8, generator=g)
+    t = torch.randn(4, 11, generator=g)
+    vals, idx = t.topk(3)
+    with pytest.raises(ValueError, match="a top-k teacher has no full row to standardize"):
+        fastkd.fused_linear_kd_loss(h, W, fastkd.TopKTeacher(vals, idx), standardize=True)
+    with pytest.raises(ValueError, match="standardization needs teacher and student rows of one vocabulary"):
+        fastkd.fused_linear_kd_loss(h, W, t[:, :9], standardize=True)
+    with pytest.raises(ValueError, match="token_weights must have the logits' leading shape"):
+        fastkd.fused_linear_kd_loss(h, W, t, token_weights=torch.ones(5))
+    with pytest.raises(TypeError, match="temperature must be a Python number"):
+        fastkd.fused_linear_kd_loss(h, W, t, temperature=torch.tensor(2.0))

@@ -71,14 +71,16 @@ Tensor6 fused_linear_kd_forward_cuda(
     double temperature, double soft_weight, double hard_weight, int64_t ignore_index, c10::string_view reduction,
     bool scale_by_temperature, bool values_are_logprobs, bool tail_bucket, int64_t chunk_size,
     double student_logit_scale, double student_softcap, double teacher_logit_scale, double teacher_softcap,
-    bool grad_hidden, bool grad_weight, bool grad_bias) {
+    bool grad_hidden, bool grad_weight, bool grad_bias, const std::optional<at::Tensor>& row_weight, bool standardize,
+    double standardize_eps) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   const FusedLinearOptions o = fused_linear_options(
       divergence, params, temperature, soft_weight, hard_weight, ignore_index, reduction, scale_by_temperature,
       values_are_logprobs, tail_bucket, chunk_size, student_logit_scale, student_softcap, teacher_logit_scale,
-      teacher_softcap, grad_hidden, grad_weight, grad_bias);
+      teacher_softcap, grad_hidden, grad_weight, grad_bias, standardize, standardize_eps);
   return fused_linear_kd<CudaFusedBackend>(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,
-                                           teacher_bias, topk_values, topk_indices, labels, num_items, grad_rows, o);
+                                           teacher_bias, topk_values, topk_indices, labels, num_items, grad_rows,
+                                          row_weight, o);
 }
 
 }  // namespace

@@ -42,6 +42,9 @@ def _fused_linear_kd_forward_fake(
     grad_hidden: bool,
     grad_weight: bool,
     grad_bias: bool,
+    row_weight: Optional[torch.Tensor] = None,
+    standardize: bool = False,
+    standardize_eps: float = 1e-7,
 ):
     torch._check(hidden.dim() == 2 and weight.dim() == 2, lambda: "hidden and weight must be 2-D")
     teacher = teacher_logits if teacher_logits is not None else teacher_hidden

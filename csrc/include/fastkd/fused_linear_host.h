@@ -78,14 +78,15 @@ inline FusedLinearOptions fused_linear_options(c10::string_view divergence, c10:
                                                bool scale_by_temperature, bool values_are_logprobs, bool tail_bucket,
                                                int64_t chunk_size, double student_logit_scale, double student_softcap,
                                                double teacher_logit_scale, double teacher_softcap, bool grad_hidden,
-                                               bool grad_weight, bool grad_bias) {
+                                               bool grad_weight, bool grad_bias, bool standardize,
+                                               double standardize_eps) {
   FASTKD_CHECK_ARG(parse_divergence(to_view(divergence)) != Divergence::DKD, "divergence",
                    "the fused linear head does not run 'dkd' (its class targets are the labels of a classifier)");
   FusedLinearOptions o;
   o.student_head = head_transform(student_logit_scale, student_softcap, "student_logit_scale", "student_softcap");
   o.teacher_head = head_transform(teacher_logit_scale, teacher_softcap, "teacher_logit_scale", "teacher_softcap");
   o.loss = make_loss_config(to_view(divergence), params, temperature, scale_by_temperature, soft_weight, hard_weight,
-                            ignore_index, to_view(reduction));
+                            ignore_index, to_view(reduction), standardize, standardize_eps);
   FASTKD_CHECK_ARG(chunk_size >= 1, "chunk_size", "expected a value >= 1, got ", chunk_size);
   o.chunk_size = chunk_size;
   o.values_are_logprobs = values_are_logprobs;
@@ -165,7 +166,8 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
                         const std::optional<at::Tensor>& teacher_weight, const std::optional<at::Tensor>& teacher_bias,
                         const std::optional<at::Tensor>& topk_values, const std::optional<at::Tensor>& topk_indices,
                         const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& num_items,
-                        const std::optional<at::Tensor>& grad_rows, const FusedLinearOptions& o) {
+                        const std::optional<at::Tensor>& grad_rows, const std::optional<at::Tensor>& row_weight,
+                        const FusedLinearOptions& o) {
   check_linear_args(hidden, weight, bias, "student_hidden", "student_weight", "student_bias");
   const int64_t rows = hidden.size(0), vocab = weight.size(0), width = hidden.size(1);
   const at::Device device = hidden.device();
@@ -208,6 +210,10 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
   FASTKD_CHECK_ARG(teacher_vocab >= 1 && teacher_vocab <= vocab, "teacher",
                    "the teacher's vocabulary must not be larger than the student's (", vocab, "), got ", teacher_vocab);
 
+  FASTKD_CHECK_ARG(!o.loss.standardize || !topk, "standardize", "a top-k teacher has no full row to standardize");
+  FASTKD_CHECK_ARG(!o.loss.standardize || (teacher_vocab == vocab && vocab >= 2), "standardize",
+                   "standardization needs teacher and student rows of one vocabulary of at least 2 entries, got ",
+                   teacher_vocab, " and ", vocab);
   FASTKD_CHECK_ARG(!topk || !o.teacher_head.active(), "teacher_softcap",
                    "a top-k teacher's values are used as given: no teacher logit scale or softcap");
   const bool any_double = c10::promoteTypes(hidden.scalar_type(), teacher_dtype) == at::kDouble;
@@ -250,6 +256,11 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
                      grad_rows->device());
     row_weights = grad_rows->to(logit_dtype);
   }
+  // token_weights: each row's loss times its weight (its gradient too: with the upstream ones above)
+  const at::Tensor token_weights =
+      row_weight.has_value() ? prepare_row_values(*row_weight, "token_weights", rows, device, false).to(logit_dtype)
+                             : at::Tensor();
+  if (token_weights.defined()) row_weights = row_weights.defined() ? row_weights.mul(token_weights) : token_weights;
 
   at::Tensor values_s, indices_s;
   int64_t k = 0;
@@ -387,6 +398,10 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
     if (o.grad_weight) B::add_weight_grad(grad_weight_acc, g, h.scalar_type() == gemm_dtype ? h : h.to(gemm_dtype));
   }
 
+  if (token_weights.defined()) {
+    row_soft.mul_(token_weights);
+    if (hard) row_hard.mul_(token_weights);
+  }
   auto [loss, soft, hard_part] = finish_parts(row_soft, row_hard, hard, count, red, rows, vocab, o.loss.soft_weight,
                                               o.loss.hard_weight, out_dtype);
   at::Tensor grad_weight = o.grad_weight ? grad_weight_acc.to(weight.scalar_type()) : at::empty({0}, weight.options());
