@@ -97,6 +97,7 @@ def vocab_parallel_kd_loss(
     reduction: str = "batchmean",
     scale_by_temperature: Optional[bool] = None,
     group: Optional[dist.ProcessGroup] = None,
+    token_weights: Optional[torch.Tensor] = None,
     **params: float,
 ) -> torch.Tensor:
     r"""Distillation loss of vocabulary-sharded logits: every rank of ``group`` passes its slice of the
@@ -142,6 +143,10 @@ def vocab_parallel_kd_loss(
             with ``"jsd"`` is an error. (The default was ``False`` before.) TRL and Liger-Kernel apply no ``T^2``
             to their KL: pass ``scale_by_temperature=False`` to match them.
         group: the tensor-parallel process group whose ranks hold the vocabulary slices (default: the world).
+        token_weights: optional per-row weights ``[...]``, identical on every rank, as :func:`fastkd.kd_loss`
+            (each counted row's loss times its weight, the divisor unchanged, no gradient for the weights). The
+            temperature is a Python number here and ``standardize`` is not offered: both need per-row scales
+            inside the shard kernels, which take one temperature (not built yet).
 
     Returns:
         The loss in the promoted dtype of the inputs, computed in float32 (float64 for float64 input). The
@@ -168,6 +173,7 @@ def vocab_parallel_kd_loss(
     v.check_reduction(reduction)
     v.check_ignore_index(ignore_index)
     v.check_labels(labels, student_logits_shard)
+    weights = v.check_token_weights(token_weights, student_logits_shard)
     spec = divergences.get(loss)
     values = v.resolve_divergence_params(loss, beta, params, "vocab_parallel_kd_loss")
     spec.check_ranges(values)
@@ -177,7 +183,7 @@ def vocab_parallel_kd_loss(
     keep = None if labels is None else labels.reshape(-1) != ignore_index
     return _VocabParallelKD.apply(
         student_logits_shard, teacher_logits_shard, keep, spec, dict(zip(spec.param_names, values)), t, scale,
-        reduction, group
+        reduction, group, None if weights is None else weights.reshape(-1)
     )
 
 
@@ -366,6 +372,7 @@ class _VocabParallelKD(torch.autograd.Function):
         scale: float,
         reduction: str,
         group: Optional[dist.ProcessGroup],
+        weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         out_dtype, cdtype = _dtypes(student, teacher)
         lead, width = student.shape[:-1], student.shape[-1]
@@ -378,6 +385,8 @@ class _VocabParallelKD(torch.autograd.Function):
         per_row, sum_psi_q = _divergence_rows(spec, named, xs, xt, shift, log_s, temperature, group)
         if scale != 1.0:
             per_row = per_row * scale
+        if weights is not None:
+            per_row = per_row * weights.to(cdtype)
         if keep is not None:
             per_row = torch.where(keep, per_row, zero)
 
@@ -393,17 +402,17 @@ class _VocabParallelKD(torch.autograd.Function):
                 denom = denom * vocab.clamp_min(1)
             result = per_row.sum() / denom
 
-        ctx.save_for_backward(student, teacher, shift, log_s, sum_psi_q, keep, denom)
+        ctx.save_for_backward(student, teacher, shift, log_s, sum_psi_q, keep, denom, weights)
         ctx.config = (spec, named, temperature, scale, reduction, cdtype)
         return result.to(out_dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        nothing = (None,) * 8
+        nothing = (None,) * 9
         if not ctx.needs_input_grad[0]:
             return (None,) + nothing
-        student, teacher, shift, log_s, sum_psi_q, keep, denom = ctx.saved_tensors
+        student, teacher, shift, log_s, sum_psi_q, keep, denom, weights = ctx.saved_tensors
         spec, named, temperature, scale, reduction, cdtype = ctx.config
         width = student.shape[-1]
         rows = shift.shape[1]
@@ -412,6 +421,8 @@ class _VocabParallelKD(torch.autograd.Function):
         g = grad_out.to(cdtype)
         coef = g.reshape(rows) if reduction == "none" else (g if denom is None else g / denom).expand(rows)
         coef = coef * (scale / temperature)
+        if weights is not None:
+            coef = coef * weights.to(cdtype)
 
         xs = student.reshape(rows, width).to(cdtype)
         xt = teacher.reshape(rows, width).to(cdtype)

@@ -60,6 +60,7 @@ class Case:
     pad: str = "none"
     split: Optional[Tuple[int, ...]] = None  # default: SPLITS[world]
     params: Tuple[Tuple[str, float], ...] = ()  # a registry divergence's parameters (REGISTRY_KINDS)
+    weighted: bool = False  # token_weights (the same on every rank)
 
 
 def _kind_name(loss, beta):
@@ -107,6 +108,10 @@ def _cases(world: int) -> Dict[str, Case]:
         cases.append(Case(f"{k}-batchmean-nan-logits", loss, 0.5, "batchmean", lead=(5,), labels="some", pad="nan",
                           params=params))
     cases.append(Case("kl-mean-ignore-index-7", "kl", 0.5, "mean", labels="some", ignore_index=7))
+    for loss, beta in (("kl", 0.5), ("jsd", 0.3)):
+        for red in REDUCTIONS:
+            cases.append(Case(f"{loss}-{red}-token-weights", loss, beta, red, scale=loss == "kl", labels="some",
+                              weighted=True))
     cases.append(Case("kl-sum-bf16-student", "kl", 0.5, "sum", scale=True, dtype=torch.bfloat16,
                       teacher_dtype=torch.float32))
     return {c.name: c for c in cases}
@@ -160,6 +165,13 @@ def _inputs(case: Case):
     return (s.to(case.dtype), t.to(case.teacher_dtype or case.dtype), labels, grad_out.to(_out_dtype(case)))
 
 
+def _token_weights(case: Case) -> Optional[torch.Tensor]:
+    if not case.weighted:
+        return None
+    g = torch.Generator().manual_seed(zlib.crc32(case.name.encode()) + 1)
+    return torch.rand(case.lead, generator=g, dtype=torch.float64).to(case.dtype) * 2.0
+
+
 def _bounds(case: Case, world: int, rank: int) -> Tuple[int, int]:
     split = case.split or SPLITS[world]
     lo = sum(split[:rank])
@@ -181,6 +193,9 @@ def _single_process(case: Case, dtype: torch.dtype = torch.float64):
         t[1] = 0.0
     s.requires_grad_(True)
     kw = dict(labels=labels, ignore_index=case.ignore_index, reduction=case.reduction)
+    w = _token_weights(case)
+    if w is not None:
+        kw["token_weights"] = w.to(dtype)
     if case.params or case.loss not in ("kl", "reverse_kl", "jsd"):
         loss = fastkd.divergence_loss(s, t, case.loss, case.temperature, scale_by_temperature=case.scale, **kw,
                                       **dict(case.params))
@@ -268,7 +283,8 @@ def _run_case(case: Case, world: int, rank: int):
     extra = dict(case.params) if case.params or case.loss not in ("kl", "reverse_kl", "jsd") else {"beta": case.beta}
     loss = vocab_parallel_kd_loss(
         s_shard, t_shard, loss=case.loss, temperature=case.temperature, labels=labels,
-        ignore_index=case.ignore_index, reduction=case.reduction, scale_by_temperature=case.scale, **extra,
+        ignore_index=case.ignore_index, reduction=case.reduction, scale_by_temperature=case.scale,
+        token_weights=_token_weights(case), **extra,
     )
     loss.backward(grad_out)
     return {"loss": loss.detach(), "grad": s_shard.grad, "teacher_grad": t_shard.grad}
