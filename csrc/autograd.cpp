@@ -171,6 +171,9 @@ class ResponseForward : public torch::autograd::Function<ResponseForward> {
 };
 
 using Two = std::tuple<at::Tensor, at::Tensor>;
+using TopkSig = Two(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                    const std::optional<at::Tensor>&, double, bool, bool, int64_t, c10::string_view, bool, bool,
+                    const std::optional<at::Tensor>&);
 
 class TopkForward : public torch::autograd::Function<TopkForward> {
  public:
@@ -178,20 +181,18 @@ class TopkForward : public torch::autograd::Function<TopkForward> {
                                const at::Tensor& indices, const std::optional<at::Tensor>& labels,
                                const std::optional<at::Tensor>& num_items, double temperature, bool values_are_logprobs,
                                bool tail_bucket, int64_t ignore_index, c10::string_view reduction,
-                               bool scale_by_temperature, bool grad_student) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("fastkd::topk_kd_forward", "")
-                         .typed<Two(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool, bool,
-                                    int64_t, c10::string_view, bool, bool)>();
+                               bool scale_by_temperature, bool grad_student,
+                               const std::optional<at::Tensor>& row_weight) {
+    static auto op = typed_op<TopkSig>("fastkd::topk_kd_forward");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, gs] = op.call(student, values, indices, labels, num_items, temperature, values_are_logprobs,
-                              tail_bucket, ignore_index, reduction, scale_by_temperature, grad_student);
+                              tail_bucket, ignore_index, reduction, scale_by_temperature, grad_student, row_weight);
     ctx->mark_non_differentiable({gs});
     ctx->set_materialize_grads(false);
     const bool recompute = needs_fp16_recompute(grad_student, student);
     if (recompute) {  // the inputs and arguments of the op, for a backward under a loss scale
-      ctx->save_for_backward({gs, student, values, indices, opt_or_undefined(labels), opt_or_undefined(num_items)});
+      ctx->save_for_backward({gs, student, values, indices, opt_or_undefined(labels), opt_or_undefined(num_items),
+                              opt_or_undefined(row_weight)});
       auto& d = ctx->saved_data;
       d["temperature"] = temperature;
       d["values_are_logprobs"] = values_are_logprobs;
@@ -207,24 +208,21 @@ class TopkForward : public torch::autograd::Function<TopkForward> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(12);
+    variable_list out(13);
     if (!grads[0].defined()) return out;
     TORCH_CHECK(!ctx->needs_input_grad(1), "fastkd: topk_kd_forward gives the teacher values no gradient; detach them");
     if (!ctx->needs_input_grad(0)) return out;
     const auto saved = ctx->get_saved_variables();
     if (ctx->saved_data["recompute"].toBool() && recompute_for(grads[0])) {
       // float16 under a loss scale (see needs_fp16_recompute): a float32 recomputation, scaled, rounded once.
-      static auto op = c10::Dispatcher::singleton()
-                           .findSchemaOrThrow("fastkd::topk_kd_forward", "")
-                           .typed<Two(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
-                                      bool, bool, int64_t, c10::string_view, bool, bool)>();
+      static auto op = typed_op<TopkSig>("fastkd::topk_kd_forward");
       auto& d = ctx->saved_data;
       at::AutoDispatchBelowADInplaceOrView guard;
       auto [loss, gs] = op.call(saved[1].to(at::kFloat), saved[2], saved[3], undefined_to_opt(saved[4]),
                                 undefined_to_opt(saved[5]), d["temperature"].toDouble(),
                                 d["values_are_logprobs"].toBool(), d["tail_bucket"].toBool(), d["ignore_index"].toInt(),
-                                d["reduction"].toStringRef(), d["scale_by_temperature"].toBool(), true);
+                                d["reduction"].toStringRef(), d["scale_by_temperature"].toBool(), true,
+                                undefined_to_opt(saved[6]));
       out[0] = scaled_to(gs, grads[0], saved[1].scalar_type());
     } else {
       out[0] = grad_from(saved[0], grads[0], "student");
@@ -252,9 +250,10 @@ Six response_forward_autograd(const at::Tensor& student, const at::Tensor& teach
 Two topk_kd_forward_autograd(const at::Tensor& student, const at::Tensor& values, const at::Tensor& indices,
                              const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& num_items,
                              double temperature, bool values_are_logprobs, bool tail_bucket, int64_t ignore_index,
-                             c10::string_view reduction, bool scale_by_temperature, bool grad_student) {
+                             c10::string_view reduction, bool scale_by_temperature, bool grad_student,
+                             const std::optional<at::Tensor>& row_weight) {
   auto r = TopkForward::apply(student, values, indices, labels, num_items, temperature, values_are_logprobs,
-                              tail_bucket, ignore_index, reduction, scale_by_temperature, grad_student);
+                              tail_bucket, ignore_index, reduction, scale_by_temperature, grad_student, row_weight);
   return {r[0], r[1]};
 }
 

@@ -479,6 +479,7 @@ def topk_kd_loss(
     ignore_index: int = -100,
     scale_by_temperature: bool = True,
     num_items_in_batch: NumItems = None,
+    token_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     r"""KD against a sparse teacher (offline / cached top-k logits), fused:
     :math:`T^2 \sum_k p_k (\log p_k - \log q_{i_k})` per row, ``q = softmax(s/T)`` over the full vocabulary.
@@ -498,9 +499,12 @@ def topk_kd_loss(
         teacher_topk_values: ``[..., k]`` float, with the student's leading dimensions; must not require grad.
         teacher_topk_indices: ``[..., k]`` int64/int32 vocabulary indices, distinct within a row (as
             ``torch.topk`` returns them) and in ``[0, V)`` on counted rows.
-        Other arguments as :func:`fastkd.kd_loss`.
+        token_weights: per-row weights ``[...]``, as :func:`fastkd.kd_loss` (in the kernel).
+        Other arguments as :func:`fastkd.kd_loss`; the temperature is a Python number here (the kept entries'
+        softmax has no per-row temperature).
     """
     t = v.check_temperature(temperature)
+    weights = v.check_token_weights(token_weights, student_logits)
     v.check_topk(student_logits, teacher_topk_values, teacher_topk_indices, values_are, tail)
     v.check_labels(labels, student_logits)
     v.check_reduction(reduction)
@@ -511,7 +515,7 @@ def topk_kd_loss(
         return reference.topk_kd_loss(student_logits, teacher_topk_values, teacher_topk_indices, t,
                                       values_are=values_are, tail=tail, reduction=reduction, labels=labels,
                                       ignore_index=ignore_index, scale_by_temperature=scale_by_temperature,
-                                      num_items_in_batch=n)
+                                      num_items_in_batch=n, token_weights=weights)
     vocab, k = student_logits.shape[-1], teacher_topk_values.shape[-1]
     loss, _ = torch.ops.fastkd.topk_kd_forward(
         student_logits.reshape(-1, vocab),
@@ -526,6 +530,7 @@ def topk_kd_loss(
         reduction,
         bool(scale_by_temperature),
         torch.is_grad_enabled() and student_logits.requires_grad,
+        None if weights is None else weights.reshape(-1),
     )
     if reduction == "none":
         loss = loss.reshape(student_logits.shape[:-1])

@@ -458,6 +458,7 @@ def topk_kd_loss(
     ignore_index: int = -100,
     scale_by_temperature: bool = True,
     num_items_in_batch: NumItems = None,
+    token_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """KD against a sparse (top-k) teacher in plain PyTorch. The teacher distribution over the kept entries is
     ``softmax(values / T)`` (``values_are="logits"``) or the given log-probabilities (``"logprobs"``, no /T),
@@ -510,6 +511,7 @@ def topk_kd_loss(
     rows = _drop_masked(rows, empty)
     if scale_by_temperature:
         rows = rows * (t * t)
+    rows = _weighted(rows, v.check_token_weights(token_weights, student_logits))
     return reduce_rows(_mask(rows, keep), reduction, counted, vocab, num).to(out_dtype)
 
 

@@ -320,3 +320,29 @@ def test_fused_head_row_option_errors():
         fastkd.fused_linear_kd_loss(h, W, t, token_weights=torch.ones(5))
     with pytest.raises(TypeError, match="temperature must be a Python number"):
         fastkd.fused_linear_kd_loss(h, W, t, temperature=torch.tensor(2.0))
+
+
+@pytest.mark.parametrize("values_are,tail", [("logits", "renormalize"), ("logprobs", "bucket")])
+@pytest.mark.parametrize("reduction", ["batchmean", "none", "mean"])
+def test_topk_token_weights(values_are, tail, reduction):
+    """topk_kd_loss weights its rows in the kernel: == the reference's weighted rows, value and gradient."""
+    s, t = _logits((3, 4, 29), 40), _logits((3, 4, 29), 41)
+    vals, idx = t.topk(7)
+    if values_are == "logprobs":
+        vals = torch.log_softmax(t / 2.0, -1).gather(-1, idx)
+    y = torch.zeros(3, 4, dtype=torch.long)
+    y[2, 1] = -100
+    w = torch.rand(3, 4, dtype=torch.float64)
+    kw = dict(values_are=values_are, tail=tail, reduction=reduction, labels=y, token_weights=w)
+
+    def value_and_grad(impl):
+        a = s.clone().requires_grad_(True)
+        loss = impl.topk_kd_loss(a, vals, idx, 2.0, **kw)
+        go = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+        return loss.detach(), torch.autograd.grad(loss, a, go)[0]
+
+    got, want = value_and_grad(fastkd), value_and_grad(R)
+    _assert_all_close(got, want, 1e-10, 1e-12, f"topk {values_are} {reduction}")
+    rows = fastkd.topk_kd_loss(s, vals, idx, 2.0, values_are=values_are, tail=tail, reduction="none", labels=y)
+    if reduction == "none":
+        torch.testing.assert_close(got[0], rows * w, rtol=1e-12, atol=0)

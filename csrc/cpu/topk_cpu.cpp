@@ -64,7 +64,7 @@ void topk_rows(const TopkParams& p, double count, int64_t begin, int64_t end) {
   const int64_t V1 = V - V % W;
   const double inv_t = p.inv_temperature;
   const Vec<Acc> inv_t_v(static_cast<Acc>(inv_t));
-  const double coef = kd_grad_coef(p, count);
+  const double coef_all = kd_grad_coef(p, count);
   const bool bucket = p.tail_bucket;
   auto* S_out = static_cast<S*>(p.grad_student);
   auto* row_soft = static_cast<Acc*>(p.row_soft);
@@ -76,6 +76,8 @@ void topk_rows(const TopkParams& p, double count, int64_t begin, int64_t end) {
     const Acc* v = static_cast<const Acc*>(p.values) + r * K;
     const int64_t* idx = p.indices + r * K;
     S* gs = S_out ? S_out + r * V : nullptr;
+    const double weight = topk_row_weight(p, r);
+    const double coef = coef_all * weight;
     auto zero_row = [&] {
       row_soft[r] = Acc(0);
       if (gs) std::fill(gs, gs + V, S(0));
@@ -135,7 +137,7 @@ void topk_rows(const TopkParams& p, double count, int64_t begin, int64_t end) {
     // Row loss: sum_k p_k (log p_k - log q_k) [+ p_tail (log p_tail - log q_tail)].
     double kl = topk_tail_term(tt, st);
     for (int64_t k = 0; k < K; ++k) kl += topk_kept_term(log_p[k], b[k] - st.log_zs);
-    row_soft[r] = static_cast<Acc>(p.loss_factor * kl);
+    row_soft[r] = static_cast<Acc>(weight * p.loss_factor * kl);
     if (!gs) continue;
 
     // Gradient: c * dense * e_j everywhere, then c * (q_k - p_k) at the kept entries. The kept values are
@@ -183,10 +185,10 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_forward_cpu(const at::Tensor& student
                                                        const std::optional<at::Tensor>& num_items, double temperature,
                                                        bool values_are_logprobs, bool tail_bucket, int64_t ignore_index,
                                                        c10::string_view reduction, bool scale_by_temperature,
-                                                       bool grad_student) {
+                                                       bool grad_student, const std::optional<at::Tensor>& row_weight) {
   const LossConfig cfg = make_topk_config(temperature, scale_by_temperature, ignore_index, to_view(reduction));
   TopkCall c = topk_prepare(student, values, indices, labels, num_items, cfg, values_are_logprobs, tail_bucket,
-                            grad_student, alloc_grad);
+                            grad_student, alloc_grad, row_weight);
   if (c.p.rows > 0) run_topk_rows(c, host_count(c.count, c.p.rows));
   return topk_outputs(c);
 }

@@ -50,11 +50,12 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_forward_cuda(const at::Tensor& studen
                                                         const std::optional<at::Tensor>& num_items, double temperature,
                                                         bool values_are_logprobs, bool tail_bucket,
                                                         int64_t ignore_index, c10::string_view reduction,
-                                                        bool scale_by_temperature, bool grad_student) {
+                                                        bool scale_by_temperature, bool grad_student,
+                                                        const std::optional<at::Tensor>& row_weight) {
   const c10::cuda::CUDAGuard guard(student.device());
   const LossConfig cfg = make_topk_config(temperature, scale_by_temperature, ignore_index, to_view(reduction));
   TopkCall c = topk_prepare(student, values, indices, labels, num_items, cfg, values_are_logprobs, tail_bucket,
-                            grad_student, alloc_grad_cuda);
+                            grad_student, alloc_grad_cuda, row_weight);
   const TopkParams& p = c.p;
   if (p.rows > 0) cuda::launch_topk(c, at::cuda::getCurrentCUDAStream());
   return topk_outputs(c);

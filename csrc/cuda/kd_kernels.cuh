@@ -341,7 +341,7 @@ template <typename S, typename Acc, int kBlock>
 __global__ void __launch_bounds__(kBlock) topk_kernel(TopkParams p) {
   const int64_t V = p.vocab, K = p.k;
   const double count = kd_count(p.count, p.rows);
-  const double coef = kd_grad_coef(p, count);
+  const double coef_all = kd_grad_coef(p, count);
   const Acc inv_t = static_cast<Acc>(p.inv_temperature);
   const double scale = p.values_are_logprobs ? 1.0 : p.inv_temperature;
   const bool bucket = p.tail_bucket;
@@ -352,6 +352,8 @@ __global__ void __launch_bounds__(kBlock) topk_kernel(TopkParams p) {
     const Acc* v = static_cast<const Acc*>(p.values) + r * K;
     const int64_t* idx = p.indices + r * K;
     S* gs = p.grad_student ? static_cast<S*>(p.grad_student) + r * V : nullptr;
+    const double weight = topk_row_weight(p, r);
+    const double coef = coef_all * weight;
     auto zero_row = [&] {
       if (threadIdx.x == 0) row_soft[r] = Acc(0);
       if (gs) for (int64_t i = threadIdx.x; i < V; i += kBlock) gs[i] = S(0);
@@ -407,7 +409,7 @@ __global__ void __launch_bounds__(kBlock) topk_kernel(TopkParams p) {
       row.v[0] += topk_kept_term(topk_log_p(tt, static_cast<double>(v[k])), b_of(idx[k]) - st.log_zs);
     }
     row = block_reduce<kBlock>(row, SumOp<double, 1>());
-    if (threadIdx.x == 0) row_soft[r] = static_cast<Acc>(p.loss_factor * (row.v[0] + topk_tail_term(tt, st)));
+    if (threadIdx.x == 0) row_soft[r] = static_cast<Acc>(weight * p.loss_factor * (row.v[0] + topk_tail_term(tt, st)));
     if (gs) {
       const Acc dense = static_cast<Acc>(coef * st.dense);
       // In place (the gradient overwrites the student row), the kept entries are left for the second loop,

@@ -70,6 +70,7 @@ def _topk_kd_forward_fake(
     reduction: str,
     scale_by_temperature: bool,
     grad_student: bool,
+    row_weight: Optional[torch.Tensor] = None,
 ):
     torch._check(student.dim() == 2, lambda: "student must be 2-D")
     out_dtype = torch.promote_types(student.dtype, values.dtype)

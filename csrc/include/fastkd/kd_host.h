@@ -483,7 +483,7 @@ inline void check_topk_config(const LossConfig& cfg, bool values_are_logprobs, b
 }
 
 struct TopkCall {
-  at::Tensor student, values, indices, labels, count, row_soft, grad_student;
+  at::Tensor student, values, indices, labels, count, row_soft, grad_student, row_weight;
   at::ScalarType student_dtype, out_dtype;
   TopkParams p;
 };
@@ -494,7 +494,7 @@ template <typename GradAlloc>
 TopkCall topk_prepare(const at::Tensor& student, const at::Tensor& values, const at::Tensor& indices,
                       const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& num_items,
                       const LossConfig& cfg, bool values_are_logprobs, bool tail_bucket, bool grad_student,
-                      GradAlloc&& alloc_grad) {
+                      GradAlloc&& alloc_grad, const std::optional<at::Tensor>& row_weight = std::nullopt) {
   check_logits_arg(student, "student_logits");
   const int64_t rows = student.size(0), vocab = student.size(1), k = values.dim() == 2 ? values.size(1) : 0;
   check_topk_args(values, indices, rows, vocab, student.device());
@@ -531,6 +531,10 @@ TopkCall topk_prepare(const at::Tensor& student, const at::Tensor& values, const
   p.student_row_stride = c.student.stride(0);
   p.values_are_logprobs = values_are_logprobs;
   p.tail_bucket = tail_bucket && k < vocab;  // with every entry kept there is no tail: renormalize
+  if (row_weight.has_value()) {
+    c.row_weight = prepare_row_values(*row_weight, "token_weights", rows, student.device(), false);
+    p.row_weight = c.row_weight.data_ptr<double>();
+  }
   return c;
 }
 

@@ -69,7 +69,13 @@ struct TopkParams : LossConfig {
   int64_t student_row_stride = 0;
   bool values_are_logprobs = false;
   bool tail_bucket = false;
+  const double* row_weight = nullptr;   // [rows] token weights (row_options.h), or nullptr
 };
+
+// A top-k row's weight (1 without token weights).
+FASTKD_HOST_DEVICE double topk_row_weight(const TopkParams& p, int64_t r) {
+  return p.row_weight ? p.row_weight[r] : 1.0;
+}
 
 FASTKD_HOST_DEVICE double kd_count(const double* count, int64_t rows) {
   return count ? *count : static_cast<double>(rows);
