@@ -31,18 +31,17 @@ inline namespace CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t kDistBlocks = 16;
-// Rows whose column sums are formed together (in float64, L1-resident) before they are added to the block's:
-// the block's 5 C float64 sums (1.3 MB at C = 32000) are streamed once per tile, not once per row.
-constexpr int64_t kTile = 4;
 
-// The float64 column sums of one row's entries a, b (n of them): exact products of the float inputs. A fixed
+// The float64 column sums of one row's entries x = ys - shift_s, w = yt - shift_t (n of them). A fixed
 // count for the compiler to vectorize (float -> double conversions and double FMAs).
 template <int64_t N, typename Acc>
-inline void add_columns(const Acc* __restrict a, const Acc* __restrict b, double* __restrict ca, double* __restrict cb,
-                        double* __restrict caa, double* __restrict cbb, double* __restrict cab) {
+inline void add_columns(const Acc* __restrict a, const Acc* __restrict b, const Acc* __restrict sa,
+                        const Acc* __restrict sb, double* __restrict ca, double* __restrict cb, double* __restrict caa,
+                        double* __restrict cbb, double* __restrict cab) {
 #pragma GCC unroll 16
   for (int64_t l = 0; l < N; ++l) {
-    const double x = static_cast<double>(a[l]), y = static_cast<double>(b[l]);
+    const double x = static_cast<double>(a[l]) - static_cast<double>(sa[l]);
+    const double y = static_cast<double>(b[l]) - static_cast<double>(sb[l]);
     ca[l] += x;
     cb[l] += y;
     caa[l] += x * x;
@@ -51,28 +50,12 @@ inline void add_columns(const Acc* __restrict a, const Acc* __restrict b, double
   }
 }
 
-// Adds a tile's column sums (tile[q][l], q = ca, cb, caa, cbb, cab) to the block's, n entries.
-template <int64_t N>
-inline void add_tile(const double (&tile)[5][N], int64_t n, double* __restrict ca, double* __restrict cb,
-                     double* __restrict caa, double* __restrict cbb, double* __restrict cab) {
-  double* out[5] = {ca, cb, caa, cbb, cab};
-  if (n == N) {
-    for (int q = 0; q < 5; ++q) {
-#pragma GCC unroll 16
-      for (int64_t l = 0; l < N; ++l) out[q][l] += tile[q][l];
-    }
-  } else {
-    for (int q = 0; q < 5; ++q) {
-      for (int64_t l = 0; l < n; ++l) out[q][l] += tile[q][l];
-    }
-  }
-}
-
 template <typename Acc>
-inline void add_columns_n(const Acc* a, const Acc* b, int64_t n, double* ca, double* cb, double* caa, double* cbb,
-                          double* cab) {
+inline void add_columns_n(const Acc* a, const Acc* b, const Acc* sa, const Acc* sb, int64_t n, double* ca, double* cb,
+                          double* caa, double* cbb, double* cab) {
   for (int64_t l = 0; l < n; ++l) {
-    const double x = static_cast<double>(a[l]), y = static_cast<double>(b[l]);
+    const double x = static_cast<double>(a[l]) - static_cast<double>(sa[l]);
+    const double y = static_cast<double>(b[l]) - static_cast<double>(sb[l]);
     ca[l] += x;
     cb[l] += y;
     caa[l] += x * x;
@@ -106,11 +89,12 @@ double dist_rows(const DistParams& p) {
   auto ld_s = [&](const S* s, int64_t i, int64_t n) { return n == W ? load<Acc>(s + i) : load_tail<Acc>(s + i, n); };
   auto ld_t = [&](const T* t, int64_t i, int64_t n) { return n == W ? load<Acc>(t + i) : load_tail<Acc>(t + i, n); };
   // The centered softmax entries a, b (dist_centered), 0 in missing lanes.
-  auto centered = [&](const S* s, const T* t, int64_t r, int64_t i, int64_t n, V& a, V& b) {
-    const V es = fk_exp(kd_shift(ld_s(s, i, n), V(max_s[r]), inv_t_v));
-    const V et = fk_exp(kd_shift(ld_t(t, i, n), V(max_t[r]), inv_t_v));
-    a = dist_centered(es, V(inv_zs[r]), inv_c_v);
-    b = dist_centered(et, V(inv_zt[r]), inv_c_v);
+  // The softmax entries ys, yt (0 in missing lanes) and a = ys - 1/C, b = yt - 1/C (dist_centered; 0 there too).
+  auto centered = [&](const S* s, const T* t, int64_t r, int64_t i, int64_t n, V& ys, V& yt, V& a, V& b) {
+    ys = fk_exp(kd_shift(ld_s(s, i, n), V(max_s[r]), inv_t_v)) * V(inv_zs[r]);
+    yt = fk_exp(kd_shift(ld_t(t, i, n), V(max_t[r]), inv_t_v)) * V(inv_zt[r]);
+    a = dist_centered(ys, V(Acc(1)), inv_c_v);
+    b = dist_centered(yt, V(Acc(1)), inv_c_v);
     if (n < W) {
       a = V::set(zero_v, a, n);
       b = V::set(zero_v, b, n);
@@ -143,6 +127,17 @@ double dist_rows(const DistParams& p) {
     inv_zt[r] = static_cast<Acc>(1.0 / zt);
   };
 
+  // The column shifts: row 0's softmax entries (dist_math.h).
+  std::vector<Acc> sh_s(C), sh_t(C);
+  row_norm(0);
+  for (int64_t i = 0; i < C; i += W) {
+    const int64_t n = std::min(W, C - i);
+    V ys, yt, a, b;
+    centered(row_s(0), row_t(0), 0, i, n, ys, yt, a, b);
+    store_tail<Acc>(sh_s.data() + i, ys, n);
+    store_tail<Acc>(sh_t.data() + i, yt, n);
+  }
+
   // ---- phase 1 ----
   at::parallel_for(0, K, 1, [&](int64_t kb, int64_t ke) {
     for (int64_t k = kb; k < ke; ++k) {
@@ -153,44 +148,43 @@ double dist_rows(const DistParams& p) {
       double* cab = cbb + C;
       std::fill(ca, ca + 5 * C, 0.0);
       const int64_t r0 = k * N / K, r1 = (k + 1) * N / K;
-      for (int64_t r = r0; r < r1; r += kTile) {
-        const int64_t rn = std::min(kTile, r1 - r);
-        for (int64_t q = 0; q < rn; ++q) row_norm(r + q);
-        // sweep 3, over the tile's rows at once: the rows' sums, and the columns' sums added once per tile
-        std::array<double, kTile> sab{}, saa{}, sbb{};
+      for (int64_t r = r0; r < r1; ++r) {
+        row_norm(r);
+        const S* s = row_s(r);
+        const T* t = row_t(r);
+        // sweep 3: the row's sums, and the block's column sums
+        double sab = 0.0, saa = 0.0, sbb = 0.0;
         for (int64_t blk = 0; blk < C; blk += kSumBlock) {
           const int64_t blk_end = std::min(C, blk + kSumBlock);
-          std::array<V, kTile> vab, vaa, vbb;
-          vab.fill(zero_v);
-          vaa.fill(zero_v);
-          vbb.fill(zero_v);
-          for (int64_t i = blk; i < blk_end; i += W) {
-            const int64_t n = std::min(W, C - i);
-            alignas(64) double tile[5][W] = {};
-            for (int64_t q = 0; q < rn; ++q) {
-              V a, b;
-              centered(row_s(r + q), row_t(r + q), r + q, i, n, a, b);
-              vab[q] = at::vec::fmadd(a, b, vab[q]);
-              vaa[q] = at::vec::fmadd(a, a, vaa[q]);
-              vbb[q] = at::vec::fmadd(b, b, vbb[q]);
-              alignas(64) Acc abuf[W], bbuf[W];
-              a.store(abuf);
-              b.store(bbuf);
-              add_columns<W>(abuf, bbuf, tile[0], tile[1], tile[2], tile[3], tile[4]);
+          V vab(Acc(0)), vaa(Acc(0)), vbb(Acc(0));
+          auto step = [&](int64_t i, auto full) {
+            constexpr bool kFull = decltype(full)::value;
+            const int64_t n = kFull ? W : C - i;
+            V ys, yt, a, b;
+            centered(s, t, r, i, n, ys, yt, a, b);
+            vab = at::vec::fmadd(a, b, vab);
+            vaa = at::vec::fmadd(a, a, vaa);
+            vbb = at::vec::fmadd(b, b, vbb);
+            alignas(64) Acc abuf[W], bbuf[W];
+            ys.store(abuf);
+            yt.store(bbuf);
+            if constexpr (kFull) {
+              add_columns<W>(abuf, bbuf, sh_s.data() + i, sh_t.data() + i, ca + i, cb + i, caa + i, cbb + i, cab + i);
+            } else {
+              add_columns_n(abuf, bbuf, sh_s.data() + i, sh_t.data() + i, n, ca + i, cb + i, caa + i, cbb + i,
+                            cab + i);
             }
-            add_tile<W>(tile, n, ca + i, cb + i, caa + i, cbb + i, cab + i);
-          }
-          for (int64_t q = 0; q < rn; ++q) {
-            sab[q] += lane_sum<Acc>(vab[q]);
-            saa[q] += lane_sum<Acc>(vaa[q]);
-            sbb[q] += lane_sum<Acc>(vbb[q]);
-          }
+          };
+          const int64_t full_end = std::min(blk_end, C1);
+          for (int64_t i = blk; i < full_end; i += W) step(i, std::true_type{});
+          if (full_end < blk_end) step(full_end, std::false_type{});
+          sab += lane_sum<Acc>(vab);
+          saa += lane_sum<Acc>(vaa);
+          sbb += lane_sum<Acc>(vbb);
         }
-        for (int64_t q = 0; q < rn; ++q) {
-          r_sab[r + q] = sab[q];
-          r_saa[r + q] = saa[q];
-          r_sbb[r + q] = sbb[q];
-        }
+        r_sab[r] = sab;
+        r_saa[r] = saa;
+        r_sbb[r] = sbb;
       }
     }
   });
@@ -206,11 +200,11 @@ double dist_rows(const DistParams& p) {
         const double* blk = col_sums.data() + k * 5 * C;
         for (int q = 0; q < 5; ++q) sum[q] += blk[q * C + j];
       }
-      const DistColumn col = dist_column(sum[0], sum[1], sum[2], sum[3], sum[4], N);
+      const DistColumn col = dist_column(sum[0], sum[1], sum[2], sum[3], sum[4], sh_s[j], sh_t[j], N);
       const DistCos cs = dist_cos(col.sab, col.saa, col.sbb, p.eps);
       kappa[j] = cs.cos;
-      c_ma[j] = static_cast<Acc>(col.mean_a);
-      c_mb[j] = static_cast<Acc>(col.mean_b);
+      c_ma[j] = static_cast<Acc>(col.mean_s);
+      c_mb[j] = static_cast<Acc>(col.mean_t);
       c_u[j] = static_cast<Acc>(col_scale * cs.u);
       c_v[j] = static_cast<Acc>(col_scale * cs.v);
       c_w[j] = static_cast<Acc>(col_scale * cs.w);
@@ -250,12 +244,13 @@ double dist_rows(const DistParams& p) {
         V vs(Acc(0)), vt(Acc(0));
         for (int64_t i = blk; i < blk_end; i += W) {
           const int64_t n = std::min(W, C - i);
-          V a, b;
-          centered(s, t, r, i, n, a, b);
-          const V cu = ld_col(c_u, i, n), ma = ld_col(c_ma, i, n), mb = ld_col(c_mb, i, n);
+          V ys, yt, a, b;
+          centered(s, t, r, i, n, ys, yt, a, b);
+          const V cu = ld_col(c_u, i, n);
+          const V alpha = ys - ld_col(c_ma, i, n), beta = yt - ld_col(c_mb, i, n);
           if (gs) {
-            const V y = V::set(zero_v, a + inv_c_v, n);
-            const V yg = y * dist_student_g(a, b, ru_v, rv_v, cu, ld_col(c_v, i, n), ma, mb);
+            const V y = ys;
+            const V yg = y * dist_student_g(a, b, alpha, beta, ru_v, rv_v, cu, ld_col(c_v, i, n));
             vs += yg;
             if (n == W) {
               yg.store(gs + i);
@@ -266,8 +261,8 @@ double dist_rows(const DistParams& p) {
             }
           }
           if (gt) {
-            const V y = V::set(zero_v, b + inv_c_v, n);
-            const V yg = y * dist_teacher_g(a, b, ru_v, rw_v, cu, ld_col(c_w, i, n), ma, mb);
+            const V y = yt;
+            const V yg = y * dist_teacher_g(a, b, alpha, beta, ru_v, rw_v, cu, ld_col(c_w, i, n));
             vt += yg;
             if (n == W) {
               yg.store(gt + i);

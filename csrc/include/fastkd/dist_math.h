@@ -9,11 +9,12 @@
 // which is exactly how torch.nn.functional.cosine_similarity applies eps (torch 2.x, checked in 2.14: each norm
 // is clamped at eps on its own; the backward differentiates the norm as ||x||, i.e. d||x||/dx = x / ||x||, even
 // where the clamp is active, and 0 for a zero vector).
-// Columns (intra-class relation), per class j, centered over the batch: alpha_ij = a_ij - ma_j, beta_ij = b_ij -
-// mb_j, ma_j = mean_i a_ij; from the column sums ca = sum_i a, cb, caa = sum_i a^2, cbb, cab (float64):
-//   Saa = caa - ca^2 / N, Sbb = cbb - cb^2 / N, Sab = cab - ca cb / N,  kappa_j = Sab / (A' B')
-// (shifting by 1/C before squaring keeps the one-pass variance well conditioned: a and b are the deviations
-// from the batch's overall mean, and the products of float32 values are exact in float64).
+// Columns (intra-class relation), per class j, centered over the batch: alpha_ij = ys_ij - mys_j, beta_ij = yt_ij -
+// myt_j (column means); from the float64 column sums of x = ys_ij - ys_0j and w = yt_ij - yt_0j (shifted by row
+// 0's entry, so that the one-pass variance does not cancel catastrophically in a column whose values are all
+// far from 0 relative to their spread, e.g. a class the softmax gives ~1e-13 everywhere): cx = sum_i x, cw,
+// cxx, cww, cxw:  Sxx = cxx - cx^2 / N, Sww = cww - cw^2 / N, Sxw = cxw - cx cw / N,  kappa_j = Sxw / (A' B').
+// The gradient sweep forms alpha and beta from y directly (y - 1/C would lose a tiny y's digits).
 //   L = tau^2 (beta (1 - mean_i rho_i) + gamma (1 - mean_j kappa_j))
 //
 // Gradient. For cos = <x, w> / (X W): dcos/dx = u w - v x with u = 1 / (X W), v = <x, w> / (X^2 W ||x||)
@@ -23,7 +24,7 @@
 //   cu = gamma u'_j / C, cv = gamma v'_j / C, cw = gamma w'_j / C  (per column)
 //   Gs_ij = ru b - rv a + cu beta_ij - cv alpha_ij  (= -dL/dys_ij / tau^2)
 //   Gt_ij = ru a - rw b + cu alpha_ij - cw beta_ij  (= -dL/dyt_ij / tau^2)
-// and the softmax backward dL/dz = (1/tau) y (dL/dy - sum_k y_k dL/dy_k):
+// (a, b centered by 1/C, alpha, beta by the column means) and the softmax backward dL/dz = (1/tau) y (dL/dy - sum_k y_k dL/dy_k):
 //   dL/dzs_ij = -tau ys_ij (Gs_ij - Ss_i),  Ss_i = sum_k ys_ik Gs_ik   (teacher alike).
 // Ss_i needs the column coefficients, known only once every row's column sums are in: the gradient sweep
 // forms ys * Gs and Ss in one pass over the row and subtracts ys * Ss in a second one (from cache).
@@ -72,19 +73,21 @@ FASTKD_HOST_DEVICE double dist_mul_rn(double a, double b) {
 #endif
 }
 
-// Column j's centered sums from its raw sums over the N rows (sums of a = ys - 1/C and b = yt - 1/C).
+// Column j's means of ys, yt and centered sums, from its sums over the N rows of x = ys - shift_s, w = yt - shift_t.
 struct DistColumn {
-  double mean_a, mean_b, saa, sbb, sab;
+  double mean_s, mean_t, saa, sbb, sab;
 };
 
-FASTKD_HOST_DEVICE DistColumn dist_column(double ca, double cb, double caa, double cbb, double cab, int64_t n) {
+FASTKD_HOST_DEVICE DistColumn dist_column(double cx, double cw, double cxx, double cww, double cxw, double shift_s,
+                                          double shift_t, int64_t n) {
   const double inv_n = 1.0 / static_cast<double>(n);
+  const double mx = cx * inv_n, mw = cw * inv_n;
   DistColumn c;
-  c.mean_a = ca * inv_n;
-  c.mean_b = cb * inv_n;
-  c.saa = caa - dist_mul_rn(ca, c.mean_a);
-  c.sbb = cbb - dist_mul_rn(cb, c.mean_b);
-  c.sab = cab - dist_mul_rn(ca, c.mean_b);
+  c.mean_s = shift_s + mx;
+  c.mean_t = shift_t + mw;
+  c.saa = cxx - dist_mul_rn(cx, mx);
+  c.sbb = cww - dist_mul_rn(cw, mw);
+  c.sab = cxw - dist_mul_rn(cx, mw);
   return c;
 }
 
@@ -96,14 +99,15 @@ FASTKD_HOST_DEVICE X dist_centered(X e, X inv_z, X inv_c) {
 }
 
 // -dL/dy / tau^2 of one entry (the Gs / Gt of the header), given the row's and the column's coefficients.
+// a, b: the entries centered by 1/C; alpha, beta: centered by the column means.
 template <typename X>
-FASTKD_HOST_DEVICE X dist_student_g(X a, X b, X ru, X rv, X cu, X cv, X ma, X mb) {
-  return ru * b - rv * a + cu * (b - mb) - cv * (a - ma);
+FASTKD_HOST_DEVICE X dist_student_g(X a, X b, X alpha, X beta, X ru, X rv, X cu, X cv) {
+  return ru * b - rv * a + cu * beta - cv * alpha;
 }
 
 template <typename X>
-FASTKD_HOST_DEVICE X dist_teacher_g(X a, X b, X ru, X rw, X cu, X cw, X ma, X mb) {
-  return ru * a - rw * b + cu * (a - ma) - cw * (b - mb);
+FASTKD_HOST_DEVICE X dist_teacher_g(X a, X b, X alpha, X beta, X ru, X rw, X cu, X cw) {
+  return ru * a - rw * b + cu * alpha - cw * beta;
 }
 
 // Everything the kernels see: pointers, sizes, strides and scalars (dist_host.h fills it).
