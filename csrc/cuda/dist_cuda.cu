@@ -2,7 +2,8 @@
 // than fast: every reduction is a CUB block reduction or a loop in a fixed order (no floating-point atomics: the
 // result is the same bits run to run), sums in float64, int64 indexing.
 //   1. dist_row_stats   one block per row: maxima, Z, the row's sums sab, saa, sbb;
-//   2. dist_col_partial (column tiles) x (K = min(16, N) row blocks): each thread one column, the float64 sums
+//   2. dist_shift       one thread per column: row 0's softmax entries, the columns' shifts (dist_math.h);
+//      dist_col_partial (column tiles) x (K = min(16, N) row blocks): each thread one column, the float64 sums
 //                       ca, cb, caa, cbb, cab over its row block, into partial[K, 5, C];
 //   3. dist_col_finish  one thread per column: the K partials in block order, the column's coefficients;
 //   4. dist_loss_rows   one block: the rows' coefficients, sum rho, sum kappa, the loss;
@@ -45,17 +46,17 @@ template <typename Acc>
 struct DistScratch {
   Acc *max_s, *max_t, *inv_zs, *inv_zt, *ru, *rv, *rw;
   double *sab, *saa, *sbb;
-  Acc *ma, *mb, *cu, *cv, *cw;
+  Acc *ma, *mb, *cu, *cv, *cw, *sh_s, *sh_t;  // ma, mb: the column means of ys, yt; sh: the shifts
   double* kappa;
   double* partial;  // [K, 5, C]
   int64_t blocks;   // K
   double* loss;     // [1]
 };
 
-// Entry j of row r, centered: a = ys - 1/C (dist_centered), as every kernel computes it.
+// Entry j of row r's softmax, as every kernel computes it.
 template <typename S, typename Acc>
-__device__ __forceinline__ Acc centered_entry(const S* row, int64_t j, Acc max, Acc inv_t, Acc inv_z, Acc inv_c) {
-  return dist_centered(dist_exp(kd_shift(static_cast<Acc>(row[j]), max, inv_t)), inv_z, inv_c);
+__device__ __forceinline__ Acc prob_entry(const S* row, int64_t j, Acc max, Acc inv_t, Acc inv_z) {
+  return dist_exp(kd_shift(static_cast<Acc>(row[j]), max, inv_t)) * inv_z;
 }
 
 template <typename S, typename T, typename Acc>
@@ -101,8 +102,8 @@ __global__ void dist_row_stats(DistParams p, DistScratch<Acc> w) {
 
   double sab = 0.0, saa = 0.0, sbb = 0.0;
   for (int64_t j = threadIdx.x; j < C; j += kBlock) {
-    const double a = centered_entry(s, j, max_s, inv_t, inv_zs, inv_c);
-    const double b = centered_entry(t, j, max_t, inv_t, inv_zt, inv_c);
+    const double a = dist_centered(prob_entry(s, j, max_s, inv_t, inv_zs), Acc(1), inv_c);
+    const double b = dist_centered(prob_entry(t, j, max_t, inv_t, inv_zt), Acc(1), inv_c);
     sab += a * b;
     saa += a * a;
     sbb += b * b;
@@ -123,19 +124,30 @@ __global__ void dist_row_stats(DistParams p, DistScratch<Acc> w) {
   }
 }
 
+// The column shifts: row 0's softmax entries (dist_math.h).
+template <typename S, typename T, typename Acc>
+__global__ void dist_shift(DistParams p, DistScratch<Acc> w) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x;
+  if (j >= p.cols) return;
+  const Acc inv_t = static_cast<Acc>(p.inv_tau);
+  w.sh_s[j] = prob_entry(static_cast<const S*>(p.student), j, w.max_s[0], inv_t, w.inv_zs[0]);
+  w.sh_t[j] = prob_entry(static_cast<const T*>(p.teacher), j, w.max_t[0], inv_t, w.inv_zt[0]);
+}
+
 template <typename S, typename T, typename Acc>
 __global__ void dist_col_partial(DistParams p, DistScratch<Acc> w) {
   const int64_t C = p.cols, N = p.rows, K = w.blocks;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x;
   const int64_t k = blockIdx.y;
   if (j >= C) return;
-  const Acc inv_t = static_cast<Acc>(p.inv_tau), inv_c = static_cast<Acc>(1.0 / static_cast<double>(C));
+  const Acc inv_t = static_cast<Acc>(p.inv_tau);
+  const double sh_s = w.sh_s[j], sh_t = w.sh_t[j];
   double ca = 0.0, cb = 0.0, caa = 0.0, cbb = 0.0, cab = 0.0;
   for (int64_t r = k * N / K; r < (k + 1) * N / K; ++r) {
     const S* s = static_cast<const S*>(p.student) + r * p.student_row_stride;
     const T* t = static_cast<const T*>(p.teacher) + r * p.teacher_row_stride;
-    const double a = centered_entry(s, j, w.max_s[r], inv_t, w.inv_zs[r], inv_c);
-    const double b = centered_entry(t, j, w.max_t[r], inv_t, w.inv_zt[r], inv_c);
+    const double a = static_cast<double>(prob_entry(s, j, w.max_s[r], inv_t, w.inv_zs[r])) - sh_s;
+    const double b = static_cast<double>(prob_entry(t, j, w.max_t[r], inv_t, w.inv_zt[r])) - sh_t;
     ca += a;
     cb += b;
     caa += a * a;
@@ -159,12 +171,12 @@ __global__ void dist_col_finish(DistParams p, DistScratch<Acc> w) {
   for (int64_t k = 0; k < w.blocks; ++k) {
     for (int q = 0; q < 5; ++q) sum[q] += w.partial[(k * 5 + q) * C + j];
   }
-  const DistColumn col = dist_column(sum[0], sum[1], sum[2], sum[3], sum[4], p.rows);
+  const DistColumn col = dist_column(sum[0], sum[1], sum[2], sum[3], sum[4], w.sh_s[j], w.sh_t[j], p.rows);
   const DistCos cs = dist_cos(col.sab, col.saa, col.sbb, p.eps);
   const double scale = dist_col_scale(p);
   w.kappa[j] = cs.cos;
-  w.ma[j] = static_cast<Acc>(col.mean_a);
-  w.mb[j] = static_cast<Acc>(col.mean_b);
+  w.ma[j] = static_cast<Acc>(col.mean_s);
+  w.mb[j] = static_cast<Acc>(col.mean_t);
   w.cu[j] = static_cast<Acc>(scale * cs.u);
   w.cv[j] = static_cast<Acc>(scale * cs.v);
   w.cw[j] = static_cast<Acc>(scale * cs.w);
@@ -206,18 +218,20 @@ __global__ void dist_grad(DistParams p, DistScratch<Acc> w) {
   const Acc neg_tau = static_cast<Acc>(-p.tau);
 
   // G of both sides at entry j (only the ones asked for are used)
-  auto entry = [&](int64_t j, Acc& a, Acc& b, Acc& g_s, Acc& g_t) {
-    a = centered_entry(s, j, max_s, inv_t, inv_zs, inv_c);
-    b = centered_entry(t, j, max_t, inv_t, inv_zt, inv_c);
-    g_s = dist_student_g(a, b, ru, rv, w.cu[j], w.cv[j], w.ma[j], w.mb[j]);
-    g_t = dist_teacher_g(a, b, ru, rw, w.cu[j], w.cw[j], w.ma[j], w.mb[j]);
+  auto entry = [&](int64_t j, Acc& ys, Acc& yt, Acc& g_s, Acc& g_t) {
+    ys = prob_entry(s, j, max_s, inv_t, inv_zs);
+    yt = prob_entry(t, j, max_t, inv_t, inv_zt);
+    const Acc a = dist_centered(ys, Acc(1), inv_c), b = dist_centered(yt, Acc(1), inv_c);
+    const Acc alpha = ys - w.ma[j], beta = yt - w.mb[j];
+    g_s = dist_student_g(a, b, alpha, beta, ru, rv, w.cu[j], w.cv[j]);
+    g_t = dist_teacher_g(a, b, alpha, beta, ru, rw, w.cu[j], w.cw[j]);
   };
   double ss = 0.0, st = 0.0;
   for (int64_t j = threadIdx.x; j < C; j += kBlock) {
-    Acc a, b, g_s, g_t;
-    entry(j, a, b, g_s, g_t);
-    ss += static_cast<double>((a + inv_c) * g_s);
-    st += static_cast<double>((b + inv_c) * g_t);
+    Acc ys, yt, g_s, g_t;
+    entry(j, ys, yt, g_s, g_t);
+    ss += static_cast<double>(ys * g_s);
+    st += static_cast<double>(yt * g_t);
   }
   double red = ReduceD(tmp).Sum(ss);
   if (threadIdx.x == 0) sh_sum[0] = red;
@@ -227,10 +241,10 @@ __global__ void dist_grad(DistParams p, DistScratch<Acc> w) {
   __syncthreads();
   const Acc sum_s = static_cast<Acc>(sh_sum[0]), sum_t = static_cast<Acc>(sh_sum[1]);
   for (int64_t j = threadIdx.x; j < C; j += kBlock) {
-    Acc a, b, g_s, g_t;
-    entry(j, a, b, g_s, g_t);
-    if (gs) gs[j] = neg_tau * ((a + inv_c) * g_s - (a + inv_c) * sum_s);
-    if (gt) gt[j] = neg_tau * ((b + inv_c) * g_t - (b + inv_c) * sum_t);
+    Acc ys, yt, g_s, g_t;
+    entry(j, ys, yt, g_s, g_t);
+    if (gs) gs[j] = neg_tau * (ys * g_s - ys * sum_s);
+    if (gt) gt[j] = neg_tau * (yt * g_t - yt * sum_t);
   }
 }
 
@@ -239,7 +253,7 @@ double* launch_dist(const DistParams& p, const at::TensorOptions& device, std::v
   using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
   const int64_t N = p.rows, C = p.cols, K = std::min<int64_t>(kDistBlocks, N);
   const auto acc_type = std::is_same_v<Acc, double> ? at::kDouble : at::kFloat;
-  at::Tensor acc_buf = at::empty({7 * N + 5 * C}, device.dtype(acc_type));
+  at::Tensor acc_buf = at::empty({7 * N + 7 * C}, device.dtype(acc_type));
   at::Tensor dbl_buf = at::empty({3 * N + C + K * 5 * C + 1}, device.dtype(at::kDouble));
   keep.push_back(acc_buf);
   keep.push_back(dbl_buf);
@@ -258,6 +272,8 @@ double* launch_dist(const DistParams& p, const at::TensorOptions& device, std::v
   w.cu = w.mb + C;
   w.cv = w.cu + C;
   w.cw = w.cv + C;
+  w.sh_s = w.cw + C;
+  w.sh_t = w.sh_s + C;
   w.sab = d;
   w.saa = d + N;
   w.sbb = d + 2 * N;
@@ -271,6 +287,8 @@ double* launch_dist(const DistParams& p, const at::TensorOptions& device, std::v
   TORCH_CHECK(N <= std::numeric_limits<int32_t>::max() && col_tiles <= std::numeric_limits<int32_t>::max(),
               "fastkd: dist_loss: too many rows or classes for one launch (", N, " x ", C, ")");
   dist_row_stats<S, T, Acc><<<static_cast<unsigned>(N), kBlock, 0, stream>>>(p, w);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  dist_shift<S, T, Acc><<<static_cast<unsigned>(col_tiles), kBlock, 0, stream>>>(p, w);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   dist_col_partial<S, T, Acc><<<dim3(static_cast<unsigned>(col_tiles), static_cast<unsigned>(K)), kBlock, 0, stream>>>(p, w);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
