@@ -176,7 +176,7 @@ def _pip_cuda_include_dirs() -> list[str]:
 
 
 core_sources = [str(CSRC / "registration.cpp"), str(CSRC / "autograd.cpp"), str(CSRC / "relation_autograd.cpp"),
-                str(CSRC / "autocast.cpp")]
+                str(CSRC / "autocast.cpp"), str(CSRC / "dist_autograd.cpp")]
 core_defines = list(DEFINES)
 core_args = {"cxx": ["-O3", "-g0", "-Wall"]}
 # _C first: with its CUDA kernels it is the longest build, and the CPU libraries fill the other slot.

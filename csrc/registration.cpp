@@ -131,3 +131,8 @@ PYBIND11_MODULE(_C, m) {
   }, "The compiled divergence registry (csrc/include/fastkd/divergences.h), in order: name, family and "
      "parameters (name, default, lo, hi, lo_open, hi_open).");
 }
+
+// DIST (csrc/include/fastkd/dist_host.h): loss = tau^2 (beta inter + gamma intra) of [rows, classes] logits,
+// returning (loss, grad_student, grad_teacher).
+#include "fastkd/dist_host.h"
+TORCH_LIBRARY_FRAGMENT(fastkd, m) { m.def(fastkd::DistOp::schema); }

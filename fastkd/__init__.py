@@ -106,3 +106,9 @@ def _build_summary(info: Dict[str, Any]) -> str:
     else:
         cuda = f"CUDA kernels for {info['cuda_archs']} compiled, no GPU visible"
     return f"{cpu}; {cuda}"
+
+
+# DIST (fastkd/dist.py): the module (the function comes with fastkd.functional)
+from fastkd.dist import DISTLoss  # noqa: E402
+
+__all__ = __all__ + ["DISTLoss"]

@@ -535,3 +535,9 @@ def topk_kd_loss(
     if reduction == "none":
         loss = loss.reshape(student_logits.shape[:-1])
     return loss
+
+
+# DIST (fastkd/dist.py)
+from fastkd.dist import dist_loss  # noqa: E402
+
+__all__ = __all__ + ["dist_loss"]

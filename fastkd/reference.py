@@ -617,3 +617,39 @@ def fused_linear_kd_loss(
     if return_parts:
         return LossParts(out, soft_loss.detach(), hard_loss.detach())
     return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# DIST (Huang et al., NeurIPS 2022; torchdistill DISTLoss)
+# --------------------------------------------------------------------------------------------------------
+def dist_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    tau: float = 1.0,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    r"""DIST in plain PyTorch, torchdistill's ``DISTLoss.forward`` written out (the oracle of
+    :func:`fastkd.dist_loss`, and what runs where the kernels are missing): ``y = softmax(z / tau)`` per row,
+    ``pearson(u, v) = F.cosine_similarity(u - mean(u), v - mean(v), eps=eps)``,
+    ``tau^2 * (beta * (1 - mean_rows pearson(y_s, y_t)) + gamma * (1 - mean_columns pearson(y_s^T, y_t^T)))``.
+    Same checks as :func:`fastkd.dist_loss`; ``N = 0`` gives 0."""
+    from fastkd.dist import _check_dist_args
+
+    beta, gamma, tau, eps = _check_dist_args(student_logits, teacher_logits, beta, gamma, tau, eps)
+    out_dtype, compute = _dtypes(student_logits, teacher_logits)
+    if student_logits.shape[0] == 0:
+        return _zero_loss(student_logits, teacher_logits, dtype=out_dtype)
+    y_s = (student_logits.to(compute) / tau).softmax(dim=1)
+    y_t = (teacher_logits.to(compute) / tau).softmax(dim=1)
+
+    def inter(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        pearson = F.cosine_similarity(a - a.mean(1).unsqueeze(1), b - b.mean(1).unsqueeze(1), eps=eps)
+        return 1 - pearson.mean()
+
+    loss = tau**2 * (beta * inter(y_s, y_t) + gamma * inter(y_s.transpose(0, 1), y_t.transpose(0, 1)))
+    return loss.to(out_dtype)
+
+
+__all__ += ["dist_loss"]

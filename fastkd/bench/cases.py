@@ -281,6 +281,25 @@ _LLM_LOSSES = [
 LOSSES: Dict[str, BenchLoss] = {x.name: x for x in _logit_losses() + _FEATURE_LOSSES + _LLM_LOSSES}
 
 
+
+# DIST (fastkd/dist.py) against torchdistill's DISTLoss (its eager code: the class itself when torchdistill is
+# installed, else the same lines written out), tau = the case's temperature.
+def _eager_dist(s: torch.Tensor, inp: tuple, T: float) -> torch.Tensor:
+    try:
+        from torchdistill.losses.mid_level import DISTLoss
+    except ImportError:
+        return fastkd.reference.dist_loss(s, inp[0], 1.0, 1.0, T)
+    return DISTLoss(".", "output", ".", "output", tau=T)({".": {"output": s}}, {".": {"output": inp[0]}})
+
+
+def _fastkd_dist(s: torch.Tensor, inp: tuple, T: float) -> torch.Tensor:
+    return fastkd.dist_loss(s, inp[0], 1.0, 1.0, T)
+
+
+LOSSES["dist"] = BenchLoss("dist", "logits", "DIST beta=gamma=1 (torchdistill DISTLoss)", _fastkd_dist, _eager_dist,
+                           {"cpu": "2048x32000,1024x1000", "cuda": "4096x32000,1024x1000"})
+
+
 def names(kind: str) -> Tuple[str, ...]:
     """The losses of one kind, in table order."""
     return tuple(n for n, x in LOSSES.items() if x.kind == kind)
@@ -291,7 +310,7 @@ LOSS_GROUPS = {"response": names("logits"), "relation": names("features"), "llm"
                "all": tuple(LOSSES)}
 # the full suite: the anchored logit losses, every relation loss, the LLM head (the registry's other divergences:
 # --loss NAME or --loss response)
-FULL_LOSSES = _ANCHORED_NAMES + names("features") + names("llm")
+FULL_LOSSES = _ANCHORED_NAMES + ("dist",) + names("features") + names("llm")
 
 # The quick suite: one representative case per family, and the small scaling data the plot draws (fastkd's RKD
 # over N, the fused head's memory over the tokens), sized so that the whole default run, torch.compile's
