@@ -125,6 +125,23 @@ for _name, _spec in divergences.REGISTRY.items():
         case(f"response-{_name}-{_k}")(_response_case(_name, dict(_params)))
 
 
+@case("dist")
+def _dist(device):
+    inputs = _logit_pair((6, 37), 34)
+    compare(lambda s, t: fastkd.dist_loss(s, t, beta=1.0, gamma=2.0, tau=2.0),
+            lambda s, t: reference.dist_loss(s, t, beta=1.0, gamma=2.0, tau=2.0), inputs, ("s", "t"), device, "dist")
+
+
+@case("response-row-options")
+def _row_options(device):
+    inputs = _logit_pair((5, 37), 36)
+    inputs["T"] = torch.rand(5, generator=_gen(38), dtype=torch.float64) + 0.5
+    inputs["w"] = torch.rand(5, generator=_gen(39), dtype=torch.float64)
+    compare(lambda s, t, T, w: fastkd.kd_loss(s, t, T, token_weights=w, standardize=True),
+            lambda s, t, T, w: reference.kd_loss(s, t, T, token_weights=w, standardize=True), inputs,
+            ("s", "t", "T"), device, "row options")
+
+
 @case("response-hard-label")
 def _hard_label(device):
     inputs = _logit_pair((4, 37), 30)
