@@ -124,3 +124,7 @@ PYBIND11_MODULE(_C, m) {
   }, "The compiled divergence registry (csrc/include/fastkd/divergences.h), in order: name, family and "
      "parameters (name, default, lo, hi, lo_open, hi_open).");
 }
+
+// Cosine distillation (issue 14): its schema and description in fastkd/cosine_ops.h.
+#include "fastkd/cosine_ops.h"
+TORCH_LIBRARY_FRAGMENT(fastkd, m) { m.def(fastkd::cosine_ops::Cosine::schema); }

@@ -465,3 +465,9 @@ def topk_kd_loss(
     if reduction == "none":
         loss = loss.reshape(student_logits.shape[:-1])
     return loss
+
+
+# Cosine distillation (issue 14): defined in fastkd/cosine.py, re-exported here.
+from fastkd.cosine import cosine_loss  # noqa: E402
+
+__all__ += ["cosine_loss"]
