@@ -252,8 +252,9 @@ def jsd_loss(
     ignore_index: int = -100,
     num_items_in_batch: NumItems = None,
 ) -> torch.Tensor:
-    r"""Generalized Jensen-Shannon divergence, fused, with the semantics of TRL's GKD
-    ``generalized_jsd_loss``:
+    r"""Generalized Jensen-Shannon divergence, fused, with the formula, ``beta`` convention and ``"batchmean"``
+    of TRL's GKD ``generalized_jsd_loss`` (its ``num_items_in_batch`` and ``"none"`` follow fastkd's
+    conventions, below; :func:`fastkd.integrations.trl.generalized_jsd_loss` is the exact drop-in):
 
     .. math:: \beta\, \mathrm{KL}(p \,\|\, m) + (1 - \beta)\, \mathrm{KL}(q \,\|\, m), \qquad
               m = \beta p + (1 - \beta) q,\; p = \mathrm{softmax}(t/T),\; q = \mathrm{softmax}(s/T)
@@ -267,7 +268,11 @@ def jsd_loss(
             the sum is divided by ``student_logits.shape[0]`` (the batch size ``B`` for ``[B, T, V]`` input,
             not ``B * T``). With labels it is divided by the number of unmasked rows. ``"none"`` gives one
             value per row (TRL returns one per vocabulary entry; sum them over ``V`` to compare).
-        labels, ignore_index, num_items_in_batch: as :func:`fastkd.kd_loss`.
+        labels, ignore_index: as :func:`fastkd.kd_loss`.
+        num_items_in_batch: as every fastkd loss: replaces the counted rows as the divisor of ``"batchmean"``
+            (then equal to TRL's ``sum / num_items_in_batch``) and of ``"mean"`` (``sum / (num_items * V)``),
+            an error with ``"sum"`` / ``"none"``. TRL divides the sum by it whatever the reduction: use
+            ``reduction="batchmean"`` here, or the drop-in.
 
     Entries that underflow or are -inf on both sides contribute exactly 0 (TRL's formulation gives NaN
     for -inf entries).
