@@ -180,3 +180,92 @@ class CosineLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, alpha={self.alpha}, reduction={self.reduction!r}"
+
+
+def fused_linear_cosine_loss(student_hidden, student_weight, teacher, *, student_bias=None, beta=None,
+                             temperature=1.0, labels=None, ignore_index=-100, hard_label_weight=0.0, soft_weight=None,
+                             reduction="batchmean", chunk_size=None, scale_by_temperature=None,
+                             num_items_in_batch=None, return_parts=False, student_softcap=None,
+                             student_logit_scale=None, teacher_softcap=None, teacher_logit_scale=None,
+                             fused=True, **params):
+    r"""``fastkd.fused_linear_kd_loss(..., loss="cosine")``: the student's logits ``h W^T + b`` (and a
+    ``TeacherHead``'s) chunk by chunk, never all at once, and on each chunk the cosine kernel of
+    :func:`cosine_loss`, which writes the logits' gradient in place; then the GEMMs of the head's gradients.
+
+    Its value is :func:`cosine_loss` on the full logits with ``beta = soft_weight * beta`` and
+    ``alpha = hard_label_weight``: per row ``soft_weight * beta * (1 - cos(s, t)) + hard_label_weight * CE(s, y)``,
+    ``beta`` (the cosine's weight, Liger's ``beta``) defaulting to 1 and ``soft_weight`` to
+    ``1 - hard_label_weight`` (the head's convention). Liger's ``LigerFusedLinearCosineSimilarityLoss(
+    weight_hard_loss=w_h, weight_soft_loss=w_s, beta=b)`` is ``hard_label_weight=w_h, soft_weight=w_s, beta=b``
+    when no label equals ``ignore_index`` (:mod:`fastkd.cosine` has the general mapping). The only parameter is
+    ``eps`` (default 1e-8). ``temperature`` is accepted and has no effect (the cosine is scale invariant; Liger
+    divides both sides by it); ``scale_by_temperature=True`` is an error. The teacher: dense logits or a
+    ``TeacherHead`` with the student's vocabulary (no ``TopKTeacher``: a cosine needs every entry). Returns
+    float32 (float64 for float64 input), as the fused head. ``fused=False`` runs the unfused composition (the
+    reference: full logits, then :func:`fastkd.reference.cosine_loss`)."""
+    from fastkd import _validation_head as vh
+    from fastkd.fused_linear import _autocast_head, _rows, default_chunk_size
+
+    unknown = set(params) - {"eps"}
+    if unknown:
+        raise TypeError(f"loss='cosine' takes the parameter eps only, got {sorted(unknown)}")
+    eps = v.check_positive("eps", params.get("eps", 1e-8))
+    b = 1.0 if beta is None else v.check_nonneg_weight("beta", beta)
+    if scale_by_temperature:
+        raise ValueError("scale_by_temperature: loss='cosine' has no T^2 factor (the cosine is scale invariant)")
+    if fused:
+        student_hidden, student_weight, student_bias, teacher = _autocast_head(student_hidden, student_weight,
+                                                                              student_bias, teacher)
+    # every other argument as the head checks it (loss "kl" stands in for the registry's checks; no parameters)
+    kind, teacher_vocab, t, _, hard, soft, n, _ = vh.check_fused_linear(
+        student_hidden, student_weight, teacher, student_bias, "kl", None, temperature, labels, ignore_index,
+        hard_label_weight, soft_weight, reduction, chunk_size, num_items_in_batch, False, return_parts, {})
+    head = vh.check_head_transforms(student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap, kind)
+    vocab = student_weight.shape[0]
+    if kind == "topk" or teacher_vocab != vocab:
+        raise ValueError("loss='cosine' needs dense teacher logits or a fastkd.TeacherHead with the student's "
+                         f"vocabulary ({vocab}), got " + ("a TopKTeacher" if kind == "topk" else
+                                                           f"a teacher vocabulary of {teacher_vocab}"))
+    if not fused or not _use_kernels():
+        return _cosine_head_reference(student_hidden, student_weight, student_bias, teacher, kind, head, soft * b,
+                                      hard, eps, labels, ignore_index, reduction, n, return_parts)
+    lead = student_hidden.shape[:-1]
+    hidden = _rows(student_hidden)
+    rows = hidden.shape[0]
+    dense = _rows(teacher).detach() if kind == "dense" else None
+    t_hidden = t_weight = t_bias = None
+    if kind == "head":
+        t_hidden = _rows(teacher.hidden).detach()
+        t_weight = teacher.weight.detach()
+        t_bias = None if teacher.bias is None else teacher.bias.detach()
+    grad_on = torch.is_grad_enabled()
+    out, soft_part, hard_part, _, _, _ = torch.ops.fastkd.fused_linear_kd_forward(
+        hidden, student_weight, student_bias, dense, t_hidden, t_weight, t_bias, None, None,
+        _rows(labels, last=False), _num_items_tensor(n), None, "cosine", [eps], t, soft * b, hard, ignore_index,
+        reduction, False, False, False,
+        default_chunk_size(rows, vocab, hidden.device) if chunk_size is None else int(chunk_size), *head,
+        grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
+        grad_on and student_bias is not None and student_bias.requires_grad)
+    if reduction == "none":
+        out, soft_part, hard_part = out.reshape(lead), soft_part.reshape(lead), hard_part.reshape(lead)
+    return LossParts(out, soft_part, hard_part) if return_parts else out
+
+
+def _cosine_head_reference(hidden, weight, bias, teacher, kind, head, beta, alpha, eps, labels, ignore_index,
+                           reduction, n, return_parts):
+    """The unfused composition: the full logits in float32 (float64), then reference.cosine_loss."""
+    f = torch.nn.functional
+    s_scale, s_cap, t_scale, t_cap = head
+    acc = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+    up = (lambda x: None if x is None else x.to(acc))  # noqa: E731
+    logits = reference.head_transform(f.linear(up(hidden), up(weight), up(bias)), s_scale, s_cap)
+    if kind == "head":
+        t_logits = f.linear(up(teacher.hidden), up(teacher.weight), up(teacher.bias))
+    else:
+        t_logits = teacher
+    t_logits = reference.head_transform(t_logits.detach(), t_scale, t_cap)
+    if t_logits.dtype == torch.float64:
+        logits = logits.double()
+    return reference.cosine_loss(logits, t_logits, beta, reduction=reduction, labels=labels,
+                                 ignore_index=ignore_index, alpha=alpha, eps=eps, num_items_in_batch=n,
+                                 return_parts=return_parts)

@@ -277,3 +277,99 @@ def test_bad_input():
         torch.ops.fastkd.cosine_forward(s, t, None, None, 1.0, 0.0, 0.0, -100, "sum", False, False)
     with pytest.raises(RuntimeError, match="argument 'teacher_logits'"):
         torch.ops.fastkd.cosine_forward(s, t[:2], None, None, 1.0, 0.0, 1e-8, -100, "sum", False, False)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the fused linear head: fused_linear_kd_loss(..., loss="cosine")
+# --------------------------------------------------------------------------------------------------------
+def _head_inputs(seed, dtype=torch.float64, rows=(2, 9), hidden=16, vocab=37, t_hidden=12):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    y = torch.randint(0, vocab, rows, generator=g)
+    y.view(-1)[:3] = -100
+    return r(*rows, hidden), r(vocab, hidden), r(vocab), r(*rows, t_hidden), r(vocab, t_hidden), y
+
+
+def _head_vg(fn, h, w, b, teacher, weights=None, **kw):
+    hh, ww, bb = (x.clone().requires_grad_(True) for x in (h, w, b))
+    out = fn(hh, ww, teacher, student_bias=bb, **kw)
+    wts = torch.ones_like(out) if weights is None else weights.to(out.dtype)
+    return (out.detach(),) + torch.autograd.grad((out * wts).sum(), (hh, ww, bb))
+
+
+@pytest.mark.parametrize("teacher_kind", ["head", "dense"])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+def test_fused_head_equals_cosine_loss_on_logits(teacher_kind, reduction):
+    h, w, b, th, tw, y = _head_inputs(40)
+    teacher = fastkd.TeacherHead(th, tw) if teacher_kind == "head" else th @ tw.T
+    weights = torch.linspace(0.5, 1.5, 18, dtype=torch.float64).reshape(2, 9) if reduction == "none" else None
+    kw = dict(labels=y, hard_label_weight=0.3, soft_weight=0.6, beta=0.7, reduction=reduction, student_softcap=5.0)
+    fused = _head_vg(fastkd.fused_linear_kd_loss, h, w, b, teacher, weights, loss="cosine", chunk_size=4, **kw)
+
+    def composed(hh, ww, teacher, student_bias):
+        logits = 5.0 * torch.tanh(F.linear(hh, ww, student_bias) / 5.0)
+        t_logits = th @ tw.T
+        return fastkd.reference.cosine_loss(logits, t_logits, 0.6 * 0.7, reduction=reduction, labels=y, alpha=0.3)
+
+    ref = _head_vg(composed, h, w, b, teacher, weights)
+    for a, r in zip(fused, ref):
+        torch.testing.assert_close(a, r, rtol=1e-11, atol=1e-13)
+
+
+def test_fused_head_equals_liger_and_float32():
+    h, w, b, th, tw, _ = _head_inputs(41, torch.float32, rows=(64,), hidden=32, vocab=300, t_hidden=24)
+    y = torch.randint(0, 300, (64,), generator=torch.Generator().manual_seed(42))  # no ignored label
+    fused = _head_vg(fastkd.fused_linear_kd_loss, h, w, b, fastkd.TeacherHead(th, tw), loss="cosine", beta=0.5,
+                     labels=y, hard_label_weight=0.5, soft_weight=0.5, chunk_size=16)
+    liger = _head_vg(lambda hh, ww, t, student_bias: liger_cosine(F.linear(hh, ww, student_bias), th @ tw.T, y),
+                     h.double(), w.double(), b.double(), None)
+    assert fused[0].dtype == torch.float32
+    for a, r in zip(fused, liger):
+        torch.testing.assert_close(a.double(), r, rtol=2e-5, atol=2e-6 * r.abs().max().item())
+
+
+def test_fused_head_chunk_independent_and_bad_input():
+    h, w, b, th, tw, y = _head_inputs(43)
+    teacher = fastkd.TeacherHead(th, tw)
+    outs = [_head_vg(fastkd.fused_linear_kd_loss, h, w, b, teacher, loss="cosine", labels=y, chunk_size=c)
+            for c in (1, 5, 100)]
+    for o in outs[1:]:
+        for a, r in zip(o, outs[0]):
+            torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-14)
+    vals, idx = (th @ tw.T).topk(5, dim=-1)
+    with pytest.raises(ValueError, match="needs dense teacher logits or a fastkd.TeacherHead"):
+        fastkd.fused_linear_kd_loss(h, w, fastkd.TopKTeacher(vals, idx), loss="cosine")
+    with pytest.raises(ValueError, match="teacher vocabulary of 30"):
+        fastkd.fused_linear_kd_loss(h, w, (th @ tw.T)[..., :30], loss="cosine")
+    with pytest.raises(ValueError, match="no T\\^2 factor"):
+        fastkd.fused_linear_kd_loss(h, w, teacher, loss="cosine", scale_by_temperature=True)
+    with pytest.raises(TypeError, match="eps only"):
+        fastkd.fused_linear_kd_loss(h, w, teacher, loss="cosine", skew=0.1)
+    with pytest.raises(ValueError, match="eps"):
+        fastkd.fused_linear_kd_loss(h, w, teacher, loss="cosine", eps=0.0)
+    with pytest.raises(ValueError, match="argument 'eps'"):
+        torch.ops.fastkd.fused_linear_kd_forward(
+            h.reshape(-1, 16), w, None, (th @ tw.T).reshape(-1, 37), None, None, None, None, None, None, None, None,
+            "cosine", [-1.0], 1.0, 1.0, 0.0, -100, "sum", False, False, False, 8, 1.0, 0.0, 1.0, 0.0, False, False,
+            False)
+
+
+def test_fused_head_opcheck_and_compile():
+    h, w, b, th, tw, y = _head_inputs(44, torch.float32)
+    hr, wr = h.reshape(-1, 16).clone().requires_grad_(True), w.clone().requires_grad_(True)
+    args = (hr, wr, None, None, th.reshape(-1, 12), tw, None, None, None, y.reshape(-1), None, None, "cosine", [1e-8],
+            1.0, 0.7, 0.3, -100, "batchmean", False, False, False, 4, 1.0, 0.0, 1.0, 0.0, True, True, False)
+    torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_forward, args)
+    torch._dynamo.reset()
+
+    def step(hh, ww):
+        return fastkd.fused_linear_kd_loss(hh, ww, fastkd.TeacherHead(th, tw), loss="cosine", labels=y,
+                                           hard_label_weight=0.2, chunk_size=4)
+
+    hc, he = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
+    lc = torch.compile(step, fullgraph=True)(hc, w)
+    lc.backward()
+    le = step(he, w)
+    le.backward()
+    torch.testing.assert_close(lc, le, rtol=1e-6, atol=0)
+    torch.testing.assert_close(hc.grad, he.grad, rtol=1e-5, atol=1e-7)

@@ -11,8 +11,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "cosine_rows.h"
 #include "cpu_common.h"
-#include "fastkd/cosine_host.h"
 
 namespace at::vec {
 inline namespace CPU_CAPABILITY {
@@ -94,6 +94,8 @@ void cosine_rows(const CosineParams& p, double divisor, int64_t begin, int64_t e
       *row_hard = Acc(0);
     }
     if (!gs && !gt) continue;
+    // the label's entry, read before sweep 3 (the fused head writes the gradient over the logits, in place)
+    const Acc s_y = ce ? static_cast<Acc>(s[y]) : Acc(0), t_y = ce ? static_cast<Acc>(t[y]) : Acc(0);
     // sweep 3: gradients. g_s = w (cross t + self_s s) + h softmax(s) - h [j == y], g_t = w (cross s + self_t t)
     const double w = p.beta * row_scale, h = ce ? p.hard_weight * row_scale : 0.0;
     const Acc cross = static_cast<Acc>(w * r.cross), self_s = static_cast<Acc>(w * r.self_s),
@@ -119,7 +121,7 @@ void cosine_rows(const CosineParams& p, double divisor, int64_t begin, int64_t e
       if (gt) store_tail<GT>(gt + body, g_t, tail);
     }
     if (ce && gs) {  // the label's entry, recomputed in Acc and rounded once
-      Acc a = static_cast<Acc>(s[y]), b = static_cast<Acc>(t[y]);
+      Acc a = s_y, b = t_y;
       const Acc a_raw = a;
       cosine_drop_masked(a, b);
       gs[y] = static_cast<GS>(cross * b + self_s * a + hw * fk_exp(a_raw - lse_a) - hw);
@@ -130,25 +132,30 @@ void cosine_rows(const CosineParams& p, double divisor, int64_t begin, int64_t e
 template <typename X>
 using GradOf = std::conditional_t<std::is_same_v<X, at::Half>, float, X>;
 
+}  // namespace
+
+void run_cosine(const CosineParams& p, at::ScalarType student, at::ScalarType teacher) {
+  const double divisor = cosine_divisor(p.reduction, p.count, p.rows);
+  const int64_t grain = std::max<int64_t>(1, 8192 / p.vocab);
+  kd_dispatch_pair(student, teacher, [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    using T = decltype(t_tag);
+    using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
+    at::parallel_for(0, p.rows, grain, [&](int64_t b, int64_t e) {
+      cosine_rows<S, T, GradOf<S>, GradOf<T>, Acc>(p, divisor, b, e);
+    });
+  });
+}
+
+namespace {
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cosine_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const std::optional<at::Tensor>& num_items, double beta, double hard_weight, double eps, int64_t ignore_index,
     c10::string_view reduction, bool grad_student, bool grad_teacher) {
   CosineCall c = cosine_prepare(student, teacher, labels, num_items, beta, hard_weight, eps, ignore_index, reduction,
                                 grad_student, grad_teacher, alloc_grad);
-  const CosineParams& p = c.p;
-  if (p.rows > 0) {
-    const double divisor = cosine_divisor(p.reduction, p.count, p.rows);
-    const int64_t grain = std::max<int64_t>(1, 8192 / p.vocab);
-    kd_dispatch_pair(c.student.scalar_type(), c.teacher.scalar_type(), [&](auto s_tag, auto t_tag) {
-      using S = decltype(s_tag);
-      using T = decltype(t_tag);
-      using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
-      at::parallel_for(0, p.rows, grain, [&](int64_t b, int64_t e) {
-        cosine_rows<S, T, GradOf<S>, GradOf<T>, Acc>(p, divisor, b, e);
-      });
-    });
-  }
+  if (c.p.rows > 0) run_cosine(c.p, c.student.scalar_type(), c.teacher.scalar_type());
   return cosine_outputs(c);
 }
 

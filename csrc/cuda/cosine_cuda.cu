@@ -14,7 +14,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "fastkd/cosine_host.h"
+#include "cosine_launch.cuh"
 
 namespace fastkd {
 namespace cuda {
@@ -137,10 +137,12 @@ __global__ void __launch_bounds__(kThreads) cosine_rows_kernel(CosineParams p) {
 template <typename X>
 using GradOf = std::conditional_t<std::is_same_v<X, at::Half>, float, X>;
 
-void launch_cosine(const CosineCall& c, cudaStream_t stream) {
-  const CosineParams& p = c.p;
+}  // namespace
+
+void launch_cosine(const CosineParams& p, at::ScalarType student, at::ScalarType teacher, cudaStream_t stream) {
+  if (p.rows == 0) return;
   const int64_t blocks = std::min<int64_t>(p.rows, int64_t(1) << 20);
-  kd_dispatch_pair(c.student.scalar_type(), c.teacher.scalar_type(), [&](auto s_tag, auto t_tag) {
+  kd_dispatch_pair(student, teacher, [&](auto s_tag, auto t_tag) {
     using S = decltype(s_tag);
     using T = decltype(t_tag);
     using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
@@ -148,6 +150,8 @@ void launch_cosine(const CosineCall& c, cudaStream_t stream) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cosine_forward_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
@@ -157,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cosine_fo
   const auto alloc = [](at::IntArrayRef sizes, const at::TensorOptions& o) { return at::empty(sizes, o); };
   CosineCall c = cosine_prepare(student, teacher, labels, num_items, beta, hard_weight, eps, ignore_index, reduction,
                                 grad_student, grad_teacher, alloc);
-  if (c.p.rows > 0) launch_cosine(c, at::cuda::getCurrentCUDAStream());
+  launch_cosine(c.p, c.student.scalar_type(), c.teacher.scalar_type(), at::cuda::getCurrentCUDAStream());
   return cosine_outputs(c);
 }
 

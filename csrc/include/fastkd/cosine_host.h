@@ -130,3 +130,40 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> co
 }
 
 }  // namespace fastkd
+
+namespace fastkd {
+
+// The fused linear head's chunk call (fused_linear_host.h, divergence "cosine"): the response kernel's
+// parameters of the chunk as the cosine kernel takes them (beta = the soft weight, eps = the op's params[0]).
+inline CosineParams cosine_params_of(const KdParams& k, double eps) {
+  CosineParams p;
+  p.student = k.student;
+  p.teacher = k.teacher;
+  p.labels = k.labels;
+  p.count = k.count;
+  p.grad_student = k.grad_student;
+  p.grad_teacher = k.grad_teacher;
+  p.row_soft = k.row_soft;
+  p.row_hard = k.row_hard;
+  p.rows = k.rows;
+  p.vocab = k.vocab;
+  p.student_row_stride = p.grad_student_row_stride = k.student_row_stride;
+  p.teacher_row_stride = p.grad_teacher_row_stride = k.teacher_row_stride;
+  p.ignore_index = k.ignore_index;
+  p.beta = k.soft_weight;
+  p.hard_weight = k.hard_weight;
+  p.eps = eps;
+  p.reduction = k.reduction;
+  p.hard = k.hard;
+  return p;
+}
+
+// The head's "cosine" arguments: params = [eps], eps finite and > 0.
+inline double cosine_head_eps(c10::ArrayRef<double> params) {
+  TORCH_CHECK_VALUE(params.size() == 1, "fastkd: divergence 'cosine' takes one parameter (eps), got ", params.size());
+  TORCH_CHECK_VALUE(std::isfinite(params[0]) && params[0] > 0.0,
+                    "fastkd: argument 'eps': expected a finite value > 0, got ", params[0]);
+  return params[0];
+}
+
+}  // namespace fastkd
