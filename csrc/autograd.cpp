@@ -408,3 +408,11 @@ TORCH_LIBRARY_IMPL(fastkd, Autograd, m) {
 }
 
 }  // namespace fastkd
+
+// ---- fastkd::cosine_forward (fastkd/cosine_ops.h): the saved gradients times the upstream gradient ----
+#include "fastkd/cosine_ops.h"
+namespace fastkd {
+TORCH_LIBRARY_IMPL(fastkd, Autograd, m) {
+  m.impl(cosine_ops::Cosine::name, &SavedGradKernel<cosine_ops::Cosine>::call);
+}
+}  // namespace fastkd

@@ -136,3 +136,7 @@ PYBIND11_MODULE(_C, m) {
 // returning (loss, grad_student, grad_teacher).
 #include "fastkd/dist_host.h"
 TORCH_LIBRARY_FRAGMENT(fastkd, m) { m.def(fastkd::DistOp::schema); }
+
+// Cosine distillation (issue 14): its schema and description in fastkd/cosine_ops.h.
+#include "fastkd/cosine_ops.h"
+TORCH_LIBRARY_FRAGMENT(fastkd, m) { m.def(fastkd::cosine_ops::Cosine::schema); }

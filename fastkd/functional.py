@@ -309,8 +309,9 @@ def jsd_loss(
     token_weights: Optional[torch.Tensor] = None,
     standardize: bool = False,
 ) -> torch.Tensor:
-    r"""Generalized Jensen-Shannon divergence, fused, with the semantics of TRL's GKD
-    ``generalized_jsd_loss``:
+    r"""Generalized Jensen-Shannon divergence, fused, with the formula, ``beta`` convention and ``"batchmean"``
+    of TRL's GKD ``generalized_jsd_loss`` (its ``num_items_in_batch`` and ``"none"`` follow fastkd's
+    conventions, below; :func:`fastkd.integrations.trl.generalized_jsd_loss` is the exact drop-in):
 
     .. math:: \beta\, \mathrm{KL}(p \,\|\, m) + (1 - \beta)\, \mathrm{KL}(q \,\|\, m), \qquad
               m = \beta p + (1 - \beta) q,\; p = \mathrm{softmax}(t/T),\; q = \mathrm{softmax}(s/T)
@@ -324,7 +325,11 @@ def jsd_loss(
             the sum is divided by ``student_logits.shape[0]`` (the batch size ``B`` for ``[B, T, V]`` input,
             not ``B * T``). With labels it is divided by the number of unmasked rows. ``"none"`` gives one
             value per row (TRL returns one per vocabulary entry; sum them over ``V`` to compare).
-        labels, ignore_index, num_items_in_batch: as :func:`fastkd.kd_loss`.
+        labels, ignore_index: as :func:`fastkd.kd_loss`.
+        num_items_in_batch: as every fastkd loss: replaces the counted rows as the divisor of ``"batchmean"``
+            (then equal to TRL's ``sum / num_items_in_batch``) and of ``"mean"`` (``sum / (num_items * V)``),
+            an error with ``"sum"`` / ``"none"``. TRL divides the sum by it whatever the reduction: use
+            ``reduction="batchmean"`` here, or the drop-in.
 
     Entries that underflow or are -inf on both sides contribute exactly 0 (TRL's formulation gives NaN
     for -inf entries).
@@ -541,3 +546,8 @@ def topk_kd_loss(
 from fastkd.dist import dist_loss  # noqa: E402
 
 __all__ = __all__ + ["dist_loss"]
+
+# Cosine distillation (issue 14): defined in fastkd/cosine.py, re-exported here.
+from fastkd.cosine import cosine_loss  # noqa: E402
+
+__all__ += ["cosine_loss"]

@@ -143,7 +143,8 @@ def fused_linear_kd_loss(
             (forward KL, :func:`fastkd.kd_loss`), ``"reverse_kl"`` (:func:`fastkd.reverse_kl_loss`), ``"jsd"`` (the
             generalized JSD of :func:`fastkd.jsd_loss` with mixing weight ``beta``; ``beta`` 0 and 1 are forward and
             reverse KL, as in TRL), ``"tvd"``, ...; each gives the value of :func:`fastkd.divergence_loss` on the
-            logits.
+            logits. ``"cosine"``: cosine distillation on the raw logits (:func:`fastkd.cosine_loss`, ``beta`` its
+            weight, default 1, parameter ``eps``; see :func:`fastkd.cosine.fused_linear_cosine_loss`).
         beta: the divergence's ``beta`` (JSD's mixing weight in ``[0, 1]``); None (default) means its default
             (0.5 for the JSD). Ignored by divergences without a ``beta`` (as before).
         **params: the divergence's other parameters by name (e.g. ``skew=0.1``); a parameter it does not have
@@ -216,6 +217,19 @@ def fused_linear_kd_loss(
     gradients themselves. With ``reduction="none"`` the gradients depend on each token's upstream gradient,
     so they are computed in the backward pass by running the chunks again.
     """
+    if loss == "cosine":  # cosine distillation (issue 14): fastkd/cosine.py
+        from fastkd.cosine import fused_linear_cosine_loss
+
+        if token_weights is not None or standardize is not False:
+            raise ValueError("token_weights and standardize are not supported with loss='cosine' (its row kernel has "
+                             "no per-row options)")
+        return fused_linear_cosine_loss(
+            student_hidden, student_weight, teacher, student_bias=student_bias, beta=beta, temperature=temperature,
+            labels=labels, ignore_index=ignore_index, hard_label_weight=hard_label_weight, soft_weight=soft_weight,
+            reduction=reduction, chunk_size=chunk_size, scale_by_temperature=scale_by_temperature,
+            num_items_in_batch=num_items_in_batch, return_parts=return_parts, student_softcap=student_softcap,
+            student_logit_scale=student_logit_scale, teacher_softcap=teacher_softcap,
+            teacher_logit_scale=teacher_logit_scale, **params)
     student_hidden, student_weight, student_bias, teacher = _autocast_head(student_hidden, student_weight,
                                                                           student_bias, teacher)
     kind, _, t, div_params, hard, soft, n, scale = v.check_fused_linear(

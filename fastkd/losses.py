@@ -453,3 +453,9 @@ class FusedLinearKDLoss(nn.Module):
                 f"hard_label_weight={self.hard_label_weight}, soft_weight={self.soft_weight}, "
                 f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, "
                 f"scale_by_temperature={self.scale_by_temperature}, return_parts={self.return_parts}")
+
+
+# Cosine distillation (issue 14): defined in fastkd/cosine.py, re-exported here.
+from fastkd.cosine import CosineLoss  # noqa: E402
+
+__all__ += ["CosineLoss"]

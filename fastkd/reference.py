@@ -653,3 +653,57 @@ def dist_loss(
 
 
 __all__ += ["dist_loss"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Cosine distillation (Liger's LigerFusedLinearCosineSimilarityLoss; fused twin: fastkd.cosine_loss)
+# --------------------------------------------------------------------------------------------------------
+def cosine_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float = 1.0,
+    *,
+    reduction: str = "batchmean",
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    alpha: float = 0.0,
+    eps: float = 1e-8,
+    num_items_in_batch: NumItems = None,
+    return_parts: bool = False,
+) -> Union[torch.Tensor, LossParts]:
+    """Cosine distillation in plain PyTorch: per row ``beta * (1 - cos(s, t)) + alpha * CE(s, y)`` with
+    ``cos = <s, t> / (max(||s||, eps) max(||t||, eps))`` on the raw logits. Entries that are -inf on both sides are
+    left out of the vectors; a row that is -inf everywhere on both sides contributes 0. "batchmean" and "mean" both
+    divide by the counted rows (the cosine is one value per row). See :func:`fastkd.cosine_loss`."""
+    v.check_logits(student_logits, teacher_logits)
+    v.check_labels(labels, student_logits)
+    v.check_reduction(reduction)
+    v.check_ignore_index(ignore_index)
+    num = v.check_num_items(num_items_in_batch, reduction)
+    b = v.check_nonneg_weight("beta", beta)
+    a = v.check_nonneg_weight("alpha", alpha)
+    e = v.check_positive("eps", eps)
+    v.check_flags(return_parts=return_parts)
+    if a != 0.0:
+        v.check_target(labels, student_logits, ignore_index, required=True, name="labels")
+    out_dtype, cdtype = _dtypes(student_logits, teacher_logits)
+    s, t = student_logits.to(cdtype), teacher_logits.to(cdtype)
+    both = (s == -math.inf) & (t == -math.inf)
+    empty = both.all(-1)
+    zero = _zero(s)
+    s0, t0 = torch.where(both, zero, s), torch.where(both, zero, t)
+    norms = torch.linalg.vector_norm(s0, dim=-1).clamp_min(e) * torch.linalg.vector_norm(t0, dim=-1).clamp_min(e)
+    soft_rows = _drop_masked(1.0 - (s0 * t0).sum(-1) / norms, empty)
+    keep, counted = _keep_rows(labels, ignore_index, soft_rows.shape, soft_rows.device)
+    soft = reduce_rows(_mask(soft_rows, keep), reduction, counted, 1, num)
+    if a != 0.0:
+        y = torch.where(labels == ignore_index, torch.zeros_like(labels), labels).long()
+        s_safe = torch.where(empty.unsqueeze(-1), zero, s)
+        ce_rows = _drop_masked(torch.logsumexp(s_safe, -1) - s_safe.gather(-1, y.unsqueeze(-1)).squeeze(-1), empty)
+        hard = reduce_rows(_mask(ce_rows, keep), reduction, counted, 1, num)
+    else:
+        hard = torch.zeros_like(soft)
+    loss = b * soft + a * hard
+    if return_parts:
+        return LossParts(loss.to(out_dtype), soft.detach().to(out_dtype), hard.detach().to(out_dtype))
+    return loss.to(out_dtype)

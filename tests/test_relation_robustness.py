@@ -144,6 +144,11 @@ def _autocast_cases(device, dtype):
             lambda a, b: fastkd.fused_linear_kd_loss(a, b, fastkd.TeacherHead(h.flip(0), w.flip(0)), labels=labels,
                                                      hard_label_weight=0.5, chunk_size=4),
             [h, w]),
+        "cosine": (lambda a, b: fastkd.cosine_loss(a, b, 0.7, labels=labels, alpha=0.3), [z_s, z_t]),
+        "fused_linear_cosine": (
+            lambda a, b: fastkd.fused_linear_kd_loss(a, b, fastkd.TeacherHead(h.flip(0), w.flip(0)), loss="cosine",
+                                                     labels=labels, hard_label_weight=0.5, chunk_size=4),
+            [h, w]),
         "rkd": (fastkd.rkd_loss, [f_s, f_t]),
         "rkd_distance": (fastkd.rkd_distance_loss, [f_s, f_t]),
         "rkd_angle": (fastkd.rkd_angle_loss, [f_s, f_t]),

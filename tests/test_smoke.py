@@ -151,6 +151,17 @@ def _hard_label(device):
             inputs, ("s",), device, "kd alpha=0.3")
 
 
+@case("cosine")
+def _cosine(device):
+    for i, shape in enumerate(SHAPES):
+        inputs = _logit_pair(shape, 35 + 10 * i)
+        inputs["labels"] = _labels(shape[0], shape[1], 37 + 10 * i)
+        kw = dict(reduction="none" if i else "batchmean", ignore_index=-1, alpha=0.3)
+        compare(lambda s, t, labels: fastkd.cosine_loss(s, t, 0.7, labels=labels, **kw),
+                lambda s, t, labels: reference.cosine_loss(s, t, 0.7, labels=labels, **kw),
+                inputs, ("s", "t"), device, f"cosine {shape}")
+
+
 def _topk_case(values_are: str, tail: str):
     def run(device):
         for i, (shape, k) in enumerate([((3, 37), 5), ((2, 2100), 2100)]):

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "fastkd/fused_linear_host.h"
+#include "cosine_rows.h"
 #include "kd_rows.h"
 
 namespace fastkd {
@@ -13,6 +14,7 @@ namespace {
 struct CpuFusedBackend {
   static void response(const KdCall& c, double count) { run_response(c, count); }
   static void topk(const TopkCall& c, double count) { run_topk_rows(c, count); }
+  static void cosine(const CosineParams& p, at::ScalarType s, at::ScalarType t) { run_cosine(p, s, t); }
   // The CPU GEMMs have no float32 output for bfloat16 / float16 input: such a weight is widened once per
   // call, and every GEMM runs in float32 (float64 for float64 input).
   static constexpr bool kWidenWeight = true;

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "fastkd/fused_linear_host.h"
+#include "cosine_launch.cuh"
 #include "kd_kernels.cuh"
 
 namespace fastkd {
@@ -16,6 +17,9 @@ namespace {
 struct CudaFusedBackend {
   static void response(const KdCall& c, double) { cuda::launch_response_any(c, at::cuda::getCurrentCUDAStream()); }
   static void topk(const TopkCall& c, double) { cuda::launch_topk(c, at::cuda::getCurrentCUDAStream()); }
+  static void cosine(const CosineParams& p, at::ScalarType s, at::ScalarType t) {
+    cuda::launch_cosine(p, s, t, at::cuda::getCurrentCUDAStream());
+  }
   // cuBLAS multiplies bfloat16 / float16 operands with a float32 output: the weight stays as it is.
   static constexpr bool kWidenWeight = false;
   // out = x @ w^T (+ b) with x, w narrower than out: reduced-precision operands through cuBLAS with a float32

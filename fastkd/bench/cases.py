@@ -300,6 +300,24 @@ LOSSES["dist"] = BenchLoss("dist", "logits", "DIST beta=gamma=1 (torchdistill DI
                            {"cpu": "2048x32000,1024x1000", "cuda": "4096x32000,1024x1000"})
 
 
+# Cosine distillation (issue 14): Liger-Kernel's LigerFusedLinearCosineSimilarityFunction.distillation_loss_fn
+# (normalize, cosine_similarity, beta (1 - cos)) on logits, eager, vs fastkd.cosine_loss; no temperature (T unused:
+# the cosine is scale invariant).
+def _eager_cosine(s: torch.Tensor, inp: tuple, T: float) -> torch.Tensor:
+    f = torch.nn.functional
+    cos = f.cosine_similarity(f.normalize(s, p=2, dim=-1), f.normalize(inp[0], p=2, dim=-1), dim=-1)
+    return (1 - cos).sum() / s.shape[0]
+
+
+def _fastkd_cosine(s: torch.Tensor, inp: tuple, T: float) -> torch.Tensor:
+    return fastkd.cosine_loss(s, inp[0])
+
+
+LOSSES["cosine"] = BenchLoss("cosine", "logits", "cosine distillation beta (1 - cos(s, t)) on raw logits "
+                             "(Liger-Kernel's cosine loss, eager)", _fastkd_cosine, _eager_cosine,
+                             {"cpu": _CPU_LOGITS, "cuda": _CUDA_LOGITS})
+
+
 def names(kind: str) -> Tuple[str, ...]:
     """The losses of one kind, in table order."""
     return tuple(n for n, x in LOSSES.items() if x.kind == kind)

@@ -49,7 +49,7 @@ import fastkd
 from fastkd.integrations import head_options
 from fastkd.reference import head_transform
 
-__all__ = ["FastKDDistillationTrainer", "FastKDGKDTrainer"]
+__all__ = ["FastKDDistillationTrainer", "FastKDGKDTrainer", "generalized_jsd_loss", "jsd_entries"]
 
 _IGNORE_INDEX = -100  # TRL's generalized_jsd_loss masks `labels != -100` (a literal there, not an argument)
 
@@ -306,24 +306,92 @@ class FastKDDistillationTrainer(_DistillationTrainer):
 # GKDTrainer (trl.experimental: built on first use)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0,
-                          reduction="batchmean", num_items_in_batch=None):
-    """TRL's ``GKDTrainer.generalized_jsd_loss`` on logits, by :func:`fastkd.jsd_loss` (same arguments, same
-    value): masks ``labels == -100``; ``num_items_in_batch`` (any ``reduction``) divides the sum by it;
-    ``"batchmean"`` divides by the unmasked tokens (at least 1), or without labels by ``student_logits.size(0)``;
-    ``"mean"`` by the number of entries kept; ``"sum"``. ``reduction="none"`` (one value per vocabulary entry)
-    runs TRL's own code."""
+def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                         labels: Optional[torch.Tensor] = None, beta: float = 0.5, temperature: float = 1.0,
+                         reduction: str = "batchmean", num_items_in_batch: Any = None) -> torch.Tensor:
+    """Drop-in for TRL's ``GKDTrainer.generalized_jsd_loss`` (trl.experimental.gkd, TRL 1.16): the same signature
+    and, for every reduction, the same returns; the reduced ones from the fused kernels (:func:`fastkd.jsd_loss`).
+
+    * the per-entry value, at ``p = softmax(t / T)``, ``q = softmax(s / T)``: ``beta = 0``: ``p (log p - log q)``;
+      ``beta = 1``: ``q (log q - log p)``; else ``beta p (log p - log m) + (1 - beta) q (log q - log m)``,
+      ``m = beta p + (1 - beta) q``; no ``T^2``;
+    * ``labels``: entries of rows with ``labels == -100`` are dropped (TRL's literal, not an argument);
+    * ``num_items_in_batch`` given: the sum of the kept entries divided by it, **whatever** ``reduction`` is
+      (``"none"`` included), as TRL does for gradient accumulation;
+    * else ``"batchmean"``: the sum divided by the number of kept rows (at least 1), or without labels by
+      ``student_logits.size(0)`` (``B`` for ``[B, T, V]`` input: TRL's quirk); ``"sum"``; ``"mean"``: the sum
+      over ``kept rows * V`` entries;
+    * ``"none"``: the per-entry tensor: ``[B, T, V]`` without labels, ``[kept rows, V]`` with them (TRL returns
+      ``jsd[mask]``). It is computed entry by entry in plain PyTorch (it *is* a ``[.., V]`` tensor; no fused
+      kernel returns one), differentiable.
+
+    Differences (TRL's value is not a number there, but for the last): entries that are -inf in both logits (masked tokens),
+    or whose probability underflows to 0, contribute exactly 0 (TRL: NaN from ``0 * (-inf)``); ``"mean"`` of a
+    batch without kept rows is 0 (TRL: the NaN mean of an empty tensor); a ``num_items_in_batch`` that is not
+    > 0 is an error (TRL: inf or NaN); a reduction other than ``"batchmean"``, ``"sum"``, ``"mean"``, ``"none"``
+    is an error (TRL returns the per-entry tensor for any other string). Results are computed in float32
+    (float64 for float64 input) and returned in the inputs' promoted dtype.
+
+    Liger-Kernel's ``LigerKLDIVLoss`` and ``LigerTVDLoss`` with ``reduction="none"`` are per entry too, while
+    fastkd's fused losses (``kd_loss``, ``tvd_loss``, ``jsd_loss``) return one value per row for ``"none"``. The
+    drop-in for Liger's per-entry KL is :func:`jsd_entries` with ``beta=0`` on logits (Liger takes the
+    log-softmaxes); Liger's per-entry TVD is ``0.5 * (softmax(t) - softmax(s)).abs()``; its ``LigerJSD`` has no
+    ``"none"``.
+    """
+    if reduction not in ("batchmean", "sum", "mean", "none"):
+        raise ValueError(f"reduction must be one of 'batchmean', 'sum', 'mean', 'none', got {reduction!r}")
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(student_logits.device)
         return fastkd.jsd_loss(student_logits, teacher_logits, beta, temperature, reduction="batchmean",
                                labels=labels, num_items_in_batch=num_items_in_batch)
-    if reduction in ("batchmean", "sum", "mean"):
-        return fastkd.jsd_loss(student_logits, teacher_logits, beta, temperature, reduction=reduction, labels=labels)
-    from trl.experimental.gkd import GKDTrainer
+    if reduction == "none":
+        return jsd_entries(student_logits, teacher_logits, labels, beta, temperature)
+    if reduction == "batchmean" and labels is None and student_logits.dim() < 2:
+        # TRL: jsd.sum() / jsd.size(0); a single row's size(0) is its vocabulary
+        total = fastkd.jsd_loss(student_logits, teacher_logits, beta, temperature, reduction="sum")
+        return total / max(student_logits.shape[0], 1)
+    return fastkd.jsd_loss(student_logits, teacher_logits, beta, temperature, reduction=reduction, labels=labels)
 
-    return GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels=labels, beta=beta,
-                                           temperature=temperature, reduction=reduction)
+
+_generalized_jsd_loss = generalized_jsd_loss  # the name FastKDGKDTrainer binds (kept for earlier imports)
+
+
+def _jsd_terms(log_q: torch.Tensor, log_p: torch.Tensor, beta: float) -> torch.Tensor:
+    """TRL's per-entry generalized JSD from the log-probabilities, -inf-safe (fastkd.reference's helpers)."""
+    from fastkd import reference as ref
+
+    p, q = log_p.exp(), log_q.exp()
+    if beta == 0.0:
+        return ref._plogp_ratio(p, log_p, log_q)
+    if beta == 1.0:
+        return ref._plogp_ratio(q, log_q, log_p)
+    log_m = ref._safe_logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    return beta * ref._plogp_ratio(p, log_p, log_m) + (1.0 - beta) * ref._plogp_ratio(q, log_q, log_m)
+
+
+def jsd_entries(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """The per-entry generalized JSD that TRL's ``generalized_jsd_loss(..., reduction="none")`` returns:
+    ``[..., V]``, or ``[kept rows, V]`` with ``labels`` (rows with label -100 dropped), in plain PyTorch
+    (differentiable). -inf-safe: entries of zero probability contribute exactly 0 (never ``0 * inf``), rows that
+    are -inf everywhere on both sides are all 0. ``beta = 0`` gives the per-entry ``KL(p || q)`` terms (Liger's
+    ``LigerKLDIVLoss(reduction="none")`` on the log-softmaxes)."""
+    from fastkd import _validation as v
+    from fastkd import reference as ref
+    from fastkd._precision import _dtypes
+
+    v.check_logits(student_logits, teacher_logits)
+    v.check_labels(labels, student_logits)
+    t = v.check_temperature(temperature)
+    b = v.check_beta_unit(beta)
+    out_dtype, cdtype = _dtypes(student_logits, teacher_logits)
+    s, te, empty = ref._fully_masked(student_logits, teacher_logits)
+    log_q, log_p = ref._log_softmaxes(s, te, t, cdtype)
+    terms = torch.where(empty.unsqueeze(-1), ref._zero(log_q), _jsd_terms(log_q, log_p, b))
+    if labels is not None:
+        terms = terms[labels != _IGNORE_INDEX]
+    return terms.to(out_dtype)
 
 
 def _build_gkd_trainer() -> type:
@@ -341,7 +409,7 @@ def _build_gkd_trainer() -> type:
         with ``args.beta`` at temperature 1 (TRL 1.16 passes no temperature to ``generalized_jsd_loss``; its
         ``args.temperature`` is the sampling temperature) and ``reduction="batchmean"``: the sum divided by
         ``num_items_in_batch`` when given, else by the unmasked tokens (at least 1). ``generalized_jsd_loss`` is
-        :func:`fastkd.jsd_loss` with TRL's semantics.
+        :func:`generalized_jsd_loss` (TRL's semantics for every reduction).
 
         Differences: the hidden states come from the backbone (``model.base_model``) inside the wrapped model's
         forward, under the accelerator's autocast; the head GEMMs run in the dtype of the lm_head weights. With

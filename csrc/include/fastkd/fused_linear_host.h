@@ -15,6 +15,7 @@
 //
 // The CPU and CUDA libraries instantiate fused_linear_kd with a backend that supplies
 //   B::response(call, count)        the response kernel over the rows of a KdCall (count: host divisor, CPU)
+//   B::cosine(params, s, t)         the cosine kernel over the rows of a CosineParams (divergence "cosine")
 //   B::topk(call, count)            the top-k kernel over the rows of a TopkCall
 //   B::add_weight_grad(acc, g, h)   acc += g^T h, acc float32/64, g and h in the GEMM dtype
 //   B::kWidenWeight                 whether a weight not in the accumulation dtype is widened once per call
@@ -38,6 +39,7 @@
 #include <ATen/ops/tanh.h>
 #include <ATen/ops/zeros.h>
 
+#include "fastkd/cosine_host.h"
 #include "fastkd/kd_host.h"
 
 namespace fastkd {
@@ -61,6 +63,8 @@ struct FusedLinearOptions {
   bool grad_hidden = false;
   bool grad_weight = false;
   bool grad_bias = false;
+  bool cosine = false;  // divergence "cosine" (cosine_host.h): beta (1 - cos) on the raw logits, params = [eps]
+  double cosine_eps = 1e-8;
 };
 
 // A head transform's arguments: scale finite and > 0, cap finite and > 0 or 0 (none).
@@ -80,13 +84,18 @@ inline FusedLinearOptions fused_linear_options(c10::string_view divergence, c10:
                                                double teacher_logit_scale, double teacher_softcap, bool grad_hidden,
                                                bool grad_weight, bool grad_bias, bool standardize,
                                                double standardize_eps) {
-  FASTKD_CHECK_ARG(parse_divergence(to_view(divergence)) != Divergence::DKD, "divergence",
-                   "the fused linear head does not run 'dkd' (its class targets are the labels of a classifier)");
   FusedLinearOptions o;
+  o.cosine = to_view(divergence) == "cosine";
+  FASTKD_CHECK_ARG(o.cosine || parse_divergence(to_view(divergence)) != Divergence::DKD, "divergence",
+                   "the fused linear head does not run 'dkd' (its class targets are the labels of a classifier)");
+  if (o.cosine) o.cosine_eps = cosine_head_eps(params);
+  FASTKD_CHECK_ARG(!o.cosine || !standardize, "standardize", "'cosine' compares the raw logits: no standardization");
   o.student_head = head_transform(student_logit_scale, student_softcap, "student_logit_scale", "student_softcap");
   o.teacher_head = head_transform(teacher_logit_scale, teacher_softcap, "teacher_logit_scale", "teacher_softcap");
-  o.loss = make_loss_config(to_view(divergence), params, temperature, scale_by_temperature, soft_weight, hard_weight,
-                            ignore_index, to_view(reduction), standardize, standardize_eps);
+  o.loss = o.cosine ? make_loss_config("kl", {}, temperature, false, soft_weight, hard_weight, ignore_index,
+                                        to_view(reduction))
+                   : make_loss_config(to_view(divergence), params, temperature, scale_by_temperature, soft_weight,
+                                      hard_weight, ignore_index, to_view(reduction), standardize, standardize_eps);
   FASTKD_CHECK_ARG(chunk_size >= 1, "chunk_size", "expected a value >= 1, got ", chunk_size);
   o.chunk_size = chunk_size;
   o.values_are_logprobs = values_are_logprobs;
@@ -214,6 +223,9 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
   FASTKD_CHECK_ARG(!o.loss.standardize || (teacher_vocab == vocab && vocab >= 2), "standardize",
                    "standardization needs teacher and student rows of one vocabulary of at least 2 entries, got ",
                    teacher_vocab, " and ", vocab);
+  FASTKD_CHECK_ARG(!o.cosine || (!topk && teacher_vocab == vocab), "teacher",
+                   "'cosine' needs dense teacher logits or a teacher head with the student's vocabulary (", vocab,
+                   "), got ", topk ? "a top-k teacher" : "a smaller vocabulary");
   FASTKD_CHECK_ARG(!topk || !o.teacher_head.active(), "teacher_softcap",
                    "a top-k teacher's values are used as given: no teacher logit scale or softcap");
   const bool any_double = c10::promoteTypes(hidden.scalar_type(), teacher_dtype) == at::kDouble;
@@ -378,7 +390,8 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
       p.vocab = vocab;
       p.student_row_stride = logits.stride(0);
       p.teacher_row_stride = t.stride(0);
-      B::response(c, host_n);
+      if (o.cosine) B::cosine(cosine_params_of(p, o.cosine_eps), logits.scalar_type(), t.scalar_type());
+      else B::response(c, host_n);
     }
     if (!need_grad) continue;
 
@@ -402,7 +415,8 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
     row_soft.mul_(token_weights);
     if (hard) row_hard.mul_(token_weights);
   }
-  auto [loss, soft, hard_part] = finish_parts(row_soft, row_hard, hard, count, red, rows, vocab, o.loss.soft_weight,
+  auto [loss, soft, hard_part] = finish_parts(row_soft, row_hard, hard, count, red, rows, o.cosine ? 1 : vocab,
+                                              o.loss.soft_weight,
                                               o.loss.hard_weight, out_dtype);
   at::Tensor grad_weight = o.grad_weight ? grad_weight_acc.to(weight.scalar_type()) : at::empty({0}, weight.options());
   at::Tensor grad_bias = o.grad_bias ? grad_bias_acc.to(hidden.scalar_type()) : at::empty({0}, opts);
