@@ -25,7 +25,7 @@ void call_without_autocast(const c10::OperatorHandle& op, c10::DispatchKeySet, t
 #define FASTKD_RELATION_OP_NAME(op, Traits) relation_ops::Traits::name,
 constexpr const char* kOps[] = {
     "response_forward", "topk_kd_forward", "fused_linear_kd_forward", "response_shard_terms", "response_shard_grad",
-    "cosine_forward",
+    "cosine_forward", "dist_forward",
     FASTKD_RELATION_OPS(FASTKD_RELATION_OP_NAME)
 };
 #undef FASTKD_RELATION_OP_NAME

@@ -318,6 +318,38 @@ LOSSES["cosine"] = BenchLoss("cosine", "logits", "cosine distillation beta (1 - 
                              {"cpu": _CPU_LOGITS, "cuda": _CUDA_LOGITS})
 
 
+# KD with a learnable temperature (CTKD): a 0-dim T that requires grad, so backward also gives dL/dT (eager:
+# autograd through RepDistiller's DistillKL with a tensor T; fastkd: the row dots of its one pass).
+def _eager_kd_learnable_t(s: torch.Tensor, inp: tuple, T: float) -> torch.Tensor:
+    return anchors.repdistiller_distill_kl(s, inp[0], torch.tensor(T, requires_grad=True))
+
+
+def _fastkd_kd_learnable_t(s: torch.Tensor, inp: tuple, T: float) -> torch.Tensor:
+    return fastkd.kd_loss(s, inp[0], torch.tensor(T, requires_grad=True))
+
+
+# KD on standardized logits (LSKD, CVPR 2024): torchdistill's LogitStdKDLoss (its standardize, then the KL at T,
+# bare branch: no T^2) vs kd_loss(standardize=True).
+def _eager_kd_standardize(s: torch.Tensor, inp: tuple, T: float) -> torch.Tensor:
+    def std(z: torch.Tensor) -> torch.Tensor:
+        return (z - z.mean(dim=-1, keepdim=True)) / (1e-7 + z.std(dim=-1, keepdim=True))
+
+    f = torch.nn.functional
+    return f.kl_div(f.log_softmax(std(s) / T, dim=1), f.softmax(std(inp[0]) / T, dim=1), reduction="batchmean")
+
+
+def _fastkd_kd_standardize(s: torch.Tensor, inp: tuple, T: float) -> torch.Tensor:
+    return fastkd.kd_loss(s, inp[0], T, standardize=True, scale_by_temperature=False)
+
+
+LOSSES["kd_learnable_t"] = BenchLoss("kd_learnable_t", "logits", "KD with a learnable temperature (CTKD; dL/dT too)",
+                                     _fastkd_kd_learnable_t, _eager_kd_learnable_t,
+                                     {"cpu": "2048x32000,1024x1000", "cuda": "4096x32000,1024x1000"})
+LOSSES["kd_standardize"] = BenchLoss("kd_standardize", "logits", "KD on standardized logits (torchdistill "
+                                     "LogitStdKDLoss)", _fastkd_kd_standardize, _eager_kd_standardize,
+                                     {"cpu": "2048x32000,1024x1000", "cuda": "4096x32000,1024x1000"})
+
+
 def names(kind: str) -> Tuple[str, ...]:
     """The losses of one kind, in table order."""
     return tuple(n for n, x in LOSSES.items() if x.kind == kind)
@@ -328,7 +360,8 @@ LOSS_GROUPS = {"response": names("logits"), "relation": names("features"), "llm"
                "all": tuple(LOSSES)}
 # the full suite: the anchored logit losses, every relation loss, the LLM head (the registry's other divergences:
 # --loss NAME or --loss response)
-FULL_LOSSES = _ANCHORED_NAMES + ("dist",) + names("features") + names("llm")
+FULL_LOSSES = (_ANCHORED_NAMES + ("dist", "kd_learnable_t", "kd_standardize", "cosine") + names("features")
+               + names("llm"))
 
 # The quick suite: one representative case per family, and the small scaling data the plot draws (fastkd's RKD
 # over N, the fused head's memory over the tokens), sized so that the whole default run, torch.compile's
