@@ -173,7 +173,26 @@ def relation(dev):
         (fastkd.hint_loss(fs, ft) + fastkd.hint_loss(fs, ft, reduction="sum")).float().backward()
 
 
-WORKLOADS = {"response": response, "topk": topk, "shard": shard, "fused_head": fused_head, "relation": relation}
+def row_options(dev):
+    """Issue 14's kernels: per-row temperatures with their gradient, token weights and standardization (KL type
+    and Psi family, both block sizes), top-k weights, DIST and cosine (odd shapes, both block sizes)."""
+    for shape in [(3, 7), (2, 2053)]:
+        for dt in FLOATS + (torch.float64,):
+            s = torch.randn(shape, device=dev, dtype=dt, requires_grad=True)
+            t = torch.randn(shape, device=dev, dtype=dt, requires_grad=True)
+            T = (torch.rand(shape[0], device=dev) + 0.5).requires_grad_(True)
+            w = torch.rand(shape[0], device=dev)
+            y = torch.zeros(shape[0], dtype=torch.long, device=dev)
+            losses = [fastkd.kd_loss(s, t, T, token_weights=w, standardize=True),
+                      fastkd.reverse_kl_loss(s, t, T, token_weights=w),
+                      fastkd.jsd_loss(s, t, 0.3, T, standardize=True, reduction="none"),
+                      fastkd.dist_loss(s, t, 1.0, 2.0, 2.0), fastkd.cosine_loss(s, t, alpha=0.5, labels=y)]
+            vals, idx = t.detach().topk(min(5, shape[1]))
+            losses.append(fastkd.topk_kd_loss(s, vals, idx, 2.0, token_weights=w))
+            sum(loss.float().sum() for loss in losses).backward()
+
+
+WORKLOADS = {"row_options": row_options, "response": response, "topk": topk, "shard": shard, "fused_head": fused_head, "relation": relation}
 
 
 def main(argv=None) -> int:
