@@ -35,8 +35,8 @@ FASTKD_HOST_DEVICE RowStandardization row_standardization(double x0, double sum_
   return r;
 }
 
-// z = (x - mean) * scale: d(row loss)/dx_k = inv * d div/d x'_k * ... + coef * factor * (x_k - mean) with this
-// factor, D the side's row dot: -scale * D / ((n - 1) std) (through the std; the mean's term is 0, as the
+// With z = (x - mean) * scale, d(row loss)/dx_k = coef * (inv * d div/d b_k + factor * (x_k - mean)), D the side's
+// row dot and factor = -scale * D / ((n - 1) std) (the term through the std; the mean's term is 0, as the
 // gradient sums to 0). A constant row (std 0) gets no such term (torch's autograd of std gives NaN there).
 FASTKD_HOST_DEVICE double standardize_grad_factor(const RowStandardization& st, double d, int64_t n) {
   return st.std > 0.0 ? -st.scale * d / (static_cast<double>(n - 1) * st.std) : 0.0;
