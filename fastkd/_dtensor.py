@@ -478,7 +478,8 @@ def _route_fused(fn: Callable, bound: inspect.BoundArguments):
         # every keyword of the fused head is passed on; its bias is the shard's
         kwargs = dict(bound.kwargs)
         kwargs["student_bias_shard"] = kwargs.pop("student_bias", None)
-        if kwargs.pop("token_weights", None) is not None or kwargs.pop("standardize", False):
+        weights, standardize = kwargs.pop("token_weights", None), kwargs.pop("standardize", False)
+        if weights is not None or standardize:
             raise ValueError("token_weights and standardize are not supported with a vocabulary-sharded head "
                              "(vocab_parallel_fused_linear_kd_loss has no per-row options yet)")
         out = distributed.vocab_parallel_fused_linear_kd_loss(*bound.args, group=call.group(), **kwargs)

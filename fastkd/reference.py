@@ -675,16 +675,11 @@ def cosine_loss(
     ``cos = <s, t> / (max(||s||, eps) max(||t||, eps))`` on the raw logits. Entries that are -inf on both sides are
     left out of the vectors; a row that is -inf everywhere on both sides contributes 0. "batchmean" and "mean" both
     divide by the counted rows (the cosine is one value per row). See :func:`fastkd.cosine_loss`."""
-    v.check_logits(student_logits, teacher_logits)
-    v.check_labels(labels, student_logits)
-    v.check_reduction(reduction)
-    v.check_ignore_index(ignore_index)
-    num = v.check_num_items(num_items_in_batch, reduction)
-    b = v.check_nonneg_weight("beta", beta)
-    a = v.check_nonneg_weight("alpha", alpha)
-    e = v.check_positive("eps", eps)
-    v.check_flags(return_parts=return_parts)
-    if a != 0.0:
+    from fastkd.cosine import _check_cosine  # the fused function's checks (imported here: it imports this module)
+
+    b, a, e, num = _check_cosine(student_logits, teacher_logits, beta, labels, reduction, ignore_index, alpha, eps,
+                                 num_items_in_batch, return_parts)
+    if a != 0.0:  # no op to check the targets' range here
         v.check_target(labels, student_logits, ignore_index, required=True, name="labels")
     out_dtype, cdtype = _dtypes(student_logits, teacher_logits)
     s, t = student_logits.to(cdtype), teacher_logits.to(cdtype)
