@@ -67,6 +67,12 @@ std::optional<at::Tensor> undefined_to_opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
+// The gradient of a per-row temperature from the saved d loss / d row temperature [rows]: times the upstream (a
+// scalar, or one value per row for reduction "none").
+at::Tensor row_temperature_grad(const at::Tensor& saved, const at::Tensor& g) {
+  return g.dim() == 0 ? grad_from(saved, g, "temperature") : saved * g.to(saved.scalar_type());
+}
+
 using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using ResponseSig = Six(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                         const std::optional<at::Tensor>&, c10::string_view, c10::ArrayRef<double>, double, double,
@@ -134,8 +140,7 @@ class ResponseForward : public torch::autograd::Function<ResponseForward> {
     const int64_t row_temperature_edge = ctx->saved_data["row_temperature_edge"].toInt();
     // d loss / d row temperature, per row: times the upstream (a scalar, or one value per row for "none")
     if (row_temperature_edge >= 0 && ctx->needs_input_grad(row_temperature_edge)) {
-      const at::Tensor& g = grads[0];  // [] or [rows]: the saved gradient is [rows]
-      out[kRowTemperatureArg] = g.dim() == 0 ? grad_from(saved[2], g, "temperature") : saved[2] * g.to(saved[2].scalar_type());
+      out[kRowTemperatureArg] = row_temperature_grad(saved[2], grads[0]);  // [] or [rows] upstream
     }
     refuse_double_backward(response_loss_name(divergence));
     return out;
@@ -170,10 +175,12 @@ class ResponseForward : public torch::autograd::Function<ResponseForward> {
   }
 };
 
-using Two = std::tuple<at::Tensor, at::Tensor>;
-using TopkSig = Two(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                    const std::optional<at::Tensor>&, double, bool, bool, int64_t, c10::string_view, bool, bool,
-                    const std::optional<at::Tensor>&);
+using Three = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using TopkSig = Three(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                      const std::optional<at::Tensor>&, double, bool, bool, int64_t, c10::string_view, bool, bool,
+                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool);
+constexpr size_t kTopkArgs = 15;
+constexpr size_t kTopkRowTemperatureArg = 13;  // its place among all arguments (the backward's outputs)
 
 class TopkForward : public torch::autograd::Function<TopkForward> {
  public:
@@ -182,17 +189,20 @@ class TopkForward : public torch::autograd::Function<TopkForward> {
                                const std::optional<at::Tensor>& num_items, double temperature, bool values_are_logprobs,
                                bool tail_bucket, int64_t ignore_index, c10::string_view reduction,
                                bool scale_by_temperature, bool grad_student,
-                               const std::optional<at::Tensor>& row_weight) {
+                               const std::optional<at::Tensor>& row_weight,
+                               const std::optional<at::Tensor>& row_temperature, bool grad_temperature) {
     static auto op = typed_op<TopkSig>("fastkd::topk_kd_forward");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, gs] = op.call(student, values, indices, labels, num_items, temperature, values_are_logprobs,
-                              tail_bucket, ignore_index, reduction, scale_by_temperature, grad_student, row_weight);
-    ctx->mark_non_differentiable({gs});
+    auto [loss, gs, g_temp] = op.call(student, values, indices, labels, num_items, temperature, values_are_logprobs,
+                                      tail_bucket, ignore_index, reduction, scale_by_temperature, grad_student,
+                                      row_weight, row_temperature, grad_temperature);
+    ctx->mark_non_differentiable({gs, g_temp});
     ctx->set_materialize_grads(false);
     const bool recompute = needs_fp16_recompute(grad_student, student);
     if (recompute) {  // the inputs and arguments of the op, for a backward under a loss scale
-      ctx->save_for_backward({gs, student, values, indices, opt_or_undefined(labels), opt_or_undefined(num_items),
-                              opt_or_undefined(row_weight)});
+      ctx->save_for_backward({gs, g_temp, student, values, indices, opt_or_undefined(labels),
+                              opt_or_undefined(num_items), opt_or_undefined(row_weight),
+                              opt_or_undefined(row_temperature)});
       auto& d = ctx->saved_data;
       d["temperature"] = temperature;
       d["values_are_logprobs"] = values_are_logprobs;
@@ -201,31 +211,42 @@ class TopkForward : public torch::autograd::Function<TopkForward> {
       d["reduction"] = std::string(reduction.data(), reduction.size());
       d["scale_by_temperature"] = scale_by_temperature;
     } else {
-      ctx->save_for_backward({gs});
+      ctx->save_for_backward({gs, g_temp});
     }
     ctx->saved_data["recompute"] = recompute;
-    return {loss, gs};
+    // needs_input_grad counts the tensor arguments that are present (an absent optional is not an edge)
+    ctx->saved_data["row_temperature_edge"] =
+        row_temperature.has_value()
+            ? int64_t(3 + labels.has_value() + num_items.has_value() + row_weight.has_value())
+            : int64_t(-1);
+    return {loss, gs, g_temp};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(13);
+    variable_list out(kTopkArgs);
     if (!grads[0].defined()) return out;
     TORCH_CHECK(!ctx->needs_input_grad(1), "fastkd: topk_kd_forward gives the teacher values no gradient; detach them");
-    if (!ctx->needs_input_grad(0)) return out;
     const auto saved = ctx->get_saved_variables();
-    if (ctx->saved_data["recompute"].toBool() && recompute_for(grads[0])) {
-      // float16 under a loss scale (see needs_fp16_recompute): a float32 recomputation, scaled, rounded once.
-      static auto op = typed_op<TopkSig>("fastkd::topk_kd_forward");
-      auto& d = ctx->saved_data;
-      at::AutoDispatchBelowADInplaceOrView guard;
-      auto [loss, gs] = op.call(saved[1].to(at::kFloat), saved[2], saved[3], undefined_to_opt(saved[4]),
-                                undefined_to_opt(saved[5]), d["temperature"].toDouble(),
-                                d["values_are_logprobs"].toBool(), d["tail_bucket"].toBool(), d["ignore_index"].toInt(),
-                                d["reduction"].toStringRef(), d["scale_by_temperature"].toBool(), true,
-                                undefined_to_opt(saved[6]));
-      out[0] = scaled_to(gs, grads[0], saved[1].scalar_type());
-    } else {
-      out[0] = grad_from(saved[0], grads[0], "student");
+    const int64_t row_temperature_edge = ctx->saved_data["row_temperature_edge"].toInt();
+    if (row_temperature_edge >= 0 && ctx->needs_input_grad(row_temperature_edge)) {
+      out[kTopkRowTemperatureArg] = row_temperature_grad(saved[1], grads[0]);
+    }
+    if (ctx->needs_input_grad(0)) {
+      if (ctx->saved_data["recompute"].toBool() && recompute_for(grads[0])) {
+        // float16 under a loss scale (see needs_fp16_recompute): a float32 recomputation, scaled, rounded once.
+        static auto op = typed_op<TopkSig>("fastkd::topk_kd_forward");
+        auto& d = ctx->saved_data;
+        at::AutoDispatchBelowADInplaceOrView guard;
+        auto [loss, gs, g_temp] =
+            op.call(saved[2].to(at::kFloat), saved[3], saved[4], undefined_to_opt(saved[5]),
+                    undefined_to_opt(saved[6]), d["temperature"].toDouble(), d["values_are_logprobs"].toBool(),
+                    d["tail_bucket"].toBool(), d["ignore_index"].toInt(), d["reduction"].toStringRef(),
+                    d["scale_by_temperature"].toBool(), true, undefined_to_opt(saved[7]), undefined_to_opt(saved[8]),
+                    false);
+        out[0] = scaled_to(gs, grads[0], saved[2].scalar_type());
+      } else {
+        out[0] = grad_from(saved[0], grads[0], "student");
+      }
     }
     refuse_double_backward("topk_kd_loss");
     return out;
@@ -247,14 +268,16 @@ Six response_forward_autograd(const at::Tensor& student, const at::Tensor& teach
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 
-Two topk_kd_forward_autograd(const at::Tensor& student, const at::Tensor& values, const at::Tensor& indices,
-                             const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& num_items,
-                             double temperature, bool values_are_logprobs, bool tail_bucket, int64_t ignore_index,
-                             c10::string_view reduction, bool scale_by_temperature, bool grad_student,
-                             const std::optional<at::Tensor>& row_weight) {
+Three topk_kd_forward_autograd(const at::Tensor& student, const at::Tensor& values, const at::Tensor& indices,
+                               const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& num_items,
+                               double temperature, bool values_are_logprobs, bool tail_bucket, int64_t ignore_index,
+                               c10::string_view reduction, bool scale_by_temperature, bool grad_student,
+                               const std::optional<at::Tensor>& row_weight,
+                               const std::optional<at::Tensor>& row_temperature, bool grad_temperature) {
   auto r = TopkForward::apply(student, values, indices, labels, num_items, temperature, values_are_logprobs,
-                              tail_bucket, ignore_index, reduction, scale_by_temperature, grad_student, row_weight);
-  return {r[0], r[1]};
+                              tail_bucket, ignore_index, reduction, scale_by_temperature, grad_student, row_weight,
+                              row_temperature, grad_temperature);
+  return {r[0], r[1], r[2]};
 }
 
 using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;

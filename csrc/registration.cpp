@@ -46,11 +46,15 @@ TORCH_LIBRARY(fastkd, m) {
       "bool grad_temperature=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // KD against a sparse teacher: k kept entries per row (values: logits, or log-probabilities used as
   // given; indices into the vocabulary), the student's full row. tail_bucket keeps the teacher's missing
-  // mass as one extra bucket. row_weight [rows]: token weights, as response_forward. Returns (loss, grad_student).
+  // mass as one extra bucket. row_weight [rows]: token weights; row_temperature [rows]: a temperature per row
+  // (replaces temperature; the teacher's too for logits), as response_forward. Returns (loss, grad_student,
+  // grad_temperature), grad_temperature [rows] = d loss / d row_temperature (grad_temperature=True), a gradient
+  // not asked for an empty tensor.
   m.def(
       "topk_kd_forward(Tensor student, Tensor values, Tensor indices, Tensor? labels, Tensor? num_items, "
       "float temperature, bool values_are_logprobs, bool tail_bucket, int ignore_index, str reduction, "
-      "bool scale_by_temperature, bool grad_student, Tensor? row_weight=None) -> (Tensor, Tensor)");
+      "bool scale_by_temperature, bool grad_student, Tensor? row_weight=None, Tensor? row_temperature=None, "
+      "bool grad_temperature=False) -> (Tensor, Tensor, Tensor)");
   // The per-entry phases of a divergence over one vocabulary range (a tensor-parallel rank's shard), given the
   // rows' global statistics stats [rows, 4] = (shift_s, shift_t, log_zs, log_zt) with log p = (t - shift_t) / T -
   // log_zt (fastkd.distributed all-reduces them and the sums between the phases; shard_host.h). float32 or

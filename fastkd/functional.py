@@ -87,6 +87,14 @@ def _num_items_tensor(num_items: NumItems) -> Optional[torch.Tensor]:
     return torch.tensor(float(num_items), dtype=torch.float64)
 
 
+def _row_temperature(temperature, rows_like: torch.Tensor):
+    """A checked temperature as the ops take it: ``(None, T)`` for a float, ``(row_temperature, 1.0)`` for a tensor
+    (0-dim or of ``rows_like``'s leading shape), expanded to one value per row ``[rows]`` (differentiable)."""
+    if not isinstance(temperature, torch.Tensor):
+        return None, temperature
+    return temperature.expand(rows_like.shape[:-1]).reshape(-1), 1.0
+
+
 def _response(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -110,10 +118,7 @@ def _response(
     or a checked tensor (0-dim or one per row), passed to the op as one temperature per row."""
     vocab = student_logits.shape[-1]
     grad_on = torch.is_grad_enabled()
-    row_temperature = None
-    if isinstance(temperature, torch.Tensor):
-        row_temperature = temperature.expand(student_logits.shape[:-1]).reshape(-1)
-        temperature = 1.0
+    row_temperature, temperature = _row_temperature(temperature, student_logits)
     loss, soft, hard, _, _, _ = torch.ops.fastkd.response_forward(
         student_logits.reshape(-1, vocab),
         teacher_logits.reshape(-1, vocab),
@@ -475,7 +480,7 @@ def topk_kd_loss(
     student_logits: torch.Tensor,
     teacher_topk_values: torch.Tensor,
     teacher_topk_indices: torch.Tensor,
-    temperature: float = 1.0,
+    temperature: v.Temperature = 1.0,
     *,
     values_are: str = "logits",
     tail: str = "renormalize",
@@ -504,11 +509,14 @@ def topk_kd_loss(
         teacher_topk_values: ``[..., k]`` float, with the student's leading dimensions; must not require grad.
         teacher_topk_indices: ``[..., k]`` int64/int32 vocabulary indices, distinct within a row (as
             ``torch.topk`` returns them) and in ``[0, V)`` on counted rows.
+        temperature: ``T > 0``, a Python number or a tensor, 0-dim or one per row ``[...]``, as
+            :func:`fastkd.kd_loss` (it divides the student's logits and, for ``values_are="logits"``, the kept
+            values). When it requires grad its exact gradient (``T^2`` factor included) comes from per-row sums of
+            the same fused pass; log-probability values do not depend on it.
         token_weights: per-row weights ``[...]``, as :func:`fastkd.kd_loss` (in the kernel).
-        Other arguments as :func:`fastkd.kd_loss`; the temperature is a Python number here (the kept entries'
-        softmax has no per-row temperature).
+        Other arguments as :func:`fastkd.kd_loss`.
     """
-    t = v.check_temperature(temperature)
+    t = v.check_temperature_or_tensor(temperature, student_logits)
     weights = v.check_token_weights(token_weights, student_logits)
     v.check_topk(student_logits, teacher_topk_values, teacher_topk_indices, values_are, tail)
     v.check_labels(labels, student_logits)
@@ -522,7 +530,9 @@ def topk_kd_loss(
                                       ignore_index=ignore_index, scale_by_temperature=scale_by_temperature,
                                       num_items_in_batch=n, token_weights=weights)
     vocab, k = student_logits.shape[-1], teacher_topk_values.shape[-1]
-    loss, _ = torch.ops.fastkd.topk_kd_forward(
+    grad_on = torch.is_grad_enabled()
+    row_temperature, t = _row_temperature(t, student_logits)
+    loss, _, _ = torch.ops.fastkd.topk_kd_forward(
         student_logits.reshape(-1, vocab),
         teacher_topk_values.reshape(-1, k),
         teacher_topk_indices.reshape(-1, k),
@@ -534,8 +544,10 @@ def topk_kd_loss(
         ignore_index,
         reduction,
         bool(scale_by_temperature),
-        torch.is_grad_enabled() and student_logits.requires_grad,
+        grad_on and student_logits.requires_grad,
         None if weights is None else weights.reshape(-1),
+        row_temperature,
+        grad_on and row_temperature is not None and row_temperature.requires_grad,
     )
     if reduction == "none":
         loss = loss.reshape(student_logits.shape[:-1])

@@ -449,7 +449,7 @@ def topk_kd_loss(
     student_logits: torch.Tensor,
     teacher_topk_values: torch.Tensor,
     teacher_topk_indices: torch.Tensor,
-    temperature: float = 1.0,
+    temperature: v.Temperature = 1.0,
     *,
     values_are: str = "logits",
     tail: str = "renormalize",
@@ -465,10 +465,11 @@ def topk_kd_loss(
     renormalized over the kept entries (``tail="renormalize"``) or completed by one tail bucket matched
     against the student's mass outside the kept set (``tail="bucket"``; with ``k == V`` there is no tail
     and no tail term, whatever rounding residue ``1 - sum(exp(values))`` has: the values are renormalized). The student is
-    ``softmax(student / T)`` over the full vocabulary. See :func:`fastkd.topk_kd_loss`."""
+    ``softmax(student / T)`` over the full vocabulary; ``T`` a float or a tensor (0-dim or one per row, differentiable).
+    See :func:`fastkd.topk_kd_loss`."""
     v.check_topk(student_logits, teacher_topk_values, teacher_topk_indices, values_are, tail)
     v.check_labels(labels, student_logits)
-    t = v.check_temperature(temperature)
+    t = _temperature(temperature, student_logits)
     v.check_reduction(reduction)
     v.check_ignore_index(ignore_index)
     num = v.check_num_items(num_items_in_batch, reduction)
@@ -482,10 +483,10 @@ def topk_kd_loss(
         fill = torch.arange(k, device=idx.device).expand_as(idx)
         idx = torch.where(keep.unsqueeze(-1), idx, fill)
     student_logits, vals, empty = _fully_masked(student_logits, teacher_topk_values.to(cdtype))
-    log_q = F.log_softmax(student_logits.to(cdtype) / t, dim=-1)
+    log_q = F.log_softmax(student_logits.to(cdtype) / _per_entry(t), dim=-1)
     log_q_k = log_q.gather(-1, idx)
     if values_are == "logits":
-        log_p = F.log_softmax(vals / t, dim=-1)
+        log_p = F.log_softmax(vals / _per_entry(t), dim=-1)
     elif tail == "renormalize":
         log_p = vals - torch.logsumexp(vals, dim=-1, keepdim=True)
     else:

@@ -1,6 +1,6 @@
 // CUDA implementation of fastkd::fused_linear_kd_forward: the chunked driver of fused_linear_host.h with the
-// CUDA response and top-k kernels (kd_kernels.cuh), which write the logit gradient in place, and cuBLAS
-// GEMMs through ATen, all on the current stream.
+// CUDA response and top-k kernels (kd_kernels.cuh, topk_kernels.cuh), which write the logit gradient in place,
+// and cuBLAS GEMMs through ATen, all on the current stream.
 #include <atomic>
 
 #include <ATen/cuda/CUDAContext.h>
@@ -10,13 +10,14 @@
 #include "fastkd/fused_linear_host.h"
 #include "cosine_launch.cuh"
 #include "kd_kernels.cuh"
+#include "topk_kernels.cuh"
 
 namespace fastkd {
 namespace {
 
 struct CudaFusedBackend {
   static void response(const KdCall& c, double) { cuda::launch_response_any(c, at::cuda::getCurrentCUDAStream()); }
-  static void topk(const TopkCall& c, double) { cuda::launch_topk(c, at::cuda::getCurrentCUDAStream()); }
+  static void topk(const TopkCall& c, double) { cuda::launch_topk_rows(c, at::cuda::getCurrentCUDAStream()); }
   static void cosine(const CosineParams& p, at::ScalarType s, at::ScalarType t) {
     cuda::launch_cosine(p, s, t, at::cuda::getCurrentCUDAStream());
   }

@@ -1,5 +1,6 @@
 // CUDA entry points of fastkd::response_forward and fastkd::topk_kd_forward (kernels and the response
-// launcher: kd_kernels.cuh). The Psi family are instantiated in kd_cuda_psi.cu, compiled in parallel.
+// launcher: kd_kernels.cuh; the top-k kernel: topk_kernels.cuh). The Psi family are instantiated in
+// kd_cuda_psi.cu, compiled in parallel.
 #include <algorithm>
 #include <limits>
 #include <type_traits>
@@ -11,6 +12,7 @@
 
 #include "fastkd/kd_host.h"
 #include "kd_kernels.cuh"
+#include "topk_kernels.cuh"
 
 namespace fastkd {
 namespace cuda {
@@ -45,19 +47,18 @@ KdOutputs response_forward_cuda(
   return kd_outputs(c, ro);
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_kd_forward_cuda(const at::Tensor& student, const at::Tensor& values,
-                                                        const at::Tensor& indices, const std::optional<at::Tensor>& labels,
-                                                        const std::optional<at::Tensor>& num_items, double temperature,
-                                                        bool values_are_logprobs, bool tail_bucket,
-                                                        int64_t ignore_index, c10::string_view reduction,
-                                                        bool scale_by_temperature, bool grad_student,
-                                                        const std::optional<at::Tensor>& row_weight) {
+TopkOutputs topk_kd_forward_cuda(const at::Tensor& student, const at::Tensor& values, const at::Tensor& indices,
+                                 const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& num_items,
+                                 double temperature, bool values_are_logprobs, bool tail_bucket, int64_t ignore_index,
+                                 c10::string_view reduction, bool scale_by_temperature, bool grad_student,
+                                 const std::optional<at::Tensor>& row_weight,
+                                 const std::optional<at::Tensor>& row_temperature, bool grad_temperature) {
   const c10::cuda::CUDAGuard guard(student.device());
   const LossConfig cfg = make_topk_config(temperature, scale_by_temperature, ignore_index, to_view(reduction));
   TopkCall c = topk_prepare(student, values, indices, labels, num_items, cfg, values_are_logprobs, tail_bucket,
-                            grad_student, alloc_grad_cuda, row_weight);
+                            grad_student, alloc_grad_cuda, row_weight, row_temperature, grad_temperature);
   const TopkParams& p = c.p;
-  if (p.rows > 0) cuda::launch_topk(c, at::cuda::getCurrentCUDAStream());
+  if (p.rows > 0) cuda::launch_topk_rows(c, at::cuda::getCurrentCUDAStream());
   return topk_outputs(c);
 }
 

@@ -19,6 +19,15 @@ def _loss_like(x: torch.Tensor, rows: int, reduction: str, dtype: torch.dtype) -
     return x.new_empty((rows,) if reduction == "none" else (), dtype=dtype)
 
 
+def _grad_temperature_like(student: torch.Tensor, row_temperature: Optional[torch.Tensor],
+                           grad_temperature: bool) -> torch.Tensor:
+    """The ops' temperature gradient: [rows] when asked for, else [0]; in the per-row temperatures' dtype (float64
+    without them), as the kernels return it."""
+    rows = student.shape[0] if grad_temperature and row_temperature is not None else 0
+    dtype = torch.float64 if row_temperature is None else row_temperature.dtype
+    return student.new_empty((rows,), dtype=dtype)
+
+
 @torch.library.register_fake(_RESPONSE)
 def _response_forward_fake(
     student: torch.Tensor,
@@ -49,11 +58,7 @@ def _response_forward_fake(
     hard = _loss_like(student, rows, reduction, out_dtype)
     gs = student.new_empty(student.shape if grad_student else (0,))
     gt = teacher.new_empty(teacher.shape if grad_teacher else (0,))
-    if grad_temperature and row_temperature is not None:
-        g_temp = row_temperature.new_empty((rows,))
-    else:
-        g_temp = student.new_empty((0,), dtype=torch.float64)
-    return loss, soft, hard, gs, gt, g_temp
+    return loss, soft, hard, gs, gt, _grad_temperature_like(student, row_temperature, grad_temperature)
 
 
 @torch.library.register_fake(_TOPK)
@@ -71,12 +76,14 @@ def _topk_kd_forward_fake(
     scale_by_temperature: bool,
     grad_student: bool,
     row_weight: Optional[torch.Tensor] = None,
+    row_temperature: Optional[torch.Tensor] = None,
+    grad_temperature: bool = False,
 ):
     torch._check(student.dim() == 2, lambda: "student must be 2-D")
     out_dtype = torch.promote_types(student.dtype, values.dtype)
     loss = _loss_like(student, student.shape[0], reduction, out_dtype)
     gs = student.new_empty(student.shape if grad_student else (0,))
-    return loss, gs
+    return loss, gs, _grad_temperature_like(student, row_temperature, grad_temperature)
 
 
 @torch.library.register_fake("fastkd::response_shard_terms")

@@ -484,7 +484,10 @@ inline void check_topk_config(const LossConfig& cfg, bool values_are_logprobs, b
 
 struct TopkCall {
   at::Tensor student, values, indices, labels, count, row_soft, grad_student, row_weight;
+  at::Tensor row_temperature;   // float64 [rows], or undefined
+  at::Tensor grad_temperature;  // float64 [rows], or [0]
   at::ScalarType student_dtype, out_dtype;
+  at::ScalarType temperature_dtype = at::kDouble;  // the per-row temperatures' dtype (of their gradient)
   TopkParams p;
 };
 
@@ -494,11 +497,14 @@ template <typename GradAlloc>
 TopkCall topk_prepare(const at::Tensor& student, const at::Tensor& values, const at::Tensor& indices,
                       const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& num_items,
                       const LossConfig& cfg, bool values_are_logprobs, bool tail_bucket, bool grad_student,
-                      GradAlloc&& alloc_grad, const std::optional<at::Tensor>& row_weight = std::nullopt) {
+                      GradAlloc&& alloc_grad, const std::optional<at::Tensor>& row_weight = std::nullopt,
+                      const std::optional<at::Tensor>& row_temperature = std::nullopt, bool grad_temperature = false) {
   check_logits_arg(student, "student_logits");
   const int64_t rows = student.size(0), vocab = student.size(1), k = values.dim() == 2 ? values.size(1) : 0;
   check_topk_args(values, indices, rows, vocab, student.device());
   check_topk_config(cfg, values_are_logprobs, tail_bucket);
+  FASTKD_CHECK_ARG(!grad_temperature || row_temperature.has_value(), "temperature",
+                   "its gradient needs the temperature as a tensor");
   const int64_t ignore_index = cfg.ignore_index;
 
   TopkCall c;
@@ -535,14 +541,24 @@ TopkCall topk_prepare(const at::Tensor& student, const at::Tensor& values, const
     c.row_weight = prepare_row_values(*row_weight, "token_weights", rows, student.device(), false);
     p.row_weight = c.row_weight.data_ptr<double>();
   }
+  if (row_temperature.has_value()) {
+    c.row_temperature = prepare_row_values(*row_temperature, "temperature", rows, student.device(), true);
+    c.temperature_dtype = row_temperature->scalar_type();
+    p.row_temperature = c.row_temperature.data_ptr<double>();
+  }
+  c.grad_temperature = at::empty({grad_temperature ? rows : 0}, opts.dtype(at::kDouble));
+  p.row_grad_temperature = grad_temperature ? c.grad_temperature.data_ptr<double>() : nullptr;
   return c;
 }
 
-inline std::tuple<at::Tensor, at::Tensor> topk_outputs(TopkCall& c) {
+// (loss, grad_student, grad_temperature): the temperature gradient in the per-row temperatures' dtype ([0] when
+// not asked for).
+using TopkOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+inline TopkOutputs topk_outputs(TopkCall& c) {
   const TopkParams& p = c.p;
   auto parts = finish_parts(c.row_soft, at::Tensor(), false, c.count, p.reduction, p.rows, p.vocab, 1.0, 0.0,
                             c.out_dtype);
-  return {std::get<0>(parts), c.grad_student.to(c.student_dtype)};
+  return {std::get<0>(parts), c.grad_student.to(c.student_dtype), c.grad_temperature.to(c.temperature_dtype)};
 }
 
 }  // namespace fastkd

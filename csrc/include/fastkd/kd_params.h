@@ -69,7 +69,11 @@ struct TopkParams : LossConfig {
   int64_t student_row_stride = 0;
   bool values_are_logprobs = false;
   bool tail_bucket = false;
-  const double* row_weight = nullptr;   // [rows] token weights (row_options.h), or nullptr
+  // Per-row options (row_options.h), as KdParams': token weights, a temperature per row (replaces
+  // inv_temperature; also the teacher's for logits), and the output d(reduced loss) / d(row temperature).
+  const double* row_weight = nullptr;
+  const double* row_temperature = nullptr;
+  double* row_grad_temperature = nullptr;
 };
 
 // A top-k row's weight (1 without token weights).

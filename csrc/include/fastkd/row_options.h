@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "fastkd/kd_math.h"
 #include "fastkd/kd_params.h"
 
 namespace fastkd {
@@ -53,8 +54,9 @@ struct RowScalars {
 };
 
 // The row's scalars; `count` is the divisor of the reduction, scale_s / scale_t the standardization scales
-// (1 without).
-FASTKD_HOST_DEVICE RowScalars row_scalars(const KdParams& p, int64_t r, double count, double scale_s = 1.0,
+// (1 without). RowParams: KdParams or TopkParams (the top-k kernel uses the soft part's scalars).
+template <class RowParams>
+FASTKD_HOST_DEVICE RowScalars row_scalars(const RowParams& p, int64_t r, double count, double scale_s = 1.0,
                                           double scale_t = 1.0) {
   RowScalars rs;
   const double inv = p.row_temperature ? 1.0 / p.row_temperature[r] : p.inv_temperature;
@@ -103,6 +105,42 @@ FASTKD_HOST_DEVICE void kl_dot_terms(X e_p, X e_o, X x_p, X x_o, X& pp, X& pd, X
 // sweep's sums with x = log w (log q or log p: any shift of x gives the same D).
 FASTKD_HOST_DEVICE double psi_row_dot(double sum_x_psi, double sum_psi, double sum_w_x) {
   return sum_x_psi - sum_psi * sum_w_x;
+}
+
+// ---- the top-k teacher's row (kd_math.h: TopkTeacher, TopkStudent) ----
+// D = sum_k p_k (log p_k - log q_k) [+ p_tail (log p_tail - log q_tail)] over the kept entries K (and the tail
+// bucket), q = softmax(b) over the whole row. With the student's shifted logits b (any shift: the gradient sums to
+// 0 over the row), d D / d b_j = q_j - p_j on K and q_j (1 - p_tail / q_tail) outside K (q_j without a bucket), so
+//   D_s = sum_j b_j dD/db_j = w_ref * sum_ref e b / z_ref + [bucket] sum_K q_k b_k - sum_K p_k b_k,
+// where `ref` is the student's reference set (the entries outside K with a bucket, every entry without one),
+// z_ref = sum_ref e, e = exp(b), and w_ref = q_tail - p_tail with a bucket, 1 without. The teacher depends on T only
+// through logits (values_are_logprobs: D_t = 0): a = v / T, p = softmax over K, dD/da_k = p_k (x_k - D) with
+// x = log p - log q, so D_t = Cov_p(a, x) = sum_K p_k log p_k x_k - (sum_K p_k log p_k) D (a = log p + a constant).
+struct TopkDotSums {
+  double ref_eb = 0.0;  // sum_ref e_j b_j
+  double qb = 0.0;      // sum_K q_k b_k
+  double pb = 0.0;      // sum_K p_k b_k
+  double pl = 0.0;      // sum_K p_k log p_k
+  double plx = 0.0;     // sum_K p_k log p_k (log p_k - log q_k)
+};
+
+// The kept entry k's terms of those sums, from log p_k, b_k and log q_k = b_k - log Z_s (a term whose weight
+// p_k or q_k is 0 is 0, also where b_k or log p_k is -inf).
+FASTKD_HOST_DEVICE void topk_dot_terms(double log_p, double b, double log_q, TopkDotSums& k) {
+  const double p = ::exp(log_p), q = ::exp(log_q);
+  k.qb += fk_select_nonzero(q, q * b);
+  k.pb += fk_select_nonzero(p, p * b);
+  k.pl += fk_select_nonzero(p, p * log_p);
+  k.plx += fk_select_nonzero(p, p * log_p * (log_p - log_q));
+}
+
+// The row's two dots. `div`: the row's D (the tail term included); z_ref as above (an empty reference set, z_ref
+// 0, has no mass there and adds nothing, as its dense gradient is 0).
+FASTKD_HOST_DEVICE void topk_row_dots(const TopkDotSums& k, double z_ref, const TopkTeacher& tt, const TopkStudent& st,
+                                      bool bucket, bool logprobs, double div, double& d_s, double& d_t) {
+  const double w_ref = bucket ? ::exp(st.log_q_tail) - tt.p_tail : 1.0;
+  d_s = (z_ref > 0.0 ? w_ref * (k.ref_eb / z_ref) : 0.0) + (bucket ? k.qb : 0.0) - k.pb;
+  d_t = logprobs ? 0.0 : k.plx - k.pl * div;
 }
 
 // Entry terms of a Psi row's dot sums: x psi and w x, 0 where the weight is 0.
