@@ -280,20 +280,26 @@ Three topk_kd_forward_autograd(const at::Tensor& student, const at::Tensor& valu
   return {r[0], r[1], r[2]};
 }
 
-using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using OptTensor = std::optional<at::Tensor>;
-using FusedLinearSig = Six(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                           const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                           const OptTensor&, const OptTensor&, c10::string_view, c10::ArrayRef<double>, double, double,
-                           double, int64_t, c10::string_view, bool, bool, bool, int64_t, double, double, double,
-                           double, bool, bool, bool, const OptTensor&, bool, double);
-constexpr size_t kFusedLinearArgs = 33;
+using Seven = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using FusedLinearSig = Seven(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                             const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                             const OptTensor&, const OptTensor&, const OptTensor&, c10::string_view,
+                             c10::ArrayRef<double>, double, double, double, int64_t, c10::string_view, bool, bool,
+                             bool, int64_t, double, double, double, double, bool, bool, bool, const OptTensor&, bool,
+                             double, const OptTensor&, bool);
+constexpr size_t kFusedLinearArgs = 35;
+constexpr size_t kFusedRowTemperatureArg = 33;  // its place among all arguments (the backward's outputs)
+// Where the saved tensors are: the short form (scalar reductions, no recomputation) keeps the gradients only.
+constexpr size_t kShortGradTemperature = 3;                      // {gh, gw, gb, g_temp}
+constexpr size_t kLongGrads = 11, kLongRowWeight = 14, kLongRowTemperature = 15, kLongGradTemperature = 16;
 
 // The fused linear head. Scalar reductions: the forward computes the gradients of hidden, weight and bias
 // with the loss (the logits exist one chunk at a time, so they cannot wait for backward) and the backward
 // scales them. Reduction "none": the gradients depend on each row's upstream gradient, so the forward only
 // computes the losses and the backward runs the op again with grad_rows = that upstream gradient.
-// The teacher never gets a gradient.
+// A per-row temperature's gradient is computed in the forward in every case (its rows' values, times the
+// upstream in backward). The teacher never gets a gradient.
 class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
@@ -306,26 +312,35 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
                                bool values_are_logprobs, bool tail_bucket, int64_t chunk_size,
                                double student_logit_scale, double student_softcap, double teacher_logit_scale,
                                double teacher_softcap, bool grad_hidden, bool grad_weight, bool grad_bias,
-                               const OptTensor& row_weight, bool standardize, double standardize_eps) {
+                               const OptTensor& row_weight, bool standardize, double standardize_eps,
+                               const OptTensor& row_temperature, bool grad_temperature) {
     static auto op = typed_op<FusedLinearSig>("fastkd::fused_linear_kd_forward");
     at::AutoDispatchBelowADInplaceOrView guard;
     // With grad_rows the call *is* a backward (as a traced backward graph replays it): it returns the weighted
     // gradients asked for, and nothing of it is differentiable.
     const bool weighted = grad_rows.has_value();
     const bool per_row = reduction == "none" && !weighted;
-    auto [loss, soft, hard, gh, gw, gb] =
+    auto [loss, soft, hard, gh, gw, gb, g_temp] =
         op.call(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, topk_values,
                 topk_indices, labels, num_items, grad_rows, divergence, params, temperature, soft_weight, hard_weight,
                 ignore_index, reduction, scale_by_temperature, values_are_logprobs, tail_bucket, chunk_size,
                 student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap, grad_hidden && !per_row,
-                grad_weight && !per_row, grad_bias && !per_row, row_weight, standardize, standardize_eps);
+                grad_weight && !per_row, grad_bias && !per_row, row_weight, standardize, standardize_eps,
+                row_temperature, grad_temperature);
     ctx->set_materialize_grads(false);
     ctx->saved_data["per_row"] = per_row;
     if (weighted) {
-      ctx->mark_non_differentiable({loss, soft, hard, gh, gw, gb});
-      return {loss, soft, hard, gh, gw, gb};
+      ctx->mark_non_differentiable({loss, soft, hard, gh, gw, gb, g_temp});
+      return {loss, soft, hard, gh, gw, gb, g_temp};
     }
-    ctx->mark_non_differentiable({soft, hard, gh, gw, gb});
+    ctx->mark_non_differentiable({soft, hard, gh, gw, gb, g_temp});
+    // needs_input_grad counts the tensor arguments that are present (an absent optional is not an edge)
+    int64_t edge = 2;
+    for (const OptTensor* t : {&bias, &teacher_logits, &teacher_hidden, &teacher_weight, &teacher_bias, &topk_values,
+                               &topk_indices, &labels, &num_items, &grad_rows, &row_weight}) {
+      edge += t->has_value();
+    }
+    ctx->saved_data["row_temperature_edge"] = row_temperature.has_value() ? edge : int64_t(-1);
     // float16 under a loss scale (see needs_fp16_recompute): the op runs again in backward, with the upstream
     // gradient in its weights.
     const bool recompute = !per_row && (needs_fp16_recompute(grad_hidden, hidden) ||
@@ -333,12 +348,13 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
                                         (bias.has_value() && needs_fp16_recompute(grad_bias, *bias)));
     ctx->saved_data["recompute"] = recompute;
     if (!per_row && !recompute) {
-      ctx->save_for_backward({gh, gw, gb});
+      ctx->save_for_backward({gh, gw, gb, g_temp});
     } else {
       auto value = [](const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); };
       ctx->save_for_backward({hidden, weight, value(bias), value(teacher_logits), value(teacher_hidden),
                               value(teacher_weight), value(teacher_bias), value(topk_values), value(topk_indices),
-                              value(labels), value(num_items), gh, gw, gb, value(row_weight)});
+                              value(labels), value(num_items), gh, gw, gb, value(row_weight), value(row_temperature),
+                              g_temp});
       ctx->saved_data["standardize"] = standardize;
       ctx->saved_data["standardize_eps"] = standardize_eps;
       ctx->saved_data["reduction"] = std::string(reduction.data(), reduction.size());
@@ -359,7 +375,7 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
       ctx->saved_data["grad_weight"] = grad_weight;
       ctx->saved_data["grad_bias"] = grad_bias;
     }
-    return {loss, soft, hard, gh, gw, gb};
+    return {loss, soft, hard, gh, gw, gb, g_temp};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -368,8 +384,14 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
     const auto saved = ctx->get_saved_variables();
     auto& d = ctx->saved_data;
     const bool per_row = d["per_row"].toBool();
+    const bool short_form = !per_row && !d["recompute"].toBool();
+    const int64_t row_temperature_edge = d["row_temperature_edge"].toInt();
+    if (row_temperature_edge >= 0 && ctx->needs_input_grad(row_temperature_edge)) {
+      out[kFusedRowTemperatureArg] =
+          row_temperature_grad(saved[short_form ? kShortGradTemperature : kLongGradTemperature], grads[0]);
+    }
     if (!per_row && !(d["recompute"].toBool() && recompute_for(grads[0]))) {
-      const size_t g0 = d["recompute"].toBool() ? 11 : 0;  // where gh, gw, gb are among the saved tensors
+      const size_t g0 = short_form ? 0 : kLongGrads;  // where gh, gw, gb are among the saved tensors
       if (ctx->needs_input_grad(0)) out[0] = grad_from(saved[g0], grads[0], "hidden");
       if (ctx->needs_input_grad(1)) out[1] = grad_from(saved[g0 + 1], grads[0], "weight");
       if (ctx->needs_input_grad(2)) out[2] = grad_from(saved[g0 + 2], grads[0], "bias");
@@ -384,27 +406,30 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
     const bool want[3] = {d["grad_hidden"].toBool() && ctx->needs_input_grad(0),
                           d["grad_weight"].toBool() && ctx->needs_input_grad(1),
                           d["grad_bias"].toBool() && ctx->needs_input_grad(2)};
-    const double w = per_row ? 1.0 : grads[0].item<double>();
-    const std::vector<double> head = d["head"].toDoubleVector();
-    at::AutoDispatchBelowADInplaceOrView guard;  // the kernels themselves, not this autograd function again
-    auto [loss, soft, hard, gh, gw, gb] =
-        op.call(saved[0], saved[1], opt(saved[2]), opt(saved[3]), opt(saved[4]), opt(saved[5]), opt(saved[6]),
-                opt(saved[7]), opt(saved[8]), opt(saved[9]), opt(saved[10]),
-                per_row ? OptTensor(grads[0]) : OptTensor(), divergence, d["params"].toDoubleVector(),
-                d["temperature"].toDouble(), d["soft_weight"].toDouble() * w, d["hard_weight"].toDouble() * w,
-                d["ignore_index"].toInt(), per_row ? std::string("none") : d["reduction"].toStringRef(),
-                d["scale_by_temperature"].toBool(), d["values_are_logprobs"].toBool(), d["tail_bucket"].toBool(),
-                d["chunk_size"].toInt(), head[0], head[1], head[2], head[3], want[0], want[1], want[2], opt(saved[14]),
-                d["standardize"].toBool(), d["standardize_eps"].toDouble());
-    if (want[0]) out[0] = gh;
-    if (want[1]) out[1] = gw;
-    if (want[2]) out[2] = gb;
+    if (want[0] || want[1] || want[2]) {
+      const double w = per_row ? 1.0 : grads[0].item<double>();
+      const std::vector<double> head = d["head"].toDoubleVector();
+      at::AutoDispatchBelowADInplaceOrView guard;  // the kernels themselves, not this autograd function again
+      auto [loss, soft, hard, gh, gw, gb, g_temp] =
+          op.call(saved[0], saved[1], opt(saved[2]), opt(saved[3]), opt(saved[4]), opt(saved[5]), opt(saved[6]),
+                  opt(saved[7]), opt(saved[8]), opt(saved[9]), opt(saved[10]),
+                  per_row ? OptTensor(grads[0]) : OptTensor(), divergence, d["params"].toDoubleVector(),
+                  d["temperature"].toDouble(), d["soft_weight"].toDouble() * w, d["hard_weight"].toDouble() * w,
+                  d["ignore_index"].toInt(), per_row ? std::string("none") : d["reduction"].toStringRef(),
+                  d["scale_by_temperature"].toBool(), d["values_are_logprobs"].toBool(), d["tail_bucket"].toBool(),
+                  d["chunk_size"].toInt(), head[0], head[1], head[2], head[3], want[0], want[1], want[2],
+                  opt(saved[kLongRowWeight]), d["standardize"].toBool(), d["standardize_eps"].toDouble(),
+                  opt(saved[kLongRowTemperature]), false);
+      if (want[0]) out[0] = gh;
+      if (want[1]) out[1] = gw;
+      if (want[2]) out[2] = gb;
+    }
     refuse_double_backward("fused_linear_kd_loss");
     return out;
   }
 };
 
-Six fused_linear_kd_forward_autograd(
+Seven fused_linear_kd_forward_autograd(
     const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias, const OptTensor& teacher_logits,
     const OptTensor& teacher_hidden, const OptTensor& teacher_weight, const OptTensor& teacher_bias,
     const OptTensor& topk_values, const OptTensor& topk_indices, const OptTensor& labels, const OptTensor& num_items,
@@ -412,14 +437,16 @@ Six fused_linear_kd_forward_autograd(
     double soft_weight, double hard_weight, int64_t ignore_index, c10::string_view reduction, bool scale_by_temperature,
     bool values_are_logprobs, bool tail_bucket, int64_t chunk_size, double student_logit_scale,
     double student_softcap, double teacher_logit_scale, double teacher_softcap, bool grad_hidden, bool grad_weight,
-    bool grad_bias, const OptTensor& row_weight, bool standardize, double standardize_eps) {
+    bool grad_bias, const OptTensor& row_weight, bool standardize, double standardize_eps,
+    const OptTensor& row_temperature, bool grad_temperature) {
   auto r = FusedLinearForward::apply(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,
                                      teacher_bias, topk_values, topk_indices, labels, num_items, grad_rows, divergence,
                                      params, temperature, soft_weight, hard_weight, ignore_index, reduction,
                                      scale_by_temperature, values_are_logprobs, tail_bucket, chunk_size,
                                      student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap,
-                                     grad_hidden, grad_weight, grad_bias, row_weight, standardize, standardize_eps);
-  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+                                     grad_hidden, grad_weight, grad_bias, row_weight, standardize, standardize_eps,
+                                     row_temperature, grad_temperature);
+  return {r[0], r[1], r[2], r[3], r[4], r[5], r[6]};
 }
 
 }  // namespace

@@ -78,9 +78,11 @@ TORCH_LIBRARY(fastkd, m) {
   // gradients (the backward of reduction "none"). Each head's logits z become softcap(logit_scale * z),
   // softcap(x) = cap * tanh(x / cap) (scale 1 and cap 0: unchanged; the teacher's: not for a top-k teacher).
   // The logits are float32 (float64) whatever the input dtype. row_weight [rows] (token weights) multiplies
-  // each row's loss and gradients; standardize as response_forward (not for a top-k teacher). Other arguments
-  // as response_forward / topk_kd_forward.
-  // Returns (loss, soft, hard, grad_hidden, grad_weight, grad_bias); a gradient not asked for is empty.
+  // each row's loss and gradients; standardize as response_forward (not for a top-k teacher); row_temperature
+  // [rows] a temperature per row (not for "cosine"), grad_temperature its gradient. Other arguments as
+  // response_forward / topk_kd_forward.
+  // Returns (loss, soft, hard, grad_hidden, grad_weight, grad_bias, grad_temperature); a gradient not asked for is
+  // empty.
   m.def(
       "fused_linear_kd_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor? teacher_logits, "
       "Tensor? teacher_hidden, Tensor? teacher_weight, Tensor? teacher_bias, Tensor? topk_values, "
@@ -89,7 +91,8 @@ TORCH_LIBRARY(fastkd, m) {
       "bool scale_by_temperature, bool values_are_logprobs, bool tail_bucket, int chunk_size, "
       "float student_logit_scale, float student_softcap, float teacher_logit_scale, float teacher_softcap, "
       "bool grad_hidden, bool grad_weight, bool grad_bias, Tensor? row_weight=None, bool standardize=False, "
-      "float standardize_eps=1e-7) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float standardize_eps=1e-7, Tensor? row_temperature=None, bool grad_temperature=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // Relation- and feature-based losses: schemas and descriptions in fastkd/relation_ops.h.
 #define FASTKD_DEF_RELATION_OP(op, Traits) m.def(fastkd::relation_ops::Traits::schema);

@@ -19,7 +19,7 @@ from fastkd._validation import (
     check_real,
     check_reduction,
     check_target,
-    check_temperature,
+    check_temperature_or_tensor,
     check_topk_indices_range,
     check_topk_teacher,
     resolve_divergence_params,
@@ -72,7 +72,7 @@ def check_fused_linear(
     student_bias,
     loss: str,
     beta: float,
-    temperature: float,
+    temperature,
     labels,
     ignore_index: int,
     hard_label_weight: float,
@@ -86,7 +86,8 @@ def check_fused_linear(
 ):
     """Every argument of :func:`fastkd.fused_linear_kd_loss`. Returns ``(kind, teacher_vocab, temperature,
     divergence parameters, hard_label_weight, soft_weight, num_items, scale_by_temperature)`` with ``kind`` one
-    of "dense", "head", "topk", the parameters in registry order (``beta`` and ``params`` resolved, see
+    of "dense", "head", "topk", the temperature a float or a tensor (0-dim or of the hidden states' leading shape,
+    :func:`check_temperature_or_tensor`), the parameters in registry order (``beta`` and ``params`` resolved, see
     :func:`resolve_divergence_params`), ``soft_weight`` resolved (None: ``1 - hard_label_weight``) and
     ``scale_by_temperature`` resolved (None: the divergence's default, see
     :func:`resolve_scale_by_temperature`)."""
@@ -105,13 +106,13 @@ def check_fused_linear(
     spec = divergences.get(loss)
     div_params = resolve_divergence_params(loss, beta, dict(params), "fused_linear_kd_loss")
     spec.check_ranges(div_params)  # before any work (the op checks again, one rule and message)
-    t = check_temperature(temperature)
+    proxy = _Shape(torch.Size(lead + (vocab,)), device)
+    t = check_temperature_or_tensor(temperature, proxy)  # a float, or a tensor of [] or the tokens' shape
     check_reduction(reduction)
     check_ignore_index(ignore_index)
     hard, soft = check_mix_weights(hard_label_weight, soft_weight, ("hard_label_weight", "soft_weight"))
     n = check_num_items(num_items_in_batch, reduction)
     check_chunk_size(chunk_size)
-    proxy = _Shape(torch.Size(lead + (vocab,)), device)
     if labels is not None:
         _check_index_tensor(labels, proxy, "labels")
     if hard != 0.0:

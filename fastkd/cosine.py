@@ -218,6 +218,7 @@ def fused_linear_cosine_loss(student_hidden, student_weight, teacher, *, student
     from fastkd import _validation_head as vh
     from fastkd.fused_linear import _autocast_head, _rows, default_chunk_size
 
+    v.check_temperature(temperature)  # a number (no effect): a tensor temperature would get no gradient
     unknown = set(params) - {"eps"}
     if unknown:
         raise TypeError(f"loss='cosine' takes the parameter eps only, got {sorted(unknown)}")
@@ -251,7 +252,7 @@ def fused_linear_cosine_loss(student_hidden, student_weight, teacher, *, student
         t_weight = teacher.weight.detach()
         t_bias = None if teacher.bias is None else teacher.bias.detach()
     grad_on = torch.is_grad_enabled()
-    out, soft_part, hard_part, _, _, _ = torch.ops.fastkd.fused_linear_kd_forward(
+    out, soft_part, hard_part, _, _, _, _ = torch.ops.fastkd.fused_linear_kd_forward(
         hidden, student_weight, student_bias, dense, t_hidden, t_weight, t_bias, None, None,
         _rows(labels, last=False), _num_items_tensor(n), None, "cosine", [eps], t, soft * b, hard, ignore_index,
         reduction, False, False, False,

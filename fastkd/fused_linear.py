@@ -25,7 +25,7 @@ import torch
 from fastkd import _dtensor
 from fastkd import _validation as v
 from fastkd import divergences, reference
-from fastkd.functional import NumItems, _num_items_tensor, _use_kernels
+from fastkd.functional import NumItems, _num_items_tensor, _row_temperature, _use_kernels
 from fastkd.outputs import LossParts
 from fastkd.teachers import TeacherHead, TopKTeacher
 
@@ -88,7 +88,7 @@ def fused_linear_kd_loss(
     student_bias: Optional[torch.Tensor] = None,
     loss: str = "kl",
     beta: Optional[float] = None,
-    temperature: float = 1.0,
+    temperature: v.Temperature = 1.0,
     labels: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     hard_label_weight: float = 0.0,
@@ -149,7 +149,11 @@ def fused_linear_kd_loss(
             (0.5 for the JSD). Ignored by divergences without a ``beta`` (as before).
         **params: the divergence's other parameters by name (e.g. ``skew=0.1``); a parameter it does not have
             is a TypeError.
-        temperature: softmax temperature ``T > 0`` of the distillation term (the cross-entropy uses ``T = 1``).
+        temperature: softmax temperature ``T > 0`` of the distillation term (the cross-entropy uses ``T = 1``): a
+            Python number, or a tensor, 0-dim (e.g. CTKD's learnable temperature) or one per token (the hidden
+            states' leading shape ``[...]``), as :func:`fastkd.kd_loss`. When it requires grad its exact gradient
+            (``T^2`` included) comes from per-row sums of the chunk loop's response (or top-k) kernel, for every
+            teacher kind.
         labels: integer ``[...]``: rows equal to ``ignore_index`` do not count (loss 0, gradient 0); with
             ``hard_label_weight != 0`` they are the cross-entropy targets, in ``[0, V)``.
         ignore_index: label value of ignored rows (prompt and padding tokens).
@@ -185,8 +189,7 @@ def fused_linear_kd_loss(
             weights; every teacher kind and reduction.
         standardize: logit standardization of both sides' (transformed) logits, as :func:`fastkd.kd_loss`, in
             the chunk loop's response kernel; needs teacher and student of one vocabulary, not a
-            :class:`TopKTeacher`. The temperature here is a Python number (a tensor temperature is taken by the
-            losses on logits).
+            :class:`TopKTeacher`.
 
     Precision: the logits of a chunk are float32 (float64 for float64 input) whatever the dtype of the hidden
     states and weights, computed by GEMMs that accumulate and write float32 (on the CPU a bfloat16 / float16
@@ -270,14 +273,16 @@ def fused_linear_kd_loss(
         values_are_logprobs = teacher.values_are == "logprobs"
         tail_bucket = teacher.tail == "bucket"
     grad_on = torch.is_grad_enabled()
-    out, soft_part, hard_part, _, _, _ = torch.ops.fastkd.fused_linear_kd_forward(
+    row_temperature, t = _row_temperature(t, student_hidden)
+    out, soft_part, hard_part, _, _, _, _ = torch.ops.fastkd.fused_linear_kd_forward(
         hidden, student_weight, student_bias, dense, t_hidden, t_weight, t_bias, values, indices,
         _rows(labels, last=False), _num_items_tensor(n), None, loss, list(div_params), t, soft, hard, ignore_index,
         reduction, scale, values_are_logprobs, tail_bucket,
         default_chunk_size(rows, vocab, hidden.device) if chunk_size is None else int(chunk_size), *head,
         grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
         grad_on and student_bias is not None and student_bias.requires_grad,
-        None if weights is None else _rows(weights, last=False), standardize, 1e-7)
+        None if weights is None else _rows(weights, last=False), standardize, 1e-7, row_temperature,
+        grad_on and row_temperature is not None and row_temperature.requires_grad)
     if reduction == "none":
         out, soft_part, hard_part = out.reshape(lead), soft_part.reshape(lead), hard_part.reshape(lead)
     return LossParts(out, soft_part, hard_part) if return_parts else out

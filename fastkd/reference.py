@@ -538,7 +538,7 @@ def fused_linear_kd_loss(
     student_bias: Optional[torch.Tensor] = None,
     loss: str = "kl",
     beta: Optional[float] = None,
-    temperature: float = 1.0,
+    temperature: v.Temperature = 1.0,
     labels: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     hard_label_weight: float = 0.0,
@@ -582,6 +582,8 @@ def fused_linear_kd_loss(
     logits = logits.reshape(-1, student_weight.shape[0])
     vocab = logits.shape[-1]
     rows_labels = None if labels is None else labels.reshape(-1)
+    if isinstance(t, torch.Tensor) and t.dim() > 0:
+        t = t.reshape(-1)  # one temperature per row of the [rows, V] logits
     common = dict(reduction=reduction, labels=rows_labels, ignore_index=ignore_index, num_items_in_batch=num)
     if kind == "topk":
         k = teacher.values.shape[-1]

@@ -324,8 +324,10 @@ def test_fused_head_row_option_errors():
         fastkd.fused_linear_kd_loss(h, W, t[:, :9], standardize=True)
     with pytest.raises(ValueError, match="token_weights must have the logits' leading shape"):
         fastkd.fused_linear_kd_loss(h, W, t, token_weights=torch.ones(5))
-    with pytest.raises(TypeError, match="temperature must be a Python number"):
-        fastkd.fused_linear_kd_loss(h, W, t, temperature=torch.tensor(2.0))
+    with pytest.raises(ValueError, match="temperature as a tensor must be 0-dim or have the logits' leading shape"):
+        fastkd.fused_linear_kd_loss(h, W, t, temperature=torch.ones(3))
+    with pytest.raises(TypeError, match="temperature must be a Python number"):  # the cosine has no temperature
+        fastkd.fused_linear_kd_loss(h, W, t, loss="cosine", temperature=torch.tensor(2.0))
 
 
 @pytest.mark.parametrize("values_are,tail", [("logits", "renormalize"), ("logprobs", "bucket")])

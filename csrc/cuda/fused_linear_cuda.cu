@@ -66,7 +66,7 @@ struct CudaFusedBackend {
   }
 };
 
-Tensor6 fused_linear_kd_forward_cuda(
+Tensor7 fused_linear_kd_forward_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& teacher_logits, const std::optional<at::Tensor>& teacher_hidden,
     const std::optional<at::Tensor>& teacher_weight, const std::optional<at::Tensor>& teacher_bias,
@@ -77,7 +77,7 @@ Tensor6 fused_linear_kd_forward_cuda(
     bool scale_by_temperature, bool values_are_logprobs, bool tail_bucket, int64_t chunk_size,
     double student_logit_scale, double student_softcap, double teacher_logit_scale, double teacher_softcap,
     bool grad_hidden, bool grad_weight, bool grad_bias, const std::optional<at::Tensor>& row_weight, bool standardize,
-    double standardize_eps) {
+    double standardize_eps, const std::optional<at::Tensor>& row_temperature, bool grad_temperature) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   const FusedLinearOptions o = fused_linear_options(
       divergence, params, temperature, soft_weight, hard_weight, ignore_index, reduction, scale_by_temperature,
@@ -85,7 +85,7 @@ Tensor6 fused_linear_kd_forward_cuda(
       teacher_softcap, grad_hidden, grad_weight, grad_bias, standardize, standardize_eps);
   return fused_linear_kd<CudaFusedBackend>(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,
                                            teacher_bias, topk_values, topk_indices, labels, num_items, grad_rows,
-                                          row_weight, o);
+                                          row_weight, o, row_temperature, grad_temperature);
 }
 
 }  // namespace

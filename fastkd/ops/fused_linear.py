@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import torch
 
+from fastkd.ops.response import _grad_temperature_like
+
 _FUSED_LINEAR = "fastkd::fused_linear_kd_forward"
 
 
@@ -45,6 +47,8 @@ def _fused_linear_kd_forward_fake(
     row_weight: Optional[torch.Tensor] = None,
     standardize: bool = False,
     standardize_eps: float = 1e-7,
+    row_temperature: Optional[torch.Tensor] = None,
+    grad_temperature: bool = False,
 ):
     torch._check(hidden.dim() == 2 and weight.dim() == 2, lambda: "hidden and weight must be 2-D")
     teacher = teacher_logits if teacher_logits is not None else teacher_hidden
@@ -60,4 +64,4 @@ def _fused_linear_kd_forward_fake(
     gh = hidden.new_empty(hidden.shape if grad_hidden else (0,))
     gw = weight.new_empty(weight.shape if grad_weight else (0,))
     gb = hidden.new_empty((weight.shape[0],) if grad_bias else (0,))
-    return loss, soft, hard, gh, gw, gb
+    return loss, soft, hard, gh, gw, gb, _grad_temperature_like(hidden, row_temperature, grad_temperature)

@@ -6,7 +6,8 @@
 //      teacher logits, or one GEMM of the teacher head; -inf beyond the teacher's vocabulary);
 //   2. the response kernel of fastkd::response_forward (or topk_kd_forward) computes each row's loss and
 //      writes the gradient of the reduced loss with respect to the logits over the logits, in place (a
-//      top-k teacher with the cross-entropy: see topk_ce below);
+//      top-k teacher with the cross-entropy: see topk_ce below), and, for per-row temperatures that require
+//      grad, each row's d loss / d temperature;
 //   3. the gradients of hidden (one GEMM into its rows), weight (one GEMM accumulated into a float32
 //      buffer; float64 for float64 input) and bias (a column sum).
 // Extra memory is O(chunk * vocab) plus the float32 weight-gradient accumulator, never O(rows * vocab).
@@ -45,6 +46,8 @@
 namespace fastkd {
 
 using Tensor6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// (loss, soft, hard, grad_hidden, grad_weight, grad_bias, grad_temperature)
+using Tensor7 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // A head's transform of its logits, z -> softcap(scale * z) with softcap(x) = cap * tanh(x / cap): Cohere's
 // logit_scale, then Gemma-2's final logit softcapping. scale 1 and cap 0 leave the logits as they are.
@@ -169,14 +172,18 @@ inline void head_transform_grad(at::Tensor g, const HeadTransform& h, at::Tensor
   if (h.scale != 1.0) g.mul_(h.scale);
 }
 
+// row_temperature [rows]: a temperature per row (row_options.h; replaces the float temperature); each chunk's slice
+// goes into the response or top-k kernel, which writes d loss / d row temperature of the chunk's rows
+// (grad_temperature) into the extra output.
 template <class B>
-Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+Tensor7 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& teacher_logits, const std::optional<at::Tensor>& teacher_hidden,
                         const std::optional<at::Tensor>& teacher_weight, const std::optional<at::Tensor>& teacher_bias,
                         const std::optional<at::Tensor>& topk_values, const std::optional<at::Tensor>& topk_indices,
                         const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& num_items,
                         const std::optional<at::Tensor>& grad_rows, const std::optional<at::Tensor>& row_weight,
-                        const FusedLinearOptions& o) {
+                        const FusedLinearOptions& o, const std::optional<at::Tensor>& row_temperature = std::nullopt,
+                        bool grad_temperature = false) {
   check_linear_args(hidden, weight, bias, "student_hidden", "student_weight", "student_bias");
   const int64_t rows = hidden.size(0), vocab = weight.size(0), width = hidden.size(1);
   const at::Device device = hidden.device();
@@ -188,6 +195,10 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
   FASTKD_CHECK_ARG(!hard || labels.has_value(), "labels", "class targets are required by the cross-entropy part");
   const bool topk = topk_values.has_value();
   FASTKD_CHECK_ARG(!o.grad_bias || bias.has_value(), "student_bias", "a bias gradient was asked for without a bias");
+  FASTKD_CHECK_ARG(!grad_temperature || row_temperature.has_value(), "temperature",
+                   "its gradient needs the temperature as a tensor");
+  FASTKD_CHECK_ARG(!o.cosine || !row_temperature.has_value(), "temperature",
+                   "'cosine' has no temperature (it is scale invariant): pass a number");
 
   // The teacher: its vocabulary (at most the student's: the extra student columns are entries the teacher
   // gives probability 0) and element type.
@@ -269,10 +280,20 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
     row_weights = grad_rows->to(logit_dtype);
   }
   // token_weights: each row's loss times its weight (its gradient too: with the upstream ones above)
-  const at::Tensor token_weights =
-      row_weight.has_value() ? prepare_row_values(*row_weight, "token_weights", rows, device, false).to(logit_dtype)
-                             : at::Tensor();
+  const at::Tensor token_weights64 =
+      row_weight.has_value() ? prepare_row_values(*row_weight, "token_weights", rows, device, false) : at::Tensor();
+  const at::Tensor token_weights = token_weights64.defined() ? token_weights64.to(logit_dtype) : at::Tensor();
   if (token_weights.defined()) row_weights = row_weights.defined() ? row_weights.mul(token_weights) : token_weights;
+  // Per-row temperatures, and their gradient: the kernels see each row with weight 1 (the weights above apply
+  // after them), so it is weighted at the end, in float64.
+  const at::Tensor temps = row_temperature.has_value()
+                               ? prepare_row_values(*row_temperature, "temperature", rows, device, true)
+                               : at::Tensor();
+  at::Tensor grad_temps = at::empty({grad_temperature ? rows : 0}, hidden.options().dtype(at::kDouble));
+  auto chunk_temperature = [&](int64_t r0) { return temps.defined() ? temps.data_ptr<double>() + r0 : nullptr; };
+  auto chunk_grad_temperature = [&](int64_t r0) {
+    return grad_temperature ? grad_temps.data_ptr<double>() + r0 : nullptr;
+  };
 
   at::Tensor values_s, indices_s;
   int64_t k = 0;
@@ -341,6 +362,8 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
       p.student_row_stride = logits.stride(0);
       p.values_are_logprobs = o.values_are_logprobs;
       p.tail_bucket = o.tail_bucket && k < vocab;
+      p.row_temperature = chunk_temperature(r0);
+      p.row_grad_temperature = chunk_grad_temperature(r0);
       at::Tensor ce = topk_ce ? ce_buf.narrow(0, 0, n).copy_(logits) : at::Tensor();
       B::topk(c, host_n);
       if (topk_ce) {
@@ -390,6 +413,8 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
       p.vocab = vocab;
       p.student_row_stride = logits.stride(0);
       p.teacher_row_stride = t.stride(0);
+      p.row_temperature = chunk_temperature(r0);
+      p.row_grad_temperature = chunk_grad_temperature(r0);
       if (o.cosine) B::cosine(cosine_params_of(p, o.cosine_eps), logits.scalar_type(), t.scalar_type());
       else B::response(c, host_n);
     }
@@ -420,7 +445,13 @@ Tensor6 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
                                               o.loss.hard_weight, out_dtype);
   at::Tensor grad_weight = o.grad_weight ? grad_weight_acc.to(weight.scalar_type()) : at::empty({0}, weight.options());
   at::Tensor grad_bias = o.grad_bias ? grad_bias_acc.to(hidden.scalar_type()) : at::empty({0}, opts);
-  return {loss, soft, hard_part, grad_hidden, grad_weight, grad_bias};
+  if (grad_temperature) {
+    if (grad_rows.has_value()) grad_temps.mul_(grad_rows->to(at::kDouble));
+    if (token_weights64.defined()) grad_temps.mul_(token_weights64);
+  }
+  const at::Tensor grad_temperature_out =
+      row_temperature.has_value() ? grad_temps.to(row_temperature->scalar_type()) : grad_temps;
+  return {loss, soft, hard_part, grad_hidden, grad_weight, grad_bias, grad_temperature_out};
 }
 
 }  // namespace fastkd
