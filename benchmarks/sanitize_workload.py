@@ -175,7 +175,8 @@ def relation(dev):
 
 def row_options(dev):
     """Issue 14's kernels: per-row temperatures with their gradient, token weights and standardization (KL type
-    and Psi family, both block sizes), top-k weights, DIST and cosine (odd shapes, both block sizes)."""
+    and Psi family, both block sizes), top-k weights, DIST and cosine (odd shapes, both block sizes); per-row
+    temperatures with their gradient in the top-k kernel and the fused head (every teacher kind)."""
     for shape in [(3, 7), (2, 2053)]:
         for dt in FLOATS + (torch.float64,):
             s = torch.randn(shape, device=dev, dtype=dt, requires_grad=True)
@@ -188,7 +189,21 @@ def row_options(dev):
                       fastkd.jsd_loss(s, t, 0.3, T, standardize=True, reduction="none"),
                       fastkd.dist_loss(s, t, 1.0, 2.0, 2.0), fastkd.cosine_loss(s, t, alpha=0.5, labels=y)]
             vals, idx = t.detach().topk(min(5, shape[1]))
+            lvals = torch.log_softmax(t.detach().float(), -1).gather(-1, idx)
             losses.append(fastkd.topk_kd_loss(s, vals, idx, 2.0, token_weights=w))
+            # per-row temperatures with their gradient in the top-k kernel (each flavour) and the fused head
+            losses.append(fastkd.topk_kd_loss(s, vals, idx, T, token_weights=w, reduction="none"))
+            losses.append(fastkd.topk_kd_loss(s, lvals, idx, T, values_are="logprobs", tail="bucket"))
+            losses.append(fastkd.topk_kd_loss(s, lvals, idx, T, values_are="logprobs"))
+            h = torch.randn(shape[0], 16, device=dev, dtype=dt, requires_grad=True)
+            hw = (torch.randn(shape[1], 16, device=dev, dtype=dt) / 4).requires_grad_(True)
+            for teacher in (t.detach(), fastkd.TeacherHead(torch.randn(shape[0], 8, device=dev, dtype=dt),
+                                                           torch.randn(shape[1], 8, device=dev, dtype=dt)),
+                            fastkd.TopKTeacher(vals, idx), fastkd.TopKTeacher(lvals, idx, "logprobs", "bucket")):
+                for red in ("batchmean", "none"):
+                    losses.append(fastkd.fused_linear_kd_loss(h, hw, teacher, temperature=T, labels=y,
+                                                              hard_label_weight=0.2, token_weights=w, reduction=red,
+                                                              chunk_size=2))
             sum(loss.float().sum() for loss in losses).backward()
 
 

@@ -5,8 +5,9 @@ machine it is the first check after the build (``pytest -m smoke``, benchmarks/g
 Cases: the response op with every registered divergence and each of its test parameter sets (two vocabulary
 sizes: the CUDA kernel's two block sizes; labels with ignored rows; student and teacher gradients), the hard-label
 CE, the top-k op in each flavour, the vocabulary-range shard ops with every divergence they run, the fused linear
-head with each teacher kind (every divergence with a logits teacher), and every relation / feature loss (RKD,
-SP, PKT, CC, AT, NST, FitNet hint). Inputs are float32 on the device under test.
+head with each teacher kind (every divergence with a logits teacher), per-row temperatures with their gradient
+(the response op, the top-k op and the fused head), and every relation / feature loss (RKD, SP, PKT, CC, AT, NST,
+FitNet hint). Inputs are float32 on the device under test.
 
 ``test_smoke_touches_every_op`` proves the cases reach every kernel: it runs them all under
 tests/op_coverage.py's recorder (a TorchDispatchMode that sees every torch.ops.fastkd call) and compares what
@@ -181,6 +182,22 @@ for _values_are, _tail in [("logits", "renormalize"), ("logprobs", "renormalize"
     case(f"topk-{_values_are}-{_tail}")(_topk_case(_values_are, _tail))
 
 
+@case("topk-row-temperature")
+def _topk_row_temperature(device):
+    """Per-row temperatures with their gradient, each top-k flavour."""
+    for i, (values_are, tail) in enumerate([("logits", "renormalize"), ("logprobs", "renormalize"),
+                                            ("logprobs", "bucket")]):
+        inputs = _logit_pair((4, 37), 45 + i)
+        t = inputs.pop("t")
+        src = t if values_are == "logits" else torch.log_softmax(t / T, -1)
+        inputs["values"], inputs["indices"] = src.topk(6, dim=-1)
+        inputs["rt"] = torch.rand(4, generator=_gen(48 + i), dtype=torch.float64) + 0.5
+        kw = dict(values_are=values_are, tail=tail, reduction="none" if i else "batchmean")
+        compare(lambda s, values, indices, rt: fastkd.topk_kd_loss(s, values, indices, rt, **kw),
+                lambda s, values, indices, rt: reference.topk_kd_loss(s, values, indices, rt, **kw),
+                inputs, ("s", "rt"), device, f"topk {values_are}/{tail} per-row T")
+
+
 def _shard_case(name: str):
     """The shard ops on two vocabulary ranges of one process (float32 on the device): the range sums give the
     dense divergence per row and the range gradients the dense student gradient (as fastkd.distributed uses
@@ -276,6 +293,28 @@ for _name in ("kl", "jsd"):
     case(f"fused-head-{_name}")(_fused_case("head", _name, {}))
 for _flavour in ("logits/renormalize", "logprobs/renormalize", "logprobs/bucket"):
     case(f"fused-topk-{_flavour.replace('/', '-')}")(_fused_case("topk", _flavour, {}))
+
+
+@case("fused-row-temperature")
+def _fused_row_temperature(device):
+    """The fused head with per-token temperatures and their gradient, each teacher kind (the teacher's vocabulary
+    the student's: the reference's -inf padding has no finite temperature gradient under autograd)."""
+    for kind, flavour in [("logits", "kl"), ("head", "kl"), ("topk", "logits/renormalize"),
+                          ("topk", "logprobs/bucket")]:
+        inputs = _head_inputs(kind, flavour, pad=False)
+        inputs["rt"] = torch.rand(2, 5, generator=_gen(68), dtype=torch.float64) + 0.5
+        for red in ("batchmean", "none"):
+
+            def loss_fn(lib):
+                def fn(h, w, b, y, rt, **teacher):
+                    return lib.fused_linear_kd_loss(h, w, _teacher(kind, flavour, teacher), student_bias=b,
+                                                    temperature=rt, labels=y, ignore_index=-1, hard_label_weight=0.3,
+                                                    reduction=red, chunk_size=4)
+
+                return fn
+
+            compare(loss_fn(fastkd), loss_fn(reference), inputs, ("h", "w", "b", "rt"), device,
+                    f"fused head {kind} {flavour} per-row T {red}")
 
 
 def _relation_case(fn_name: str, shapes, grads=("s", "t"), **kw):
