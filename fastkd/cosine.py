@@ -46,7 +46,7 @@ __all__ = ["cosine_loss", "CosineLoss"]
 
 
 def _check_cosine(student_logits, teacher_logits, beta, labels, reduction, ignore_index, alpha, eps, num_items,
-                  return_parts):
+                  return_parts, token_weights=None):
     """The Python-side checks (tensor kinds and Python types; the op checks ranges again, naming the same
     arguments). Kept here rather than in fastkd/_validation.py: built from its helpers."""
     v.check_logits(student_logits, teacher_logits)
@@ -61,7 +61,8 @@ def _check_cosine(student_logits, teacher_logits, beta, labels, reduction, ignor
     if a != 0.0:
         # the range of the targets is checked by the op (one pass; its message names 'labels')
         v.check_target(labels, student_logits, ignore_index, required=True, name="labels", check_range=False)
-    return b, a, e, n
+    w = v.check_token_weights(token_weights, student_logits)
+    return b, a, e, n, w
 
 
 def cosine_loss(
@@ -76,6 +77,7 @@ def cosine_loss(
     eps: float = 1e-8,
     num_items_in_batch: NumItems = None,
     return_parts: bool = False,
+    token_weights: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, LossParts]:
     r"""Cosine distillation on raw logits, fused: :math:`\beta (1 - \cos(s, t)) + \alpha\,\mathrm{CE}(s, y)` per
     row (Liger-Kernel's ``LigerFusedLinearCosineSimilarityLoss`` on logits; the mapping of its weights and
@@ -97,6 +99,10 @@ def cosine_loss(
         return_parts: return :class:`fastkd.LossParts` ``(loss, soft, hard)``: ``soft`` the reduced ``1 - cos``
             and ``hard`` the reduced cross-entropy (0 when ``alpha == 0``), detached; ``loss = beta * soft +
             alpha * hard``.
+        token_weights: optional per-row weights ``[...]`` (the logits' leading shape, floating point, no
+            gradient): each counted row's loss (cosine and cross-entropy) is multiplied by its weight; the divisor
+            of "batchmean" / "mean" stays the counted rows (or ``num_items_in_batch``), as in
+            :func:`fastkd.kd_loss`. The fused op computes the rows; their weighted sum is O(rows).
 
     Entries that are -inf in both student and teacher (masked tokens) are left out of the vectors; a row that is
     -inf everywhere on both sides contributes 0. NaN, +inf, or -inf on one side only make the loss NaN. A zero
@@ -104,12 +110,18 @@ def cosine_loss(
     (NaN). Float16 gradients are returned in float32 by the op and rounded after the upstream gradient is applied.
     Double backward raises (use :func:`fastkd.reference.cosine_loss`).
     """
-    b, a, e, n = _check_cosine(student_logits, teacher_logits, beta, labels, reduction, ignore_index, alpha, eps,
-                               num_items_in_batch, return_parts)
+    b, a, e, n, w = _check_cosine(student_logits, teacher_logits, beta, labels, reduction, ignore_index, alpha, eps,
+                                  num_items_in_batch, return_parts, token_weights)
     if not _use_kernels():
         return reference.cosine_loss(student_logits, teacher_logits, b, reduction=reduction, labels=labels,
                                      ignore_index=ignore_index, alpha=a, eps=e, num_items_in_batch=n,
-                                     return_parts=return_parts)
+                                     return_parts=return_parts, token_weights=w)
+    if w is not None:  # the op's rows, weighted, then reduced as the reference reduces them
+        rows = cosine_loss(student_logits, teacher_logits, b, reduction="none", labels=labels,
+                           ignore_index=ignore_index, alpha=a, eps=e, return_parts=True)
+        _, counted = reference._keep_rows(labels, ignore_index, rows.loss.shape, rows.loss.device)
+        parts = [reference.reduce_rows(x * w.to(x.dtype), reduction, counted, 1, n) for x in rows]
+        return LossParts(*parts) if return_parts else parts[0]
     vocab = student_logits.shape[-1]
     grad_on = torch.is_grad_enabled()
     loss, soft, hard, _, _ = torch.ops.fastkd.cosine_forward(

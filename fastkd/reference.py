@@ -673,6 +673,7 @@ def cosine_loss(
     eps: float = 1e-8,
     num_items_in_batch: NumItems = None,
     return_parts: bool = False,
+    token_weights: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, LossParts]:
     """Cosine distillation in plain PyTorch: per row ``beta * (1 - cos(s, t)) + alpha * CE(s, y)`` with
     ``cos = <s, t> / (max(||s||, eps) max(||t||, eps))`` on the raw logits. Entries that are -inf on both sides are
@@ -680,8 +681,8 @@ def cosine_loss(
     divide by the counted rows (the cosine is one value per row). See :func:`fastkd.cosine_loss`."""
     from fastkd.cosine import _check_cosine  # the fused function's checks (imported here: it imports this module)
 
-    b, a, e, num = _check_cosine(student_logits, teacher_logits, beta, labels, reduction, ignore_index, alpha, eps,
-                                 num_items_in_batch, return_parts)
+    b, a, e, num, w = _check_cosine(student_logits, teacher_logits, beta, labels, reduction, ignore_index, alpha,
+                                    eps, num_items_in_batch, return_parts, token_weights)
     if a != 0.0:  # no op to check the targets' range here
         v.check_target(labels, student_logits, ignore_index, required=True, name="labels")
     out_dtype, cdtype = _dtypes(student_logits, teacher_logits)
@@ -691,13 +692,14 @@ def cosine_loss(
     zero = _zero(s)
     s0, t0 = torch.where(both, zero, s), torch.where(both, zero, t)
     norms = torch.linalg.vector_norm(s0, dim=-1).clamp_min(e) * torch.linalg.vector_norm(t0, dim=-1).clamp_min(e)
-    soft_rows = _drop_masked(1.0 - (s0 * t0).sum(-1) / norms, empty)
+    soft_rows = _weighted(_drop_masked(1.0 - (s0 * t0).sum(-1) / norms, empty), w)
     keep, counted = _keep_rows(labels, ignore_index, soft_rows.shape, soft_rows.device)
     soft = reduce_rows(_mask(soft_rows, keep), reduction, counted, 1, num)
     if a != 0.0:
         y = torch.where(labels == ignore_index, torch.zeros_like(labels), labels).long()
         s_safe = torch.where(empty.unsqueeze(-1), zero, s)
-        ce_rows = _drop_masked(torch.logsumexp(s_safe, -1) - s_safe.gather(-1, y.unsqueeze(-1)).squeeze(-1), empty)
+        ce_rows = _weighted(_drop_masked(torch.logsumexp(s_safe, -1) - s_safe.gather(-1, y.unsqueeze(-1)).squeeze(-1),
+                                         empty), w)
         hard = reduce_rows(_mask(ce_rows, keep), reduction, counted, 1, num)
     else:
         hard = torch.zeros_like(soft)

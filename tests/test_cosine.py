@@ -373,3 +373,44 @@ def test_fused_head_opcheck_and_compile():
     le.backward()
     torch.testing.assert_close(lc, le, rtol=1e-6, atol=0)
     torch.testing.assert_close(hc.grad, he.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum", "none"])
+@pytest.mark.parametrize("num_items", [None, 11])
+def test_token_weights(reduction, num_items):
+    """Each counted row's loss (cosine and CE) times its weight; the divisor stays the counted rows (or
+    num_items_in_batch); the weights get no gradient. Against the float64 reference and the rows written out."""
+    if num_items is not None and reduction in ("sum", "none"):
+        pytest.skip("num_items_in_batch is for batchmean / mean")
+    shape = (3, 5, 41)
+    s, t = _logits(shape, 21, torch.float64), _logits(shape, 22, torch.float64)
+    y = _labels(shape[:-1], shape[-1], 23)
+    w = torch.rand(shape[:-1], dtype=torch.float64).requires_grad_(True)
+    kw = dict(reduction=reduction, labels=y, alpha=0.3, token_weights=w, num_items_in_batch=num_items)
+    up = None if reduction != "none" else _logits(shape[:-1], 24, torch.float64)
+    ours = _vg(fastkd.cosine_loss, s, t, 0.8, weights=up, **kw)
+    ref = _vg(fastkd.reference.cosine_loss, s, t, 0.8, weights=up, **kw)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    rows = fastkd.cosine_loss(s, t, 0.8, reduction="none", labels=y, alpha=0.3)
+    weighted = rows * w.detach()
+    counted = num_items if num_items is not None else int((y != -100).sum())
+    want = {"none": weighted, "sum": weighted.sum()}.get(reduction, weighted.sum() / counted)
+    torch.testing.assert_close(ours[0], want, rtol=1e-12, atol=1e-14)
+    parts = fastkd.cosine_loss(s, t, 0.8, return_parts=True, **kw)
+    torch.testing.assert_close(parts.loss, 0.8 * parts.soft + 0.3 * parts.hard, rtol=1e-12, atol=1e-14)
+    assert not parts.soft.requires_grad and not parts.hard.requires_grad
+    out = fastkd.cosine_loss(s.clone().requires_grad_(True), t, 0.8, **kw)
+    out.sum().backward()
+    assert w.grad is None  # the weights are detached
+
+
+def test_token_weights_compile_and_bad_input():
+    s, t = _logits((6, 33), 31), _logits((6, 33), 32)
+    w = torch.rand(6)
+    fn = torch.compile(lambda a, b, c: fastkd.cosine_loss(a, b, token_weights=c), fullgraph=True)
+    torch.testing.assert_close(fn(s, t, w), fastkd.reference.cosine_loss(s, t, token_weights=w))
+    with pytest.raises(ValueError, match="token_weights must have the logits' leading shape"):
+        fastkd.cosine_loss(s, t, token_weights=torch.ones(5))
+    with pytest.raises(TypeError, match="token_weights must be a floating-point tensor"):
+        fastkd.cosine_loss(s, t, token_weights=torch.ones(6, dtype=torch.long))

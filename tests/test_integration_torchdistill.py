@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 import sys
 from pathlib import Path
 
@@ -201,6 +202,37 @@ def test_logit_std_kd_loss_three_dim_logits():
                        _targets((3, 4), 5, 25))
 
 
+# ---- DISTLoss ----------------------------------------------------------------------------------------------
+DIST_CONFIGS = [
+    dict(),                                             # torchdistill's defaults: beta = gamma = tau = 1, eps = 1e-8
+    dict(beta=1.0, gamma=1.0, tau=4.0),
+    dict(beta=2.0, gamma=0.5, tau=0.5, eps=1e-3),
+    dict(beta=0.0, gamma=2.0, tau=2.0),                 # the intra-class (column) term alone
+    dict(beta=1.5, gamma=0.0, tau=1.0, unused_option=3),  # the inter-class term alone; torchdistill ignores kwargs
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 5), (3, 7), (17, 100)])
+@pytest.mark.parametrize("config", DIST_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "defaults")
+def test_dist_loss(config, shape, dtype, device):
+    kwargs = dict(KD_IO, **config)
+    assert_matches("DISTLoss", kwargs, _logits(shape, 90), _logits(shape, 91), dtype=dtype, teacher_grad=True,
+                   device=device)
+
+
+def test_dist_loss_io_keys_and_frozen_teacher(device):
+    """Another module path and io on each side; a teacher without grad gets none (torchdistill: the same)."""
+    kwargs = dict(student_module_path="fc", student_module_io="input", teacher_module_path="head",
+                  teacher_module_io="output", tau=2.0)
+    s = {("fc", "input"): _logits((6, 12), 92)[(".", "output")]}
+    t = {("head", "output"): _logits((6, 12), 93)[(".", "output")]}
+    assert_matches("DISTLoss", kwargs, s, t, device=device)
+    value = _build("fastkd.DISTLoss", kwargs)(_nest(s), _nest(t))
+    expected = fastkd.dist_loss(s[("fc", "input")], t[("head", "output")], tau=2.0)
+    torch.testing.assert_close(value, expected, rtol=0, atol=0)
+
+
 # ---- relation losses -------------------------------------------------------------------------------------
 def _features(path, shape, seed, offset=0.0):
     g = torch.Generator().manual_seed(seed)
@@ -355,6 +387,18 @@ criterion:
             angle_factor: 2.0
             reduction: 'mean'
         weight: 1.0
+      dist:
+        criterion:
+          key: 'DISTLoss'
+          kwargs:
+            student_module_path: 'fc'
+            student_module_io: 'output'
+            teacher_module_path: 'fc'
+            teacher_module_io: 'output'
+            beta: 1.0
+            gamma: 2.0
+            tau: 4.0
+        weight: 0.5
 """
 
 
@@ -363,7 +407,7 @@ def test_yaml_config_switches_by_key(tmp_path):
     original.write_text(YAML_CONFIG)
     switched = tmp_path / "fastkd.yaml"
     text = YAML_CONFIG
-    for key in ("KDLoss", "ATLoss", "RKDLoss"):
+    for key in ("KDLoss", "ATLoss", "RKDLoss", "DISTLoss"):
         text = text.replace(f"key: '{key}'", f"key: 'fastkd.{key}'")
     switched.write_text(text)
     g = torch.Generator().manual_seed(80)
@@ -383,7 +427,7 @@ def test_yaml_config_switches_by_key(tmp_path):
         loss = criterion({"student": _nest(leaves), "teacher": t}, {}, y)
         results.append((loss.detach(), torch.autograd.grad(loss, list(leaves.values()))))
     kinds = [type(c) for c, _ in criterion.term_dict.values()]
-    assert kinds == [ftd.KDLoss, ftd.ATLoss, ftd.RKDLoss]
+    assert kinds == [ftd.KDLoss, ftd.ATLoss, ftd.RKDLoss, ftd.DISTLoss]
     (v0, g0), (v1, g1) = results
     torch.testing.assert_close(v1, v0, rtol=1e-10, atol=1e-12)
     for a, b in zip(g1, g0):
@@ -392,8 +436,8 @@ def test_yaml_config_switches_by_key(tmp_path):
 
 # ---- registry, errors, docs --------------------------------------------------------------------------------
 def test_registered_keys():
-    assert set(ftd.LOSSES) == {"fastkd.KDLoss", "fastkd.LogitStdKDLoss", "fastkd.RKDLoss", "fastkd.SPKDLoss",
-                               "fastkd.PKTLoss", "fastkd.CCKDLoss", "fastkd.ATLoss"}
+    assert set(ftd.LOSSES) == {"fastkd.KDLoss", "fastkd.LogitStdKDLoss", "fastkd.DISTLoss", "fastkd.RKDLoss",
+                               "fastkd.SPKDLoss", "fastkd.PKTLoss", "fastkd.CCKDLoss", "fastkd.ATLoss"}
     for key, cls in ftd.LOSSES.items():
         assert MIDDLE_LEVEL_LOSS_DICT[key] is cls
         original = key.split(".", 1)[1]
@@ -438,6 +482,11 @@ def test_import_error_names_the_extra(monkeypatch):
     ("fastkd.KDLoss", dict(KD_IO, temperature=2.0, alpha=0.5, reduction="none"), ValueError, "reduction='none'"),
     ("fastkd.KDLoss", dict(KD_IO, temperature=0.0, alpha=0.5), ValueError, "temperature"),
     ("fastkd.KDLoss", dict(KD_IO, temperature=2.0, alpha=0.5, no_such_option=1), TypeError, "no_such_option"),
+    ("fastkd.DISTLoss", dict(KD_IO, beta=-1.0), ValueError, "beta"),
+    ("fastkd.DISTLoss", dict(KD_IO, gamma=math.nan), ValueError, "gamma"),
+    ("fastkd.DISTLoss", dict(KD_IO, tau=0.0), ValueError, "tau"),
+    ("fastkd.DISTLoss", dict(KD_IO, eps=-1e-8), ValueError, "eps"),
+    ("fastkd.DISTLoss", dict(KD_IO, beta="1"), TypeError, "beta"),
     ("fastkd.RKDLoss", dict(student_output_path="a", teacher_output_path="a", dist_factor=1.0, angle_factor=2.0,
                             reduction="none"), ValueError, "reduction='none'"),
     ("fastkd.RKDLoss", dict(student_output_path="a", teacher_output_path="a", dist_factor=-1.0, angle_factor=2.0,
@@ -473,6 +522,12 @@ def test_bad_inputs():
         kd({".": {"input": x}}, {".": {"output": x}}, None)
     with pytest.raises(ValueError, match="dim 1"):
         kd({".": {"output": x[0]}}, {".": {"output": x[0]}}, None)
+    dist = _build("fastkd.DISTLoss", KD_IO)
+    with pytest.raises(KeyError, match="teacher_io_dict has no module path '.'"):
+        dist({".": {"output": x}}, {"fc": {"output": x}})
+    with pytest.raises(ValueError, match="student_logits must be 2-D"):  # torchdistill computes another relation
+        y = torch.randn(3, 4, 2, 2)
+        dist({".": {"output": y}}, {".": {"output": y}})
     at = _build("fastkd.ATLoss", dict(at_pairs=_at_pairs((1,))))
     with pytest.raises(ValueError, match="spatial positions"):
         at({"layer2": {"output": torch.randn(2, 3, 4, 4)}}, {"layer3": {"output": torch.randn(2, 3, 5, 5)}})

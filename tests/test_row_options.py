@@ -6,6 +6,7 @@ Oracles: fastkd.reference (plain PyTorch autograd, float64) and the anchors' own
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -33,12 +34,14 @@ def _call(impl, name, s, t, T, params, **kw):
     return impl.divergence_loss(s, t, name, T, labels=labels, **params, **kw)
 
 
-def _grads(fn, s, t, T):
+def _grads(fn, s, t, T, teacher_grad=True):
+    """The loss and its gradients; without the teacher's (teacher_grad=False) the kernels take their
+    student-only path, which parks the exponentials in the gradient row."""
     s = s.detach().clone().requires_grad_(True)
-    t = t.detach().clone().requires_grad_(True)
+    t = t.detach().clone().requires_grad_(teacher_grad)
     T = T.detach().clone().requires_grad_(True) if isinstance(T, torch.Tensor) else T
     loss = fn(s, t, T)
-    inputs = (s, t, T) if isinstance(T, torch.Tensor) else (s, t)
+    inputs = (s,) + ((t,) if teacher_grad else ()) + ((T,) if isinstance(T, torch.Tensor) else ())
     # reduction "none": a fixed non-uniform upstream gradient per row
     go = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape) if loss.dim() else torch.ones_like(loss)
     return (loss.detach(),) + torch.autograd.grad(loss, inputs, go)
@@ -53,17 +56,19 @@ def _assert_all_close(got, want, rtol, atol, what):
 @pytest.mark.parametrize("temperature", ["scalar", "row"])
 @pytest.mark.parametrize("standardize", [False, True])
 @pytest.mark.parametrize("reduction", ["batchmean", "none", "sum", "mean"])
-def test_values_and_every_gradient_match_float64_autograd(name, params, temperature, standardize, reduction):
-    """Value and the gradients of student, teacher and temperature (0-dim and per row), weighted rows with an
-    ignored one, against plain-PyTorch autograd in float64."""
+@pytest.mark.parametrize("teacher_grad", [True, False], ids=["teacher-grad", "student-only"])
+def test_values_and_every_gradient_match_float64_autograd(name, params, temperature, standardize, reduction,
+                                                          teacher_grad):
+    """Value and the gradients of student, teacher (or the student alone) and temperature (0-dim and per row),
+    weighted rows with an ignored one, against plain-PyTorch autograd in float64."""
     s, t = _logits((3, 4, 19), 1), _logits((3, 4, 19), 2)
     T = torch.tensor(1.7, dtype=torch.float64) if temperature == "scalar" else 0.5 + torch.rand(3, 4, dtype=torch.float64)
     w = torch.rand(3, 4, dtype=torch.float64)
     labels = torch.zeros(3, 4, dtype=torch.long)
     labels[1, 2] = -100
     kw = dict(token_weights=w, standardize=standardize, labels=labels, reduction=reduction)
-    got = _grads(lambda a, b, c: _call(fastkd, name, a, b, c, params, **dict(kw)), s, t, T)
-    want = _grads(lambda a, b, c: _call(R, name, a, b, c, params, **dict(kw)), s, t, T)
+    got = _grads(lambda a, b, c: _call(fastkd, name, a, b, c, params, **dict(kw)), s, t, T, teacher_grad)
+    want = _grads(lambda a, b, c: _call(R, name, a, b, c, params, **dict(kw)), s, t, T, teacher_grad)
     _assert_all_close(got, want, 1e-10, 1e-12, f"{name} T={temperature} std={standardize} {reduction}")
 
 
@@ -142,14 +147,14 @@ def test_reduced_precision_is_close_to_float64(dtype):
     s, t = s64.to(dtype), t64.to(dtype)
     T = 0.5 + torch.rand(32, dtype=torch.float64)
     w = torch.rand(32, dtype=torch.float64)
-    for standardize in (False, True):
+    for standardize, teacher_grad in itertools.product((False, True), (True, False)):
         fn = lambda a, b, c: fastkd.kd_loss(a, b, c, token_weights=w.to(a.dtype), standardize=standardize)  # noqa: E731
-        got = _grads(fn, s, t, T.float())
-        want = _grads(fn, s.double(), t.double(), T)
+        got = _grads(fn, s, t, T.float(), teacher_grad)
+        want = _grads(fn, s.double(), t.double(), T, teacher_grad)
         _assert_all_close(got[:1], want[:1], tol, 1e-6, f"{dtype} std={standardize} value")
-        for k in (1, 2):  # student and teacher gradients, relative to their largest entry
+        for k in range(1, len(got) - 1):  # student (and teacher) gradients, relative to their largest entry
             torch.testing.assert_close(got[k].double(), want[k], rtol=0, atol=tol * want[k].abs().max().item())
-        torch.testing.assert_close(got[3].double(), want[3], rtol=10 * tol, atol=1e-6)
+        torch.testing.assert_close(got[-1].double(), want[-1], rtol=10 * tol, atol=1e-6)
 
 
 def test_token_weights_keep_the_divisor_and_get_no_gradient():
@@ -244,8 +249,9 @@ def test_bad_row_options():
 @settings(max_examples=25, deadline=None)
 @given(rows=st.integers(1, 5), vocab=st.integers(2, 40), scale=st.floats(0.1, 30.0),
        name=st.sampled_from([c[0] for c in NON_DKD]), standardize=st.booleans(), per_row=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_property_row_options_match_the_reference(rows, vocab, scale, name, standardize, per_row, seed):
+       teacher_grad=st.booleans(), seed=st.integers(0, 2**16))
+def test_property_row_options_match_the_reference(rows, vocab, scale, name, standardize, per_row, teacher_grad,
+                                                  seed):
     """Any shape, logit scale, divergence and option mix: value and every gradient equal plain-PyTorch
     autograd in float64."""
     s, t = _logits((rows, vocab), seed, scale), _logits((rows, vocab), seed + 1, scale)
@@ -254,8 +260,8 @@ def test_property_row_options_match_the_reference(rows, vocab, scale, name, stan
     w = torch.rand(rows, generator=g, dtype=torch.float64)
     params = dict(CASES)[name]
     kw = dict(token_weights=w, standardize=standardize)
-    got = _grads(lambda a, b, c: _call(fastkd, name, a, b, c, params, **dict(kw)), s, t, T)
-    want = _grads(lambda a, b, c: _call(R, name, a, b, c, params, **dict(kw)), s, t, T)
+    got = _grads(lambda a, b, c: _call(fastkd, name, a, b, c, params, **dict(kw)), s, t, T, teacher_grad)
+    want = _grads(lambda a, b, c: _call(R, name, a, b, c, params, **dict(kw)), s, t, T, teacher_grad)
     _assert_all_close(got, want, 1e-8, 1e-11, name)
 
 

@@ -67,17 +67,38 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     const int64_t excl = kDkd ? y : -1;      // DKD: sweeps 1-2 run over non-target classes
     auto masked = [&](const Vec<Acc>& v, int64_t i) { return in_chunk(excl, i, W) ? with_lane(v, excl - i, neg_inf) : v; };
 
-    // Sweep 1: row maxima.
+    // Sweep 1: row maxima; with standardization also each side's sums of d = x - x0 and d^2 (x0: the row's first
+    // entry), for its mean and std (row_standardization), in the same read of the row.
     Vec<Acc> ms0(neg_inf), ms1(neg_inf), mt0(neg_inf), mt1(neg_inf);
-    for (int64_t i = 0; i < V2; i += 2 * W) {
-      ms0 = at::vec::maximum(ms0, masked(load<Acc>(s + i), i));
-      ms1 = at::vec::maximum(ms1, masked(load<Acc>(s + i + W), i + W));
-      mt0 = at::vec::maximum(mt0, masked(load<Acc>(t + i), i));
-      mt1 = at::vec::maximum(mt1, masked(load<Acc>(t + i + W), i + W));
-    }
-    for (int64_t i = V2; i < V; i += W) {
-      ms0 = at::vec::maximum(ms0, masked(load_tail<Acc>(s + i, std::min(W, V - i)), i));
-      mt0 = at::vec::maximum(mt0, masked(load_tail<Acc>(t + i, std::min(W, V - i)), i));
+    const bool stdz = !kDkd && p.standardize;
+    std::array<double, 4> st_sums{};
+    if (stdz) {
+      const Acc s0 = static_cast<Acc>(s[0]), t0 = static_cast<Acc>(t[0]);
+      const Vec<Acc> s0_v(s0), t0_v(t0);
+      auto body = [&](int64_t i, int64_t n) {  // the tail is padded with x0: d = 0, and the maximum unchanged
+        const Vec<Acc> sv = n == W ? load<Acc>(s + i) : load_tail<Acc>(s + i, n, s0);
+        const Vec<Acc> tv = n == W ? load<Acc>(t + i) : load_tail<Acc>(t + i, n, t0);
+        ms0 = at::vec::maximum(ms0, sv);
+        mt0 = at::vec::maximum(mt0, tv);
+        const Vec<Acc> ds = sv - s0_v, dt = tv - t0_v;
+        return std::array<Vec<Acc>, 4>{ds, ds * ds, dt, dt * dt};
+      };
+      st_sums = blocked_sums<Acc, 4>(0, V1, [&](int64_t i) { return body(i, W); });
+      if (V1 < V) {
+        const auto tail = body(V1, V - V1);
+        for (int k = 0; k < 4; ++k) st_sums[k] += lane_sum<Acc>(tail[k]);
+      }
+    } else {
+      for (int64_t i = 0; i < V2; i += 2 * W) {
+        ms0 = at::vec::maximum(ms0, masked(load<Acc>(s + i), i));
+        ms1 = at::vec::maximum(ms1, masked(load<Acc>(s + i + W), i + W));
+        mt0 = at::vec::maximum(mt0, masked(load<Acc>(t + i), i));
+        mt1 = at::vec::maximum(mt1, masked(load<Acc>(t + i + W), i + W));
+      }
+      for (int64_t i = V2; i < V; i += W) {
+        ms0 = at::vec::maximum(ms0, masked(load_tail<Acc>(s + i, std::min(W, V - i)), i));
+        mt0 = at::vec::maximum(mt0, masked(load_tail<Acc>(t + i, std::min(W, V - i)), i));
+      }
     }
     const Acc max_s = lane_max<Acc>(at::vec::maximum(ms0, ms1));
     const Acc max_t = lane_max<Acc>(at::vec::maximum(mt0, mt1));
@@ -89,23 +110,11 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     }
     const Vec<Acc> max_s_v(max_s), max_t_v(max_t);
 
-    // Standardization: each side's row mean and std (a sweep over the row, now in L2), then the row's scalars.
+    // Standardization is affine with a positive scale: the shifted logits stay (x - max) * inv, inv = scale / T.
     RowStandardization st_s, st_t;
-    if (p.standardize) {
-      const Acc s0 = static_cast<Acc>(s[0]), t0 = static_cast<Acc>(t[0]);
-      const Vec<Acc> s0_v(s0), t0_v(t0);
-      auto body = [&](int64_t i, int64_t n) {
-        const Vec<Acc> ds = (n == W ? load<Acc>(s + i) : load_tail<Acc>(s + i, n, s0)) - s0_v;
-        const Vec<Acc> dt = (n == W ? load<Acc>(t + i) : load_tail<Acc>(t + i, n, t0)) - t0_v;
-        return std::array<Vec<Acc>, 4>{ds, ds * ds, dt, dt * dt};
-      };
-      auto sums = blocked_sums<Acc, 4>(0, V1, [&](int64_t i) { return body(i, W); });
-      if (V1 < V) {
-        const auto tail = body(V1, V - V1);
-        for (int k = 0; k < 4; ++k) sums[k] += lane_sum<Acc>(tail[k]);
-      }
-      st_s = row_standardization(s0, sums[0], sums[1], V, p.standardize_eps);
-      st_t = row_standardization(t0, sums[2], sums[3], V, p.standardize_eps);
+    if (stdz) {
+      st_s = row_standardization(static_cast<Acc>(s[0]), st_sums[0], st_sums[1], V, p.standardize_eps);
+      st_t = row_standardization(static_cast<Acc>(t[0]), st_sums[2], st_sums[3], V, p.standardize_eps);
     }
     const RowScalars rs = row_scalars(p, r, count, st_s.scale, st_t.scale);
     const Vec<Acc> inv_s_v(static_cast<Acc>(rs.inv_s)), inv_t_v(static_cast<Acc>(rs.inv_t));
@@ -121,10 +130,9 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     // The Psi family parks it the same way, for sweep 3 to read q = e_s / Z_s instead of another exponential.
     // Not when the gradient overwrites the student row in place (fastkd::fused_linear_kd_forward): parking
     // would clobber logits that sweeps 3-4 still read.
-    // (Not with standardization, whose gradient term needs the logits in sweep 4, nor with the Psi family's row
-    // dots, whose sweep 3 does not park.)
+    // (With standardization sweep 4 also reads the student row, for its gradient term: in L2 by then.)
     const bool park = ((kKLType && !kSwap && !kDkd) || kPsi) && std::is_same_v<S, Acc> && gs != nullptr && gt == nullptr &&
-                      !hard && p.grad_student != p.student && !p.standardize && !(kPsi && dots);
+                      !hard && p.grad_student != p.student;
     double z_s = 0.0, z_t = 0.0, dot = 0.0, z_1 = 0.0;
     KlDotSums kds;  // KL type: the sums of the row dots (row_options.h)
     constexpr bool kKlDots = kKLType && !kDkd;
@@ -221,7 +229,10 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     // so that sweep 4 needs one exponential instead of two and a logarithm.
     const bool park_psi = kPsi && park;
     if constexpr (kPsi) {
-      auto body = [&](int64_t i, int64_t n) {
+      // The entry's sums: phi, psi_p, psi_q, and with the row dots (N = 7) also log p psi_p, p log p,
+      // log q psi_q, q log q.
+      auto body = [&](auto n_sums, int64_t i, int64_t n) {
+        constexpr size_t N = decltype(n_sums)::value;
         Vec<Acc> lp, lq, pp, qq, psi_p, psi_q, phi;
         const Vec<Acc> sv = n == W ? load<Acc>(s + i) : load_tail<Acc>(s + i, n);
         const Vec<Acc> tv = n == W ? load<Acc>(t + i) : load_tail<Acc>(t + i, n);
@@ -231,23 +242,20 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
           if (n == W) store<S>(gs + i, psi_q);
           else store_tail<S>(gs + i, psi_q, n);
         }
-        return std::array<Vec<Acc>, 3>{phi, psi_p, psi_q};
+        if constexpr (N == 3) {
+          return std::array<Vec<Acc>, 3>{phi, psi_p, psi_q};
+        } else {
+          std::array<Vec<Acc>, 7> x{phi, psi_p, psi_q, phi, phi, phi, phi};
+          psi_dot_terms(lp, pp, psi_p, x[3], x[4]);
+          psi_dot_terms(lq, qq, psi_q, x[5], x[6]);
+          return x;
+        }
       };
-      // With the row dots: also sum log p psi_p, sum p log p, sum log q psi_q, sum q log q.
-      auto body_dots = [&](int64_t i, int64_t n) {
-        Vec<Acc> lp, lq, pp, qq, psi_p, psi_q, phi;
-        entry_terms(n == W ? load<Acc>(s + i) : load_tail<Acc>(s + i, n),
-                    n == W ? load<Acc>(t + i) : load_tail<Acc>(t + i, n), lp, lq, pp, qq, psi_p, psi_q, phi);
-        std::array<Vec<Acc>, 7> x{phi, psi_p, psi_q, phi, phi, phi, phi};
-        psi_dot_terms(lp, pp, psi_p, x[3], x[4]);
-        psi_dot_terms(lq, qq, psi_q, x[5], x[6]);
-        return x;
-      };
-      auto gather = [&](auto n_sums, auto&& f) {
+      auto gather = [&](auto n_sums) {
         constexpr size_t N = decltype(n_sums)::value;
-        auto sums = blocked_sums<Acc, N>(0, V1, [&](int64_t i) { return f(i, W); });
+        auto sums = blocked_sums<Acc, N>(0, V1, [&](int64_t i) { return body(n_sums, i, W); });
         if (V1 < V) {
-          const auto tail = f(V1, V - V1);
+          const auto tail = body(n_sums, V1, V - V1);
           for (size_t k = 0; k < N; ++k) sums[k] += lane_sum<Acc>(tail[k]);
         }
         divergence = sums[0];
@@ -258,8 +266,8 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
           d_s = psi_row_dot(sums[5], sum_psi_q, sums[6]);
         }
       };
-      if (dots) gather(std::integral_constant<size_t, 7>{}, body_dots);
-      else gather(std::integral_constant<size_t, 3>{}, body);
+      if (dots) gather(std::integral_constant<size_t, 7>{});
+      else gather(std::integral_constant<size_t, 3>{});
     }
 
     // The row's soft loss, and the scalars of its gradient.
@@ -282,16 +290,21 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     if (!gs && !gt) continue;
 
     // Sweep 4: gradients.
+    // The standardization's gradient term: k * (x - mean) on each side (0 without standardization).
+    const Acc k_s = static_cast<Acc>(stdz ? rs.coef * standardize_grad_factor(st_s, d_s, V) : 0.0);
+    const Acc k_t = static_cast<Acc>(stdz ? rs.coef * standardize_grad_factor(st_t, d_t, V) : 0.0);
+    const Vec<Acc> k_s_v(k_s), k_t_v(k_t), mean_s_v(static_cast<Acc>(st_s.mean)), mean_t_v(static_cast<Acc>(st_t.mean));
     if (park && !kPsi) {
-      for (int64_t i = 0; i < V1; i += W) {
-        const Vec<Acc> a = kd_shift(load<Acc>(t + i), max_t_v, inv_t_v);
-        store<S>(gs + i, kd_grad_student_from_es(load<Acc>(gs + i), inv_zs_v, a, log_zt_v, coef_v));
-      }
-      if (V1 < V) {
-        const int64_t n = V - V1;
-        const Vec<Acc> a = kd_shift(load_tail<Acc>(t + V1, n), max_t_v, inv_t_v);
-        store_tail<S>(gs + V1, kd_grad_student_from_es(load_tail<Acc>(gs + V1, n), inv_zs_v, a, log_zt_v, coef_v), n);
-      }
+      auto chunk = [&](int64_t i, int64_t n) {
+        const Vec<Acc> a = kd_shift(n == W ? load<Acc>(t + i) : load_tail<Acc>(t + i, n), max_t_v, inv_t_v);
+        const Vec<Acc> es = n == W ? load<Acc>(gs + i) : load_tail<Acc>(gs + i, n);
+        Vec<Acc> g = kd_grad_student_from_es(es, inv_zs_v, a, log_zt_v, coef_v);
+        if (stdz) g = g + k_s_v * ((n == W ? load<Acc>(s + i) : load_tail<Acc>(s + i, n)) - mean_s_v);
+        if (n == W) store<S>(gs + i, g);
+        else store_tail<S>(gs + i, g, n);
+      };
+      for (int64_t i = 0; i < V1; i += W) chunk(i, W);
+      if (V1 < V) chunk(V1, V - V1);
       continue;
     }
     // Per-divergence coefficients: student c_q * q - c_p * p, teacher p * (c * (log p - log q) - k) (KL type).
@@ -306,10 +319,6 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     const Vec<Acc> cq_v(static_cast<Acc>(gk_q.c_q)), cp_v(static_cast<Acc>(gk_q.c_p)), ct_v(static_cast<Acc>(gk_p.c_t)),
         kt_v(static_cast<Acc>(gk_p.k_t));
     const Acc gs_y = static_cast<Acc>(gk_s.student_target), gt_y = static_cast<Acc>(gk_t.teacher_target);  // DKD
-    // The standardization's gradient term: k * (x - mean) on each side (0 without standardization).
-    const Acc k_s = static_cast<Acc>(p.standardize ? rs.coef * standardize_grad_factor(st_s, d_s, V) : 0.0);
-    const Acc k_t = static_cast<Acc>(p.standardize ? rs.coef * standardize_grad_factor(st_t, d_t, V) : 0.0);
-    const Vec<Acc> k_s_v(k_s), k_t_v(k_t), mean_s_v(static_cast<Acc>(st_s.mean)), mean_t_v(static_cast<Acc>(st_t.mean));
     const Vec<Acc> sum_psi_p_v(static_cast<Acc>(sum_psi_p)), sum_psi_q_v(static_cast<Acc>(sum_psi_q));
     const Vec<Acc> log_z1_v(static_cast<Acc>(log_z1)), ce_coef_v(ce_coef);
     auto grad_chunk = [&](int64_t i, int64_t n) {
@@ -339,7 +348,7 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
           if (gt) g_t = kd_grad_teacher2(a, b, log_zt_v, log_zs_v, ct_v, kt_v);
         }
       }
-      if (p.standardize) {
+      if (stdz) {
         g_s = g_s + k_s_v * (sv - mean_s_v);
         if (gt) g_t = g_t + k_t_v * (tv - mean_t_v);
       }

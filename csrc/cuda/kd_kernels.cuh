@@ -1,4 +1,4 @@
-// CUDA kernels of fastkd::response_forward and fastkd::topk_kd_forward. One block per row (grid-stride
+// CUDA kernels of fastkd::response_forward (the top-k kernel: topk_kernels.cuh). One block per row (grid-stride
 // over rows), the same sweeps per row as the CPU kernels: row maxima, the sums that give the row's loss
 // (plus, for the Psi family, the sums over the normalized distributions), gradients. The per-element and per-row
 // math is kd_math.h (FASTKD_HOST_DEVICE), shared with the CPU kernels; block reductions are CUB's (fixed
@@ -337,99 +337,6 @@ __device__ __forceinline__ bool sorted_contains(const int64_t* idx, int64_t n, i
   return lo < n && idx[lo] == x;
 }
 
-template <typename S, typename Acc, int kBlock>
-__global__ void __launch_bounds__(kBlock) topk_kernel(TopkParams p) {
-  const int64_t V = p.vocab, K = p.k;
-  const double count = kd_count(p.count, p.rows);
-  const double coef_all = kd_grad_coef(p, count);
-  const Acc inv_t = static_cast<Acc>(p.inv_temperature);
-  const double scale = p.values_are_logprobs ? 1.0 : p.inv_temperature;
-  const bool bucket = p.tail_bucket;
-  auto* row_soft = static_cast<Acc*>(p.row_soft);
-
-  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
-    const S* s = static_cast<const S*>(p.student) + r * p.student_row_stride;
-    const Acc* v = static_cast<const Acc*>(p.values) + r * K;
-    const int64_t* idx = p.indices + r * K;
-    S* gs = p.grad_student ? static_cast<S*>(p.grad_student) + r * V : nullptr;
-    const double weight = topk_row_weight(p, r);
-    const double coef = coef_all * weight;
-    auto zero_row = [&] {
-      if (threadIdx.x == 0) row_soft[r] = Acc(0);
-      if (gs) for (int64_t i = threadIdx.x; i < V; i += kBlock) gs[i] = S(0);
-    };
-    if (!kd_row_counted(p.labels, r, p.ignore_index)) {
-      zero_row();
-      continue;
-    }
-    // Entry i is in the student's reference set: outside the kept set with a tail bucket, else any entry.
-    auto in_ref = [&](int64_t i) { return !bucket || !sorted_contains(idx, K, i); };
-    auto student_at = [&](int64_t j) { return static_cast<double>(static_cast<Acc>(s[j])); };
-    // Maxima: the student over its reference set and over the kept entries, the teacher's k values.
-    Acc4<double, 3> m{{-INFINITY, -INFINITY, -INFINITY}};
-    for (int64_t i = threadIdx.x; i < V; i += kBlock) {
-      if (in_ref(i)) m.v[0] = kd_nan_max(m.v[0], student_at(i));
-    }
-    for (int64_t k = threadIdx.x; k < K; k += kBlock) {
-      m.v[1] = kd_nan_max(m.v[1], student_at(idx[k]));
-      m.v[2] = kd_nan_max(m.v[2], static_cast<double>(v[k]));
-    }
-    m = block_reduce<kBlock>(m, MaxOp<double, 3>());
-    if (kd_row_empty(kd_nan_max(m.v[0], m.v[1]), m.v[2])) {  // fully masked: uniform over the block
-      zero_row();
-      continue;
-    }
-    const Acc origin = static_cast<Acc>(kd_origin(m.v[0]));
-    const double origin_v = kd_origin(m.v[2]);
-    auto b_of = [&](int64_t j) { return (student_at(j) - static_cast<double>(origin)) * p.inv_temperature; };
-    // The reference set's sum of exponentials, the teacher's Z, the kept entries' maximum shifted logit.
-    Acc4<double, 3> z{{0.0, 0.0, -INFINITY}};
-    Acc z_ref_part = 0;
-    for (int64_t i = threadIdx.x; i < V; i += kBlock) {
-      if (in_ref(i)) z_ref_part += fk_exp(kd_shift(static_cast<Acc>(s[i]), origin, inv_t));
-    }
-    z.v[0] = z_ref_part;
-    for (int64_t k = threadIdx.x; k < K; k += kBlock) {
-      z.v[1] += ::exp((static_cast<double>(v[k]) - origin_v) * scale);
-    }
-    z = block_reduce<kBlock>(z, SumOp<double, 3>());
-    Acc4<double, 1> mb{{-INFINITY}};
-    for (int64_t k = threadIdx.x; k < K; k += kBlock) mb.v[0] = kd_nan_max(mb.v[0], b_of(idx[k]));
-    mb = block_reduce<kBlock>(mb, MaxOp<double, 1>());
-    const double b_origin = kd_origin(mb.v[0]);
-    const TopkTeacher tt = topk_teacher(origin_v, z.v[1], p.values_are_logprobs, bucket, p.inv_temperature);
-    // The kept entries' sum of exp(b_k) (their log-sum-exp: bucket only), then the row loss over them.
-    Acc4<double, 1> z_kept{{0.0}};
-    for (int64_t k = threadIdx.x; k < K; k += kBlock) z_kept.v[0] += ::exp(b_of(idx[k]) - b_origin);
-    z_kept = block_reduce<kBlock>(z_kept, SumOp<double, 1>());
-    const double lse_kept = bucket ? b_origin + ::log(z_kept.v[0]) : -INFINITY;
-    const TopkStudent st = topk_student(::log(z.v[0]), lse_kept, bucket, tt.p_tail);
-    Acc4<double, 1> row{{0.0}};
-    for (int64_t k = threadIdx.x; k < K; k += kBlock) {
-      row.v[0] += topk_kept_term(topk_log_p(tt, static_cast<double>(v[k])), b_of(idx[k]) - st.log_zs);
-    }
-    row = block_reduce<kBlock>(row, SumOp<double, 1>());
-    if (threadIdx.x == 0) row_soft[r] = static_cast<Acc>(weight * p.loss_factor * (row.v[0] + topk_tail_term(tt, st)));
-    if (gs) {
-      const Acc dense = static_cast<Acc>(coef * st.dense);
-      // In place (the gradient overwrites the student row), the kept entries are left for the second loop,
-      // which still reads their logits.
-      const bool in_place = static_cast<const void*>(gs) == static_cast<const void*>(s);
-      __syncthreads();  // every read of s above happens before any write
-      for (int64_t i = threadIdx.x; i < V; i += kBlock) {
-        if (in_place && sorted_contains(idx, K, i)) continue;
-        gs[i] = static_cast<S>(dense * fk_exp(kd_shift(static_cast<Acc>(s[i]), origin, inv_t)));
-      }
-      __syncthreads();  // the kept entries are overwritten after the dense write
-      for (int64_t k = threadIdx.x; k < K; k += kBlock) {
-        const double g = topk_kept_grad(coef, topk_log_p(tt, static_cast<double>(v[k])), b_of(idx[k]) - st.log_zs);
-        gs[idx[k]] = static_cast<S>(g);
-      }
-    }
-    __syncthreads();
-  }
-}
-
 inline unsigned grid_for_rows(int64_t rows) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(rows, std::numeric_limits<int32_t>::max())));
 }
@@ -450,24 +357,6 @@ void launch_response(const KdCall& c, cudaStream_t stream) {
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-}
-
-// Launches topk_kernel for the student dtype of the call on `stream`.
-inline void launch_topk(const TopkCall& c, cudaStream_t stream) {
-  const dim3 grid(grid_for_rows(c.p.rows));
-  auto run = [&](auto s_tag) {
-    using S = decltype(s_tag);
-    using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
-    topk_kernel<S, Acc, 512><<<grid, 512, 0, stream>>>(c.p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  switch (c.student.scalar_type()) {
-    case at::kDouble: run(double{}); break;
-    case at::kFloat: run(float{}); break;
-    case at::kHalf: run(at::Half{}); break;
-    case at::kBFloat16: run(at::BFloat16{}); break;
-    default: TORCH_INTERNAL_ASSERT(false, "unexpected student dtype");
-  }
 }
 
 // Instantiated once per divergence, in kd_cuda.cu (KL type, decoupled) and kd_cuda_psi.cu (Psi family).

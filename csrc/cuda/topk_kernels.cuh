@@ -3,9 +3,7 @@
 // row_options.h (FASTKD_HOST_DEVICE, shared with it): the maxima, the reference set's sum of exponentials (and of
 // e b, for a temperature gradient), the kept entries' terms, then the gradient. Per-row temperatures and weights
 // come from row_scalars; CUB block reductions (fixed order: deterministic); int64 indexing.
-//
-// It supersedes topk_kernel / launch_topk of kd_kernels.cuh (one temperature, no temperature gradient), whose
-// block reductions and sorted_contains it uses.
+// Its block reductions and sorted_contains are kd_kernels.cuh's.
 #pragma once
 
 #include <cstdint>

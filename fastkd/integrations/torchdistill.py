@@ -13,6 +13,7 @@ key                        fastkd                                               
 =========================  ===========================================================  =======================
 ``fastkd.KDLoss``          :func:`fastkd.kd_loss` (CE + KD mixed in the same pass)      ``KDLoss``
 ``fastkd.LogitStdKDLoss``  :func:`fastkd.kd_loss` on the standardized logits            ``LogitStdKDLoss``
+``fastkd.DISTLoss``        :func:`fastkd.dist_loss` (``[N, C]`` logits)                 ``DISTLoss``
 ``fastkd.RKDLoss``         :func:`fastkd.rkd_loss`                                      ``RKDLoss``
 ``fastkd.SPKDLoss``        :func:`fastkd.sp_loss` with ``normalize="l1"`` (not fused)   ``SPKDLoss``
 ``fastkd.PKTLoss``         :func:`fastkd.pkt_loss`                                      ``PKTLoss``
@@ -41,8 +42,7 @@ YAML config needs the import (torchdistill's example scripts import a config's `
 :func:`register` (run at import) is idempotent; it raises if one of the keys is already taken by something
 that is not this module's class. :data:`LOSSES` maps each key to its class.
 
-torchdistill's losses fastkd does not register: ``DISTLoss``, ``FTLoss``, ``FSPLoss``, ``VIDLoss``, ``CRDLoss`` and
-the rest (fastkd has no kernel for them). torchdistill 1.1.5 has no DKD or NST loss, and its FitNet configs use
+torchdistill's losses fastkd does not register: ``FTLoss``, ``FSPLoss``, ``VIDLoss``, ``CRDLoss`` and the rest (fastkd has no kernel for them). torchdistill 1.1.5 has no DKD or NST loss, and its FitNet configs use
 ``torch.nn.MSELoss`` through ``SimpleLossWrapper`` (fastkd's :func:`fastkd.hint_loss` is ``F.mse_loss`` too: nothing
 to gain).
 
@@ -59,6 +59,8 @@ reproduce a reduction; each class says which applies):
 * The relation losses' own deviations (documented in :mod:`fastkd.relation_functional`): a batch of one or zero
   samples gives 0 for RKD (torchdistill: NaN), a zero student row gets a finite PKT gradient (torchdistill:
   NaN).
+* ``DISTLoss`` takes ``[N, C]`` logits only (ValueError for more dims, where torchdistill's intra-class term
+  correlates each class and position across the batch); an empty batch gives 0 (torchdistill: NaN).
 
 Requires torchdistill >= 1.0 (the ``integrations`` extra: ``pip install "fastkd[integrations]"``).
 """
@@ -85,11 +87,13 @@ if not hasattr(_registry, "register_mid_level_loss") or not hasattr(_registry, "
     )
 
 from fastkd import _validation as v
+from fastkd import dist as _dist
 from fastkd import functional as _fn
 
 __all__ = [
     "KDLoss",
     "LogitStdKDLoss",
+    "DISTLoss",
     "RKDLoss",
     "SPKDLoss",
     "PKTLoss",
@@ -303,6 +307,51 @@ class LogitStdKDLoss(_KDBase):
         if not self._mixed(targets):
             return soft
         return self._compose(soft, s, targets)
+
+
+class DISTLoss(nn.Module):
+    r"""torchdistill's ``DISTLoss`` (key ``"fastkd.DISTLoss"``; Huang et al., NeurIPS 2022), fused:
+    :func:`fastkd.dist_loss` of ``io_dict[path][io]`` on each side, ``tau^2 * (beta * inter + gamma * intra)``
+    with ``inter = 1 - mean_rows pearson(y_s, y_t)``, ``intra`` the same over the classes (each class across the
+    batch), ``y = softmax(z / tau, dim=1)``; the cosine's ``eps`` applied as ``F.cosine_similarity`` applies it.
+
+    Args:
+        student_module_path, student_module_io, teacher_module_path, teacher_module_io: where the logits are
+            in the io dicts (``io_dict[path][io]``), as torchdistill.
+        beta: weight of the inter-class term, finite >= 0 (default 1.0).
+        gamma: weight of the intra-class term, finite >= 0 (default 1.0).
+        tau: softmax temperature > 0 (default 1.0).
+        eps: the cosine similarity's lower bound on each norm, finite >= 0 (default 1e-8).
+        **kwargs: ignored, as torchdistill ignores them.
+
+    The teacher gets a gradient iff it requires grad, as in torchdistill (it does not detach it). Differences:
+    logits must be ``[N, C]`` (ValueError otherwise: for ``[N, C, H, W]`` torchdistill's intra-class term
+    correlates each ``(class, position)`` across the batch, which fastkd's kernel does not compute); negative
+    ``beta`` / ``gamma``, ``tau <= 0`` or ``eps < 0`` raise at construction; N = 0 gives 0 (torchdistill: NaN).
+    """
+
+    def __init__(self, student_module_path: str, student_module_io: str, teacher_module_path: str,
+                 teacher_module_io: str, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0, eps: float = 1e-8,
+                 **kwargs) -> None:
+        super().__init__()
+        self.student_module_path = student_module_path
+        self.student_module_io = student_module_io
+        self.teacher_module_path = teacher_module_path
+        self.teacher_module_io = teacher_module_io
+        self.beta = v.check_nonneg_weight("beta", beta)
+        self.gamma = v.check_nonneg_weight("gamma", gamma)
+        self.tau = v.check_temperature(tau, "tau")
+        self.eps = v.check_real("eps", eps, 0.0)
+
+    def forward(self, student_io_dict, teacher_io_dict, *args, **kwargs) -> torch.Tensor:
+        s = _io(student_io_dict, self.student_module_path, self.student_module_io, "student")
+        t = _io(teacher_io_dict, self.teacher_module_path, self.teacher_module_io, "teacher")
+        return _dist.dist_loss(s, t, self.beta, self.gamma, self.tau, self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"student={self.student_module_path!r}/{self.student_module_io!r}, "
+                f"teacher={self.teacher_module_path!r}/{self.teacher_module_io!r}, beta={self.beta}, "
+                f"gamma={self.gamma}, tau={self.tau}, eps={self.eps}")
 
 
 # ---- relation-based: RKD, SP, PKT, CC --------------------------------------------------------------------
@@ -531,6 +580,7 @@ _TABLE = (
      "`T^2` only in the mixed branch (torchdistill's rule); CE + KD in one fused pass for `[N, C]` logits"),
     ("fastkd.LogitStdKDLoss", LogitStdKDLoss, "`kd_loss` on the standardized logits", "LogitStdKDLoss",
      "standardization in plain PyTorch, the KL fused, the CE (raw logits) `nn.CrossEntropyLoss`"),
+    ("fastkd.DISTLoss", DISTLoss, "`dist_loss`", "DISTLoss", "`[N, C]` logits only"),
     ("fastkd.RKDLoss", RKDLoss, "`rkd_loss`", "RKDLoss", "`reduction` 'mean' or 'sum'"),
     ("fastkd.SPKDLoss", SPKDLoss, "`sp_loss(normalize=\"l1\")`", "SPKDLoss",
      "exact but not fused (the SP kernel does L2 only): no speed-up"),
