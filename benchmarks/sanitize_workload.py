@@ -78,7 +78,8 @@ def topk(dev):
 
 
 def shard(dev):
-    """The vocabulary-range ops of fastkd.distributed on one process: two ranges of each row."""
+    """The vocabulary-range ops of fastkd.distributed on one process: two ranges of each row (one temperature,
+    and one per row with the row dots)."""
     T = 1.5
     for dt in (torch.float32, torch.float64):
         s = torch.randn(3, 37, device=dev, dtype=dt)
@@ -87,6 +88,7 @@ def shard(dev):
         log_z = torch.stack([((x - m[:, None]) / T).exp().sum(-1).log() for x, m in ((s, shift[0]), (t, shift[1]))])
         stats = torch.stack([shift[0], shift[1], log_z[0], log_z[1]], dim=1).contiguous()
         coef = torch.ones(3, device=dev, dtype=dt)
+        rt = torch.rand(3, device=dev) + 0.5
         for name in fastkd.distributed.LOSSES:
             spec = divergences.get(name)
             values = [spec.test_params[0].get(p.name, p.default) for p in spec.params]
@@ -96,6 +98,11 @@ def shard(dev):
             for r in ranges:
                 torch.ops.fastkd.response_shard_grad(s[r].contiguous(), t[r].contiguous(), stats, coef,
                                                      sums[:, 1].contiguous(), name, values, T)
+                # one temperature per row, with the temperature gradient's row dots
+                torch.ops.fastkd.response_shard_terms(s[r].contiguous(), t[r].contiguous(), stats, name, values, 1.0,
+                                                      rt, True)
+                torch.ops.fastkd.response_shard_grad(s[r].contiguous(), t[r].contiguous(), stats, coef,
+                                                     sums[:, 1].contiguous(), name, values, 1.0, rt)
 
 
 def fused_head(dev):

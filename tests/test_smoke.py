@@ -201,31 +201,45 @@ def _topk_row_temperature(device):
 def _shard_case(name: str):
     """The shard ops on two vocabulary ranges of one process (float32 on the device): the range sums give the
     dense divergence per row and the range gradients the dense student gradient (as fastkd.distributed uses
-    them), against the float64 reference."""
+    them), against the float64 reference; also with one temperature per row, whose row dots (dots=True) give the
+    reference's temperature gradient."""
 
     def run(device):
+        from fastkd.distributed import _temperature_dots
+
         spec = divergences.get(name)
         params = dict(spec.test_params[0])
         values = [params.get(p.name, p.default) for p in spec.params]
         s64, t64 = _randn(4, 37, seed=50, scale=2.0), _randn(4, 37, seed=51, scale=2.0)
         s, t = s64.to(device, torch.float32), t64.to(device, torch.float32)
-        shift = torch.stack([s.amax(-1), t.amax(-1)])
-        log_z = torch.stack([((x - m[:, None]) / T).exp().sum(-1).log() for x, m in ((s, shift[0]), (t, shift[1]))])
-        stats = torch.stack([shift[0], shift[1], log_z[0], log_z[1]], dim=1).contiguous()
-        ranges = [(slice(None), slice(0, 16)), (slice(None), slice(16, None))]
-        sums = sum(torch.ops.fastkd.response_shard_terms(s[r].contiguous(), t[r].contiguous(), stats, name, values,
-                                                         T) for r in ranges)
         coef = torch.linspace(0.5, 1.5, 4, dtype=torch.float64)
-        grad = torch.cat([torch.ops.fastkd.response_shard_grad(s[r].contiguous(), t[r].contiguous(), stats,
-                                                               coef.to(device, torch.float32) / T,
-                                                               sums[:, 1].contiguous(), name, values, T)
-                          for r in ranges], dim=-1)
-        a = s64.clone().requires_grad_(True)
-        dense = reference.divergence_loss(a, t64, name, T, reduction="none", scale_by_temperature=False, **params)
-        (g_ref,) = torch.autograd.grad((dense * coef).sum(), a)
-        assert sums.device.type == torch.device(device).type
-        _close(sums[:, 0], dense, f"{name} shard sums")
-        _close(grad, g_ref, f"{name} shard gradient")
+        rt64 = torch.rand(4, generator=_gen(52), dtype=torch.float64) + 0.5
+        for temperature, rt in ((T, None), (1.0, rt64.to(device))):
+            Tc = T if rt is None else rt.float().unsqueeze(-1)  # the divisor of the statistics
+            shift = torch.stack([s.amax(-1), t.amax(-1)])
+            log_z = torch.stack([((x - m[:, None]) / Tc).exp().sum(-1).log() for x, m in ((s, shift[0]),
+                                                                                          (t, shift[1]))])
+            stats = torch.stack([shift[0], shift[1], log_z[0], log_z[1]], dim=1).contiguous()
+            ranges = [(slice(None), slice(0, 16)), (slice(None), slice(16, None))]
+            sums = sum(torch.ops.fastkd.response_shard_terms(s[r].contiguous(), t[r].contiguous(), stats, name,
+                                                             values, temperature, rt, rt is not None) for r in ranges)
+            row_coef = (coef.to(device, torch.float32) / (T if rt is None else rt.float()))
+            grad = torch.cat([torch.ops.fastkd.response_shard_grad(s[r].contiguous(), t[r].contiguous(), stats,
+                                                                   row_coef, sums[:, 1].contiguous(), name, values,
+                                                                   temperature, rt)
+                              for r in ranges], dim=-1)
+            a = s64.clone().requires_grad_(True)
+            T_ref = T if rt is None else rt64.clone().requires_grad_(True)
+            dense = reference.divergence_loss(a, t64, name, T_ref, reduction="none", scale_by_temperature=False,
+                                              **params)
+            g_ref = torch.autograd.grad((dense * coef).sum(), [a] + ([] if rt is None else [T_ref]))
+            assert sums.device.type == torch.device(device).type
+            what = f"{name} shard" + ("" if rt is None else " per-row T")
+            _close(sums[:, 0], dense, f"{what} sums")
+            _close(grad, g_ref[0], f"{what} gradient")
+            if rt is not None:
+                d_s, d_t = _temperature_dots(sums[:, 1:].t().double().cpu())
+                _close(-coef * (d_s + d_t) / rt64, g_ref[1], f"{what} temperature gradient")
 
     return run
 
