@@ -78,7 +78,8 @@ def topk(dev):
 
 
 def shard(dev):
-    """The vocabulary-range ops of fastkd.distributed on one process: two ranges of each row."""
+    """The vocabulary-range ops of fastkd.distributed on one process: two ranges of each row (one temperature,
+    and one per row with the row dots)."""
     T = 1.5
     for dt in (torch.float32, torch.float64):
         s = torch.randn(3, 37, device=dev, dtype=dt)
@@ -87,6 +88,7 @@ def shard(dev):
         log_z = torch.stack([((x - m[:, None]) / T).exp().sum(-1).log() for x, m in ((s, shift[0]), (t, shift[1]))])
         stats = torch.stack([shift[0], shift[1], log_z[0], log_z[1]], dim=1).contiguous()
         coef = torch.ones(3, device=dev, dtype=dt)
+        rt = torch.rand(3, device=dev) + 0.5
         for name in fastkd.distributed.LOSSES:
             spec = divergences.get(name)
             values = [spec.test_params[0].get(p.name, p.default) for p in spec.params]
@@ -96,6 +98,11 @@ def shard(dev):
             for r in ranges:
                 torch.ops.fastkd.response_shard_grad(s[r].contiguous(), t[r].contiguous(), stats, coef,
                                                      sums[:, 1].contiguous(), name, values, T)
+                # one temperature per row, with the temperature gradient's row dots
+                torch.ops.fastkd.response_shard_terms(s[r].contiguous(), t[r].contiguous(), stats, name, values, 1.0,
+                                                      rt, True)
+                torch.ops.fastkd.response_shard_grad(s[r].contiguous(), t[r].contiguous(), stats, coef,
+                                                     sums[:, 1].contiguous(), name, values, 1.0, rt)
 
 
 def fused_head(dev):
@@ -175,7 +182,8 @@ def relation(dev):
 
 def row_options(dev):
     """Issue 14's kernels: per-row temperatures with their gradient, token weights and standardization (KL type
-    and Psi family, both block sizes), top-k weights, DIST and cosine (odd shapes, both block sizes)."""
+    and Psi family, both block sizes), top-k weights, DIST and cosine (odd shapes, both block sizes); per-row
+    temperatures with their gradient in the top-k kernel and the fused head (every teacher kind)."""
     for shape in [(3, 7), (2, 2053)]:
         for dt in FLOATS + (torch.float64,):
             s = torch.randn(shape, device=dev, dtype=dt, requires_grad=True)
@@ -188,7 +196,21 @@ def row_options(dev):
                       fastkd.jsd_loss(s, t, 0.3, T, standardize=True, reduction="none"),
                       fastkd.dist_loss(s, t, 1.0, 2.0, 2.0), fastkd.cosine_loss(s, t, alpha=0.5, labels=y)]
             vals, idx = t.detach().topk(min(5, shape[1]))
+            lvals = torch.log_softmax(t.detach().float(), -1).gather(-1, idx)
             losses.append(fastkd.topk_kd_loss(s, vals, idx, 2.0, token_weights=w))
+            # per-row temperatures with their gradient in the top-k kernel (each flavour) and the fused head
+            losses.append(fastkd.topk_kd_loss(s, vals, idx, T, token_weights=w, reduction="none"))
+            losses.append(fastkd.topk_kd_loss(s, lvals, idx, T, values_are="logprobs", tail="bucket"))
+            losses.append(fastkd.topk_kd_loss(s, lvals, idx, T, values_are="logprobs"))
+            h = torch.randn(shape[0], 16, device=dev, dtype=dt, requires_grad=True)
+            hw = (torch.randn(shape[1], 16, device=dev, dtype=dt) / 4).requires_grad_(True)
+            for teacher in (t.detach(), fastkd.TeacherHead(torch.randn(shape[0], 8, device=dev, dtype=dt),
+                                                           torch.randn(shape[1], 8, device=dev, dtype=dt)),
+                            fastkd.TopKTeacher(vals, idx), fastkd.TopKTeacher(lvals, idx, "logprobs", "bucket")):
+                for red in ("batchmean", "none"):
+                    losses.append(fastkd.fused_linear_kd_loss(h, hw, teacher, temperature=T, labels=y,
+                                                              hard_label_weight=0.2, token_weights=w, reduction=red,
+                                                              chunk_size=2))
             sum(loss.float().sum() for loss in losses).backward()
 
 

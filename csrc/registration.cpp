@@ -58,15 +58,18 @@ TORCH_LIBRARY(fastkd, m) {
   // The per-entry phases of a divergence over one vocabulary range (a tensor-parallel rank's shard), given the
   // rows' global statistics stats [rows, 4] = (shift_s, shift_t, log_zs, log_zt) with log p = (t - shift_t) / T -
   // log_zt (fastkd.distributed all-reduces them and the sums between the phases; shard_host.h). float32 or
-  // float64 inputs of one dtype; not differentiable (the caller's autograd uses the second).
-  //   terms: [rows, 2] = the range's sum phi and sum psi_q (psi_q = q dphi/dq);
+  // float64 inputs of one dtype; not differentiable (the caller's autograd uses the second). row_temperature
+  // [rows]: a temperature per row (replaces temperature).
+  //   terms: [rows, 2] = the range's sum phi and sum psi_q (psi_q = q dphi/dq); with dots [rows, 7], also the
+  //          range's parts of the temperature gradient's row dots: sum psi_p, sum log p psi_p, sum p log p,
+  //          sum log q psi_q, sum q log q (row_options.h: psi_row_dot);
   //   grad:  [rows, width] = row_coef * (psi_q - q * sum_psi_q), sum_psi_q over the whole vocabulary.
   m.def(
       "response_shard_terms(Tensor student, Tensor teacher, Tensor stats, str divergence, float[] params, "
-      "float temperature) -> Tensor");
+      "float temperature, Tensor? row_temperature=None, bool dots=False) -> Tensor");
   m.def(
       "response_shard_grad(Tensor student, Tensor teacher, Tensor stats, Tensor row_coef, Tensor sum_psi_q, "
-      "str divergence, float[] params, float temperature) -> Tensor");
+      "str divergence, float[] params, float temperature, Tensor? row_temperature=None) -> Tensor");
 
   // Distillation through the student's linear head, never holding the [rows, vocab] logits: rows in chunks
   // of chunk_size, logits = hidden @ weight^T + bias, then the response kernel (any divergence but "dkd";

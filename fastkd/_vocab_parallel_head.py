@@ -113,8 +113,9 @@ def vocab_parallel_fused_linear_kd_loss(
             The gradient is exact: ``scale * (1 - tanh^2(scale * x / cap))`` times that of the logits.
         loss, beta, temperature, labels, ignore_index, hard_label_weight, soft_weight, reduction, chunk_size,
         scale_by_temperature, num_items_in_batch, return_parts, **params: as in
-            :func:`fastkd.fused_linear_kd_loss`; ``labels`` are global vocabulary indices (the cross-entropy
-            targets, at ``T = 1``); ``chunk_size=None`` picks :func:`fastkd.fused_linear.default_chunk_size` of
+            :func:`fastkd.fused_linear_kd_loss`, except that ``temperature`` is a Python number here (its
+            gradient's row dots are not wired through the chunked head's phases); ``labels`` are global vocabulary
+            indices (the cross-entropy targets, at ``T = 1``); ``chunk_size=None`` picks :func:`fastkd.fused_linear.default_chunk_size` of
             the gathered head (the global ``V``: the single-process head's chunk, so that each rank's
             buffers are ``1 / world`` of its). ``"mean"`` divides the distillation term by the counted
             rows times the global ``V``.

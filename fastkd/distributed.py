@@ -50,8 +50,8 @@ its slice of the gradient of the full logits.
 Communication per call: three all-reduces, on the logits' device (any backend: gloo, NCCL):
 a MAX of ``[2, rows]`` row maxima, a SUM of ``[2 * rows + 1]`` row sum-exps and shard widths (the global ``V``
 for ``reduction="mean"``), a SUM of ``[2, rows]``: the partial divergences and the partial sums of
-``psi_q = q dphi/dq``, all in the compute dtype (float32, or float64 for float64 input). Logits are never
-gathered.
+``psi_q = q dphi/dq`` (``[7, rows]`` for a temperature tensor that requires grad: also the partial sums of its
+row dots), all in the compute dtype (float32, or float64 for float64 input). Logits are never gathered.
 
 Every divergence of the registry but ``"dkd"`` runs here (``loss=`` its name, its parameters by keyword): its
 spec's per-entry formula ``phi`` (fastkd/divergences.py, shared with ``fastkd.reference``) gives each entry's
@@ -69,7 +69,7 @@ cross-entropy, a top-k teacher of global indices and the softcap / logit-scale t
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -91,7 +91,7 @@ def vocab_parallel_kd_loss(
     *,
     loss: str = "kl",
     beta: Optional[float] = None,
-    temperature: float = 1.0,
+    temperature: v.Temperature = 1.0,
     labels: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     reduction: str = "batchmean",
@@ -130,7 +130,12 @@ def vocab_parallel_kd_loss(
         beta: the divergence's ``beta`` (JSD mixing weight in ``[0, 1]``); None means its default (0.5 for the
             JSD); ignored by divergences without one.
         **params: the divergence's other parameters by name (e.g. ``skew=0.1``).
-        temperature: softmax temperature ``T > 0``.
+        temperature: softmax temperature ``T > 0``: a Python number, or a tensor, 0-dim or one per row ``[...]``
+            (identical on every rank), as :func:`fastkd.kd_loss`. When it requires grad its exact gradient
+            (``T^2`` included) comes from per-row sums of the same shard phases (the row dots of the single-device
+            kernels, their vocabulary ranges summed in the divergence phase's all-reduce, which then carries
+            ``[7, rows]`` numbers instead of ``[2, rows]``); every rank gets the full gradient of the (replicated)
+            loss.
         labels: integer tensor with the rows' shape ``[...]``, identical on every rank: rows equal to
             ``ignore_index`` do not count (value 0, gradient 0).
         ignore_index: label value of ignored rows.
@@ -144,9 +149,8 @@ def vocab_parallel_kd_loss(
             to their KL: pass ``scale_by_temperature=False`` to match them.
         group: the tensor-parallel process group whose ranks hold the vocabulary slices (default: the world).
         token_weights: optional per-row weights ``[...]``, identical on every rank, as :func:`fastkd.kd_loss`
-            (each counted row's loss times its weight, the divisor unchanged, no gradient for the weights). The
-            temperature is a Python number here and ``standardize`` is not offered: both need per-row scales
-            inside the shard kernels, which take one temperature (not built yet).
+            (each counted row's loss times its weight, the divisor unchanged, no gradient for the weights).
+            ``standardize`` is not offered (its statistics would need another all-reduce phase).
 
     Returns:
         The loss in the promoted dtype of the inputs, computed in float32 (float64 for float64 input). The
@@ -169,7 +173,11 @@ def vocab_parallel_kd_loss(
     _check_shards(student_logits_shard, teacher_logits_shard)
     v.check_choice("loss", loss, v.fused_linear_losses())
     scale_on = v.resolve_scale_by_temperature(scale_by_temperature, loss)
-    t = v.check_temperature(temperature)
+    t = v.check_temperature_or_tensor(temperature, student_logits_shard)
+    row_t = None
+    if isinstance(t, torch.Tensor):
+        v.check_row_temperature_values(t)  # before any communication: every rank raises alike
+        row_t, t = t.expand(student_logits_shard.shape[:-1]).reshape(-1), 1.0
     v.check_reduction(reduction)
     v.check_ignore_index(ignore_index)
     v.check_labels(labels, student_logits_shard)
@@ -179,11 +187,10 @@ def vocab_parallel_kd_loss(
     spec.check_ranges(values)
     _check_distributed()
 
-    scale = t * t if scale_on else 1.0
     keep = None if labels is None else labels.reshape(-1) != ignore_index
     return _VocabParallelKD.apply(
-        student_logits_shard, teacher_logits_shard, keep, spec, dict(zip(spec.param_names, values)), t, scale,
-        reduction, group, None if weights is None else weights.reshape(-1)
+        student_logits_shard, teacher_logits_shard, keep, spec, dict(zip(spec.param_names, values)), t, scale_on,
+        reduction, group, None if weights is None else weights.reshape(-1), row_t
     )
 
 
@@ -221,8 +228,22 @@ def _check_distributed() -> None:
 # --------------------------------------------------------------------------------------------------------
 # the computation
 # --------------------------------------------------------------------------------------------------------
+# In the phases below `temperature` is a float, or a [rows] tensor in the computation dtype (one per row).
+Temperature = Union[float, torch.Tensor]
+
+
+def _column(temperature: Temperature) -> Temperature:
+    """A temperature as the divisor of ``[rows, V_r]`` logits: the float, or the per-row tensor as a column."""
+    return temperature.unsqueeze(-1) if isinstance(temperature, torch.Tensor) else temperature
+
+
+def _op_temperature(temperature: Temperature) -> Tuple[float, Optional[torch.Tensor]]:
+    """The shard ops' (temperature, row_temperature) arguments."""
+    return (1.0, temperature) if isinstance(temperature, torch.Tensor) else (temperature, None)
+
+
 def _global_log_normalizers(
-    xs: torch.Tensor, xt: torch.Tensor, temperature: float, group: Optional[dist.ProcessGroup]
+    xs: torch.Tensor, xt: torch.Tensor, temperature: Temperature, group: Optional[dist.ProcessGroup]
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For raw shards ``[rows, V_r]`` in the compute dtype: ``(shift, log_s, teacher_has_mass, vocab)`` with
     ``shift [2, rows]`` the global row maxima of the raw logits (student, teacher; 0 for a row with no finite
@@ -252,7 +273,7 @@ def _row_log_sums(
     xs: torch.Tensor,
     xt: torch.Tensor,
     shift: torch.Tensor,
-    temperature: float,
+    temperature: Temperature,
     group: Optional[dist.ProcessGroup],
     extra: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -265,8 +286,8 @@ def _row_log_sums(
     n_extra = 0 if extra is None else extra.numel()
     sums = torch.empty(2 * rows + 1 + n_extra, dtype=xs.dtype, device=xs.device)
     # one [rows, V_r] temporary at a time: (x - shift) / T, exponentiated in place
-    sums[:rows] = torch.sub(xs, shift[0].unsqueeze(-1)).div_(temperature).exp_().sum(dim=-1)
-    sums[rows : 2 * rows] = torch.sub(xt, shift[1].unsqueeze(-1)).div_(temperature).exp_().sum(dim=-1)
+    sums[:rows] = torch.sub(xs, shift[0].unsqueeze(-1)).div_(_column(temperature)).exp_().sum(dim=-1)
+    sums[rows : 2 * rows] = torch.sub(xt, shift[1].unsqueeze(-1)).div_(_column(temperature)).exp_().sum(dim=-1)
     sums[2 * rows] = width
     if extra is not None:
         sums[2 * rows + 1 :] = extra.reshape(-1)
@@ -277,12 +298,12 @@ def _row_log_sums(
     return log_s, sum_exp, vocab, reduced
 
 
-def _shifted(x: torch.Tensor, shift: torch.Tensor, temperature: float) -> torch.Tensor:
+def _shifted(x: torch.Tensor, shift: torch.Tensor, temperature: Temperature) -> torch.Tensor:
     """``(x - shift) / T`` per row: the row maximum is subtracted before the scaling (well conditioned)."""
-    return (x - shift.unsqueeze(-1)) / temperature
+    return (x - shift.unsqueeze(-1)) / _column(temperature)
 
 
-def _log_probs(x: torch.Tensor, shift: torch.Tensor, log_s: torch.Tensor, temperature: float) -> torch.Tensor:
+def _log_probs(x: torch.Tensor, shift: torch.Tensor, log_s: torch.Tensor, temperature: Temperature) -> torch.Tensor:
     return _shifted(x, shift, temperature) - log_s.unsqueeze(-1)
 
 
@@ -291,25 +312,43 @@ def _stats(shift: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
     return torch.stack([shift[0], shift[1], log_s[0], log_s[1]], dim=1).contiguous()
 
 
-def _range_sums(spec, named, xs, xt, shift, log_s, temperature) -> torch.Tensor:
+def _range_sums(spec, named, xs, xt, shift, log_s, temperature, dots: bool = False) -> torch.Tensor:
     """``[2, rows]``: this rank's sum of phi and of psi_q per row, by the fused shard kernel (the divergence's
-    trait, csrc/include/fastkd/shard_host.h) when compiled, else by the spec's formula."""
+    trait, csrc/include/fastkd/shard_host.h) when compiled, else by the spec's formula. With ``dots``
+    ``[7, rows]``: also the range's parts of the temperature gradient's row dots (sum psi_p, sum log p psi_p,
+    sum p log p, sum log q psi_q, sum q log q; :func:`_temperature_dots`)."""
     if _ops_loader.LOADED:
+        t, row_t = _op_temperature(temperature)
         sums = torch.ops.fastkd.response_shard_terms(xs, xt, _stats(shift, log_s), spec.name, list(named.values()),
-                                                     temperature)
+                                                     t, row_t, dots)
         return sums.t().contiguous()
     log_q = _log_probs(xs, shift[0], log_s[0], temperature)
     log_p = _log_probs(xt, shift[1], log_s[1], temperature)
     phi, psi_q = _entry_terms(spec, named, log_p, log_q)
-    return torch.stack([phi.sum(dim=-1), psi_q.sum(dim=-1)])
+    sums = [phi.sum(dim=-1), psi_q.sum(dim=-1)]
+    if dots:
+        psi_p = _entry_psi_p(spec, named, log_p, log_q)
+        zero = torch.zeros((), dtype=phi.dtype, device=phi.device)
+
+        # the kernels' psi_dot_terms: a term whose weight is 0 is 0 (also where x is -inf)
+        def x_psi(x, psi):
+            return torch.where(psi != 0, x * psi, zero).sum(dim=-1)
+
+        def w_x(x):
+            w = x.exp()
+            return torch.where(w != 0, w * x, zero).sum(dim=-1)
+
+        sums += [psi_p.sum(dim=-1), x_psi(log_p, psi_p), w_x(log_p), x_psi(log_q, psi_q), w_x(log_q)]
+    return torch.stack(sums)
 
 
 def _range_grad(spec, named, xs, xt, shift, log_s, temperature, coef, sum_psi_q) -> torch.Tensor:
     """``coef * (psi_q - q * sum_psi_q)`` over this rank's range, ``[rows, V_r]`` (fused when compiled)."""
     if _ops_loader.LOADED:
+        t, row_t = _op_temperature(temperature)
         return torch.ops.fastkd.response_shard_grad(xs, xt, _stats(shift, log_s), coef.contiguous(),
-                                                    sum_psi_q.contiguous(), spec.name, list(named.values()),
-                                                    temperature)
+                                                    sum_psi_q.contiguous(), spec.name, list(named.values()), t,
+                                                    row_t)
     log_q = _log_probs(xs, shift[0], log_s[0], temperature)
     log_p = _log_probs(xt, shift[1], log_s[1], temperature)
     _, psi_q = _entry_terms(spec, named, log_p, log_q)
@@ -323,14 +362,24 @@ def _bad_rows(shift: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
     return shift.isnan().any(dim=0) | (shift == math.inf).any(dim=0) | log_s.isnan().any(dim=0)
 
 
-def _divergence_rows(spec, named, xs, xt, shift, log_s, temperature, group) -> Tuple[torch.Tensor, torch.Tensor]:
+def _divergence_rows(spec, named, xs, xt, shift, log_s, temperature, group,
+                     dots: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """The divergence phase (one all-reduce SUM of ``[2, rows]``): ``(per_row, sum_psi_q)``, each row's
     divergence over the whole vocabulary (NaN for :func:`_bad_rows`; no ``T^2``, no mask) and its sum of
-    ``psi_q``, which :func:`_divergence_grad` needs."""
-    parts = _range_sums(spec, named, xs, xt, shift, log_s, temperature)
+    ``psi_q``, which :func:`_divergence_grad` needs. With ``dots`` (``[7, rows]`` all-reduced) the second is
+    ``[6, rows]``: sum psi_q and the row dots' sums (:func:`_range_sums`)."""
+    parts = _range_sums(spec, named, xs, xt, shift, log_s, temperature, dots)
     dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=group)
     nan = torch.full((), math.nan, dtype=xs.dtype, device=xs.device)
-    return torch.where(_bad_rows(shift, log_s), nan, parts[0]), parts[1]
+    return torch.where(_bad_rows(shift, log_s), nan, parts[0]), parts[1:] if dots else parts[1]
+
+
+def _temperature_dots(sums: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(D_s, D_t)`` per row from the all-reduced ``[6, rows]`` sums of :func:`_divergence_rows` (sum psi_q,
+    sum psi_p, sum log p psi_p, sum p log p, sum log q psi_q, sum q log q): the row dots of the temperature
+    gradient, ``D = sum x psi - (sum psi)(sum w x)`` (csrc/include/fastkd/row_options.h, psi_row_dot)."""
+    sum_psi_q, sum_psi_p, lp_psi_p, p_lp, lq_psi_q, q_lq = sums
+    return lq_psi_q - sum_psi_q * q_lq, lp_psi_p - sum_psi_p * p_lp
 
 
 def _divergence_grad(spec, named, xs, xt, shift, log_s, temperature, coef, sum_psi_q) -> torch.Tensor:
@@ -351,14 +400,27 @@ def _entry_terms(spec, named, log_p: torch.Tensor, log_q: torch.Tensor) -> Tuple
     return phi.detach(), psi_q
 
 
+def _entry_psi_p(spec, named, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``psi_p = p dphi/dp = dphi/d(log p)`` entry by entry (the teacher's share, for the temperature's row dot);
+    0 where the teacher has no mass."""
+    with torch.enable_grad():
+        lp = log_p.detach().requires_grad_(True)
+        phi = spec.formula(lp.exp(), log_q.exp(), lp, log_q, **named)
+        (psi_p,) = torch.autograd.grad(phi.sum(), lp)
+    return torch.where(log_p == -math.inf, torch.zeros((), dtype=psi_p.dtype, device=psi_p.device), psi_p)
+
+
 class _VocabParallelKD(torch.autograd.Function):
     """Forward: the three all-reduces and the loss; backward: the local student gradient (the teacher gets
     none). Inputs after the validated arguments of :func:`vocab_parallel_kd_loss`: the divergence's spec and
-    parameters, ``scale`` the T^2 factor or 1, ``keep`` the counted rows or None.
+    parameters, ``scale_on`` whether the T^2 factor applies, ``keep`` the counted rows or None, ``row_temperature``
+    one temperature per row (replacing ``temperature``; it gets a gradient) or None.
 
     Any divergence sum_j phi(p_j, q_j) works the same way: each rank sums phi and psi_q = q dphi/dq over its
     slice, one all-reduce gives the row's divergence and sum psi_q, and the gradient with respect to the
-    tempered logits is psi_q(j) - q_j sum psi_q (the kernels' Psi family, kd_math.h)."""
+    tempered logits is psi_q(j) - q_j sum psi_q (the kernels' Psi family, kd_math.h). A temperature that requires
+    grad adds the sums of its two row dots to that all-reduce: d L_i / d T_i = w_i (f'(T_i) D_i - f(T_i) / T_i
+    (D_s + D_t)) (row_options.h, row_grad_temperature), computed in the forward, scaled in the backward."""
 
     @staticmethod
     def forward(
@@ -369,26 +431,39 @@ class _VocabParallelKD(torch.autograd.Function):
         spec,
         named: dict,
         temperature: float,
-        scale: float,
+        scale_on: bool,
         reduction: str,
         group: Optional[dist.ProcessGroup],
         weights: Optional[torch.Tensor] = None,
+        row_temperature: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         out_dtype, cdtype = _dtypes(student, teacher)
         lead, width = student.shape[:-1], student.shape[-1]
         rows = math.prod(lead)
         xs = student.reshape(rows, width).to(cdtype)
         xt = teacher.reshape(rows, width).to(cdtype)
-        shift, log_s, _, vocab = _global_log_normalizers(xs, xt, temperature, group)
+        T = temperature if row_temperature is None else row_temperature.detach().to(cdtype)
+        dots = row_temperature is not None and ctx.needs_input_grad[10]
+        shift, log_s, _, vocab = _global_log_normalizers(xs, xt, T, group)
         zero = torch.zeros((), dtype=cdtype, device=xs.device)
         # a NaN (or +inf) logit anywhere in a row makes its normalizer NaN: the row is NaN
-        per_row, sum_psi_q = _divergence_rows(spec, named, xs, xt, shift, log_s, temperature, group)
-        if scale != 1.0:
-            per_row = per_row * scale
+        divergence, sums = _divergence_rows(spec, named, xs, xt, shift, log_s, T, group, dots)
+        sum_psi_q = sums[0] if dots else sums
+        scale = T * T if scale_on else 1.0
+        per_row = divergence * scale if scale_on else divergence
         if weights is not None:
             per_row = per_row * weights.to(cdtype)
         if keep is not None:
             per_row = torch.where(keep, per_row, zero)
+        grad_t = None
+        if dots:  # d(row loss) / d(row temperature), before the reduction's weight
+            d_s, d_t = _temperature_dots(sums)
+            df = 2.0 * T if scale_on else zero
+            grad_t = df * divergence - scale / T * (d_s + d_t)
+            if weights is not None:
+                grad_t = grad_t * weights.to(cdtype)
+            if keep is not None:
+                grad_t = torch.where(keep, grad_t, zero)
 
         denom = None
         if reduction == "none":
@@ -402,35 +477,41 @@ class _VocabParallelKD(torch.autograd.Function):
                 denom = denom * vocab.clamp_min(1)
             result = per_row.sum() / denom
 
-        ctx.save_for_backward(student, teacher, shift, log_s, sum_psi_q, keep, denom, weights)
-        ctx.config = (spec, named, temperature, scale, reduction, cdtype)
+        ctx.save_for_backward(student, teacher, shift, log_s, sum_psi_q, keep, denom, weights,
+                              None if row_temperature is None else T, grad_t)
+        ctx.config = (spec, named, temperature, scale_on, reduction, cdtype,
+                      None if row_temperature is None else row_temperature.dtype)
         return result.to(out_dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        nothing = (None,) * 9
-        if not ctx.needs_input_grad[0]:
-            return (None,) + nothing
-        student, teacher, shift, log_s, sum_psi_q, keep, denom, weights = ctx.saved_tensors
-        spec, named, temperature, scale, reduction, cdtype = ctx.config
+        student, teacher, shift, log_s, sum_psi_q, keep, denom, weights, row_t, grad_t = ctx.saved_tensors
+        spec, named, temperature, scale_on, reduction, cdtype, t_dtype = ctx.config
         width = student.shape[-1]
         rows = shift.shape[1]
 
-        # the weight of each row in the reduced loss, times the chain rule's factor of the tempered logits
+        # the weight of each row in the reduced loss
         g = grad_out.to(cdtype)
-        coef = g.reshape(rows) if reduction == "none" else (g if denom is None else g / denom).expand(rows)
-        coef = coef * (scale / temperature)
+        row_weight = g.reshape(rows) if reduction == "none" else (g if denom is None else g / denom).expand(rows)
+        grad_temperature = None
+        if grad_t is not None and ctx.needs_input_grad[10]:
+            grad_temperature = (row_weight * grad_t).to(t_dtype)
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 10 + (grad_temperature,)
+
+        T = temperature if row_t is None else row_t
+        coef = row_weight * ((T * T if scale_on else 1.0) / T)  # the T^2 factor times the chain rule's 1 / T
         if weights is not None:
             coef = coef * weights.to(cdtype)
 
         xs = student.reshape(rows, width).to(cdtype)
         xt = teacher.reshape(rows, width).to(cdtype)
         zero = torch.zeros((), dtype=cdtype, device=xs.device)
-        grad = _divergence_grad(spec, named, xs, xt, shift, log_s, temperature, coef, sum_psi_q)  # NaN rows: NaN
+        grad = _divergence_grad(spec, named, xs, xt, shift, log_s, T, coef, sum_psi_q)  # NaN rows: NaN
         if keep is not None:
             grad = torch.where(keep.unsqueeze(-1), grad, zero)
-        return (grad.reshape(student.shape).to(student.dtype),) + nothing
+        return (grad.reshape(student.shape).to(student.dtype),) + (None,) * 9 + (grad_temperature,)
 
 
 # the fused linear head over a vocabulary-sharded lm_head, on the phases above (imported last: it uses them)

@@ -61,6 +61,7 @@ class Case:
     split: Optional[Tuple[int, ...]] = None  # default: SPLITS[world]
     params: Tuple[Tuple[str, float], ...] = ()  # a registry divergence's parameters (REGISTRY_KINDS)
     weighted: bool = False  # token_weights (the same on every rank)
+    temp: str = "float"  # the temperature: "float" (case.temperature), "scalar" (a 0-dim tensor) or "row" (one per row)
 
 
 def _kind_name(loss, beta):
@@ -114,7 +115,43 @@ def _cases(world: int) -> Dict[str, Case]:
                               weighted=True))
     cases.append(Case("kl-sum-bf16-student", "kl", 0.5, "sum", scale=True, dtype=torch.bfloat16,
                       teacher_dtype=torch.float32))
+    # a tensor temperature that requires grad (0-dim or one per row): its gradient on every rank
+    for loss, beta in KINDS:
+        k = _kind_name(loss, beta)
+        scale = loss != "jsd"
+        for temp in ("scalar", "row"):
+            for red in REDUCTIONS:
+                cases.append(Case(f"{k}-{red}-T-{temp}", loss, beta, red, scale=scale, labels="some",
+                                  weighted=red != "sum", temp=temp))
+        cases.append(Case(f"{k}-none-T-row-2d-bare", loss, beta, "none", lead=(5,), temp="row"))
+        cases.append(Case(f"{k}-none-T-row-padded-shard", loss, beta, "none", labels="some", pad="last_shard",
+                          temp="row"))
+        cases.append(Case(f"{k}-batchmean-T-row-float32", loss, beta, "batchmean", scale=scale, labels="some",
+                          dtype=torch.float32, temp="row"))
+        cases.append(Case(f"{k}-none-T-row-empty-row", loss, beta, "none", lead=(4,), pad="empty_row", temp="row"))
+        for red in ("batchmean", "none"):
+            cases.append(Case(f"{k}-{red}-T-row-nan-logits", loss, beta, red, lead=(5,), labels="some", pad="nan",
+                              temp="row"))
+        if world == 3:
+            cases.append(Case(f"{k}-none-T-row-zero-width-shard", loss, beta, "none", split=(8, 0, 5), temp="row"))
+    for loss, params in REGISTRY_KINDS:
+        k = loss + "".join(f"-{n}{x:g}" for n, x in params)
+        spec = fastkd.divergences.get(loss)
+        for red, temp in (("batchmean", "scalar"), ("none", "row")):
+            cases.append(Case(f"{k}-{red}-T-{temp}", loss, 0.5, red, scale=spec.temperature_squared, labels="some",
+                              params=params, temp=temp))
     return {c.name: c for c in cases}
+
+
+def _temperature(case: Case):
+    """The case's temperature as the loss takes it: a float, or a fresh tensor that requires grad (float32 for
+    float32 logits, else float64), the same in the workers and in the parent."""
+    if case.temp == "float":
+        return case.temperature
+    g = torch.Generator().manual_seed(zlib.crc32(case.name.encode()) + 2)
+    shape = () if case.temp == "scalar" else case.lead
+    T = 0.5 + 2.0 * torch.rand(shape, generator=g, dtype=torch.float64)
+    return T.to(torch.float32 if case.dtype == torch.float32 else torch.float64).requires_grad_(True)
 
 
 def _out_dtype(case: Case) -> torch.dtype:
@@ -183,7 +220,7 @@ NAN_ROWS = torch.tensor([False, True, False, False, True])  # the counted rows o
 
 def _single_process(case: Case, dtype: torch.dtype = torch.float64):
     """The single-process fastkd loss of the gathered logits, in float64 (or ``dtype``): (loss, student
-    gradient)."""
+    gradient, temperature gradient or None)."""
     s, t, labels, grad_out = _inputs(case)
     s, t = s.to(dtype), t.to(dtype)
     if case.pad == "empty_row":
@@ -192,24 +229,26 @@ def _single_process(case: Case, dtype: torch.dtype = torch.float64):
         s[1] = 0.0
         t[1] = 0.0
     s.requires_grad_(True)
+    T = _temperature(case)
+    if isinstance(T, torch.Tensor):
+        T = T.detach().double().requires_grad_(True)
     kw = dict(labels=labels, ignore_index=case.ignore_index, reduction=case.reduction)
     w = _token_weights(case)
     if w is not None:
         kw["token_weights"] = w.to(dtype)
     if case.params or case.loss not in ("kl", "reverse_kl", "jsd"):
-        loss = fastkd.divergence_loss(s, t, case.loss, case.temperature, scale_by_temperature=case.scale, **kw,
-                                      **dict(case.params))
+        loss = fastkd.divergence_loss(s, t, case.loss, T, scale_by_temperature=case.scale, **kw, **dict(case.params))
     elif case.loss == "kl":
-        loss = fastkd.kd_loss(s, t, case.temperature, scale_by_temperature=case.scale, **kw)
+        loss = fastkd.kd_loss(s, t, T, scale_by_temperature=case.scale, **kw)
     elif case.loss == "reverse_kl":
-        loss = fastkd.reverse_kl_loss(s, t, case.temperature, scale_by_temperature=case.scale, **kw)
+        loss = fastkd.reverse_kl_loss(s, t, T, scale_by_temperature=case.scale, **kw)
     else:
         # vocab_parallel_kd_loss's "batchmean" always divides by the rows (no TRL batch-size convention)
         rows = math.prod(case.lead) if case.reduction == "batchmean" and labels is None else None
         rows = rows or None  # no rows: nothing to divide
-        loss = fastkd.jsd_loss(s, t, beta=case.beta, temperature=case.temperature, num_items_in_batch=rows, **kw)
+        loss = fastkd.jsd_loss(s, t, beta=case.beta, temperature=T, num_items_in_batch=rows, **kw)
     loss.backward(grad_out.to(dtype))
-    return loss.detach(), s.grad
+    return loss.detach(), s.grad, T.grad if isinstance(T, torch.Tensor) else None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -281,13 +320,15 @@ def _run_case(case: Case, world: int, rank: int):
     s_shard = s[..., lo:hi].clone().requires_grad_(True)
     t_shard = t[..., lo:hi].clone().requires_grad_(True)  # the teacher is a constant even if it requires grad
     extra = dict(case.params) if case.params or case.loss not in ("kl", "reverse_kl", "jsd") else {"beta": case.beta}
+    T = _temperature(case)
     loss = vocab_parallel_kd_loss(
-        s_shard, t_shard, loss=case.loss, temperature=case.temperature, labels=labels,
+        s_shard, t_shard, loss=case.loss, temperature=T, labels=labels,
         ignore_index=case.ignore_index, reduction=case.reduction, scale_by_temperature=case.scale,
         token_weights=_token_weights(case), **extra,
     )
     loss.backward(grad_out)
-    return {"loss": loss.detach(), "grad": s_shard.grad, "teacher_grad": t_shard.grad}
+    return {"loss": loss.detach(), "grad": s_shard.grad, "teacher_grad": t_shard.grad,
+            "temperature_grad": T.grad if isinstance(T, torch.Tensor) else None}
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, with_ddp: bool):
@@ -335,7 +376,7 @@ def _params(world):
 def test_vocab_parallel_matches_single_process(world, name, tmp_path_factory):
     case = _cases(world)[name]
     per_rank = [r["cases"][name] for r in _results(world, tmp_path_factory)]
-    expected, expected_grad = _single_process(case)
+    expected, expected_grad, expected_t_grad = _single_process(case)
 
     loss = per_rank[0]["loss"]
     for rank, res in enumerate(per_rank):
@@ -347,6 +388,21 @@ def test_vocab_parallel_matches_single_process(world, name, tmp_path_factory):
     grad = torch.cat([res["grad"] for res in per_rank], dim=-1)
     assert loss.dtype == _out_dtype(case)
     assert loss.shape == expected.shape
+    if case.temp != "float":  # every rank gets the full gradient of the (replicated) loss
+        t_grad = per_rank[0]["temperature_grad"]
+        for rank, res in enumerate(per_rank):
+            torch.testing.assert_close(res["temperature_grad"], t_grad, rtol=0, atol=0, equal_nan=True,
+                                       msg=f"rank {rank} has a different temperature gradient than rank 0")
+        assert t_grad.shape == expected_t_grad.shape
+        assert t_grad.dtype == (torch.float32 if case.dtype == torch.float32 else torch.float64)
+        if case.pad == "nan":  # the rows with a NaN / +inf logit: NaN, as single-process
+            assert t_grad[NAN_ROWS].isnan().all() and expected_t_grad[NAN_ROWS].isnan().all()
+            assert torch.isfinite(t_grad[~NAN_ROWS]).all()
+        tol = dict(rtol=1e-10, atol=1e-12) if case.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(t_grad.double(), expected_t_grad, equal_nan=True, **tol)
+        if case.labels == "some" and case.temp == "row":  # an ignored row's temperature has no effect
+            _, _, labels, _ = _inputs(case)
+            assert (t_grad[labels == case.ignore_index] == 0).all()
     if case.pad == "nan":
         # a NaN or +inf logit on one rank makes its row NaN (value and gradient) everywhere, as single-process;
         # a reduced loss with such a counted row is NaN
@@ -470,7 +526,12 @@ def test_requires_initialized_process_group():
         ({"temperature": -2.0}, None, ValueError, "temperature must be finite and > 0"),
         ({"temperature": math.inf}, None, ValueError, "temperature must be finite and > 0"),
         ({"temperature": math.nan}, None, ValueError, "temperature must be finite and > 0"),
-        ({"temperature": torch.tensor(2.0)}, None, TypeError, "temperature must be a Python number"),
+        ({"temperature": torch.ones(3)}, None, ValueError, "temperature as a tensor must be 0-dim or have the logits'"),
+        ({"temperature": torch.ones(4, dtype=torch.long)}, None, TypeError, "temperature must be a float or a float"),
+        ({"temperature": torch.tensor([1.0, 0.0, 1.0, 1.0])}, None, ValueError,
+         "argument 'temperature': every entry must be a finite value"),
+        ({"temperature": torch.tensor(math.nan)}, None, ValueError,
+         "argument 'temperature': every entry must be a finite value"),
         ({"reduction": "avg"}, None, ValueError, "reduction must be one of"),
         ({"labels": torch.zeros(5, dtype=torch.long)}, None, ValueError, r"labels must have shape \(4,\)"),
         ({"labels": torch.zeros(4)}, None, TypeError, "labels must be an integer tensor"),

@@ -282,6 +282,49 @@ def test_shard_phases_compose_to_the_dense_loss(name, params):
         torch.ops.fastkd.response_shard_terms(s, t, stats, "dkd", [1.0, 8.0], T)
 
 
+@pytest.mark.parametrize("name,params", FUSED)
+def test_shard_phases_with_row_temperatures(name, params):
+    """The same with one temperature per row: the sums, the gradient, and the row dots' range sums (dots=True),
+    which give the dense temperature gradient: d D_i / d T_i = -(D_s + D_t) / T_i (float64)."""
+    spec = REGISTRY[name]
+    values = [params.get(p.name, p.default) for p in spec.params]
+    s, t = _logits((5, 17), 23), _logits((5, 17), 24)
+    s[1, 3] = t[1, 3] = -math.inf
+    T = 0.5 + torch.rand(5, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 2.0
+    shift = torch.stack([s.amax(-1), t.amax(-1)])
+    log_z = torch.stack([((x - m[:, None]) / T[:, None]).exp().sum(-1).log() for x, m in ((s, shift[0]),
+                                                                                          (t, shift[1]))])
+    stats = torch.stack([shift[0], shift[1], log_z[0], log_z[1]], dim=1).contiguous()
+    ranges = [(slice(None), slice(0, 9)), (slice(None), slice(9, None))]
+    sums = sum(torch.ops.fastkd.response_shard_terms(s[r].contiguous(), t[r].contiguous(), stats, name, values, 1.0,
+                                                     T, True) for r in ranges)
+    assert sums.shape == (5, 7)
+    plain = sum(torch.ops.fastkd.response_shard_terms(s[r].contiguous(), t[r].contiguous(), stats, name, values, 1.0,
+                                                      T) for r in ranges)
+    assert_close(sums[:, :2], plain, 1e-13, 1e-15, f"{name} sums with and without dots")
+    coef = torch.rand(5, dtype=torch.float64, generator=torch.Generator().manual_seed(6)) + 0.5
+    a, T_ = s.clone().requires_grad_(True), T.clone().requires_grad_(True)
+    dense = fastkd.divergence_loss(a, t, name, T_, reduction="none", scale_by_temperature=False, **params)
+    dense.backward(coef)
+    assert_close(sums[:, 0], dense.detach(), 1e-12, 1e-14, f"{name} shard sums")
+    from fastkd.distributed import _temperature_dots
+
+    d_s, d_t = _temperature_dots(sums[:, 1:].t())
+    assert_close(-coef * (d_s + d_t) / T, T_.grad, 1e-10, 1e-12, f"{name} temperature gradient")
+    grad = torch.cat([torch.ops.fastkd.response_shard_grad(s[r].contiguous(), t[r].contiguous(), stats, coef / T,
+                                                           sums[:, 1].contiguous(), name, values, 1.0, T)
+                      for r in ranges], dim=-1)
+    assert_close(grad, a.grad, 1e-10, 1e-12, f"{name} shard gradient")
+    sample = (s[:, :9].contiguous(), t[:, :9].contiguous(), stats, name, values, 1.0, T, True)
+    torch.library.opcheck(torch.ops.fastkd.response_shard_terms, sample)
+    torch.library.opcheck(torch.ops.fastkd.response_shard_grad,
+                          sample[:3] + (coef, sums[:, 1].contiguous()) + sample[3:7])
+    with pytest.raises(ValueError, match="argument 'temperature': every entry must be a finite value"):
+        torch.ops.fastkd.response_shard_terms(s, t, stats, name, values, 1.0, torch.zeros(5))
+    with pytest.raises(RuntimeError, match=r"argument 'temperature': expected shape \[5\]"):
+        torch.ops.fastkd.response_shard_grad(s, t, stats, coef, coef, name, values, 1.0, torch.ones(4))
+
+
 # --------------------------------------------------------------------------------------------------------
 # fuzzing every registered divergence (profiles of tests/test_fuzz.py: FASTKD_FUZZ_PROFILE=long for 1000 cases)
 # --------------------------------------------------------------------------------------------------------

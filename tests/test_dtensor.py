@@ -81,6 +81,12 @@ def _response(fn):
         "dkd": lambda s, t, y, r, n: fastkd.dkd_loss(s, t, y, 1.0, 4.0, 2.0, reduction=r,
                                                      **({} if n is None else {"num_items_in_batch": n})),
         "topk": lambda s, t, y, r, n: fastkd.topk_kd_loss(s, t[0], t[1], 2.0, **kw(y, r, n)),
+        # a 0-dim tensor temperature (a plain tensor, the same on every rank) on every path
+        "kd_T": lambda s, t, y, r, n: fastkd.kd_loss(s, t, torch.tensor(1.7, dtype=torch.float64), **kw(y, r, n)),
+        "jsd_T": lambda s, t, y, r, n: fastkd.jsd_loss(s, t, 0.3, torch.tensor(1.3, dtype=torch.float64),
+                                                       **kw(y, r, n)),
+        "topk_T": lambda s, t, y, r, n: fastkd.topk_kd_loss(s, t[0], t[1], torch.tensor(1.7, dtype=torch.float64),
+                                                            **kw(y, r, n)),
         # the nn.Module losses call the functions
         "KDLoss": lambda s, t, y, r, n: fastkd.KDLoss(temperature=2.0, reduction=r)(s, t, y, num_items_in_batch=n),
         "JSDLoss": lambda s, t, y, r, n: fastkd.JSDLoss(beta=0.3, reduction=r)(s, t, y, num_items_in_batch=n),
@@ -91,7 +97,7 @@ def _response(fn):
     return calls[fn]
 
 
-_LOCAL_ONLY = ("kd_mix", "dkd", "topk", "DKDLoss")  # not available on the vocabulary-parallel path
+_LOCAL_ONLY = ("kd_mix", "dkd", "topk", "topk_T", "DKDLoss")  # not available on the vocabulary-parallel path
 
 
 def _cases() -> Dict[str, Case]:
@@ -124,6 +130,10 @@ def _cases() -> Dict[str, Case]:
                               teacher_grad=True))
             cases.append(Case(f"kd-{placement}-none-teacher-grad", "kd", placement, "none", lead=lead,
                               teacher_grad=True))
+    for placement in ("vocab", "rows", "replicate"):
+        for fn in ("kd_T", "jsd_T") + (() if placement == "vocab" else ("topk_T",)):
+            for red in ("batchmean", "none"):
+                cases.append(Case(f"{fn}-{placement}-{red}", fn, placement, red))
     # one row on 2 ranks: rank 1 holds no row
     for red in REDUCTIONS:
         cases.append(Case(f"kd-rows-{red}-one-row", "kd", "rows", red, lead=(1,), labels="none"))
@@ -167,7 +177,7 @@ def _inputs(case: Case):
     else:
         out["s"] = torch.randn(lead + (VOCAB,), generator=g, dtype=torch.float64) * 2.0
         out["t"] = torch.randn(lead + (VOCAB,), generator=g, dtype=torch.float64) * 2.0
-    if case.fn == "topk" or case.teacher == "topk":
+    if case.fn in ("topk", "topk_T") or case.teacher == "topk":
         out["vals"], out["idx"] = out["t"].topk(4, dim=-1)
     out["w_none"] = torch.rand(lead, generator=g, dtype=torch.float64) + 0.5
     return out
@@ -208,7 +218,7 @@ def _single_process(case: Case):
     else:
         s = x["s"].clone().requires_grad_(True)
         t = x["t"].clone().requires_grad_(case.teacher_grad)
-        teacher = (x["vals"], x["idx"]) if case.fn == "topk" else t
+        teacher = (x["vals"], x["idx"]) if case.fn in ("topk", "topk_T") else t
         out = _response(case.fn)(s, teacher, x["labels"], case.reduction, case.num_items)
         _backward(case, out, x["w_none"])
         grads = {"s": s.grad}
@@ -279,7 +289,7 @@ def _run_case(case: Case, mesh):
         t = dt(x["t"], rows_p, case.teacher_grad)
         if case.teacher_grad:
             leaves["t"] = t
-        teacher = (dt(x["vals"], rows_only), dt(x["idx"], rows_only)) if case.fn == "topk" else t
+        teacher = (dt(x["vals"], rows_only), dt(x["idx"], rows_only)) if case.fn in ("topk", "topk_T") else t
         out = _response(case.fn)(leaves["s"], teacher, labels, case.reduction, case.num_items)
     values = list(out) if isinstance(out, fastkd.LossParts) else [out]
     assert all(isinstance(o, DTensor) for o in values), [type(o) for o in values]

@@ -5,8 +5,9 @@ machine it is the first check after the build (``pytest -m smoke``, benchmarks/g
 Cases: the response op with every registered divergence and each of its test parameter sets (two vocabulary
 sizes: the CUDA kernel's two block sizes; labels with ignored rows; student and teacher gradients), the hard-label
 CE, the top-k op in each flavour, the vocabulary-range shard ops with every divergence they run, the fused linear
-head with each teacher kind (every divergence with a logits teacher), and every relation / feature loss (RKD,
-SP, PKT, CC, AT, NST, FitNet hint). Inputs are float32 on the device under test.
+head with each teacher kind (every divergence with a logits teacher), per-row temperatures with their gradient
+(the response op, the top-k op and the fused head), and every relation / feature loss (RKD, SP, PKT, CC, AT, NST,
+FitNet hint). Inputs are float32 on the device under test.
 
 ``test_smoke_touches_every_op`` proves the cases reach every kernel: it runs them all under
 tests/op_coverage.py's recorder (a TorchDispatchMode that sees every torch.ops.fastkd call) and compares what
@@ -181,34 +182,64 @@ for _values_are, _tail in [("logits", "renormalize"), ("logprobs", "renormalize"
     case(f"topk-{_values_are}-{_tail}")(_topk_case(_values_are, _tail))
 
 
+@case("topk-row-temperature")
+def _topk_row_temperature(device):
+    """Per-row temperatures with their gradient, each top-k flavour."""
+    for i, (values_are, tail) in enumerate([("logits", "renormalize"), ("logprobs", "renormalize"),
+                                            ("logprobs", "bucket")]):
+        inputs = _logit_pair((4, 37), 45 + i)
+        t = inputs.pop("t")
+        src = t if values_are == "logits" else torch.log_softmax(t / T, -1)
+        inputs["values"], inputs["indices"] = src.topk(6, dim=-1)
+        inputs["rt"] = torch.rand(4, generator=_gen(48 + i), dtype=torch.float64) + 0.5
+        kw = dict(values_are=values_are, tail=tail, reduction="none" if i else "batchmean")
+        compare(lambda s, values, indices, rt: fastkd.topk_kd_loss(s, values, indices, rt, **kw),
+                lambda s, values, indices, rt: reference.topk_kd_loss(s, values, indices, rt, **kw),
+                inputs, ("s", "rt"), device, f"topk {values_are}/{tail} per-row T")
+
+
 def _shard_case(name: str):
     """The shard ops on two vocabulary ranges of one process (float32 on the device): the range sums give the
     dense divergence per row and the range gradients the dense student gradient (as fastkd.distributed uses
-    them), against the float64 reference."""
+    them), against the float64 reference; also with one temperature per row, whose row dots (dots=True) give the
+    reference's temperature gradient."""
 
     def run(device):
+        from fastkd.distributed import _temperature_dots
+
         spec = divergences.get(name)
         params = dict(spec.test_params[0])
         values = [params.get(p.name, p.default) for p in spec.params]
         s64, t64 = _randn(4, 37, seed=50, scale=2.0), _randn(4, 37, seed=51, scale=2.0)
         s, t = s64.to(device, torch.float32), t64.to(device, torch.float32)
-        shift = torch.stack([s.amax(-1), t.amax(-1)])
-        log_z = torch.stack([((x - m[:, None]) / T).exp().sum(-1).log() for x, m in ((s, shift[0]), (t, shift[1]))])
-        stats = torch.stack([shift[0], shift[1], log_z[0], log_z[1]], dim=1).contiguous()
-        ranges = [(slice(None), slice(0, 16)), (slice(None), slice(16, None))]
-        sums = sum(torch.ops.fastkd.response_shard_terms(s[r].contiguous(), t[r].contiguous(), stats, name, values,
-                                                         T) for r in ranges)
         coef = torch.linspace(0.5, 1.5, 4, dtype=torch.float64)
-        grad = torch.cat([torch.ops.fastkd.response_shard_grad(s[r].contiguous(), t[r].contiguous(), stats,
-                                                               coef.to(device, torch.float32) / T,
-                                                               sums[:, 1].contiguous(), name, values, T)
-                          for r in ranges], dim=-1)
-        a = s64.clone().requires_grad_(True)
-        dense = reference.divergence_loss(a, t64, name, T, reduction="none", scale_by_temperature=False, **params)
-        (g_ref,) = torch.autograd.grad((dense * coef).sum(), a)
-        assert sums.device.type == torch.device(device).type
-        _close(sums[:, 0], dense, f"{name} shard sums")
-        _close(grad, g_ref, f"{name} shard gradient")
+        rt64 = torch.rand(4, generator=_gen(52), dtype=torch.float64) + 0.5
+        for temperature, rt in ((T, None), (1.0, rt64.to(device))):
+            Tc = T if rt is None else rt.float().unsqueeze(-1)  # the divisor of the statistics
+            shift = torch.stack([s.amax(-1), t.amax(-1)])
+            log_z = torch.stack([((x - m[:, None]) / Tc).exp().sum(-1).log() for x, m in ((s, shift[0]),
+                                                                                          (t, shift[1]))])
+            stats = torch.stack([shift[0], shift[1], log_z[0], log_z[1]], dim=1).contiguous()
+            ranges = [(slice(None), slice(0, 16)), (slice(None), slice(16, None))]
+            sums = sum(torch.ops.fastkd.response_shard_terms(s[r].contiguous(), t[r].contiguous(), stats, name,
+                                                             values, temperature, rt, rt is not None) for r in ranges)
+            row_coef = (coef.to(device, torch.float32) / (T if rt is None else rt.float()))
+            grad = torch.cat([torch.ops.fastkd.response_shard_grad(s[r].contiguous(), t[r].contiguous(), stats,
+                                                                   row_coef, sums[:, 1].contiguous(), name, values,
+                                                                   temperature, rt)
+                              for r in ranges], dim=-1)
+            a = s64.clone().requires_grad_(True)
+            T_ref = T if rt is None else rt64.clone().requires_grad_(True)
+            dense = reference.divergence_loss(a, t64, name, T_ref, reduction="none", scale_by_temperature=False,
+                                              **params)
+            g_ref = torch.autograd.grad((dense * coef).sum(), [a] + ([] if rt is None else [T_ref]))
+            assert sums.device.type == torch.device(device).type
+            what = f"{name} shard" + ("" if rt is None else " per-row T")
+            _close(sums[:, 0], dense, f"{what} sums")
+            _close(grad, g_ref[0], f"{what} gradient")
+            if rt is not None:
+                d_s, d_t = _temperature_dots(sums[:, 1:].t().double().cpu())
+                _close(-coef * (d_s + d_t) / rt64, g_ref[1], f"{what} temperature gradient")
 
     return run
 
@@ -276,6 +307,28 @@ for _name in ("kl", "jsd"):
     case(f"fused-head-{_name}")(_fused_case("head", _name, {}))
 for _flavour in ("logits/renormalize", "logprobs/renormalize", "logprobs/bucket"):
     case(f"fused-topk-{_flavour.replace('/', '-')}")(_fused_case("topk", _flavour, {}))
+
+
+@case("fused-row-temperature")
+def _fused_row_temperature(device):
+    """The fused head with per-token temperatures and their gradient, each teacher kind (the teacher's vocabulary
+    the student's: the reference's -inf padding has no finite temperature gradient under autograd)."""
+    for kind, flavour in [("logits", "kl"), ("head", "kl"), ("topk", "logits/renormalize"),
+                          ("topk", "logprobs/bucket")]:
+        inputs = _head_inputs(kind, flavour, pad=False)
+        inputs["rt"] = torch.rand(2, 5, generator=_gen(68), dtype=torch.float64) + 0.5
+        for red in ("batchmean", "none"):
+
+            def loss_fn(lib):
+                def fn(h, w, b, y, rt, **teacher):
+                    return lib.fused_linear_kd_loss(h, w, _teacher(kind, flavour, teacher), student_bias=b,
+                                                    temperature=rt, labels=y, ignore_index=-1, hard_label_weight=0.3,
+                                                    reduction=red, chunk_size=4)
+
+                return fn
+
+            compare(loss_fn(fastkd), loss_fn(reference), inputs, ("h", "w", "b", "rt"), device,
+                    f"fused head {kind} {flavour} per-row T {red}")
 
 
 def _relation_case(fn_name: str, shapes, grads=("s", "t"), **kw):

@@ -191,13 +191,7 @@ void run_topk_rows(const TopkCall& c, double count) {
     using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
     at::parallel_for(0, p.rows, grain, [&](int64_t b, int64_t e) { topk_rows<S, Acc>(p, count, b, e); });
   };
-  switch (c.student.scalar_type()) {
-    case at::kDouble: run(double{}); break;
-    case at::kFloat: run(float{}); break;
-    case at::kHalf: run(at::Half{}); break;
-    case at::kBFloat16: run(at::BFloat16{}); break;
-    default: TORCH_INTERNAL_ASSERT(false, "unexpected student dtype");
-  }
+  kd_dispatch_student(c.student.scalar_type(), run);
 }
 }  // namespace CPU_CAPABILITY
 

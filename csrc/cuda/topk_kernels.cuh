@@ -154,13 +154,7 @@ inline void launch_topk_rows(const TopkCall& c, cudaStream_t stream) {
     topk_rows_kernel<S, Acc, 512><<<grid, 512, 0, stream>>>(c.p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  switch (c.student.scalar_type()) {
-    case at::kDouble: run(double{}); break;
-    case at::kFloat: run(float{}); break;
-    case at::kHalf: run(at::Half{}); break;
-    case at::kBFloat16: run(at::BFloat16{}); break;
-    default: TORCH_INTERNAL_ASSERT(false, "unexpected student dtype");
-  }
+  kd_dispatch_student(c.student.scalar_type(), run);
 }
 
 }  // namespace cuda

@@ -87,13 +87,15 @@ def _topk_kd_forward_fake(
 
 
 @torch.library.register_fake("fastkd::response_shard_terms")
-def _response_shard_terms_fake(student, teacher, stats, divergence, params, temperature):
+def _response_shard_terms_fake(student, teacher, stats, divergence, params, temperature, row_temperature=None,
+                               dots=False):
     torch._check(student.dim() == 2, lambda: "student must be 2-D")
-    return student.new_empty((student.shape[0], 2))
+    return student.new_empty((student.shape[0], 7 if dots else 2))
 
 
 @torch.library.register_fake("fastkd::response_shard_grad")
-def _response_shard_grad_fake(student, teacher, stats, row_coef, sum_psi_q, divergence, params, temperature):
+def _response_shard_grad_fake(student, teacher, stats, row_coef, sum_psi_q, divergence, params, temperature,
+                              row_temperature=None):
     torch._check(student.dim() == 2, lambda: "student must be 2-D")
     return student.new_empty(student.shape)
 

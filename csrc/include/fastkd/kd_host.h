@@ -116,6 +116,19 @@ void kd_dispatch_pair(at::ScalarType s, at::ScalarType t, F&& f) {
   TORCH_INTERNAL_ASSERT(false, "fastkd: no kernel for student ", s, " with teacher ", t);
 }
 
+// Calls f(S{}) with the C++ element type of a student dtype (the top-k kernels, whose teacher values are in the
+// accumulation type).
+template <typename F>
+void kd_dispatch_student(at::ScalarType s, F&& f) {
+  switch (s) {
+    case at::kDouble: return f(double{});
+    case at::kFloat: return f(float{});
+    case at::kHalf: return f(at::Half{});
+    case at::kBFloat16: return f(at::BFloat16{});
+    default: TORCH_INTERNAL_ASSERT(false, "fastkd: no kernel for student ", s);
+  }
+}
+
 inline void check_logits_arg(const at::Tensor& x, const char* name) {
   FASTKD_CHECK_ARG(x.dim() == 2, name, "expected a 2-D [rows, vocab] tensor, got ", x.dim(), "-D");
   FASTKD_CHECK_ARG(is_kd_dtype(x.scalar_type()), name, "expected float32, float16, bfloat16 or float64, got ",
