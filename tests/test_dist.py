@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 
 import fastkd
 from fastkd import reference as R
@@ -36,7 +37,9 @@ def _logits(shape, device="cpu", dtype=torch.float32, seed=0, scale=3.0):
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
 
 
-SHAPES = [(1, 1), (1, 7), (2, 5), (3, 17), (8, 10), (13, 33), (64, 100), (33, 1000), (7, 4099)]
+# (300, 37): 16 row blocks of 18-19 rows, each in groups of 8, 8 and 2-3 rows (the CPU kernel's column-sum
+# groups), 37 columns: whole vectors and a tail
+SHAPES = [(1, 1), (1, 7), (2, 5), (3, 17), (8, 10), (13, 33), (64, 100), (33, 1000), (7, 4099), (300, 37)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -58,7 +61,24 @@ def test_float64_matches_torchdistill_and_reference(device, shape, params):
     torch.testing.assert_close(own_gs, ref_gs, rtol=1e-9, atol=atol)
 
 
-@pytest.mark.parametrize("shape", [(8, 10), (64, 100), (33, 1000), (16, 32000)])
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 200), cols=st.integers(1, 70), scale=st.floats(0.01, 30.0), tau=st.floats(0.25, 8.0),
+       beta=st.floats(0.0, 3.0), gamma=st.floats(0.0, 3.0), seed=st.integers(0, 2**16))
+def test_property_float64_matches_torchdistill(rows, cols, scale, tau, beta, gamma, seed):
+    """Any batch and class count (row blocks and groups of every size, column tails), logit scale, temperature
+    and weights: the float64 kernel's value and gradients are torchdistill's to rounding."""
+    s, t = _logits((rows, cols), dtype=torch.float64, seed=seed, scale=scale), _logits((rows, cols), dtype=torch.float64,
+                                                                                    seed=seed + 1, scale=scale)
+    params = dict(beta=beta, gamma=gamma, tau=tau)
+    loss, gs, gt = _grads(lambda a, b: fastkd.dist_loss(a, b, **params), s, t)
+    ref, ref_gs, ref_gt = _grads(lambda a, b: _torchdistill(a, b, **params), s, t)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    atol = max(ref_gs.abs().max().item(), ref_gt.abs().max().item()) * 1e-10 + 1e-15
+    torch.testing.assert_close(gs, ref_gs, rtol=1e-9, atol=atol)
+    torch.testing.assert_close(gt, ref_gt, rtol=1e-9, atol=atol)
+
+
+@pytest.mark.parametrize("shape", [(8, 10), (64, 100), (33, 1000), (16, 32000), (300, 1000)])
 def test_float32_against_float64(device, shape):
     s, t = _logits(shape, device, torch.float32, 3), _logits(shape, device, torch.float32, 4)
     loss, gs, gt = _grads(lambda a, b: fastkd.dist_loss(a, b, tau=2.0), s, t)
@@ -216,8 +236,9 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-6, atol=1e-9)
 
 
-def test_deterministic_across_thread_counts():
-    s, t = _logits((70, 333), seed=29), _logits((70, 333), seed=30)
+@pytest.mark.parametrize("shape", [(70, 333), (300, 1000)])
+def test_deterministic_across_thread_counts(shape):
+    s, t = _logits(shape, seed=29), _logits(shape, seed=30)
     old = torch.get_num_threads()
     try:
         outs = []

@@ -40,6 +40,35 @@ struct NanMax {
   }
 };
 
+struct Add {
+  template <typename A>
+  __device__ __forceinline__ A operator()(A a, A b) const {
+    return a + b;
+  }
+};
+
+// Reduces each of v[0..K) over the block with op (CUB's fixed tree: the same bits every run); every thread gets
+// the K results. Ends with a barrier: the caller may reduce again at once.
+template <typename X, int K, typename Op>
+__device__ __forceinline__ void block_reduce(X (&v)[K], Op op) {
+  using Reduce = cub::BlockReduce<X, kBlock>;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ X out[K];
+  for (int k = 0; k < K; ++k) {
+    const X r = Reduce(tmp).Reduce(v[k], op);
+    if (threadIdx.x == 0) out[k] = r;
+    __syncthreads();
+  }
+  for (int k = 0; k < K; ++k) v[k] = out[k];
+  __syncthreads();
+}
+
+// Row r of the student or teacher logits.
+template <typename X>
+__device__ __forceinline__ const X* logits_row(const void* base, int64_t row_stride, int64_t r) {
+  return static_cast<const X*>(base) + r * row_stride;
+}
+
 // Scratch of one call: per row (max_s, max_t, inv_zs, inv_zt, ru, rv, rw as Acc; sab, saa, sbb as double), per
 // column (ma, mb, cu, cv, cw as Acc; kappa as double), the partial column sums.
 template <typename Acc>
@@ -61,66 +90,44 @@ __device__ __forceinline__ Acc prob_entry(const S* row, int64_t j, Acc max, Acc 
 
 template <typename S, typename T, typename Acc>
 __global__ void dist_row_stats(DistParams p, DistScratch<Acc> w) {
-  using ReduceA = cub::BlockReduce<Acc, kBlock>;
-  using ReduceD = cub::BlockReduce<double, kBlock>;
-  __shared__ union {
-    typename ReduceA::TempStorage a;
-    typename ReduceD::TempStorage d;
-  } tmp;
-  __shared__ Acc sh_max[2];
-  __shared__ double sh_z[2];
   const int64_t r = blockIdx.x, C = p.cols;
-  const S* s = static_cast<const S*>(p.student) + r * p.student_row_stride;
-  const T* t = static_cast<const T*>(p.teacher) + r * p.teacher_row_stride;
+  const S* s = logits_row<S>(p.student, p.student_row_stride, r);
+  const T* t = logits_row<T>(p.teacher, p.teacher_row_stride, r);
   const Acc inv_t = static_cast<Acc>(p.inv_tau), inv_c = static_cast<Acc>(1.0 / static_cast<double>(C));
 
-  Acc ms = -static_cast<Acc>(INFINITY), mt = ms;
+  Acc max[2] = {-static_cast<Acc>(INFINITY), -static_cast<Acc>(INFINITY)};  // student, teacher
   for (int64_t j = threadIdx.x; j < C; j += kBlock) {
-    ms = kd_nan_max(ms, static_cast<Acc>(s[j]));
-    mt = kd_nan_max(mt, static_cast<Acc>(t[j]));
+    max[0] = kd_nan_max(max[0], static_cast<Acc>(s[j]));
+    max[1] = kd_nan_max(max[1], static_cast<Acc>(t[j]));
   }
-  Acc red = ReduceA(tmp.a).Reduce(ms, NanMax{});
-  if (threadIdx.x == 0) sh_max[0] = red;
-  __syncthreads();
-  red = ReduceA(tmp.a).Reduce(mt, NanMax{});
-  if (threadIdx.x == 0) sh_max[1] = red;
-  __syncthreads();
-  const Acc max_s = sh_max[0], max_t = sh_max[1];
+  block_reduce(max, NanMax{});
+  const Acc max_s = max[0], max_t = max[1];
 
-  double zs = 0.0, zt = 0.0;
+  double z[2] = {0.0, 0.0};
   for (int64_t j = threadIdx.x; j < C; j += kBlock) {
-    zs += static_cast<double>(dist_exp(kd_shift(static_cast<Acc>(s[j]), max_s, inv_t)));
-    zt += static_cast<double>(dist_exp(kd_shift(static_cast<Acc>(t[j]), max_t, inv_t)));
+    z[0] += static_cast<double>(dist_exp(kd_shift(static_cast<Acc>(s[j]), max_s, inv_t)));
+    z[1] += static_cast<double>(dist_exp(kd_shift(static_cast<Acc>(t[j]), max_t, inv_t)));
   }
-  double dred = ReduceD(tmp.d).Sum(zs);
-  if (threadIdx.x == 0) sh_z[0] = dred;
-  __syncthreads();
-  dred = ReduceD(tmp.d).Sum(zt);
-  if (threadIdx.x == 0) sh_z[1] = dred;
-  __syncthreads();
-  const Acc inv_zs = static_cast<Acc>(1.0 / sh_z[0]), inv_zt = static_cast<Acc>(1.0 / sh_z[1]);
+  block_reduce(z, Add{});
+  const Acc inv_zs = static_cast<Acc>(1.0 / z[0]), inv_zt = static_cast<Acc>(1.0 / z[1]);
 
-  double sab = 0.0, saa = 0.0, sbb = 0.0;
+  double sums[3] = {0.0, 0.0, 0.0};  // sab, saa, sbb
   for (int64_t j = threadIdx.x; j < C; j += kBlock) {
     const double a = dist_centered(prob_entry(s, j, max_s, inv_t, inv_zs), Acc(1), inv_c);
     const double b = dist_centered(prob_entry(t, j, max_t, inv_t, inv_zt), Acc(1), inv_c);
-    sab += a * b;
-    saa += a * a;
-    sbb += b * b;
+    sums[0] += a * b;
+    sums[1] += a * a;
+    sums[2] += b * b;
   }
-  const double t_ab = ReduceD(tmp.d).Sum(sab);
-  __syncthreads();
-  const double t_aa = ReduceD(tmp.d).Sum(saa);
-  __syncthreads();
-  const double t_bb = ReduceD(tmp.d).Sum(sbb);
+  block_reduce(sums, Add{});
   if (threadIdx.x == 0) {
     w.max_s[r] = max_s;
     w.max_t[r] = max_t;
     w.inv_zs[r] = inv_zs;
     w.inv_zt[r] = inv_zt;
-    w.sab[r] = t_ab;
-    w.saa[r] = t_aa;
-    w.sbb[r] = t_bb;
+    w.sab[r] = sums[0];
+    w.saa[r] = sums[1];
+    w.sbb[r] = sums[2];
   }
 }
 
@@ -130,8 +137,8 @@ __global__ void dist_shift(DistParams p, DistScratch<Acc> w) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x;
   if (j >= p.cols) return;
   const Acc inv_t = static_cast<Acc>(p.inv_tau);
-  w.sh_s[j] = prob_entry(static_cast<const S*>(p.student), j, w.max_s[0], inv_t, w.inv_zs[0]);
-  w.sh_t[j] = prob_entry(static_cast<const T*>(p.teacher), j, w.max_t[0], inv_t, w.inv_zt[0]);
+  w.sh_s[j] = prob_entry(logits_row<S>(p.student, p.student_row_stride, 0), j, w.max_s[0], inv_t, w.inv_zs[0]);
+  w.sh_t[j] = prob_entry(logits_row<T>(p.teacher, p.teacher_row_stride, 0), j, w.max_t[0], inv_t, w.inv_zt[0]);
 }
 
 template <typename S, typename T, typename Acc>
@@ -144,8 +151,8 @@ __global__ void dist_col_partial(DistParams p, DistScratch<Acc> w) {
   const double sh_s = w.sh_s[j], sh_t = w.sh_t[j];
   double ca = 0.0, cb = 0.0, caa = 0.0, cbb = 0.0, cab = 0.0;
   for (int64_t r = k * N / K; r < (k + 1) * N / K; ++r) {
-    const S* s = static_cast<const S*>(p.student) + r * p.student_row_stride;
-    const T* t = static_cast<const T*>(p.teacher) + r * p.teacher_row_stride;
+    const S* s = logits_row<S>(p.student, p.student_row_stride, r);
+    const T* t = logits_row<T>(p.teacher, p.teacher_row_stride, r);
     const double a = static_cast<double>(prob_entry(s, j, w.max_s[r], inv_t, w.inv_zs[r])) - sh_s;
     const double b = static_cast<double>(prob_entry(t, j, w.max_t[r], inv_t, w.inv_zt[r])) - sh_t;
     ca += a;
@@ -184,32 +191,25 @@ __global__ void dist_col_finish(DistParams p, DistScratch<Acc> w) {
 
 template <typename Acc>
 __global__ void dist_loss_rows(DistParams p, DistScratch<Acc> w) {
-  using ReduceD = cub::BlockReduce<double, kBlock>;
-  __shared__ typename ReduceD::TempStorage tmp;
   const double scale = dist_row_scale(p);
-  double rho = 0.0, kappa = 0.0;
+  double sums[2] = {0.0, 0.0};  // rho, kappa
   for (int64_t r = threadIdx.x; r < p.rows; r += kBlock) {
     const DistCos cs = dist_cos(w.sab[r], w.saa[r], w.sbb[r], p.eps);
-    rho += cs.cos;
+    sums[0] += cs.cos;
     w.ru[r] = static_cast<Acc>(scale * cs.u);
     w.rv[r] = static_cast<Acc>(scale * cs.v);
     w.rw[r] = static_cast<Acc>(scale * cs.w);
   }
-  for (int64_t j = threadIdx.x; j < p.cols; j += kBlock) kappa += w.kappa[j];
-  const double sum_rho = ReduceD(tmp).Sum(rho);
-  __syncthreads();
-  const double sum_kappa = ReduceD(tmp).Sum(kappa);
-  if (threadIdx.x == 0) w.loss[0] = dist_loss_value(p, sum_rho, sum_kappa);
+  for (int64_t j = threadIdx.x; j < p.cols; j += kBlock) sums[1] += w.kappa[j];
+  block_reduce(sums, Add{});
+  if (threadIdx.x == 0) w.loss[0] = dist_loss_value(p, sums[0], sums[1]);
 }
 
 template <typename S, typename T, typename Acc>
 __global__ void dist_grad(DistParams p, DistScratch<Acc> w) {
-  using ReduceD = cub::BlockReduce<double, kBlock>;
-  __shared__ typename ReduceD::TempStorage tmp;
-  __shared__ double sh_sum[2];
   const int64_t r = blockIdx.x, C = p.cols;
-  const S* s = static_cast<const S*>(p.student) + r * p.student_row_stride;
-  const T* t = static_cast<const T*>(p.teacher) + r * p.teacher_row_stride;
+  const S* s = logits_row<S>(p.student, p.student_row_stride, r);
+  const T* t = logits_row<T>(p.teacher, p.teacher_row_stride, r);
   Acc* gs = p.grad_student ? static_cast<Acc*>(p.grad_student) + r * C : nullptr;
   Acc* gt = p.grad_teacher ? static_cast<Acc*>(p.grad_teacher) + r * C : nullptr;
   const Acc inv_t = static_cast<Acc>(p.inv_tau), inv_c = static_cast<Acc>(1.0 / static_cast<double>(C));
@@ -226,20 +226,15 @@ __global__ void dist_grad(DistParams p, DistScratch<Acc> w) {
     g_s = dist_student_g(a, b, alpha, beta, ru, rv, w.cu[j], w.cv[j]);
     g_t = dist_teacher_g(a, b, alpha, beta, ru, rw, w.cu[j], w.cw[j]);
   };
-  double ss = 0.0, st = 0.0;
+  double sums[2] = {0.0, 0.0};  // sum_k y_k G_k of the student, the teacher
   for (int64_t j = threadIdx.x; j < C; j += kBlock) {
     Acc ys, yt, g_s, g_t;
     entry(j, ys, yt, g_s, g_t);
-    ss += static_cast<double>(ys * g_s);
-    st += static_cast<double>(yt * g_t);
+    sums[0] += static_cast<double>(ys * g_s);
+    sums[1] += static_cast<double>(yt * g_t);
   }
-  double red = ReduceD(tmp).Sum(ss);
-  if (threadIdx.x == 0) sh_sum[0] = red;
-  __syncthreads();
-  red = ReduceD(tmp).Sum(st);
-  if (threadIdx.x == 0) sh_sum[1] = red;
-  __syncthreads();
-  const Acc sum_s = static_cast<Acc>(sh_sum[0]), sum_t = static_cast<Acc>(sh_sum[1]);
+  block_reduce(sums, Add{});
+  const Acc sum_s = static_cast<Acc>(sums[0]), sum_t = static_cast<Acc>(sums[1]);
   for (int64_t j = threadIdx.x; j < C; j += kBlock) {
     Acc ys, yt, g_s, g_t;
     entry(j, ys, yt, g_s, g_t);
