@@ -14,7 +14,8 @@ Response losses, by the placement of ``student_logits`` ``[..., V]`` (the teache
   :func:`fastkd.distributed.vocab_parallel_kd_loss` on the local slices over the mesh's process group (three
   all-reduces of ``O(rows)`` numbers; logits never gathered). ``labels`` must be replicated (a ``Replicate()``
   DTensor, or a plain tensor identical on every rank). The result is a ``Replicate()`` DTensor (the same value
-  on every rank), the student's gradient a ``Shard(-1)`` DTensor. Differences from the local paths, those of
+  on every rank), the student's gradient a ``Shard(-1)`` DTensor. ``token_weights`` and ``standardize`` are
+  passed on (the weights placed as the labels). Differences from the local paths, those of
   :func:`fastkd.distributed.vocab_parallel_kd_loss`: the teacher never receives a gradient (even if it
   requires grad), and ``"dkd"``, :func:`fastkd.topk_kd_loss` and the hard-label cross-entropy of
   :func:`fastkd.kd_loss` (``alpha != 0``) are not available there (ValueError). ``num_items_in_batch``,
@@ -27,7 +28,7 @@ Response losses, by the placement of ``student_logits`` ``[..., V]`` (the teache
   Each rank's loss is its local sum over that global divisor, returned as a ``Partial()`` (sum) DTensor for a
   scalar reduction (``full_tensor()`` all-reduces it into the global loss; ``.backward()`` works on it
   directly) and as a ``Shard(d)`` DTensor of the global shape ``[...]`` for ``reduction="none"``. Labels are a
-  ``Shard(d)`` DTensor or a plain tensor holding this rank's local rows. Uneven shards (``torch.chunk`` sizes,
+  ``Shard(d)`` DTensor or a plain tensor holding this rank's local rows, and so are ``token_weights``. Uneven shards (``torch.chunk`` sizes,
   a rank with no row included) are fine.
 * ``Replicate()``: computed locally on every rank (the same value), returned as a ``Replicate()`` DTensor.
 
@@ -326,12 +327,14 @@ def _route_response(fn: Callable, bound: inspect.BoundArguments):
                                  f"topk_kd_loss; shard the rows (Shard(0)) or replicate them")
             call.expect(a[name], name, label_layout if mode == _ROWS else ("R",), label_why)
     call.expect(a.get(label_name), label_name, label_layout, label_why, plain_ok=True)
+    call.expect(a.get("token_weights"), "token_weights", label_layout, label_why, plain_ok=True)  # one per row
     a["num_items_in_batch"] = _num_items(call, a["num_items_in_batch"])
 
     if mode == _VOCAB:
         return _vocab_response(fn, call, a, where)
 
-    for name in ("student_logits", "teacher_logits", "teacher_topk_values", "teacher_topk_indices", label_name):
+    for name in ("student_logits", "teacher_logits", "teacher_topk_values", "teacher_topk_indices", label_name,
+                 "token_weights"):
         if name in a:
             a[name] = call.local(a[name])
     reduction = a["reduction"]
@@ -390,7 +393,8 @@ def _vocab_response(fn: Callable, call: _Call, a: Dict[str, Any], where: str):
     own = reduction if n is None else "sum"
     loss = vocab_parallel_kd_loss(
         call.local(s), call.local(t), loss=divergence, temperature=a["temperature"], labels=call.local(labels),
-        ignore_index=a["ignore_index"], reduction=own, scale_by_temperature=scale, group=call.group(), **params)
+        ignore_index=a["ignore_index"], reduction=own, scale_by_temperature=scale, group=call.group(),
+        token_weights=call.local(a.get("token_weights")), standardize=a.get("standardize", False), **params)
     if n is not None:
         divisor = n.to(device=loss.device, dtype=torch.float64) if isinstance(n, torch.Tensor) else float(n)
         if reduction == "mean":

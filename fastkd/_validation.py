@@ -132,9 +132,15 @@ def check_standardize(standardize, student_logits: torch.Tensor, eps: float = 1e
     unbiased std). Returns eps as a float."""
     check_bool("standardize", standardize)
     e = check_real("eps", eps, 0.0)
-    if standardize and student_logits.shape[-1] < 2:
-        raise ValueError(f"standardize needs at least 2 classes (an unbiased std), got V={student_logits.shape[-1]}")
+    if standardize:
+        check_standardize_classes(student_logits.shape[-1])
     return e
+
+
+def check_standardize_classes(vocab: int) -> None:
+    """Standardization's unbiased std needs ``V >= 2`` classes (the whole vocabulary, also when it is sharded)."""
+    if vocab < 2:
+        raise ValueError(f"standardize needs at least 2 classes (an unbiased std), got V={vocab}")
 
 
 def check_reduction(reduction: str) -> str:

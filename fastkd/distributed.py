@@ -51,7 +51,9 @@ Communication per call: three all-reduces, on the logits' device (any backend: g
 a MAX of ``[2, rows]`` row maxima, a SUM of ``[2 * rows + 1]`` row sum-exps and shard widths (the global ``V``
 for ``reduction="mean"``), a SUM of ``[2, rows]``: the partial divergences and the partial sums of
 ``psi_q = q dphi/dq`` (``[7, rows]`` for a temperature tensor that requires grad: also the partial sums of its
-row dots), all in the compute dtype (float32, or float64 for float64 input). Logits are never gathered.
+row dots), all in the compute dtype (float32, or float64 for float64 input). With ``standardize=True`` two
+SUMs come first (the rows' sums with the shard widths, then the sums of squares about the mean, float64) and one
+more in the backward (the standardization's gradient, :class:`_Standardize`). Logits are never gathered.
 
 Every divergence of the registry but ``"dkd"`` runs here (``loss=`` its name, its parameters by keyword): its
 spec's per-entry formula ``phi`` (fastkd/divergences.py, shared with ``fastkd.reference``) gives each entry's
@@ -98,6 +100,7 @@ def vocab_parallel_kd_loss(
     scale_by_temperature: Optional[bool] = None,
     group: Optional[dist.ProcessGroup] = None,
     token_weights: Optional[torch.Tensor] = None,
+    standardize: bool = False,
     **params: float,
 ) -> torch.Tensor:
     r"""Distillation loss of vocabulary-sharded logits: every rank of ``group`` passes its slice of the
@@ -150,7 +153,13 @@ def vocab_parallel_kd_loss(
         group: the tensor-parallel process group whose ranks hold the vocabulary slices (default: the world).
         token_weights: optional per-row weights ``[...]``, identical on every rank, as :func:`fastkd.kd_loss`
             (each counted row's loss times its weight, the divisor unchanged, no gradient for the weights).
-            ``standardize`` is not offered (its statistics would need another all-reduce phase).
+        standardize: logit standardization as :func:`fastkd.kd_loss` (each row of both sides becomes
+            ``(z - mean(z)) / (1e-7 + std(z))``, unbiased std over the *global* vocabulary, ``V >= 2``), with the
+            exact gradient through mean and std. Unlike the single-device kernels it is a separate phase: two more
+            all-reduces of ``O(rows)`` numbers in the forward (the row sums, then the sums of squares about the
+            mean: two passes, well conditioned) and one in the backward (the row sums of the gradient and of the
+            gradient times ``z - mean``), and each rank holds the standardized copy of its two shards
+            (``[..., V_r]`` in the compute dtype) while the loss runs.
 
     Returns:
         The loss in the promoted dtype of the inputs, computed in float32 (float64 for float64 input). The
@@ -185,13 +194,19 @@ def vocab_parallel_kd_loss(
     spec = divergences.get(loss)
     values = v.resolve_divergence_params(loss, beta, params, "vocab_parallel_kd_loss")
     spec.check_ranges(values)
+    v.check_bool("standardize", standardize)
     _check_distributed()
 
     keep = None if labels is None else labels.reshape(-1) != ignore_index
-    return _VocabParallelKD.apply(
+    out_dtype = _dtypes(student_logits_shard, teacher_logits_shard)[0]
+    if standardize:
+        student_logits_shard, teacher_logits_shard = _standardized_shards(student_logits_shard, teacher_logits_shard,
+                                                                          keep, group)
+    out = _VocabParallelKD.apply(
         student_logits_shard, teacher_logits_shard, keep, spec, dict(zip(spec.param_names, values)), t, scale_on,
         reduction, group, None if weights is None else weights.reshape(-1), row_t
     )
+    return out.to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -408,6 +423,75 @@ def _entry_psi_p(spec, named, log_p: torch.Tensor, log_q: torch.Tensor) -> torch
         phi = spec.formula(lp.exp(), log_q.exp(), lp, log_q, **named)
         (psi_p,) = torch.autograd.grad(phi.sum(), lp)
     return torch.where(log_p == -math.inf, torch.zeros((), dtype=psi_p.dtype, device=psi_p.device), psi_p)
+
+
+_STANDARDIZE_EPS = 1e-7  # torchdistill LogitStdKDLoss's eps, as the single-device kernels
+
+
+def _standardized_shards(
+    student: torch.Tensor, teacher: torch.Tensor, keep: Optional[torch.Tensor], group: Optional[dist.ProcessGroup]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Both shards ``[..., V_r]`` standardized over the global vocabulary, ``(x - mean) / (eps + std)`` per row
+    (unbiased std), in the compute dtype; the student's through :class:`_Standardize` (its exact gradient), the
+    teacher's a constant. Two all-reduces SUM (float64): ``[2 * rows + 1]`` row sums and shard widths, then
+    ``[2, rows]`` sums of squares about the mean. A row with a NaN or infinite logit is NaN (as single-device)."""
+    _, cdtype = _dtypes(student, teacher)
+    lead, width = student.shape[:-1], student.shape[-1]
+    rows = math.prod(lead)
+    xs = student.detach().reshape(rows, width).to(cdtype)
+    xt = teacher.detach().reshape(rows, width).to(cdtype)
+    sums = torch.empty(2 * rows + 1, dtype=torch.float64, device=xs.device)
+    sums[:rows] = xs.sum(dim=-1, dtype=torch.float64)
+    sums[rows : 2 * rows] = xt.sum(dim=-1, dtype=torch.float64)
+    sums[2 * rows] = width
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    vocab = int(sums[2 * rows].item())  # the same on every rank: every rank raises alike
+    v.check_standardize_classes(vocab)
+    mean = (sums[: 2 * rows] / vocab).view(2, rows)
+    squares = torch.stack([_centered(xs, mean[0]).square().sum(dim=-1, dtype=torch.float64),
+                           _centered(xt, mean[1]).square().sum(dim=-1, dtype=torch.float64)])
+    dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=group)
+    std = (squares / (vocab - 1)).sqrt()
+    scale = 1.0 / (_STANDARDIZE_EPS + std)
+    zt = (_centered(xt, mean[1]) * scale[1].to(cdtype).unsqueeze(-1)).reshape(teacher.shape)
+    zs = _Standardize.apply(student, xs, mean[0], std[0], scale[0], vocab, keep, group)
+    return zs, zt
+
+
+def _centered(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``x - mean`` per row of ``[rows, V_r]``, in x's dtype."""
+    return x - mean.to(x.dtype).unsqueeze(-1)
+
+
+class _Standardize(torch.autograd.Function):
+    """``z = (x - mean) * scale`` of the student shard given its row statistics (``scale = 1 / (eps + std)``),
+    with the gradient of the standardization over the global vocabulary of ``n`` entries:
+    ``dL/dx = scale (g - mean(g)) + f (x - mean)``, ``f = -scale^2 sum_j g_j (x_j - mean) / ((n - 1) std)``
+    (the term through the std; none for a constant row, std 0, where torch's autograd of std gives NaN), the
+    row sums all-reduced. Masked rows (``keep`` False) get exactly 0 whatever they hold."""
+
+    @staticmethod
+    def forward(ctx, student, xs, mean, std, scale, vocab: int, keep, group):
+        ctx.save_for_backward(xs, mean, std, scale, keep)
+        ctx.config = (student.shape, student.dtype, vocab, group)
+        return (_centered(xs, mean) * scale.to(xs.dtype).unsqueeze(-1)).reshape(student.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_z: torch.Tensor):
+        xs, mean, std, scale, keep = ctx.saved_tensors
+        shape, dtype, vocab, group = ctx.config
+        g = grad_z.reshape(xs.shape).to(xs.dtype)
+        d = _centered(xs, mean)
+        sums = torch.stack([g.sum(dim=-1, dtype=torch.float64), (g * d).sum(dim=-1, dtype=torch.float64)])
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        g_mean = sums[0] / vocab
+        factor = torch.where(std > 0, -scale * scale * sums[1] / ((vocab - 1) * std), torch.zeros_like(std))
+        cdtype = xs.dtype
+        grad = (g - g_mean.to(cdtype).unsqueeze(-1)) * scale.to(cdtype).unsqueeze(-1) + factor.to(cdtype).unsqueeze(-1) * d
+        if keep is not None:
+            grad = torch.where(keep.unsqueeze(-1), grad, torch.zeros((), dtype=cdtype, device=grad.device))
+        return (grad.reshape(shape).to(dtype),) + (None,) * 7
 
 
 class _VocabParallelKD(torch.autograd.Function):

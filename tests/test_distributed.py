@@ -56,12 +56,14 @@ class Case:
     dtype: torch.dtype = torch.float64
     teacher_dtype: Optional[torch.dtype] = None
     # "none", "last_shard" (last rank's slice -inf on both sides), "empty_row", "nan", "nan_masked" (NaN / +inf
-    # only in ignored rows), "offset" (|logits| ~ 300 with a small spread: at T = 1e-3, s / T ~ 3e5)
+    # only in ignored rows), "constant_row" (student row 2 constant: std 0 when standardized), "offset"
+    # (|logits| ~ 300 with a small spread: at T = 1e-3, s / T ~ 3e5)
     pad: str = "none"
     split: Optional[Tuple[int, ...]] = None  # default: SPLITS[world]
     params: Tuple[Tuple[str, float], ...] = ()  # a registry divergence's parameters (REGISTRY_KINDS)
     weighted: bool = False  # token_weights (the same on every rank)
     temp: str = "float"  # the temperature: "float" (case.temperature), "scalar" (a 0-dim tensor) or "row" (one per row)
+    standardize: bool = False  # logit standardization over the global vocabulary
 
 
 def _kind_name(loss, beta):
@@ -134,9 +136,32 @@ def _cases(world: int) -> Dict[str, Case]:
                               temp="row"))
         if world == 3:
             cases.append(Case(f"{k}-none-T-row-zero-width-shard", loss, beta, "none", split=(8, 0, 5), temp="row"))
+    # logit standardization (the global row statistics), with the other per-row options
+    for loss, beta in KINDS:
+        k = _kind_name(loss, beta)
+        scale = loss != "jsd"
+        for red in REDUCTIONS:
+            cases.append(Case(f"{k}-{red}-std", loss, beta, red, scale=scale, labels="some", weighted=red != "sum",
+                              standardize=True))
+        cases.append(Case(f"{k}-none-std-T-row", loss, beta, "none", labels="some", temp="row", standardize=True))
+        cases.append(Case(f"{k}-batchmean-std-T-scalar-float32", loss, beta, "batchmean", scale=scale,
+                          dtype=torch.float32, temp="scalar", standardize=True))
+        cases.append(Case(f"{k}-none-std-nan-logits", loss, beta, "none", lead=(5,), labels="some", pad="nan",
+                          standardize=True))
+        cases.append(Case(f"{k}-batchmean-std-nan-masked", loss, beta, "batchmean", lead=(5,), labels="some",
+                          pad="nan_masked", standardize=True))
+        if world == 3:
+            cases.append(Case(f"{k}-none-std-zero-width-shard", loss, beta, "none", split=(8, 0, 5),
+                              standardize=True))
+    cases.append(Case("kl-sum-std-bf16-student", "kl", 0.5, "sum", scale=True, dtype=torch.bfloat16,
+                      teacher_dtype=torch.float32, standardize=True))
+    cases.append(Case("kl-none-std-constant-row", "kl", 0.5, "none", lead=(4,), pad="constant_row",
+                      standardize=True))
     for loss, params in REGISTRY_KINDS:
         k = loss + "".join(f"-{n}{x:g}" for n, x in params)
         spec = fastkd.divergences.get(loss)
+        cases.append(Case(f"{k}-batchmean-std", loss, 0.5, "batchmean", scale=spec.temperature_squared,
+                          labels="some", params=params, standardize=True))
         for red, temp in (("batchmean", "scalar"), ("none", "row")):
             cases.append(Case(f"{k}-{red}-T-{temp}", loss, 0.5, red, scale=spec.temperature_squared, labels="some",
                               params=params, temp=temp))
@@ -181,6 +206,8 @@ def _inputs(case: Case):
         t[0, 2] = math.nan
         t[1, 9] = math.inf
         s[4, 11] = math.nan
+    if case.pad == "constant_row":  # a row with std 0: no gradient term through its std, as single-process
+        s[2] = 1.5
     if case.pad == "nan_masked":  # rows 0 and 3 are ignored (below): dropped whatever they hold
         t[0, 2] = math.nan
         s[0, 5] = math.inf
@@ -233,6 +260,8 @@ def _single_process(case: Case, dtype: torch.dtype = torch.float64):
     if isinstance(T, torch.Tensor):
         T = T.detach().double().requires_grad_(True)
     kw = dict(labels=labels, ignore_index=case.ignore_index, reduction=case.reduction)
+    if case.standardize:
+        kw["standardize"] = True
     w = _token_weights(case)
     if w is not None:
         kw["token_weights"] = w.to(dtype)
@@ -324,11 +353,22 @@ def _run_case(case: Case, world: int, rank: int):
     loss = vocab_parallel_kd_loss(
         s_shard, t_shard, loss=case.loss, temperature=T, labels=labels,
         ignore_index=case.ignore_index, reduction=case.reduction, scale_by_temperature=case.scale,
-        token_weights=_token_weights(case), **extra,
+        token_weights=_token_weights(case), standardize=case.standardize, **extra,
     )
     loss.backward(grad_out)
     return {"loss": loss.detach(), "grad": s_shard.grad, "teacher_grad": t_shard.grad,
             "temperature_grad": T.grad if isinstance(T, torch.Tensor) else None}
+
+
+def _one_class_error(world: int, rank: int) -> str:
+    """The error of standardize=True on a global vocabulary of one entry (rank 0 holds it, the others none):
+    raised alike on every rank, after the width's all-reduce."""
+    width = 1 if rank == 0 else 0
+    try:
+        vocab_parallel_kd_loss(torch.randn(3, width), torch.randn(3, width), standardize=True)
+    except ValueError as e:
+        return str(e)
+    return "no error"
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, with_ddp: bool):
@@ -336,7 +376,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, with_ddp: bool)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        results = {"cases": {name: _run_case(c, world, rank) for name, c in _cases(world).items()}}
+        results = {"cases": {name: _run_case(c, world, rank) for name, c in _cases(world).items()},
+                   "one_class": _one_class_error(world, rank)}
         if with_ddp:
             results["ddp"] = _ddp_run(rank, world)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -458,6 +499,13 @@ def test_vocab_parallel_matches_single_process(world, name, tmp_path_factory):
 
 
 @needs_gloo
+@pytest.mark.parametrize("world", [2, 3])
+def test_standardize_needs_two_classes_globally(world, tmp_path_factory):
+    for res in _results(world, tmp_path_factory):
+        assert res["one_class"] == "standardize needs at least 2 classes (an unbiased std), got V=1"
+
+
+@needs_gloo
 def test_vocab_parallel_zero_gradient_on_masked_rows(tmp_path_factory):
     # rows whose label is ignore_index get exactly zero gradient (not merely close to it), on every rank
     for world in (2, 3):
@@ -538,6 +586,7 @@ def test_requires_initialized_process_group():
         ({"ignore_index": 1.5}, None, TypeError, "ignore_index must be an int"),
         ({"loss": "jsd", "beta": 1.5}, None, ValueError, r"beta must be finite and in \[0, 1\]"),
         ({"loss": "jsd", "scale_by_temperature": True}, None, ValueError, "no T\\^2"),
+        ({"standardize": 1}, None, TypeError, "standardize must be a bool"),
     ],
 )
 def test_bad_arguments(kwargs, shapes, error, match):

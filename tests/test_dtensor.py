@@ -87,6 +87,11 @@ def _response(fn):
                                                        **kw(y, r, n)),
         "topk_T": lambda s, t, y, r, n: fastkd.topk_kd_loss(s, t[0], t[1], torch.tensor(1.7, dtype=torch.float64),
                                                             **kw(y, r, n)),
+        # the per-row options: weights placed as the labels (derived from them), standardization
+        "kd_w": lambda s, t, y, r, n: fastkd.kd_loss(s, t, 2.0, token_weights=_weights_of(y), **kw(y, r, n)),
+        "kd_std": lambda s, t, y, r, n: fastkd.kd_loss(s, t, 2.0, standardize=True, **kw(y, r, n)),
+        "jsd_std_w": lambda s, t, y, r, n: fastkd.jsd_loss(s, t, 0.3, 1.5, standardize=True,
+                                                           token_weights=_weights_of(y), **kw(y, r, n)),
         # the nn.Module losses call the functions
         "KDLoss": lambda s, t, y, r, n: fastkd.KDLoss(temperature=2.0, reduction=r)(s, t, y, num_items_in_batch=n),
         "JSDLoss": lambda s, t, y, r, n: fastkd.JSDLoss(beta=0.3, reduction=r)(s, t, y, num_items_in_batch=n),
@@ -95,6 +100,11 @@ def _response(fn):
         "DKDLoss": lambda s, t, y, r, n: fastkd.DKDLoss(1.0, 4.0, 2.0, warmup=4, reduction=r)(s, t, y, epoch=2),
     }
     return calls[fn]
+
+
+def _weights_of(labels):
+    """Per-row weights in [1, 3] from the labels, with their placement (a DTensor or a plain tensor)."""
+    return None if labels is None else labels.remainder(3).to(torch.float64) + 1.0
 
 
 _LOCAL_ONLY = ("kd_mix", "dkd", "topk", "topk_T", "DKDLoss")  # not available on the vocabulary-parallel path
@@ -131,7 +141,7 @@ def _cases() -> Dict[str, Case]:
             cases.append(Case(f"kd-{placement}-none-teacher-grad", "kd", placement, "none", lead=lead,
                               teacher_grad=True))
     for placement in ("vocab", "rows", "replicate"):
-        for fn in ("kd_T", "jsd_T") + (() if placement == "vocab" else ("topk_T",)):
+        for fn in ("kd_T", "jsd_T", "kd_w", "kd_std", "jsd_std_w") + (() if placement == "vocab" else ("topk_T",)):
             for red in ("batchmean", "none"):
                 cases.append(Case(f"{fn}-{placement}-{red}", fn, placement, red))
     # one row on 2 ranks: rank 1 holds no row

@@ -120,7 +120,8 @@ def _bad_cases():
     bad = []
     # the response functions take a tensor temperature (0-dim or one per row): a wrong shape is a ValueError
     tensor_takers = {"kd_loss", "reference.kd_loss", "reverse_kl_loss", "jsd_loss", "tvd_loss", "dkd_loss",
-                     "reference.dkd_loss", "topk_kd_loss", "fused_linear_kd_loss", "reference.fused_linear_kd_loss"}
+                     "reference.dkd_loss", "topk_kd_loss", "fused_linear_kd_loss", "reference.fused_linear_kd_loss",
+                     "vocab_parallel_kd_loss"}
     for name in tensor_takers:
         bad.append((name, calls[name], {"temperature": torch.ones(3)}, ValueError, "temperature as a tensor"))
         bad.append((name, calls[name], {"temperature": torch.ones(4, dtype=torch.long)}, TypeError, "temperature"))
