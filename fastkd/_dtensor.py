@@ -459,6 +459,7 @@ def _route_fused(fn: Callable, bound: inspect.BoundArguments):
         dense = ("S", teacher.dim() - 1) if mode == _VOCAB else rows_l
         call.expect(teacher, "teacher", dense, why)
     call.expect(a["labels"], "labels", rows_l, why, plain_ok=True)
+    call.expect(a.get("token_weights"), "token_weights", rows_l, why, plain_ok=True)  # placed as the labels
     a["num_items_in_batch"] = _num_items(call, a["num_items_in_batch"])
 
     # local tensors; a replicated weight used with row-sharded hidden states gets each rank's share of its
@@ -475,6 +476,8 @@ def _route_fused(fn: Callable, bound: inspect.BoundArguments):
     a["student_weight"] = call.local(w, head_grads)
     a["student_bias"] = call.local(a["student_bias"], head_grads)
     a["labels"] = call.local(a["labels"])
+    if "token_weights" in a:
+        a["token_weights"] = call.local(a["token_weights"])
 
     if mode == _VOCAB:
         from fastkd import distributed

@@ -160,6 +160,11 @@ def _cases() -> Dict[str, Case]:
         cases.append(Case(f"fused-{placement}-head-sum-parts", "fused", placement, "sum", lead=(2, 3),
                           teacher="head", labels="none", fused=(("loss", "skew_kl"), ("skew", 0.2),
                                                                 ("return_parts", True))))
+        if placement != "vocab":
+            for red in ("batchmean", "none"):
+                cases.append(Case(f"fused-{placement}-head-{red}-weighted", "fused", placement, red, lead=(2, 3),
+                                  teacher="head", fused=(("loss", "kl"), ("hard_label_weight", 0.4),
+                                                         ("chunk_size", 2), ("weighted", True))))
     return {c.name: c for c in cases}
 
 
@@ -195,6 +200,8 @@ def _inputs(case: Case):
 
 def _fused_call(case: Case, h, w, b, teacher, labels, num_items=None):
     kw = dict(case.fused)
+    if kw.pop("weighted", False):  # token_weights derived from the labels, with their placement
+        kw["token_weights"] = _weights_of(labels)
     if num_items is not None:
         kw["num_items_in_batch"] = num_items
     return fastkd.fused_linear_kd_loss(h, w, teacher, student_bias=b, labels=labels, reduction=case.reduction, **kw)
