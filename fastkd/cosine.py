@@ -154,7 +154,7 @@ class CosineLoss(nn.Module):
 
     Shape:
         ``forward(student_logits [..., V], teacher_logits [..., V], target [...] or None, *,
-        num_items_in_batch=None)``.
+        num_items_in_batch=None, token_weights=None)`` (``token_weights``: as :func:`fastkd.cosine_loss`).
 
     Liger's ``LigerFusedLinearCosineSimilarityLoss(weight_hard_loss=w_h, weight_soft_loss=w_s, beta=b)`` on
     logits, when no target equals ``ignore_index``: ``CosineLoss(beta=w_s * b, alpha=w_h)``
@@ -185,10 +185,12 @@ class CosineLoss(nn.Module):
         target: Optional[torch.Tensor] = None,
         *,
         num_items_in_batch: NumItems = None,
+        token_weights: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, LossParts]:
         return cosine_loss(student_logits, teacher_logits, self.beta, reduction=self.reduction, labels=target,
                            ignore_index=self.ignore_index, alpha=self.alpha, eps=self.eps,
-                           num_items_in_batch=num_items_in_batch, return_parts=self.return_parts)
+                           num_items_in_batch=num_items_in_batch, return_parts=self.return_parts,
+                           token_weights=token_weights)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, alpha={self.alpha}, reduction={self.reduction!r}"
