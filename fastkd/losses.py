@@ -230,6 +230,8 @@ class DKDLoss(_ResponseLoss):
         warmup: epochs over which the loss ramps up linearly: ``forward(..., epoch=e)`` multiplies by
             ``min(e / warmup, 1)`` (mdistiller's DKD distiller; 0 disables the ramp). Without ``epoch`` the
             factor is 1.
+        standardize: logit standardization of both sides before the temperature (LSKD, CVPR 2024, on DKD);
+            see :func:`fastkd.dkd_loss`.
 
     ``forward(student_logits, teacher_logits, target, epoch=None, *, num_items_in_batch=None)``.
     """
@@ -242,11 +244,13 @@ class DKDLoss(_ResponseLoss):
         warmup: float = 20,
         reduction: str = "batchmean",
         ignore_index: int = -100,
+        standardize: bool = False,
     ) -> None:
         super().__init__(temperature, reduction, ignore_index)
         self.alpha = v.check_nonneg_weight("alpha", alpha)
         self.beta = v.check_nonneg_weight("beta", beta)
         self.warmup = v.check_nonneg_weight("warmup", warmup)
+        self.standardize = v.check_bool("standardize", standardize)
 
     def warmup_factor(self, epoch: Optional[float]) -> float:
         """``min(epoch / warmup, 1)`` (1 without an epoch or with ``warmup=0``)."""
@@ -267,10 +271,11 @@ class DKDLoss(_ResponseLoss):
         factor = self.warmup_factor(epoch)
         return dkd_loss(student_logits, teacher_logits, target, self.alpha * factor, self.beta * factor,
                         self.temperature, reduction=self.reduction, ignore_index=self.ignore_index,
-                        num_items_in_batch=num_items_in_batch)
+                        num_items_in_batch=num_items_in_batch, standardize=self.standardize)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}, warmup={self.warmup}, " + super().extra_repr()
+        std = ", standardize=True" if self.standardize else ""
+        return f"alpha={self.alpha}, beta={self.beta}, warmup={self.warmup}, " + super().extra_repr() + std
 
 
 class TopKKDLoss(_ResponseLoss):

@@ -329,9 +329,9 @@ FASTKD_HOST_DEVICE KlGradScalars dkd_grad_scalars(const DkdRow& r, double alpha,
   KlGradScalars g;
   g.c_q = coef * (beta + alpha * (r.p_y - r.q_y));
   g.c_p = g.c_t = coef * beta;
-  g.k_t = coef * (beta * r.nckd + alpha * r.g * r.p_y * (1.0 - r.p_y));
+  g.k_t = coef * (beta * r.nckd + alpha * r.h);
   g.student_target = coef * alpha * (r.q_y - r.p_y);
-  g.teacher_target = coef * alpha * r.g * r.p_y * (1.0 - r.p_y);
+  g.teacher_target = coef * alpha * r.h;
   return g;
 }
 
