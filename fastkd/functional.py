@@ -462,7 +462,10 @@ _DIVERGENCE_LOSS_DOC = r"""Any registered response divergence by name, fused (on
     Args:
         student_logits, teacher_logits: raw logits ``[..., V]``, as :func:`fastkd.kd_loss`.
         divergence: its name, e.g. ``"kl"``, ``"reverse_kl"``, ``"jsd"``, ``"tvd"``, ``"dkd"``.
-        temperature: softmax temperature ``T > 0``.
+        temperature: softmax temperature ``T > 0``: a number or a tensor (0-dim or one per row, learnable), as
+            :func:`fastkd.kd_loss`, for every divergence (``"dkd"`` included).
+        token_weights, standardize: as :func:`fastkd.kd_loss`, for every divergence (``"dkd"``: its class targets
+            are the same on the standardized logits).
         reduction, labels, ignore_index, num_items_in_batch: as :func:`fastkd.kd_loss`. For ``"dkd"`` the labels
             are the class targets (required). ``"batchmean"`` always divides by the counted rows (the named
             :func:`fastkd.jsd_loss` keeps TRL's division of ``[B, T, V]`` input by ``B``).

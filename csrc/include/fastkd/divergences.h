@@ -133,7 +133,8 @@ struct TvdDivergence : DivergenceDefaults {
   }
 };
 
-// Decoupled KD (Zhao et al., CVPR 2022): alpha * TCKD + beta * NCKD (dkd_row in kd_math.h).
+// Decoupled KD (Zhao et al., CVPR 2022): alpha * TCKD + beta * NCKD (dkd_row in kd_math.h; its row dots, for the
+// temperature's and the standardization's gradients: dkd_row_dots in row_options.h).
 struct DkdDivergence : DivergenceDefaults {
   static constexpr const char* kName = "dkd";
   static constexpr Family kFamily = Family::Decoupled;

@@ -222,7 +222,7 @@ struct DkdRow {
   double tckd, nckd;
   double p_y, q_y;        // target probabilities
   double g;               // d TCKD / d logit(p_y) = log(p_y / q_y) - log((1 - p_y) / (1 - q_y))
-  double h;               // g p_y (1 - p_y) = -d TCKD / d a_j / p^_j (j != y) = d TCKD / d a_y; 0 where p_y (1 - p_y) is
+  double h;               // g p_y (1 - p_y) = d TCKD / d a_y (0 where p_y (1 - p_y) is 0)
   double log_zs, log_zt;  // log of the non-target sums (shifted by the non-target maxima)
   double b_y, a_y;        // the target's shifted logits
 };

@@ -7,8 +7,8 @@
 //   D_s = sum_j b_j d div / d b_j,   D_t = sum_j a_j d div / d a_j
 // (shift-invariant: every divergence's gradient sums to 0 over the row), dL/dT = f'(T) div - f(T) / T (D_s + D_t),
 // and the kernels get both from sums of the sweeps that precede the gradient sweep (kl_row_dots, dkd_row_dots,
-// psi_row_dot),
-// so that the standardization's own gradient term (standardize_grad_factor) is written in that same sweep.
+// psi_row_dot), so that the standardization's own gradient term (standardize_grad_factor) is written in that same
+// sweep.
 #pragma once
 
 #include <cmath>
@@ -97,7 +97,8 @@ FASTKD_HOST_DEVICE void kl_row_dots(const KlDotSums& k, double z_p, double z_o, 
 // gather the KL sums above over the non-target classes (P = the teacher's p^, O = the student's q^). With
 // d div / d b_j = (beta + alpha (p_y - q_y)) q^_j - beta p^_j (j != y), alpha (q_y - p_y) at y, and
 // d div / d a_j = beta p^_j (log p^_j - log q^_j - NCKD) - alpha h p^_j (j != y), alpha h at y (h = DkdRow::h):
-//   D_s = beta (E_q^[b] - E_p^[b]) + alpha (p_y - q_y) (E_q^[b] - b_y),   D_t = beta Cov_p^(a, a - b) + alpha h (a_y - E_p^[a])
+//   D_s = beta (E_q^[b] - E_p^[b]) + alpha (p_y - q_y) (E_q^[b] - b_y),
+//   D_t = beta Cov_p^(a, a - b) + alpha h (a_y - E_p^[a])
 // (the NCKD parts are kl_row_dots'; a target term whose weight is 0 is 0, also where b_y or a_y is -inf).
 FASTKD_HOST_DEVICE void dkd_row_dots(const KlDotSums& k, const DkdRow& r, double z_s, double z_t, double dot,
                                      double alpha, double beta, double& d_s, double& d_t) {
