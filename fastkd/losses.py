@@ -261,8 +261,10 @@ class DKDLoss(_ResponseLoss):
         warmup: epochs over which the loss ramps up linearly: ``forward(..., epoch=e)`` multiplies by
             ``min(e / warmup, 1)`` (mdistiller's DKD distiller; 0 disables the ramp). Without ``epoch`` the
             factor is 1.
+        standardize: logit standardization of both sides before the temperature (LSKD, CVPR 2024, on DKD);
+            see :func:`fastkd.dkd_loss`.
 
-    ``forward(student_logits, teacher_logits, target, epoch=None, *, num_items_in_batch=None)``.
+    ``forward(student_logits, teacher_logits, target, epoch=None, *, num_items_in_batch=None, token_weights=None)``.
     """
 
     def __init__(
@@ -273,8 +275,9 @@ class DKDLoss(_ResponseLoss):
         warmup: float = 20,
         reduction: str = "batchmean",
         ignore_index: int = -100,
+        standardize: bool = False,
     ) -> None:
-        super().__init__(temperature, reduction, ignore_index)
+        super().__init__(temperature, reduction, ignore_index, standardize)
         self.alpha = v.check_nonneg_weight("alpha", alpha)
         self.beta = v.check_nonneg_weight("beta", beta)
         self.warmup = v.check_nonneg_weight("warmup", warmup)
@@ -294,11 +297,13 @@ class DKDLoss(_ResponseLoss):
         epoch: Optional[float] = None,
         *,
         num_items_in_batch: NumItems = None,
+        token_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         factor = self.warmup_factor(epoch)
         return dkd_loss(student_logits, teacher_logits, target, self.alpha * factor, self.beta * factor,
                         self.temperature, reduction=self.reduction, ignore_index=self.ignore_index,
-                        num_items_in_batch=num_items_in_batch)
+                        num_items_in_batch=num_items_in_batch, token_weights=token_weights,
+                        standardize=self.standardize)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, warmup={self.warmup}, " + super().extra_repr()

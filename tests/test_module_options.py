@@ -42,6 +42,8 @@ STANDARDIZING = {
                 lambda s, t, y, **k: fastkd.jsd_loss(s, t, 0.3, 1.5, labels=y, **k)),
     "TVDLoss": (lambda std: fastkd.TVDLoss(1.5, standardize=std),
                 lambda s, t, y, **k: fastkd.tvd_loss(s, t, 1.5, labels=y, **k)),
+    "DKDLoss": (lambda std: fastkd.DKDLoss(1.0, 4.0, 2.0, warmup=0, standardize=std),
+                lambda s, t, y, **k: fastkd.dkd_loss(s, t, y, 1.0, 4.0, 2.0, **k)),
     "DivergenceLoss": (lambda std: fastkd.DivergenceLoss("skew_kl", 2.0, skew=0.2, standardize=std),
                        lambda s, t, y, **k: fastkd.divergence_loss(s, t, "skew_kl", 2.0, skew=0.2, labels=y, **k)),
 }
