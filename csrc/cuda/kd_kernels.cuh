@@ -132,19 +132,34 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
     const int64_t excl = kDkd ? y : -1;
     const bool packed = is_pack_aligned<S>(s) && is_pack_aligned<T>(t);
 
-    // Sweep 1: row maxima (DKD: over the non-target classes).
+    // Sweep 1: row maxima (DKD: over the non-target classes) and, for the standardization, each side's sums
+    // of d = x - x0 and d^2 over every entry (x0 the row's first entry; as the CPU kernel, in the same read).
     Acc4<Acc, 2> m{{neg_inf, neg_inf}};
+    Acc4<double, 4> m4{{0.0, 0.0, 0.0, 0.0}};
+    const double s0 = p.standardize ? static_cast<double>(static_cast<Acc>(s[0])) : 0.0;
+    const double t0 = p.standardize ? static_cast<double>(static_cast<Acc>(t[0])) : 0.0;
     for_each_in_row<kBlock, Acc>(s, t, V, packed, [&](int64_t i, Acc sv, Acc tv) {
+      if (p.standardize) {
+        const double ds = static_cast<double>(sv) - s0, dt = static_cast<double>(tv) - t0;
+        m4.v[0] += ds;
+        m4.v[1] += ds * ds;
+        m4.v[2] += dt;
+        m4.v[3] += dt * dt;
+      }
       if (i == excl) return;
       m.v[0] = kd_nan_max(m.v[0], sv);
       m.v[1] = kd_nan_max(m.v[1], tv);
     });
     m = block_reduce<kBlock>(m, MaxOp<Acc, 2>());
+    if (p.standardize) m4 = block_reduce<kBlock>(m4, SumOp<double, 4>());
     const Acc max_s = m.v[0], max_t = m.v[1];
     // Fully masked (-inf in every entry of both sides; for DKD the target entries too): contributes 0. The
     // test is uniform over the block (the maxima are broadcast), so the whole block skips the row.
-    if (kd_row_empty(max_s, max_t) &&
-        (!kDkd || kd_row_empty(static_cast<Acc>(s[y]), static_cast<Acc>(t[y])))) {
+    const bool empty = kd_row_empty(max_s, max_t) &&
+                       (!kDkd || kd_row_empty(static_cast<Acc>(s[y]), static_cast<Acc>(t[y])));
+    // DKD: every thread has read s[y], t[y] before zero_row writes the row (the gradient may be the logits).
+    if constexpr (kDkd) __syncthreads();
+    if (empty) {
       zero_row();
       continue;
     }
@@ -152,16 +167,6 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
     // Standardization: each side's row mean and std, then the row's scalars (uniform over the block).
     RowStandardization st_s, st_t;
     if (p.standardize) {
-      const double s0 = static_cast<Acc>(s[0]), t0 = static_cast<Acc>(t[0]);
-      Acc4<double, 4> m4{{0.0, 0.0, 0.0, 0.0}};
-      for_each_in_row<kBlock, Acc>(s, t, V, packed, [&](int64_t, Acc sv, Acc tv) {
-        const double ds = static_cast<double>(sv) - s0, dt = static_cast<double>(tv) - t0;
-        m4.v[0] += ds;
-        m4.v[1] += ds * ds;
-        m4.v[2] += dt;
-        m4.v[3] += dt * dt;
-      });
-      m4 = block_reduce<kBlock>(m4, SumOp<double, 4>());
       st_s = row_standardization(s0, m4.v[0], m4.v[1], V, p.standardize_eps);
       st_t = row_standardization(t0, m4.v[2], m4.v[3], V, p.standardize_eps);
     }
