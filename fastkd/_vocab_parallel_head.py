@@ -17,6 +17,13 @@ A :class:`fastkd.TopKTeacher` holds *global* vocabulary indices; every rank uses
 its slice. Its math (fastkd's ``topk_*`` of kd_math.h) needs, per row, the student's log-sum-exp over the kept
 entries and over the others (the tail bucket's mass), each with its own maximum: one all-reduce MAX of
 ``[2, chunk]`` and one SUM that also carries the kept entries' partial loss terms.
+
+The per-row options, as the single-process head: ``token_weights`` multiply each row's two terms (and the
+gradients' row weights); a tensor temperature's gradient comes from the row dots of the divergence phase (the
+shard ops' ``dots=True``; for a top-k teacher four more partial sums in its SUM all-reduce, see
+:func:`_topk_chunk`), computed with the chunk's logits gradient; ``standardize`` adds, per chunk, the
+standardization's two all-reduces (row sums, then sums of squares about the mean) before the statistics and
+one (the row sums of the gradient and of the gradient times ``x - mean``) in the gradient phase.
 """
 
 from __future__ import annotations
@@ -119,14 +126,30 @@ def vocab_parallel_fused_linear_kd_loss(
             finite > 0, or None (off). The student's logits are ``softcap(scale * (h W^T + b))``; the teacher's
             transforms apply to a TeacherHead's computed logits and to dense logits alike, not to a TopKTeacher.
             The gradient is exact: ``scale * (1 - tanh^2(scale * x / cap))`` times that of the logits.
-        loss, beta, temperature, labels, ignore_index, hard_label_weight, soft_weight, reduction, chunk_size,
+        loss, beta, labels, ignore_index, hard_label_weight, soft_weight, reduction, chunk_size,
         scale_by_temperature, num_items_in_batch, return_parts, **params: as in
-            :func:`fastkd.fused_linear_kd_loss`, except that ``temperature`` is a Python number here (its
-            gradient's row dots are not wired through the chunked head's phases); ``labels`` are global vocabulary
-            indices (the cross-entropy targets, at ``T = 1``); ``chunk_size=None`` picks :func:`fastkd.fused_linear.default_chunk_size` of
+            :func:`fastkd.fused_linear_kd_loss`; ``labels`` are global vocabulary indices (the cross-entropy
+            targets, at ``T = 1``); ``chunk_size=None`` picks :func:`fastkd.fused_linear.default_chunk_size` of
             the gathered head (the global ``V``: the single-process head's chunk, so that each rank's
             buffers are ``1 / world`` of its). ``"mean"`` divides the distillation term by the counted
             rows times the global ``V``.
+        temperature: as in :func:`fastkd.fused_linear_kd_loss`: a Python number, or a tensor, 0-dim or one per
+            row (the hidden states' leading shape), identical on every rank, for every teacher kind. When it
+            requires grad its exact gradient (``T^2`` included) comes from per-row sums of the chunk's phases (the
+            shard kernels' row dots, summed over the vocabulary in the divergence all-reduce, which then carries
+            ``[7, chunk]`` numbers; for a :class:`fastkd.TopKTeacher` four more rows in its SUM all-reduce); every
+            rank gets the full gradient of the (replicated) loss. For ``reduction="none"`` it is computed in the
+            backward's pass over the chunks.
+        token_weights: optional per-row weights ``[...]`` (the hidden states' leading shape), floating point,
+            identical on every rank, as :func:`fastkd.fused_linear_kd_loss`: each counted row's loss (both
+            terms, and the parts of ``return_parts``) times its weight, the divisor unchanged, no gradient for the
+            weights; every teacher kind and reduction.
+        standardize: logit standardization of both sides' (transformed) logits, as
+            :func:`fastkd.fused_linear_kd_loss`, over the *global* vocabulary (``V >= 2``): per chunk, two more
+            all-reduces of ``O(chunk)`` numbers before the statistics (the row sums, then the sums of squares
+            about the mean, float64) and, with a gradient, one in the gradient phase; the cross-entropy stays on
+            the unstandardized logits (its row maximum rides in the MAX all-reduce). Dense or
+            :class:`fastkd.TeacherHead` teacher, not a :class:`fastkd.TopKTeacher` (ValueError).
 
     Returns:
         The loss in float32 (float64 if the hidden states or the teacher are float64), also for bf16 / fp16
@@ -134,9 +157,10 @@ def vocab_parallel_fused_linear_kd_loss(
         :func:`fastkd.fused_linear_kd_loss`; a :class:`fastkd.LossParts` with ``return_parts``.
 
     Communication per chunk, on the hidden states' device (any backend): three all-reduces of ``O(chunk)``
-    numbers (two with a TopKTeacher) and, when the hidden states require grad, the all-reduce of the chunk's
-    ``[chunk, H]`` hidden-state gradient; once per call, an all-gather of a few integers per rank (the shard
-    widths, from which the offsets and ``V`` follow, and the arguments every rank must agree on).
+    numbers (two with a TopKTeacher; three more with ``standardize``) and, when the hidden states require grad,
+    the all-reduce of the chunk's ``[chunk, H]`` hidden-state gradient; once per call, an all-gather of a few
+    integers per rank (the shard widths, from which the offsets and ``V`` follow, and the arguments every rank
+    must agree on, ``standardize`` and whether the temperature requires grad among them).
 
     Memory: the ``[chunk_size, V_r]`` logits slices (student, teacher) and their gradient, the weight gradient
     (accumulated in float32 for half-precision input), never ``O(rows * V)``. With a scalar reduction the

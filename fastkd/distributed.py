@@ -65,7 +65,8 @@ with the spec's formula as the fallback where the kernels are not compiled.
 
 :func:`vocab_parallel_fused_linear_kd_loss` (fastkd/_vocab_parallel_head.py) runs the same phases per chunk of
 rows of a vocabulary-sharded lm_head (the logits slices computed by a local GEMM, never whole), with the fused
-cross-entropy, a top-k teacher of global indices and the softcap / logit-scale transforms.
+cross-entropy, a top-k teacher of global indices, the softcap / logit-scale transforms and the per-row options
+(``token_weights``, a tensor temperature, ``standardize``).
 """
 
 from __future__ import annotations

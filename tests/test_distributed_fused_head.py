@@ -371,6 +371,13 @@ def _bad_runs(world: int, rank: int) -> Dict[str, Optional[str]]:
         out["second-backward"] = f"RuntimeError: {e}"
     big = torch.randn(7, VOCAB + 1, dtype=torch.float64)
     out["topk-k>V"] = _expect_error(lambda: vp_head(hidden, w, fastkd.TopKTeacher(big, big.argsort(-1))))
+    # the per-row options: the global vocabulary of one class, ranks that disagree
+    one = 1 if rank == 0 else 0
+    out["standardize-one-class"] = _expect_error(lambda: vp_head(hidden, weight[:one], teacher[..., :one],
+                                                                 standardize=True))
+    out["standardize-differs"] = _expect_error(lambda: vp_head(hidden, w, t, standardize=rank == 0))
+    temperature = torch.tensor(2.0, dtype=torch.float64, requires_grad=rank == 0)
+    out["temperature-grad-differs"] = _expect_error(lambda: vp_head(hidden, w, t, temperature=temperature))
     return out
 
 
@@ -534,6 +541,11 @@ def test_errors_that_need_the_group(world, tmp_path_factory):
         "topk-index-range": f"ValueError: teacher_topk_indices must be in [0, {VOCAB})",
         "topk-k>V": f"ValueError: k (the last dimension of teacher_topk_values) must be in [1, V={VOCAB}]",
         "second-backward": "RuntimeError: vocab_parallel_fused_linear_kd_loss: backward ran a second time",
+        "standardize-one-class": "ValueError: standardize needs at least 2 classes (an unbiased std), got V=1",
+        "standardize-differs": "ValueError: vocab_parallel_fused_linear_kd_loss: every rank of the group must pass "
+                               "the same standardize",
+        "temperature-grad-differs": "ValueError: vocab_parallel_fused_linear_kd_loss: every rank of the group must "
+                                    "pass the same temperature.requires_grad",
     }
     for rank, r in enumerate(ranks):
         for key, start in expected.items():
@@ -599,6 +611,23 @@ def test_requires_initialized_process_group():
         (dict(student_logit_scale=math.inf), ValueError, "student_logit_scale must be"),
         (dict(teacher_logit_scale="2"), TypeError, "teacher_logit_scale must be"),
         (dict(return_parts=1), TypeError, "return_parts must be a bool"),
+        # the per-row options: one message per rule, fastkd/_validation.py's
+        (dict(token_weights=[1.0] * 4), TypeError, "token_weights must be a tensor or None"),
+        (dict(token_weights=torch.ones(4, dtype=torch.long)), TypeError,
+         "token_weights must be a floating-point tensor"),
+        (dict(token_weights=torch.ones(5)), ValueError, r"token_weights must have the logits' leading shape \[4\]"),
+        (dict(token_weights=torch.ones(4, 1)), ValueError, r"token_weights must have the logits' leading shape"),
+        (dict(temperature=torch.ones(4, dtype=torch.long)), TypeError,
+         "temperature must be a float or a floating-point tensor"),
+        (dict(temperature=torch.ones(5)), ValueError,
+         r"temperature as a tensor must be 0-dim or have the logits' leading shape \[4\]"),
+        (dict(temperature=torch.tensor([1.0, 0.0, 1.0, 1.0])), ValueError,
+         r"argument 'temperature': every entry must be a finite value in \[2\*\*-63, 2\*\*63\]"),
+        (dict(temperature=torch.tensor(math.nan)), ValueError, "argument 'temperature': every entry must be a finite"),
+        (dict(temperature="2"), TypeError, "temperature must be"),
+        (dict(standardize=1), TypeError, "standardize must be a bool"),
+        (dict(teacher=fastkd.TopKTeacher(torch.randn(4, 2), torch.zeros(4, 2, dtype=torch.long)), standardize=True),
+         ValueError, "standardize: a top-k teacher has no full row to standardize"),
     ],
 )
 def test_bad_arguments_before_any_communication(change, error, match):

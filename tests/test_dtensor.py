@@ -160,6 +160,19 @@ def _cases() -> Dict[str, Case]:
         cases.append(Case(f"fused-{placement}-head-sum-parts", "fused", placement, "sum", lead=(2, 3),
                           teacher="head", labels="none", fused=(("loss", "skew_kl"), ("skew", 0.2),
                                                                 ("return_parts", True))))
+        # the per-row options: token_weights placed as the labels, standardize, a tensor temperature
+        for red in ("batchmean", "none"):
+            cases.append(Case(f"fused-{placement}-weights-{red}", "fused", placement, red, lead=(2, 3),
+                              fused=(("loss", "jsd"), ("beta", 0.3), ("chunk_size", 2), ("weights", True))))
+            cases.append(Case(f"fused-{placement}-head-standardize-weights-T-ce-{red}", "fused", placement, red,
+                              lead=(2, 3), teacher="head",
+                              fused=(("loss", "kl"), ("hard_label_weight", 0.4), ("chunk_size", 4),
+                                     ("standardize", True), ("weights", True), ("temperature_tensor", 1.7))))
+        cases.append(Case(f"fused-{placement}-dense-standardize-mean", "fused", placement, "mean", lead=(2, 3),
+                          fused=(("loss", "kl"), ("standardize", True))))
+        cases.append(Case(f"fused-{placement}-topk-weights-T-parts", "fused", placement, "batchmean", lead=(2, 3),
+                          teacher="topk", fused=(("loss", "kl"), ("weights", True), ("temperature_tensor", 1.3),
+                                                 ("hard_label_weight", 0.4), ("return_parts", True))))
     return {c.name: c for c in cases}
 
 
@@ -195,6 +208,10 @@ def _inputs(case: Case):
 
 def _fused_call(case: Case, h, w, b, teacher, labels, num_items=None):
     kw = dict(case.fused)
+    if kw.pop("weights", False):  # token_weights placed as the labels (derived from them)
+        kw["token_weights"] = _weights_of(labels)
+    if "temperature_tensor" in kw:  # a plain 0-dim tensor, the same on every rank
+        kw["temperature"] = torch.tensor(kw.pop("temperature_tensor"), dtype=torch.float64)
     if num_items is not None:
         kw["num_items_in_batch"] = num_items
     return fastkd.fused_linear_kd_loss(h, w, teacher, student_bias=b, labels=labels, reduction=case.reduction, **kw)
