@@ -289,6 +289,8 @@ def _row_options(case: Case, dtype: torch.dtype):
         w = torch.rand(case.lead, generator=g, dtype=torch.float64) * 3.0 - 0.5
         if w.numel():
             w.view(-1)[-1] = 0.0  # a counted row of weight 0
+            if case.labels != "none":
+                w.view(-1)[0] = math.nan  # an ignored row (label ignore_index): dropped whatever its weight
         kw["token_weights"] = w.to(dtype)
     if case.t_tensor:
         shape = () if case.t_tensor == "scalar" else case.lead
@@ -381,13 +383,32 @@ def _bad_runs(world: int, rank: int) -> Dict[str, Optional[str]]:
     return out
 
 
+def _nan_runs(world: int, rank: int) -> Dict[str, torch.Tensor]:
+    """NaN propagates through the token weights: a NaN weight of a counted row makes that row's loss and hidden-state
+    gradient NaN; in an ignored row it is dropped. (A NaN temperature is refused before any communication.)"""
+    case = Case("nan", hard=0.4)
+    hidden, weight, bias, teacher, labels, _ = _inputs(case)  # rows 0 and 4 ignored
+    lo, hi = _bounds(case, world, rank)
+    w, b, t = weight[lo:hi], bias[lo:hi], teacher[..., lo:hi]
+    out = {}
+    for name, row in (("counted", 2), ("ignored", 0)):
+        weights = torch.ones(7, dtype=torch.float64)
+        weights[row] = math.nan
+        h = hidden.clone().requires_grad_(True)
+        rows = vp_head(h, w, t, student_bias_shard=b, labels=labels, hard_label_weight=0.4, reduction="none",
+                       standardize=True, token_weights=weights, temperature=torch.full((7,), 2.0).double())
+        rows.sum().backward()
+        out[name] = (rows.detach(), h.grad)
+    return out
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
         results = {"cases": {name: _run_case(c, world, rank) for name, c in _cases(world).items()},
-                   "bad": _bad_runs(world, rank)}
+                   "bad": _bad_runs(world, rank), "nan": _nan_runs(world, rank)}
         # after the errors, the group still works
         results["after"] = _run_case(Case("after-errors"), world, rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -429,6 +450,9 @@ def _single_process(case: Case):
     for key in ("token_weights", "temperature"):  # the row options as the ranks have them, in float64
         if isinstance(kw.get(key), torch.Tensor):
             kw[key] = kw[key].detach().double()
+    if "token_weights" in kw:  # an ignored row's weight does not matter: 0 for the NaN the ranks get (the
+        # single-process head propagates a NaN weight of an ignored row; kd_loss and fastkd.reference drop it)
+        kw["token_weights"] = kw["token_weights"].nan_to_num(0.0)
     if t_leaf is not None:
         t_leaf = kw["temperature"].requires_grad_(True)
     out = fastkd.fused_linear_kd_loss(h, w, t, student_bias=b, **kw, **dict(case.transforms), return_parts=True)
@@ -554,6 +578,19 @@ def test_errors_that_need_the_group(world, tmp_path_factory):
     case = Case("after-errors")
     out, *_ = _single_process(case)
     assert_close(ranks[0]["after"]["loss"], out.loss, rtol=1e-10, atol=1e-12, what="loss after the errors")
+
+
+@needs_gloo
+@pytest.mark.parametrize("world", [2, 3])
+def test_nan_in_the_row_options(world, tmp_path_factory):
+    ranks = _results(world, tmp_path_factory)
+    for r in ranks:
+        rows, g_hidden = r["nan"]["counted"]
+        assert rows[2].isnan() and not rows[torch.arange(7) != 2].isnan().any(), rows
+        assert g_hidden[2].isnan().all() and not g_hidden[torch.arange(7) != 2].isnan().any()
+        rows, g_hidden = r["nan"]["ignored"]
+        assert rows[0] == 0 and not rows.isnan().any() and (g_hidden[0] == 0).all(), rows
+        assert not g_hidden.isnan().any()
 
 
 # --------------------------------------------------------------------------------------------------------
