@@ -144,8 +144,40 @@ def _cases(world: int) -> Dict[str, Case]:
     for teacher in ("topk", "bucket"):
         cases.append(Case(f"{teacher}-ce0.4-student-softcap-scale", teacher, reduction="none", hard=0.4,
                           transforms=(("student_softcap", 3.0), ("student_logit_scale", 0.7))))
-    cases += _option_cases()
+    cases += _option_cases() + _random_option_cases(world)
     return {c.name: c for c in cases}
+
+
+def _random_option_cases(world: int, count: int = 16):
+    """A seeded sweep over the class of inputs the row options take (the same list in the workers and the
+    parent): teacher kind, divergence, reduction, cross-entropy, chunk size, rows, labels, vocabulary split
+    (empty slices included) and any subset of the options."""
+    g = torch.Generator().manual_seed(1000 + world)
+    fused = sorted(spec.name for spec in fastkd.divergences.REGISTRY.values() if spec.fused_head)
+
+    def pick(seq):
+        return seq[int(torch.randint(len(seq), (), generator=g))]
+
+    cases = []
+    for i in range(count):
+        teacher = pick(("dense", "head", "dense", "head", "topk", "topk_lp", "bucket"))
+        loss = "kl" if teacher not in ("dense", "head") else pick(fused)
+        spec = fastkd.divergences.get(loss)
+        params = tuple(sorted(spec.test_params[0].items())) if spec.test_params else ()
+        cuts = sorted(int(c) for c in torch.randint(0, VOCAB + 1, (world - 1,), generator=g))
+        split = tuple(b - a for a, b in zip([0] + cuts, cuts + [VOCAB]))
+        options = dict(weights=bool(torch.rand((), generator=g) < 0.6),
+                       t_tensor=pick(("", "scalar", "rows", "rows", "rows-const")),
+                       standardize=teacher in ("dense", "head") and bool(torch.rand((), generator=g) < 0.5))
+        if not (options["weights"] or options["t_tensor"] or options["standardize"]):
+            options["weights"] = True
+        rows = int(torch.randint(1, 12, (), generator=g))
+        labels = pick(("none", "some", "first_chunk"))
+        hard = 0.0 if labels == "none" else pick((0.0, 0.4, 1.0))  # the cross-entropy needs the labels
+        cases.append(Case(f"random{i}-{teacher}-{loss}", teacher, loss, params,
+                          pick(("batchmean", "none", "sum", "mean")), hard=hard, chunk=pick((1, 2, 5, None)),
+                          lead=(rows,), labels=labels, split=split, **options))
+    return cases
 
 
 def _option_cases():
