@@ -1,7 +1,8 @@
 """DTensor inputs (fastkd/_dtensor.py) on a 1-D CPU gloo device mesh of 2 processes: every placement
 (Shard(-1) vocabulary-parallel, Shard(0) / Shard(1) rows, Replicate) of the response losses (kd, jsd, skew_kl,
 tvd, reverse_kl, symmetric_kl, dkd, topk, the hard-label mix, return_parts, the nn.Module forms) and of the fused
-head (dense, TeacherHead and TopKTeacher teachers), against the single-process loss on the gathered tensors
+head (dense, TeacherHead and TopKTeacher teachers; token_weights placed as the labels, standardize and a tensor
+temperature on every layout, the vocabulary-sharded head's included), against the single-process loss on the gathered tensors
 (float64): the value (``full_tensor()``), the placement of the result, and the gradients of the DTensor inputs
 (``.grad.full_tensor()``) and their placements; labels chosen so that the counted rows differ between the ranks
 (the global divisor), all rows ignored, a rank with no row; every reduction; ``num_items_in_batch``; unsupported
