@@ -5,8 +5,9 @@
 
 Shapes are minimal (the sanitizer slows kernels 10-100x and every launch costs): each case is there for a code
 path, not for a size. Covered: every registered divergence (the response op, with labels and ignored rows,
-reductions "batchmean" and "none", teacher gradients; the hard-label CE), both response block sizes (vocab
-<= 2048 and above), packed and unaligned rows (odd vocab, a sliced view); the top-k op in each flavour
+reductions "batchmean" and "none", teacher gradients; the hard-label CE; standardization with a learnable
+per-row temperature and token weights), both response block sizes (vocab <= 2048 and above), packed and
+unaligned rows (odd vocab, a sliced view); the top-k op in each flavour
 (logits / log-probabilities, renormalized / bucketed tail, k < V and k = V); the vocabulary-range shard
 ops with every divergence they run; the fused linear head with each teacher kind (logits, head, top-k), a
 padded teacher vocabulary, bias, hard labels, reduction "none" (recomputed in backward); the relation and
@@ -53,6 +54,14 @@ def response(dev):
                                                  **params) for name, params in _divergence_params()]
                 losses.append(fastkd.kd_loss(s, t, 2.0, reduction=red, labels=labels, ignore_index=-1, alpha=0.3))
                 sum(loss.float().sum() for loss in losses).backward()
+        # the per-row options: standardization, a learnable per-row temperature (its row dots), token weights
+        s = torch.randn(shape, device=dev, requires_grad=True)
+        t = torch.randn(shape, device=dev, requires_grad=True)
+        rt = (torch.rand(shape[:-1], device=dev) + 0.5).requires_grad_(True)
+        w = torch.rand(shape[:-1], device=dev)
+        labels = torch.zeros(shape[:-1], dtype=torch.long, device=dev)  # dkd's targets: the first class
+        sum(fastkd.divergence_loss(s, t, name, rt, labels=labels, token_weights=w, standardize=True, **params)
+            for name, params in _divergence_params()).backward()
     # a sliced view with an odd row stride: packed loads refused row by row
     base = torch.randn(6, 133, device=dev)
     fastkd.kd_loss(base[:, 1:], base[:, :-1].flip(0))

@@ -4,8 +4,8 @@
 A generated function ``name(student_logits, teacher_logits, <params>, temperature=1.0, *, reduction=...,
 labels=None, ignore_index=-100, scale_by_temperature=<spec default>, num_items_in_batch=None, token_weights=None, standardize=False)`` calls
 ``impl(spec, name, student_logits, teacher_logits, {param: value}, temperature, **keywords)``; the module
-holds the same arguments and calls the function in ``forward(student_logits, teacher_logits, labels=None,
-num_items_in_batch=None)``.
+holds the same arguments (``standardize`` included) and calls the function in ``forward(student_logits,
+teacher_logits, labels=None, num_items_in_batch=None, *, token_weights=None)``.
 """
 
 from __future__ import annotations
@@ -98,41 +98,52 @@ class DivergenceModule(nn.Module):
     _spec: DivergenceSpec
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels=None,
-                num_items_in_batch=None) -> torch.Tensor:
+                num_items_in_batch=None, *, token_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         return type(self)._function(student_logits, teacher_logits, **self._params, temperature=self.temperature,
                                     reduction=self.reduction, labels=labels, ignore_index=self.ignore_index,
                                     scale_by_temperature=self.scale_by_temperature,
-                                    num_items_in_batch=num_items_in_batch)
+                                    num_items_in_batch=num_items_in_batch, token_weights=token_weights,
+                                    standardize=self.standardize)
 
     def extra_repr(self) -> str:
         params = "".join(f"{k}={v!r}, " for k, v in self._params.items())
         return (f"{params}temperature={self.temperature}, reduction={self.reduction!r}, "
-                f"scale_by_temperature={self.scale_by_temperature}")
+                f"scale_by_temperature={self.scale_by_temperature}"
+                + (", standardize=True" if self.standardize else ""))
 
 
-def _check_params(spec: DivergenceSpec, params: Dict[str, object], where: str) -> None:
-    """A module's parameters, checked when it is built (types and ranges)."""
+def _check_params(module: nn.Module, spec: DivergenceSpec, params: Dict[str, object], where: str) -> None:
+    """A module's arguments, checked when it is built (the parameters' types and ranges, the temperature, the
+    reduction, ignore_index and the flags), as the hand-written modules check theirs."""
+    from fastkd import _validation as v
+
     spec.check_ranges(spec.resolve(params, where))
+    module.temperature = v.check_temperature(module.temperature)
+    v.check_reduction(module.reduction)
+    v.check_ignore_index(module.ignore_index)
+    v.resolve_scale_by_temperature(module.scale_by_temperature, spec.name)  # None: the spec's default
+    v.check_bool("standardize", module.standardize)
 
 
 def make_module(spec: DivergenceSpec, function: Callable, module: str) -> type:
     keys = "".join(f"{p.name!r}: {p.name}, " for p in spec.params)
     src = (
         f"def __init__(self, {_params_src(spec)}temperature=1.0, *, reduction='batchmean', ignore_index=-100, "
-        f"scale_by_temperature={spec.temperature_squared!r}):\n"
+        f"scale_by_temperature={spec.temperature_squared!r}, standardize=False):\n"
         f"    _nn.Module.__init__(self)\n"
         f"    self._params = {{{keys}}}\n"
         f"    self.temperature = temperature\n"
         f"    self.reduction = reduction\n"
         f"    self.ignore_index = ignore_index\n"
         f"    self.scale_by_temperature = scale_by_temperature\n"
-        f"    _check(_spec, self._params, {spec.module!r})\n"
+        f"    self.standardize = standardize\n"
+        f"    _check(self, _spec, self._params, {spec.module!r})\n"
     )
     scope: Dict[str, object] = {"_nn": nn, "_spec": spec, "_check": _check_params}
     exec(compile(src, f"<fastkd generated {spec.module}>", "exec"), scope)
     doc = (f"Module form of :func:`fastkd.{spec.function}` ({spec.doc}): the constructor takes its parameters, "
-           f"``temperature``, ``reduction``, ``ignore_index`` and ``scale_by_temperature``; ``forward(student_logits, "
-           f"teacher_logits, labels=None, num_items_in_batch=None)``.")
+           f"``temperature``, ``reduction``, ``ignore_index``, ``scale_by_temperature`` and ``standardize``; "
+           f"``forward(student_logits, teacher_logits, labels=None, num_items_in_batch=None, *, token_weights=None)``.")
     cls = type(spec.module, (DivergenceModule,), {"__init__": scope["__init__"], "_function": staticmethod(function),
                                                    "_spec": spec, "__doc__": doc, "__module__": module})
     return cls

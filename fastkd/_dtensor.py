@@ -460,7 +460,7 @@ def _route_fused(fn: Callable, bound: inspect.BoundArguments):
         dense = ("S", teacher.dim() - 1) if mode == _VOCAB else rows_l
         call.expect(teacher, "teacher", dense, why)
     call.expect(a["labels"], "labels", rows_l, why, plain_ok=True)
-    call.expect(a.get("token_weights"), "token_weights", rows_l, why, plain_ok=True)  # one per row, as the labels
+    call.expect(a.get("token_weights"), "token_weights", rows_l, why, plain_ok=True)  # placed as the labels
     a["num_items_in_batch"] = _num_items(call, a["num_items_in_batch"])
 
     # local tensors; a replicated weight used with row-sharded hidden states gets each rank's share of its

@@ -154,7 +154,7 @@ class CosineLoss(nn.Module):
 
     Shape:
         ``forward(student_logits [..., V], teacher_logits [..., V], target [...] or None, *,
-        num_items_in_batch=None)``.
+        num_items_in_batch=None, token_weights=None)`` (``token_weights``: as :func:`fastkd.cosine_loss`).
 
     Liger's ``LigerFusedLinearCosineSimilarityLoss(weight_hard_loss=w_h, weight_soft_loss=w_s, beta=b)`` on
     logits, when no target equals ``ignore_index``: ``CosineLoss(beta=w_s * b, alpha=w_h)``
@@ -185,10 +185,12 @@ class CosineLoss(nn.Module):
         target: Optional[torch.Tensor] = None,
         *,
         num_items_in_batch: NumItems = None,
+        token_weights: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, LossParts]:
         return cosine_loss(student_logits, teacher_logits, self.beta, reduction=self.reduction, labels=target,
                            ignore_index=self.ignore_index, alpha=self.alpha, eps=self.eps,
-                           num_items_in_batch=num_items_in_batch, return_parts=self.return_parts)
+                           num_items_in_batch=num_items_in_batch, return_parts=self.return_parts,
+                           token_weights=token_weights)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, alpha={self.alpha}, reduction={self.reduction!r}"
@@ -199,7 +201,7 @@ def fused_linear_cosine_loss(student_hidden, student_weight, teacher, *, student
                              reduction="batchmean", chunk_size=None, scale_by_temperature=None,
                              num_items_in_batch=None, return_parts=False, student_softcap=None,
                              student_logit_scale=None, teacher_softcap=None, teacher_logit_scale=None,
-                             fused=True, **params):
+                             token_weights=None, fused=True, **params):
     r"""``fastkd.fused_linear_kd_loss(..., loss="cosine")``: the student's logits ``h W^T + b`` (and a
     ``TeacherHead``'s) chunk by chunk, never all at once, and on each chunk the cosine kernel of
     :func:`cosine_loss`, which writes the logits' gradient in place; then the GEMMs of the head's gradients.
@@ -213,8 +215,10 @@ def fused_linear_cosine_loss(student_hidden, student_weight, teacher, *, student
     ``eps`` (default 1e-8). ``temperature`` is accepted and has no effect (the cosine is scale invariant; Liger
     divides both sides by it); ``scale_by_temperature=True`` is an error. The teacher: dense logits or a
     ``TeacherHead`` with the student's vocabulary (no ``TopKTeacher``: a cosine needs every entry). Returns
-    float32 (float64 for float64 input), as the fused head. ``fused=False`` runs the unfused composition (the
-    reference: full logits, then :func:`fastkd.reference.cosine_loss`)."""
+    float32 (float64 for float64 input), as the fused head. ``token_weights`` ``[...]`` (one per token, no
+    gradient): each counted row's loss (cosine and cross-entropy) times its weight, the divisor unchanged, as
+    :func:`cosine_loss` (the fused op scales each row's logits gradient by it). ``fused=False`` runs the unfused
+    composition (the reference: full logits, then :func:`fastkd.reference.cosine_loss`)."""
     from fastkd import _validation_head as vh
     from fastkd.fused_linear import _autocast_head, _rows, default_chunk_size
 
@@ -234,6 +238,7 @@ def fused_linear_cosine_loss(student_hidden, student_weight, teacher, *, student
         student_hidden, student_weight, teacher, student_bias, "kl", None, temperature, labels, ignore_index,
         hard_label_weight, soft_weight, reduction, chunk_size, num_items_in_batch, False, return_parts, {})
     head = vh.check_head_transforms(student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap, kind)
+    weights = v.check_token_weights(token_weights, student_hidden)
     vocab = student_weight.shape[0]
     if kind == "topk" or teacher_vocab != vocab:
         raise ValueError("loss='cosine' needs dense teacher logits or a fastkd.TeacherHead with the student's "
@@ -241,7 +246,7 @@ def fused_linear_cosine_loss(student_hidden, student_weight, teacher, *, student
                                                            f"a teacher vocabulary of {teacher_vocab}"))
     if not fused or not _use_kernels():
         return _cosine_head_reference(student_hidden, student_weight, student_bias, teacher, kind, head, soft * b,
-                                      hard, eps, labels, ignore_index, reduction, n, return_parts)
+                                      hard, eps, labels, ignore_index, reduction, n, return_parts, weights)
     lead = student_hidden.shape[:-1]
     hidden = _rows(student_hidden)
     rows = hidden.shape[0]
@@ -258,14 +263,15 @@ def fused_linear_cosine_loss(student_hidden, student_weight, teacher, *, student
         reduction, False, False, False,
         default_chunk_size(rows, vocab, hidden.device) if chunk_size is None else int(chunk_size), *head,
         grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
-        grad_on and student_bias is not None and student_bias.requires_grad)
+        grad_on and student_bias is not None and student_bias.requires_grad,
+        None if weights is None else _rows(weights, last=False))
     if reduction == "none":
         out, soft_part, hard_part = out.reshape(lead), soft_part.reshape(lead), hard_part.reshape(lead)
     return LossParts(out, soft_part, hard_part) if return_parts else out
 
 
 def _cosine_head_reference(hidden, weight, bias, teacher, kind, head, beta, alpha, eps, labels, ignore_index,
-                           reduction, n, return_parts):
+                           reduction, n, return_parts, token_weights=None):
     """The unfused composition: the full logits in float32 (float64), then reference.cosine_loss."""
     f = torch.nn.functional
     s_scale, s_cap, t_scale, t_cap = head
@@ -281,4 +287,4 @@ def _cosine_head_reference(hidden, weight, bias, teacher, kind, head, beta, alph
         logits = logits.double()
     return reference.cosine_loss(logits, t_logits, beta, reduction=reduction, labels=labels,
                                  ignore_index=ignore_index, alpha=alpha, eps=eps, num_items_in_batch=n,
-                                 return_parts=return_parts)
+                                 return_parts=return_parts, token_weights=token_weights)

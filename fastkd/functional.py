@@ -146,17 +146,10 @@ def _response(
     return loss, soft, hard
 
 
-def _row_options(student_logits, token_weights, standardize, *, temperature=None, divergence: str = "") -> dict:
+def _row_options(student_logits, token_weights, standardize) -> dict:
     """The per-row options every response loss takes, checked: ``token_weights`` and ``standardize`` (keywords
-    of the op through :func:`_response` and of the reference functions). DKD's row math has one temperature
-    for both sides and no row dots: no standardization, no temperature gradient (clear errors here)."""
+    of the op through :func:`_response` and of the reference functions)."""
     v.check_standardize(standardize, student_logits)
-    if divergence == "dkd":
-        if standardize:
-            raise ValueError("standardize is not supported for 'dkd' (its decoupled row math has no standardized form)")
-        if isinstance(temperature, torch.Tensor) and temperature.requires_grad and torch.is_grad_enabled():
-            raise ValueError("'dkd' does not support a temperature that requires grad (pass a plain or detached "
-                             "tensor temperature)")
     return {"token_weights": v.check_token_weights(token_weights, student_logits), "standardize": standardize}
 
 
@@ -388,12 +381,13 @@ def dkd_loss(
     target: torch.Tensor,
     alpha: float = 1.0,
     beta: float = 8.0,
-    temperature: float = 4.0,
+    temperature: v.Temperature = 4.0,
     *,
     reduction: str = "batchmean",
     ignore_index: int = -100,
     num_items_in_batch: NumItems = None,
     token_weights: Optional[torch.Tensor] = None,
+    standardize: bool = False,
 ) -> torch.Tensor:
     r"""Decoupled KD (Zhao et al., CVPR 2022), fused: :math:`T^2 (\alpha\,\mathrm{TCKD} + \beta\,\mathrm{NCKD})`
     per row, with the defaults and value of mdistiller's ``dkd_loss(logits_student, logits_teacher, target,
@@ -407,8 +401,17 @@ def dkd_loss(
     Args:
         target: integer class indices ``[...]`` in ``[0, V)``; rows equal to ``ignore_index`` do not count.
         alpha, beta: weights of TCKD and NCKD (finite, >= 0).
-        temperature: ``T > 0``.
+        temperature: ``T > 0``: a Python number, or a tensor, 0-dim or one per row ``[...]``, as
+            :func:`fastkd.kd_loss`. When it requires grad (CTKD learns DKD's temperature too) its exact gradient,
+            ``T^2`` factor included, comes from per-row sums of the same fused pass (the NCKD's KL sums over the
+            non-target classes and the target's terms: ``csrc/include/fastkd/row_options.h`` ``dkd_row_dots``).
         reduction: ``"batchmean"`` (mdistiller: sum / batch size), ``"sum"``, ``"mean"``, ``"none"``.
+        token_weights: per-row weights ``[...]``, as :func:`fastkd.kd_loss`.
+        standardize: logit standardization (LSKD, CVPR 2024, which applies it to DKD as well): each row of both
+            sides becomes ``(z - mean(z)) / (1e-7 + std(z))`` (unbiased std, over all ``V`` classes, target
+            included) before the temperature, then mdistiller's DKD on those logits, with the same target class;
+            the exact gradient through mean and std is computed in the kernel's own sweeps, as
+            :func:`fastkd.kd_loss`'s.
 
     The warmup factor ``min(epoch / warmup, 1)`` of mdistiller's DKD distiller is applied by
     :class:`fastkd.DKDLoss`. Needs ``V >= 2``. A row that is -inf everywhere on both sides (target
@@ -423,7 +426,7 @@ def dkd_loss(
     v.check_target(target, student_logits, ignore_index, required=True, name="target", check_range=False)
     if student_logits.shape[-1] < 2:
         raise ValueError(f"dkd_loss needs at least 2 classes, got V={student_logits.shape[-1]}")
-    rows = _row_options(student_logits, token_weights, False, temperature=t, divergence="dkd")
+    rows = _row_options(student_logits, token_weights, standardize)
     if not _use_kernels():
         return reference.dkd_loss(student_logits, teacher_logits, target, a, b, t, reduction=reduction,
                                   ignore_index=ignore_index, num_items_in_batch=n, **rows)
@@ -443,7 +446,7 @@ def _divergence(spec, where: str, student_logits, teacher_logits, params, temper
                          num_items_in_batch)
     if spec.family == "decoupled":
         v.check_target(labels, student_logits, ignore_index, required=True, name="labels", check_range=False)
-    rows = _row_options(student_logits, token_weights, standardize, temperature=t, divergence=spec.name)
+    rows = _row_options(student_logits, token_weights, standardize)
     if not _use_kernels():
         return reference.divergence_loss(student_logits, teacher_logits, spec.name, t, reduction=reduction,
                                          labels=labels, ignore_index=ignore_index, scale_by_temperature=scale,
@@ -459,7 +462,10 @@ _DIVERGENCE_LOSS_DOC = r"""Any registered response divergence by name, fused (on
     Args:
         student_logits, teacher_logits: raw logits ``[..., V]``, as :func:`fastkd.kd_loss`.
         divergence: its name, e.g. ``"kl"``, ``"reverse_kl"``, ``"jsd"``, ``"tvd"``, ``"dkd"``.
-        temperature: softmax temperature ``T > 0``.
+        temperature: softmax temperature ``T > 0``: a number or a tensor (0-dim or one per row, learnable), as
+            :func:`fastkd.kd_loss`, for every divergence (``"dkd"`` included).
+        token_weights, standardize: as :func:`fastkd.kd_loss`, for every divergence (``"dkd"``: its class targets
+            are the same on the standardized logits).
         reduction, labels, ignore_index, num_items_in_batch: as :func:`fastkd.kd_loss`. For ``"dkd"`` the labels
             are the class targets (required). ``"batchmean"`` always divides by the counted rows (the named
             :func:`fastkd.jsd_loss` keeps TRL's division of ``[B, T, V]`` input by ``B``).

@@ -186,10 +186,10 @@ def fused_linear_kd_loss(
             computes or dense ones (then transformed as given); not with a :class:`TopKTeacher`.
         token_weights: optional weights ``[...]`` (the hidden states' leading shape), as :func:`fastkd.kd_loss`:
             each counted token's loss (both terms) times its weight, the divisor unchanged, no gradient for the
-            weights; every teacher kind and reduction.
+            weights; every teacher kind and reduction, and ``loss="cosine"``.
         standardize: logit standardization of both sides' (transformed) logits, as :func:`fastkd.kd_loss`, in
             the chunk loop's response kernel; needs teacher and student of one vocabulary, not a
-            :class:`TopKTeacher`.
+            :class:`TopKTeacher`, not ``loss="cosine"`` (it compares the raw logits).
 
     Precision: the logits of a chunk are float32 (float64 for float64 input) whatever the dtype of the hidden
     states and weights, computed by GEMMs that accumulate and write float32 (on the CPU a bfloat16 / float16
@@ -223,16 +223,15 @@ def fused_linear_kd_loss(
     if loss == "cosine":  # cosine distillation (issue 14): fastkd/cosine.py
         from fastkd.cosine import fused_linear_cosine_loss
 
-        if token_weights is not None or standardize is not False:
-            raise ValueError("token_weights and standardize are not supported with loss='cosine' (its row kernel has "
-                             "no per-row options)")
+        if standardize is not False:
+            raise ValueError("standardize: 'cosine' compares the raw logits: no standardization")
         return fused_linear_cosine_loss(
             student_hidden, student_weight, teacher, student_bias=student_bias, beta=beta, temperature=temperature,
             labels=labels, ignore_index=ignore_index, hard_label_weight=hard_label_weight, soft_weight=soft_weight,
             reduction=reduction, chunk_size=chunk_size, scale_by_temperature=scale_by_temperature,
             num_items_in_batch=num_items_in_batch, return_parts=return_parts, student_softcap=student_softcap,
             student_logit_scale=student_logit_scale, teacher_softcap=teacher_softcap,
-            teacher_logit_scale=teacher_logit_scale, **params)
+            teacher_logit_scale=teacher_logit_scale, token_weights=token_weights, **params)
     student_hidden, student_weight, student_bias, teacher = _autocast_head(student_hidden, student_weight,
                                                                           student_bias, teacher)
     kind, _, t, div_params, hard, soft, n, scale = v.check_fused_linear(

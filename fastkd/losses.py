@@ -54,10 +54,16 @@ class KDLoss(nn.Module):
         scale_by_temperature: multiply the KL by ``T^2`` (default True).
         return_parts: make ``forward`` return a :class:`fastkd.LossParts` ``(loss, soft, hard)`` whose soft
             and hard parts are detached (for logging).
+        standardize: logit standardization of both sides before the temperature (LSKD); see
+            :func:`fastkd.kd_loss`.
 
     Shape:
         ``forward(student_logits [..., V], teacher_logits [..., V], target [...] or None, *,
-        num_items_in_batch=None)``. With ``alpha != 0`` a target is required.
+        num_items_in_batch=None, token_weights=None)``. With ``alpha != 0`` a target is required.
+        ``token_weights`` ``[...]``: each counted row's loss times its weight (see :func:`fastkd.kd_loss`).
+
+    The temperature of a module is a Python number; for a learnable or per-row temperature (a tensor) call
+    :func:`fastkd.kd_loss`.
 
     torchdistill's ``KDLoss(temperature, alpha, beta)``: its soft-only branch (alpha 0/None or no targets) is
     ``KDLoss(T, scale_by_temperature=False)``; its mixed branch is ``KDLoss(T, alpha=alpha, beta=beta)`` when no
@@ -79,9 +85,11 @@ class KDLoss(nn.Module):
         ignore_index: int = -100,
         scale_by_temperature: bool = True,
         return_parts: bool = False,
+        standardize: bool = False,
     ) -> None:
         super().__init__()
         self.temperature = v.check_temperature(temperature)
+        self.standardize = v.check_bool("standardize", standardize)
         self.alpha, _ = v.check_mix_weights(alpha, beta)
         self.beta = None if beta is None else float(beta)
         self.reduction = v.check_reduction(reduction)
@@ -96,6 +104,7 @@ class KDLoss(nn.Module):
         target: Optional[torch.Tensor] = None,
         *,
         num_items_in_batch: NumItems = None,
+        token_weights: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, LossParts]:
         return kd_loss(
             student_logits,
@@ -109,12 +118,15 @@ class KDLoss(nn.Module):
             beta=self.beta,
             num_items_in_batch=num_items_in_batch,
             return_parts=self.return_parts,
+            token_weights=token_weights,
+            standardize=self.standardize,
         )
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, alpha={self.alpha}, beta={self.beta}, reduction={self.reduction!r}, "
             f"ignore_index={self.ignore_index}, scale_by_temperature={self.scale_by_temperature}"
+            + _standardize_repr(self)
         )
 
 
@@ -131,23 +143,31 @@ class DistillKL(KDLoss):
         return super().forward(y_s, y_t)
 
 
-class _ResponseLoss(nn.Module):
-    """Shared constructor checks and repr of the label-masked response losses."""
+def _standardize_repr(module: nn.Module) -> str:
+    return ", standardize=True" if getattr(module, "standardize", False) else ""
 
-    def __init__(self, temperature: float, reduction: str, ignore_index: int) -> None:
+
+class _ResponseLoss(nn.Module):
+    """Shared constructor checks and repr of the label-masked response losses (``standardize``: the logit
+    standardization of the functions, for the losses that offer it)."""
+
+    def __init__(self, temperature: float, reduction: str, ignore_index: int, standardize: bool = False) -> None:
         super().__init__()
         self.temperature = v.check_temperature(temperature)
         self.reduction = v.check_reduction(reduction)
         self.ignore_index = v.check_ignore_index(ignore_index)
+        self.standardize = v.check_bool("standardize", standardize)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+        return (f"temperature={self.temperature}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+                + _standardize_repr(self))
 
 
 class ReverseKLLoss(_ResponseLoss):
     """Reverse KL ``T^2 * KL(softmax(s/T) || softmax(t/T))``; see :func:`fastkd.reverse_kl_loss`.
 
-    ``forward(student_logits, teacher_logits, labels=None, *, num_items_in_batch=None)``.
+    ``forward(student_logits, teacher_logits, labels=None, *, num_items_in_batch=None, token_weights=None)``;
+    ``standardize``: as :class:`KDLoss`.
     """
 
     def __init__(
@@ -156,8 +176,9 @@ class ReverseKLLoss(_ResponseLoss):
         reduction: str = "batchmean",
         ignore_index: int = -100,
         scale_by_temperature: bool = True,
+        standardize: bool = False,
     ) -> None:
-        super().__init__(temperature, reduction, ignore_index)
+        super().__init__(temperature, reduction, ignore_index, standardize)
         self.scale_by_temperature = v.check_bool("scale_by_temperature", scale_by_temperature)
 
     def forward(
@@ -167,22 +188,26 @@ class ReverseKLLoss(_ResponseLoss):
         labels: Optional[torch.Tensor] = None,
         *,
         num_items_in_batch: NumItems = None,
+        token_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         return reverse_kl_loss(student_logits, teacher_logits, self.temperature, reduction=self.reduction,
                                labels=labels, ignore_index=self.ignore_index,
-                               scale_by_temperature=self.scale_by_temperature, num_items_in_batch=num_items_in_batch)
+                               scale_by_temperature=self.scale_by_temperature, num_items_in_batch=num_items_in_batch,
+                               token_weights=token_weights, standardize=self.standardize)
 
 
 class JSDLoss(_ResponseLoss):
     """Generalized Jensen-Shannon divergence with TRL GKD semantics; see :func:`fastkd.jsd_loss`.
 
-    ``forward(student_logits, teacher_logits, labels=None, *, num_items_in_batch=None)``.
+    ``forward(student_logits, teacher_logits, labels=None, *, num_items_in_batch=None, token_weights=None)``;
+    ``standardize``: as :class:`KDLoss`.
     """
 
     def __init__(
-        self, beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100
+        self, beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
+        standardize: bool = False,
     ) -> None:
-        super().__init__(temperature, reduction, ignore_index)
+        super().__init__(temperature, reduction, ignore_index, standardize)
         self.beta = v.check_beta_unit(beta)
 
     def forward(
@@ -192,9 +217,11 @@ class JSDLoss(_ResponseLoss):
         labels: Optional[torch.Tensor] = None,
         *,
         num_items_in_batch: NumItems = None,
+        token_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         return jsd_loss(student_logits, teacher_logits, self.beta, self.temperature, reduction=self.reduction,
-                        labels=labels, ignore_index=self.ignore_index, num_items_in_batch=num_items_in_batch)
+                        labels=labels, ignore_index=self.ignore_index, num_items_in_batch=num_items_in_batch,
+                        token_weights=token_weights, standardize=self.standardize)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, " + super().extra_repr()
@@ -203,11 +230,13 @@ class JSDLoss(_ResponseLoss):
 class TVDLoss(_ResponseLoss):
     """Total variation distance ``0.5 * sum |p_t - p_s|``; see :func:`fastkd.tvd_loss`.
 
-    ``forward(student_logits, teacher_logits, labels=None, *, num_items_in_batch=None)``.
+    ``forward(student_logits, teacher_logits, labels=None, *, num_items_in_batch=None, token_weights=None)``;
+    ``standardize``: as :class:`KDLoss`.
     """
 
-    def __init__(self, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100) -> None:
-        super().__init__(temperature, reduction, ignore_index)
+    def __init__(self, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
+                 standardize: bool = False) -> None:
+        super().__init__(temperature, reduction, ignore_index, standardize)
 
     def forward(
         self,
@@ -216,9 +245,11 @@ class TVDLoss(_ResponseLoss):
         labels: Optional[torch.Tensor] = None,
         *,
         num_items_in_batch: NumItems = None,
+        token_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         return tvd_loss(student_logits, teacher_logits, self.temperature, reduction=self.reduction, labels=labels,
-                        ignore_index=self.ignore_index, num_items_in_batch=num_items_in_batch)
+                        ignore_index=self.ignore_index, num_items_in_batch=num_items_in_batch,
+                        token_weights=token_weights, standardize=self.standardize)
 
 
 class DKDLoss(_ResponseLoss):
@@ -230,8 +261,10 @@ class DKDLoss(_ResponseLoss):
         warmup: epochs over which the loss ramps up linearly: ``forward(..., epoch=e)`` multiplies by
             ``min(e / warmup, 1)`` (mdistiller's DKD distiller; 0 disables the ramp). Without ``epoch`` the
             factor is 1.
+        standardize: logit standardization of both sides before the temperature (LSKD, CVPR 2024, on DKD);
+            see :func:`fastkd.dkd_loss`.
 
-    ``forward(student_logits, teacher_logits, target, epoch=None, *, num_items_in_batch=None)``.
+    ``forward(student_logits, teacher_logits, target, epoch=None, *, num_items_in_batch=None, token_weights=None)``.
     """
 
     def __init__(
@@ -242,8 +275,9 @@ class DKDLoss(_ResponseLoss):
         warmup: float = 20,
         reduction: str = "batchmean",
         ignore_index: int = -100,
+        standardize: bool = False,
     ) -> None:
-        super().__init__(temperature, reduction, ignore_index)
+        super().__init__(temperature, reduction, ignore_index, standardize)
         self.alpha = v.check_nonneg_weight("alpha", alpha)
         self.beta = v.check_nonneg_weight("beta", beta)
         self.warmup = v.check_nonneg_weight("warmup", warmup)
@@ -263,11 +297,13 @@ class DKDLoss(_ResponseLoss):
         epoch: Optional[float] = None,
         *,
         num_items_in_batch: NumItems = None,
+        token_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         factor = self.warmup_factor(epoch)
         return dkd_loss(student_logits, teacher_logits, target, self.alpha * factor, self.beta * factor,
                         self.temperature, reduction=self.reduction, ignore_index=self.ignore_index,
-                        num_items_in_batch=num_items_in_batch)
+                        num_items_in_batch=num_items_in_batch, token_weights=token_weights,
+                        standardize=self.standardize)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, warmup={self.warmup}, " + super().extra_repr()
@@ -277,7 +313,7 @@ class TopKKDLoss(_ResponseLoss):
     """KD against a cached sparse (top-k) teacher; see :func:`fastkd.topk_kd_loss`.
 
     ``forward(student_logits, teacher_topk_values, teacher_topk_indices, labels=None, *,
-    num_items_in_batch=None)``.
+    num_items_in_batch=None, token_weights=None)`` (no ``standardize``: a top-k teacher has no full row).
     """
 
     def __init__(
@@ -306,11 +342,12 @@ class TopKKDLoss(_ResponseLoss):
         labels: Optional[torch.Tensor] = None,
         *,
         num_items_in_batch: NumItems = None,
+        token_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         return topk_kd_loss(student_logits, teacher_topk_values, teacher_topk_indices, self.temperature,
                             values_are=self.values_are, tail=self.tail, reduction=self.reduction, labels=labels,
                             ignore_index=self.ignore_index, scale_by_temperature=self.scale_by_temperature,
-                            num_items_in_batch=num_items_in_batch)
+                            num_items_in_batch=num_items_in_batch, token_weights=token_weights)
 
     def extra_repr(self) -> str:
         return f"values_are={self.values_are!r}, tail={self.tail!r}, " + super().extra_repr()
@@ -318,11 +355,12 @@ class TopKKDLoss(_ResponseLoss):
 
 class DivergenceLoss(nn.Module):
     """Module form of :func:`fastkd.divergence_loss`: ``DivergenceLoss("skew_kl", temperature=2.0, skew=0.2)``;
-    ``forward(student_logits, teacher_logits, labels=None, num_items_in_batch=None)``. The divergence's
-    parameters are checked when the module is built."""
+    ``forward(student_logits, teacher_logits, labels=None, num_items_in_batch=None, *, token_weights=None)``.
+    The divergence's parameters are checked when the module is built; ``standardize`` as :class:`KDLoss`."""
 
     def __init__(self, divergence: str, temperature: float = 1.0, *, reduction: str = "batchmean",
-                 ignore_index: int = -100, scale_by_temperature: Optional[bool] = None, **params: float) -> None:
+                 ignore_index: int = -100, scale_by_temperature: Optional[bool] = None, standardize: bool = False,
+                 **params: float) -> None:
         super().__init__()
         spec = divergences.get(divergence)
         values = spec.resolve(params, "DivergenceLoss")
@@ -334,17 +372,21 @@ class DivergenceLoss(nn.Module):
         self.reduction = v.check_reduction(reduction)
         self.ignore_index = v.check_ignore_index(ignore_index)
         self.scale_by_temperature = scale_by_temperature
+        self.standardize = v.check_bool("standardize", standardize)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                labels: Optional[torch.Tensor] = None, num_items_in_batch: NumItems = None) -> torch.Tensor:
+                labels: Optional[torch.Tensor] = None, num_items_in_batch: NumItems = None, *,
+                token_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         return _fn.divergence_loss(student_logits, teacher_logits, self.divergence, self.temperature,
                                    reduction=self.reduction, labels=labels, ignore_index=self.ignore_index,
                                    scale_by_temperature=self.scale_by_temperature,
-                                   num_items_in_batch=num_items_in_batch, **self.params)
+                                   num_items_in_batch=num_items_in_batch, token_weights=token_weights,
+                                   standardize=self.standardize, **self.params)
 
     def extra_repr(self) -> str:
         params = "".join(f", {k}={x}" for k, x in self.params.items())
-        return f"{self.divergence!r}, temperature={self.temperature}{params}, reduction={self.reduction!r}"
+        return (f"{self.divergence!r}, temperature={self.temperature}{params}, reduction={self.reduction!r}"
+                + _standardize_repr(self))
 
 
 def _generate_modules() -> List[str]:
@@ -377,7 +419,7 @@ class FusedLinearKDLoss(nn.Module):
             student.config))`` reads the student's from its config.
 
     ``forward(student_hidden, student_weight, teacher, labels=None, *, student_bias=None,
-    num_items_in_batch=None)`` where ``teacher`` is dense teacher logits, a :class:`fastkd.TeacherHead` or a
+    num_items_in_batch=None, token_weights=None)`` where ``teacher`` is dense teacher logits, a :class:`fastkd.TeacherHead` or a
     :class:`fastkd.TopKTeacher`. For a Hugging Face causal LM::
 
         criterion = fastkd.FusedLinearKDLoss(loss="jsd", beta=0.5, hard_label_weight=0.5)
@@ -405,10 +447,12 @@ class FusedLinearKDLoss(nn.Module):
         student_logit_scale: Optional[float] = None,
         teacher_softcap: Optional[float] = None,
         teacher_logit_scale: Optional[float] = None,
+        standardize: bool = False,
         **params: float,
     ) -> None:
         super().__init__()
         self.loss = v.check_choice("loss", loss, v.fused_linear_losses())
+        self.standardize = v.check_bool("standardize", standardize)
         v.check_head_transforms(student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap, "head")
         self.head_options = {k: x for k, x in (("student_softcap", student_softcap),
                                                ("student_logit_scale", student_logit_scale),
@@ -439,20 +483,23 @@ class FusedLinearKDLoss(nn.Module):
         *,
         student_bias: Optional[torch.Tensor] = None,
         num_items_in_batch: NumItems = None,
+        token_weights: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, LossParts]:
         return fused_linear_kd_loss(
             student_hidden, student_weight, teacher, student_bias=student_bias, loss=self.loss, **self.params,
             temperature=self.temperature, labels=labels, ignore_index=self.ignore_index,
             hard_label_weight=self.hard_label_weight, soft_weight=self.soft_weight, reduction=self.reduction,
             chunk_size=self.chunk_size, scale_by_temperature=self.scale_by_temperature,
-            num_items_in_batch=num_items_in_batch, return_parts=self.return_parts, **self.head_options)
+            num_items_in_batch=num_items_in_batch, return_parts=self.return_parts, token_weights=token_weights,
+            standardize=self.standardize, **self.head_options)
 
     def extra_repr(self) -> str:
         params = "".join(f"{k}={x}, " for k, x in {**self.params, **self.head_options}.items())
         return (f"loss={self.loss!r}, {params}temperature={self.temperature}, "
                 f"hard_label_weight={self.hard_label_weight}, soft_weight={self.soft_weight}, "
                 f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, "
-                f"scale_by_temperature={self.scale_by_temperature}, return_parts={self.return_parts}")
+                f"scale_by_temperature={self.scale_by_temperature}, return_parts={self.return_parts}"
+                + _standardize_repr(self))
 
 
 # Cosine distillation (issue 14): defined in fastkd/cosine.py, re-exported here.

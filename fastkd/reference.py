@@ -377,12 +377,13 @@ def dkd_loss(
 ) -> torch.Tensor:
     """Decoupled KD (mdistiller ``dkd_loss`` semantics) in plain PyTorch, computed exactly from log-sum-exps:
     per row ``T^2 * (alpha * TCKD + beta * NCKD)``, TCKD the KL of the binary (target, rest) distributions,
-    NCKD the KL of the softmaxes over the non-target classes. See :func:`fastkd.dkd_loss`."""
+    NCKD the KL of the softmaxes over the non-target classes. With ``standardize`` both sides' logits are first
+    standardized (:func:`standardized`, torchdistill's ``LogitStdKDLoss``); a tensor temperature is differentiated
+    by autograd. See :func:`fastkd.dkd_loss`."""
     v.check_logits(student_logits, teacher_logits)
     v.check_num_classes(student_logits, 2, "dkd_loss (it splits the target class from the others)")
     t = _temperature(temperature, student_logits)
-    if standardize:
-        raise ValueError("standardize is not supported for 'dkd' (its decoupled row math has no standardized form)")
+    v.check_standardize(standardize, student_logits)
     v.check_reduction(reduction)
     v.check_ignore_index(ignore_index)
     v.check_target(target, student_logits, ignore_index, required=True, name="target")
@@ -393,8 +394,10 @@ def dkd_loss(
     keep = target != ignore_index
     y = torch.where(keep, target, torch.zeros((), dtype=target.dtype, device=target.device)).long()
     student_logits, teacher_logits, empty = _fully_masked(student_logits, teacher_logits)
-    zs = student_logits.to(cdtype) / _per_entry(t)
-    zt = teacher_logits.to(cdtype) / _per_entry(t)
+    zs, zt = student_logits.to(cdtype), teacher_logits.to(cdtype)
+    if standardize:
+        zs, zt = standardized(zs), standardized(zt)
+    zs, zt = zs / _per_entry(t), zt / _per_entry(t)
     is_target = torch.zeros(zs.shape, dtype=torch.bool, device=zs.device).scatter(-1, y.unsqueeze(-1), True)
     lq_y, lq_nt, lq_hat = _dkd_logs(zs, y, is_target)
     lp_y, lp_nt, lp_hat = _dkd_logs(zt, y, is_target)

@@ -360,12 +360,13 @@ def test_fused_head_opcheck_and_compile():
     args = (hr, wr, None, None, th.reshape(-1, 12), tw, None, None, None, y.reshape(-1), None, None, "cosine", [1e-8],
             1.0, 0.7, 0.3, -100, "batchmean", False, False, False, 4, 1.0, 0.0, 1.0, 0.0, True, True, False)
     torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_forward, args)
+    _compiled_head_matches_eager(h, w, lambda hh, ww: fastkd.fused_linear_kd_loss(
+        hh, ww, fastkd.TeacherHead(th, tw), loss="cosine", labels=y, hard_label_weight=0.2, chunk_size=4))
+
+
+def _compiled_head_matches_eager(h, w, step):
+    """step(hidden, weight) -> loss under torch.compile(fullgraph=True): the eager value and hidden gradient."""
     torch._dynamo.reset()
-
-    def step(hh, ww):
-        return fastkd.fused_linear_kd_loss(hh, ww, fastkd.TeacherHead(th, tw), loss="cosine", labels=y,
-                                           hard_label_weight=0.2, chunk_size=4)
-
     hc, he = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
     lc = torch.compile(step, fullgraph=True)(hc, w)
     lc.backward()
@@ -414,3 +415,55 @@ def test_token_weights_compile_and_bad_input():
         fastkd.cosine_loss(s, t, token_weights=torch.ones(5))
     with pytest.raises(TypeError, match="token_weights must be a floating-point tensor"):
         fastkd.cosine_loss(s, t, token_weights=torch.ones(6, dtype=torch.long))
+
+
+@pytest.mark.parametrize("teacher_kind", ["head", "dense"])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+@pytest.mark.parametrize("num_items", [None, 7])
+def test_fused_head_token_weights(teacher_kind, reduction, num_items):
+    """loss="cosine" in the fused head with token_weights: equal to cosine_loss on the full logits with the same
+    weights (value, hidden / weight / bias gradients), and to the fused op's rows weighted by hand."""
+    if num_items is not None and reduction in ("sum", "none"):
+        pytest.skip("num_items_in_batch is for batchmean / mean")
+    h, w, b, th, tw, y = _head_inputs(45)
+    teacher = fastkd.TeacherHead(th, tw) if teacher_kind == "head" else th @ tw.T
+    tok = torch.rand((2, 9), dtype=torch.float64, generator=torch.Generator().manual_seed(46)) * 2.0
+    tok.view(-1)[5] = 0.0  # a counted row of weight 0: still counted by the divisor
+    up = torch.linspace(0.5, 1.5, 18, dtype=torch.float64).reshape(2, 9) if reduction == "none" else None
+    kw = dict(labels=y, hard_label_weight=0.3, soft_weight=0.6, beta=0.7, reduction=reduction, student_softcap=5.0,
+              num_items_in_batch=num_items)
+    fused = _head_vg(fastkd.fused_linear_kd_loss, h, w, b, teacher, up, loss="cosine", chunk_size=4,
+                     token_weights=tok, **kw)
+
+    def composed(hh, ww, teacher, student_bias):
+        logits = 5.0 * torch.tanh(F.linear(hh, ww, student_bias) / 5.0)
+        return fastkd.reference.cosine_loss(logits, th @ tw.T, 0.6 * 0.7, reduction=reduction, labels=y, alpha=0.3,
+                                            num_items_in_batch=num_items, token_weights=tok)
+
+    ref = _head_vg(composed, h, w, b, teacher, up)
+    for a, r in zip(fused, ref):
+        torch.testing.assert_close(a, r, rtol=1e-11, atol=1e-13)
+    rows = fastkd.fused_linear_kd_loss(h, w, teacher, student_bias=b, loss="cosine", chunk_size=4,
+                                       **dict(kw, reduction="none", num_items_in_batch=None))
+    weighted = rows * tok
+    counted = num_items if num_items is not None else int((y != -100).sum())
+    want = {"none": weighted, "sum": weighted.sum(), "mean": weighted.sum() / counted}.get(
+        reduction, weighted.sum() / counted)
+    torch.testing.assert_close(fused[0], want, rtol=1e-12, atol=1e-14)
+    unfused = fastkd.cosine.fused_linear_cosine_loss(h, w, teacher, student_bias=b, token_weights=tok, fused=False,
+                                                     **{k: x for k, x in kw.items()})
+    torch.testing.assert_close(unfused, fused[0], rtol=1e-12, atol=1e-14)
+
+
+def test_fused_head_token_weights_compile_and_bad_input():
+    h, w, b, th, tw, y = _head_inputs(47, torch.float32)
+    tok = torch.rand((2, 9), generator=torch.Generator().manual_seed(48))
+    teacher = fastkd.TeacherHead(th, tw)
+    _compiled_head_matches_eager(h, w, lambda hh, ww: fastkd.fused_linear_kd_loss(
+        hh, ww, teacher, loss="cosine", labels=y, hard_label_weight=0.2, chunk_size=4, token_weights=tok))
+    with pytest.raises(ValueError, match="token_weights must have the logits' leading shape"):
+        fastkd.fused_linear_kd_loss(h, w, teacher, loss="cosine", token_weights=torch.ones(2, 8))
+    with pytest.raises(TypeError, match="token_weights must be a floating-point tensor"):
+        fastkd.fused_linear_kd_loss(h, w, teacher, loss="cosine", token_weights=torch.ones(2, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="standardize: 'cosine' compares the raw logits"):
+        fastkd.fused_linear_kd_loss(h, w, teacher, loss="cosine", standardize=True)

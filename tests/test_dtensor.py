@@ -174,6 +174,11 @@ def _cases() -> Dict[str, Case]:
         cases.append(Case(f"fused-{placement}-topk-weights-T-parts", "fused", placement, "batchmean", lead=(2, 3),
                           teacher="topk", fused=(("loss", "kl"), ("weights", True), ("temperature_tensor", 1.3),
                                                  ("hard_label_weight", 0.4), ("return_parts", True))))
+        if placement != "vocab":
+            for red in ("batchmean", "none"):
+                cases.append(Case(f"fused-{placement}-head-{red}-weighted", "fused", placement, red, lead=(2, 3),
+                                  teacher="head", fused=(("loss", "kl"), ("hard_label_weight", 0.4),
+                                                         ("chunk_size", 2), ("weights", True))))
     return {c.name: c for c in cases}
 
 

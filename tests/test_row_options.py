@@ -19,7 +19,6 @@ from fastkd.divergences import REGISTRY
 
 # every registered divergence with its first test parameters (the list lives in fastkd/divergences.py)
 CASES = [(name, dict(spec.test_params[0]) if spec.test_params else {}) for name, spec in REGISTRY.items()]
-NON_DKD = [c for c in CASES if c[0] != "dkd"]
 
 
 def _logits(shape, seed, scale=3.0, dtype=torch.float64):
@@ -52,7 +51,7 @@ def _assert_all_close(got, want, rtol, atol, what):
         torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what}[{k}]: {m}")
 
 
-@pytest.mark.parametrize("name,params", NON_DKD, ids=[c[0] for c in NON_DKD])
+@pytest.mark.parametrize("name,params", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("temperature", ["scalar", "row"])
 @pytest.mark.parametrize("standardize", [False, True])
 @pytest.mark.parametrize("reduction", ["batchmean", "none", "sum", "mean"])
@@ -60,11 +59,12 @@ def _assert_all_close(got, want, rtol, atol, what):
 def test_values_and_every_gradient_match_float64_autograd(name, params, temperature, standardize, reduction,
                                                           teacher_grad):
     """Value and the gradients of student, teacher (or the student alone) and temperature (0-dim and per row),
-    weighted rows with an ignored one, against plain-PyTorch autograd in float64."""
+    weighted rows with an ignored one, against plain-PyTorch autograd in float64. The labels (DKD's class
+    targets) include the first and the last class (a vector tail)."""
     s, t = _logits((3, 4, 19), 1), _logits((3, 4, 19), 2)
     T = torch.tensor(1.7, dtype=torch.float64) if temperature == "scalar" else 0.5 + torch.rand(3, 4, dtype=torch.float64)
     w = torch.rand(3, 4, dtype=torch.float64)
-    labels = torch.zeros(3, 4, dtype=torch.long)
+    labels = torch.arange(12).reshape(3, 4) * 7 % 19  # 0, 7, 14, 2, ..., 18, 6, 13, 1
     labels[1, 2] = -100
     kw = dict(token_weights=w, standardize=standardize, labels=labels, reduction=reduction)
     got = _grads(lambda a, b, c: _call(fastkd, name, a, b, c, params, **dict(kw)), s, t, T, teacher_grad)
@@ -72,19 +72,72 @@ def test_values_and_every_gradient_match_float64_autograd(name, params, temperat
     _assert_all_close(got, want, 1e-10, 1e-12, f"{name} T={temperature} std={standardize} {reduction}")
 
 
-def test_dkd_takes_row_temperatures_and_weights():
-    """DKD: per-row temperatures (no gradient) and token weights; standardize and a learnable T are clear errors."""
+@pytest.mark.parametrize("standardize", [False, True])
+@pytest.mark.parametrize("teacher_grad", [True, False], ids=["teacher-grad", "student-only"])
+def test_dkd_row_options(standardize, teacher_grad):
+    """dkd_loss / DKDLoss: per-row learnable temperatures, token weights and standardization, value and every
+    gradient against float64 autograd of the reference (targets at the first and last class, an ignored row)."""
     s, t = _logits((6, 11), 3), _logits((6, 11), 4)
     y = torch.tensor([0, 3, 10, -100, 5, 1])
     T = 1.0 + torch.rand(6, dtype=torch.float64)
     w = torch.rand(6, dtype=torch.float64)
-    got = _grads(lambda a, b, c: fastkd.dkd_loss(a, b, y, 1.0, 8.0, T, token_weights=w), s, t, 1.0)
-    want = _grads(lambda a, b, c: R.dkd_loss(a, b, y, 1.0, 8.0, T, token_weights=w), s, t, 1.0)
-    _assert_all_close(got, want, 1e-10, 1e-12, "dkd")
-    with pytest.raises(ValueError, match="standardize is not supported for 'dkd'"):
-        fastkd.divergence_loss(s, t, "dkd", 2.0, labels=y, standardize=True)
-    with pytest.raises(ValueError, match="'dkd' does not support a temperature that requires grad"):
-        fastkd.dkd_loss(s, t, y, temperature=torch.tensor(2.0, dtype=torch.float64, requires_grad=True))
+    kw = dict(token_weights=w, standardize=standardize)
+    got = _grads(lambda a, b, c: fastkd.dkd_loss(a, b, y, 1.0, 8.0, c, **kw), s, t, T, teacher_grad)
+    want = _grads(lambda a, b, c: R.dkd_loss(a, b, y, 1.0, 8.0, c, **kw), s, t, T, teacher_grad)
+    _assert_all_close(got, want, 1e-10, 1e-12, f"dkd std={standardize}")
+    # the module, with mdistiller's warmup and a 0-dim learnable temperature through the functional form
+    crit = fastkd.DKDLoss(alpha=0.5, beta=6.0, temperature=2.5, warmup=20, standardize=standardize)
+    got = _grads(lambda a, b, c: crit(a, b, y, epoch=5), s, t, 1.0, teacher_grad)
+    want = _grads(lambda a, b, c: R.dkd_loss(a, b, y, 0.125, 1.5, 2.5, standardize=standardize), s, t, 1.0,
+                  teacher_grad)
+    _assert_all_close(got, want, 1e-10, 1e-12, f"DKDLoss std={standardize}")
+    assert ("standardize=True" in repr(crit)) == standardize
+    T0 = torch.tensor(3.0, dtype=torch.float64)
+    got = _grads(lambda a, b, c: fastkd.dkd_loss(a, b, y, 2.0, 1.0, c, standardize=standardize,
+                                                 reduction="none"), s, t, T0, teacher_grad)
+    want = _grads(lambda a, b, c: R.dkd_loss(a, b, y, 2.0, 1.0, c, standardize=standardize, reduction="none"),
+                  s, t, T0, teacher_grad)
+    _assert_all_close(got, want, 1e-10, 1e-12, f"dkd 0-dim T std={standardize}")
+
+
+@pytest.mark.parametrize("alpha,beta,temperature", [(1.0, 8.0, 4.0), (1.0, 2.0, 4.0), (0.5, 6.0, 1.0)])
+def test_dkd_standardized_matches_mdistiller(alpha, beta, temperature):
+    """LSKD on DKD: mdistiller's dkd_loss (as written, -1000 masking) on torchdistill-standardized logits, with a
+    float64 temperature tensor: value and the student's gradient (float64 autograd through the eager composition),
+    and mdistiller's own float32 run to float32 accuracy. (mdistiller's composition has no finite gradient for the
+    teacher or a learnable temperature: its kl_div differentiates log 0 at the target's -1000 entry; those
+    gradients are checked against the reference above and by gradcheck.)"""
+    from fastkd.bench.anchors import mdistiller_dkd
+
+    s, t = _logits((64, 100), 50), _logits((64, 100), 51)
+    y = torch.randint(0, 100, (64,), generator=torch.Generator().manual_seed(52))
+    T = torch.tensor(temperature, dtype=torch.float64)
+    got = _grads(lambda a, b, c: fastkd.dkd_loss(a, b, y, alpha, beta, c, standardize=True), s, t, T, False)
+    want = _grads(lambda a, b, c: mdistiller_dkd(R.standardized(a), R.standardized(b), y, alpha, beta, c), s, t, T,
+                  False)
+    _assert_all_close(got[:2], want[:2], 1e-9, 1e-12, "dkd vs mdistiller on standardized logits")
+    s32, t32 = s.float(), t.float()
+    ours = fastkd.dkd_loss(s32, t32, y, alpha, beta, temperature, standardize=True)
+    theirs = mdistiller_dkd(R.standardized(s32), R.standardized(t32), y, alpha, beta, temperature)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_dkd_masked_entries_and_nan():
+    """DKD: -inf at the same non-target entries of both sides contributes nothing to the value, the gradients and
+    the temperature's; a NaN logit makes its row's loss and temperature gradient NaN."""
+    s, t = _logits((4, 9), 53), _logits((4, 9), 54)
+    s[:, 3] = t[:, 3] = -math.inf
+    y = torch.tensor([0, 8, 4, 2])
+    T = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    got = _grads(lambda a, b, c: fastkd.dkd_loss(a, b, y, 1.0, 8.0, c), s, t, T)
+    keep = [0, 1, 2, 4, 5, 6, 7, 8]
+    want = _grads(lambda a, b, c: R.dkd_loss(a, b, y - (y > 3).long(), 1.0, 8.0, c), s[:, keep], t[:, keep], T)
+    _assert_all_close([got[0], got[1][:, keep], got[2][:, keep], got[3]], want, 1e-12, 1e-14, "dkd masked")
+    assert torch.all(got[1][:, 3] == 0) and torch.all(got[2][:, 3] == 0)
+    s[2, 5] = math.nan
+    bad = _grads(lambda a, b, c: fastkd.dkd_loss(a, b, y, 1.0, 8.0, c, reduction="none"), s, t, T)
+    assert torch.isnan(bad[0][2]) and torch.isnan(bad[3][2]) and torch.isfinite(bad[0][[0, 1, 3]]).all()
+    assert torch.isfinite(bad[3][[0, 1, 3]]).all()
 
 
 def test_ctkd_learnable_temperature_is_autograd_exact():
@@ -147,11 +200,16 @@ def test_reduced_precision_is_close_to_float64(dtype):
     s, t = s64.to(dtype), t64.to(dtype)
     T = 0.5 + torch.rand(32, dtype=torch.float64)
     w = torch.rand(32, dtype=torch.float64)
-    for standardize, teacher_grad in itertools.product((False, True), (True, False)):
-        fn = lambda a, b, c: fastkd.kd_loss(a, b, c, token_weights=w.to(a.dtype), standardize=standardize)  # noqa: E731
+    y = torch.arange(32) * 13 % 257
+    for standardize, teacher_grad, dkd in itertools.product((False, True), (True, False), (False, True)):
+        if dkd:
+            fn = lambda a, b, c: fastkd.dkd_loss(a, b, y, 1.0, 8.0, c, token_weights=w.to(a.dtype),  # noqa: E731
+                                                 standardize=standardize)
+        else:
+            fn = lambda a, b, c: fastkd.kd_loss(a, b, c, token_weights=w.to(a.dtype), standardize=standardize)  # noqa: E731
         got = _grads(fn, s, t, T.float(), teacher_grad)
         want = _grads(fn, s.double(), t.double(), T, teacher_grad)
-        _assert_all_close(got[:1], want[:1], tol, 1e-6, f"{dtype} std={standardize} value")
+        _assert_all_close(got[:1], want[:1], tol, 1e-6, f"{dtype} std={standardize} dkd={dkd} value")
         for k in range(1, len(got) - 1):  # student (and teacher) gradients, relative to their largest entry
             torch.testing.assert_close(got[k].double(), want[k], rtol=0, atol=tol * want[k].abs().max().item())
         torch.testing.assert_close(got[-1].double(), want[-1], rtol=10 * tol, atol=1e-6)
@@ -173,8 +231,11 @@ def test_torch_compile_fullgraph_and_opcheck():
     s, t = _logits((6, 31), 14, dtype=torch.float32), _logits((6, 31), 15, dtype=torch.float32)
     w = torch.rand(6)
 
+    y = torch.tensor([0, 30, 5, -100, 7, 2])
+
     def loss(a, b, T):
-        return fastkd.kd_loss(a, b, T, token_weights=w, standardize=True) + fastkd.jsd_loss(a, b, 0.3, T)
+        return (fastkd.kd_loss(a, b, T, token_weights=w, standardize=True) + fastkd.jsd_loss(a, b, 0.3, T)
+                + fastkd.dkd_loss(a, b, y, 1.0, 8.0, T, token_weights=w, standardize=True))
 
     T0 = torch.tensor(1.5)
     eager = _grads(loss, s, t, T0)
@@ -186,6 +247,10 @@ def test_torch_compile_fullgraph_and_opcheck():
          rt, w, True, 1e-7, True),
         (s, t.clone().requires_grad_(True), torch.tensor([0, 1, -100, 3, 4, 5]), None, "jsd", [0.4], 1.0, 1.0, 0.2,
          -100, "none", False, False, True, rt, None, False, 1e-7, True),
+        (s.clone().requires_grad_(True), t.clone().requires_grad_(True), y, None, "dkd", [1.0, 8.0], 1.0, 1.0, 0.0,
+         -100, "batchmean", True, True, True, rt, w, True, 1e-7, True),
+        (s.clone().requires_grad_(True), t, y, None, "dkd", [0.5, 2.0], 1.0, 1.0, 0.0, -100, "none", True, True,
+         False, rt, None, True, 1e-7, True),
     ]:
         torch.library.opcheck(torch.ops.fastkd.response_forward, args)
 
@@ -193,10 +258,12 @@ def test_torch_compile_fullgraph_and_opcheck():
 def test_gradcheck_with_the_temperature():
     s, t = _logits((3, 7), 16), _logits((3, 7), 17)
     w = torch.rand(3, dtype=torch.float64)
+    y = torch.tensor([0, 6, 3])
     for standardize in (False, True):
-        for name in ("kl", "jsd", "tvd"):
+        for name in ("kl", "jsd", "tvd", "dkd"):
             def fn(a, b, T, name=name, standardize=standardize):
-                return fastkd.divergence_loss(a, b, name, T, token_weights=w, standardize=standardize)
+                labels = y if name == "dkd" else None
+                return fastkd.divergence_loss(a, b, name, T, token_weights=w, standardize=standardize, labels=labels)
 
             args = (s.clone().requires_grad_(True), t.clone().requires_grad_(True),
                     (1.0 + torch.rand(3, dtype=torch.float64)).requires_grad_(True))
@@ -244,11 +311,22 @@ def test_bad_row_options():
         fastkd.kd_loss(s[:, :1], t[:, :1], standardize=True)
     with pytest.raises(ValueError, match="token_weights must be on"):
         fastkd.kd_loss(s, t, token_weights=torch.ones(4, dtype=torch.float64, device="meta"))
+    y = torch.tensor([0, 1, 2, 3])
+    for mod in (fastkd, R):  # DKD's row options: the same rules and messages
+        with pytest.raises(TypeError, match="standardize must be a bool"):
+            mod.dkd_loss(s, t, y, standardize=1)
+        with pytest.raises(ValueError, match="0-dim or have the logits' leading shape"):
+            mod.dkd_loss(s, t, y, temperature=torch.ones(3, dtype=torch.float64, requires_grad=True))
+        with pytest.raises(ValueError, match="argument 'temperature': every entry must be a finite value"):
+            mod.dkd_loss(s, t, y, temperature=torch.tensor([1.0, 0.0, 2.0, 3.0], dtype=torch.float64,
+                                                           requires_grad=True))
+    with pytest.raises(TypeError, match="standardize must be a bool"):
+        fastkd.DKDLoss(standardize="yes")
 
 
 @settings(max_examples=25, deadline=None)
 @given(rows=st.integers(1, 5), vocab=st.integers(2, 40), scale=st.floats(0.1, 30.0),
-       name=st.sampled_from([c[0] for c in NON_DKD]), standardize=st.booleans(), per_row=st.booleans(),
+       name=st.sampled_from([c[0] for c in CASES]), standardize=st.booleans(), per_row=st.booleans(),
        teacher_grad=st.booleans(), seed=st.integers(0, 2**16))
 def test_property_row_options_match_the_reference(rows, vocab, scale, name, standardize, per_row, teacher_grad,
                                                   seed):

@@ -38,8 +38,8 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
   const int64_t V2 = V - V % (2 * W);  // sweeps 1-2 take two vectors at a time
   const int64_t V1 = V - V % W;        // full vectors of sweeps 3-4
   const bool hard = p.hard;
-  // The row dots of the temperature gradient and of the standardization's (row_options.h); not for DKD.
-  const bool dots = !kDkd && (p.row_grad_temperature != nullptr || p.standardize);
+  // The row dots of the temperature gradient and of the standardization's (row_options.h).
+  const bool dots = p.row_grad_temperature != nullptr || p.standardize;
   auto* S_out = static_cast<S*>(p.grad_student);
   auto* T_out = static_cast<T*>(p.grad_teacher);
   auto* row_soft = static_cast<Acc*>(p.row_soft);
@@ -68,9 +68,10 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     auto masked = [&](const Vec<Acc>& v, int64_t i) { return in_chunk(excl, i, W) ? with_lane(v, excl - i, neg_inf) : v; };
 
     // Sweep 1: row maxima; with standardization also each side's sums of d = x - x0 and d^2 (x0: the row's first
-    // entry), for its mean and std (row_standardization), in the same read of the row.
+    // entry), for its mean and std (row_standardization), in the same read of the row (DKD: the sums over every
+    // entry, the maxima over the non-target ones).
     Vec<Acc> ms0(neg_inf), ms1(neg_inf), mt0(neg_inf), mt1(neg_inf);
-    const bool stdz = !kDkd && p.standardize;
+    const bool stdz = p.standardize;
     std::array<double, 4> st_sums{};
     if (stdz) {
       const Acc s0 = static_cast<Acc>(s[0]), t0 = static_cast<Acc>(t[0]);
@@ -78,8 +79,13 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
       auto body = [&](int64_t i, int64_t n) {  // the tail is padded with x0: d = 0, and the maximum unchanged
         const Vec<Acc> sv = n == W ? load<Acc>(s + i) : load_tail<Acc>(s + i, n, s0);
         const Vec<Acc> tv = n == W ? load<Acc>(t + i) : load_tail<Acc>(t + i, n, t0);
-        ms0 = at::vec::maximum(ms0, sv);
-        mt0 = at::vec::maximum(mt0, tv);
+        if constexpr (kDkd) {  // x0 may be the target's: the maxima's tail is padded with -inf
+          ms0 = at::vec::maximum(ms0, masked(n == W ? sv : load_tail<Acc>(s + i, n), i));
+          mt0 = at::vec::maximum(mt0, masked(n == W ? tv : load_tail<Acc>(t + i, n), i));
+        } else {
+          ms0 = at::vec::maximum(ms0, sv);
+          mt0 = at::vec::maximum(mt0, tv);
+        }
         const Vec<Acc> ds = sv - s0_v, dt = tv - t0_v;
         return std::array<Vec<Acc>, 4>{ds, ds * ds, dt, dt * dt};
       };
@@ -134,8 +140,8 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     const bool park = ((kKLType && !kSwap && !kDkd) || kPsi) && std::is_same_v<S, Acc> && gs != nullptr && gt == nullptr &&
                       !hard && p.grad_student != p.student;
     double z_s = 0.0, z_t = 0.0, dot = 0.0, z_1 = 0.0;
-    KlDotSums kds;  // KL type: the sums of the row dots (row_options.h)
-    constexpr bool kKlDots = kKLType && !kDkd;
+    KlDotSums kds;  // KL type and DKD: the sums of the row dots (row_options.h)
+    constexpr bool kKlDots = kKLType;
     auto sweep2 = [&](const Vec<Acc>& sv, const Vec<Acc>& tv, Vec<Acc>& zs, Vec<Acc>& zt, Vec<Acc>& d, Vec<Acc>& z1,
                       std::array<Vec<Acc>, 4>& k4, S* park_at, int64_t n) {
       const Vec<Acc> a = kd_shift(tv, max_t_v, inv_t_v);
@@ -272,16 +278,17 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
 
     // The row's soft loss, and the scalars of its gradient.
     DkdRow dkd{};
-    if constexpr (kKlDots) {
+    if constexpr (kDkd) {
+      dkd = dkd_row(z_s, z_t, dot, kd_shift(static_cast<Acc>(s[y]), max_s, static_cast<Acc>(rs.inv_s)),
+                    kd_shift(static_cast<Acc>(t[y]), max_t, static_cast<Acc>(rs.inv_t)));
+      divergence = p.div.param[0] * dkd.tckd + p.div.param[1] * dkd.nckd;
+      if (dots) dkd_row_dots(kds, dkd, z_s, z_t, dot, p.div.param[0], p.div.param[1], d_s, d_t);
+    } else if constexpr (kKlDots) {
       divergence = kSwap ? kd_row_kl(z_t, z_s, dot) : kd_row_kl(z_s, z_t, dot);
       if (dots) {
         if constexpr (kSwap) kl_row_dots(kds, z_s, z_t, dot, d_s, d_t);
         else kl_row_dots(kds, z_t, z_s, dot, d_t, d_s);
       }
-    }
-    if constexpr (kDkd) {
-      dkd = dkd_row(max_s, max_t, z_s, z_t, dot, static_cast<Acc>(s[y]), static_cast<Acc>(t[y]), rs.inv_s);
-      divergence = p.div.param[0] * dkd.tckd + p.div.param[1] * dkd.nckd;
     }
     row_soft[r] = static_cast<Acc>(rs.weight * rs.loss_factor * divergence);
     if (p.row_grad_temperature) {
@@ -293,7 +300,8 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     // The standardization's gradient term: k * (x - mean) on each side (0 without standardization).
     const Acc k_s = static_cast<Acc>(stdz ? rs.coef * standardize_grad_factor(st_s, d_s, V) : 0.0);
     const Acc k_t = static_cast<Acc>(stdz ? rs.coef * standardize_grad_factor(st_t, d_t, V) : 0.0);
-    const Vec<Acc> k_s_v(k_s), k_t_v(k_t), mean_s_v(static_cast<Acc>(st_s.mean)), mean_t_v(static_cast<Acc>(st_t.mean));
+    const Acc mean_s = static_cast<Acc>(st_s.mean), mean_t = static_cast<Acc>(st_t.mean);
+    const Vec<Acc> k_s_v(k_s), k_t_v(k_t), mean_s_v(mean_s), mean_t_v(mean_t);
     if (park && !kPsi) {
       auto chunk = [&](int64_t i, int64_t n) {
         const Vec<Acc> a = kd_shift(n == W ? load<Acc>(t + i) : load_tail<Acc>(t + i, n), max_t_v, inv_t_v);
@@ -318,7 +326,9 @@ void response_rows(const KdParams& p, double count, int64_t begin, int64_t end) 
     const KlGradScalars& gk_p = kSwap ? gk_s : gk_t;
     const Vec<Acc> cq_v(static_cast<Acc>(gk_q.c_q)), cp_v(static_cast<Acc>(gk_q.c_p)), ct_v(static_cast<Acc>(gk_p.c_t)),
         kt_v(static_cast<Acc>(gk_p.k_t));
-    const Acc gs_y = static_cast<Acc>(gk_s.student_target), gt_y = static_cast<Acc>(gk_t.teacher_target);  // DKD
+    // DKD's target entries (with the standardization's term)
+    const Acc gs_y = kDkd ? static_cast<Acc>(gk_s.student_target) + k_s * (static_cast<Acc>(s[y]) - mean_s) : Acc(0);
+    const Acc gt_y = kDkd ? static_cast<Acc>(gk_t.teacher_target) + k_t * (static_cast<Acc>(t[y]) - mean_t) : Acc(0);
     const Vec<Acc> sum_psi_p_v(static_cast<Acc>(sum_psi_p)), sum_psi_q_v(static_cast<Acc>(sum_psi_q));
     const Vec<Acc> log_z1_v(static_cast<Acc>(log_z1)), ce_coef_v(ce_coef);
     auto grad_chunk = [&](int64_t i, int64_t n) {

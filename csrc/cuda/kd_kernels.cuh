@@ -100,9 +100,9 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   const int64_t V = p.vocab;
   const double count = kd_count(p.count, p.rows);
-  // The row dots of the temperature gradient and of the standardization's (row_options.h); not for DKD.
-  constexpr bool kKlDots = kKLType && !kDkd;
-  const bool dots = !kDkd && (p.row_grad_temperature != nullptr || p.standardize);
+  // The row dots of the temperature gradient and of the standardization's (row_options.h).
+  constexpr bool kKlDots = kKLType;  // the KL sums (DKD: over the non-target classes)
+  const bool dots = p.row_grad_temperature != nullptr || p.standardize;
   auto* row_soft = static_cast<Acc*>(p.row_soft);
   auto* row_hard = static_cast<Acc*>(p.row_hard);
 
@@ -248,17 +248,18 @@ __global__ void __launch_bounds__(kBlock) response_kernel(KdParams p) {
     }
 
     DkdRow dkd{};
-    if constexpr (kKlDots) {
+    const KlDotSums kds{k4.v[0], k4.v[1], k4.v[2], k4.v[3]};
+    if constexpr (kDkd) {
+      dkd = dkd_row(z_s, z_t, dot, kd_shift(static_cast<Acc>(s[y]), max_s, inv_s),
+                    kd_shift(static_cast<Acc>(t[y]), max_t, inv_t));
+      divergence = p.div.param[0] * dkd.tckd + p.div.param[1] * dkd.nckd;
+      if (dots) dkd_row_dots(kds, dkd, z_s, z_t, dot, p.div.param[0], p.div.param[1], d_s, d_t);
+    } else if constexpr (kKlDots) {
       divergence = kSwap ? kd_row_kl(z_t, z_s, dot) : kd_row_kl(z_s, z_t, dot);
       if (dots) {
-        const KlDotSums kds{k4.v[0], k4.v[1], k4.v[2], k4.v[3]};
         if constexpr (kSwap) kl_row_dots(kds, z_s, z_t, dot, d_s, d_t);
         else kl_row_dots(kds, z_t, z_s, dot, d_t, d_s);
       }
-    }
-    if constexpr (kDkd) {
-      dkd = dkd_row(max_s, max_t, z_s, z_t, dot, static_cast<Acc>(s[y]), static_cast<Acc>(t[y]), rs.inv_s);
-      divergence = p.div.param[0] * dkd.tckd + p.div.param[1] * dkd.nckd;
     }
     if (threadIdx.x == 0) {
       row_soft[r] = static_cast<Acc>(rs.weight * rs.loss_factor * divergence);

@@ -133,7 +133,8 @@ struct TvdDivergence : DivergenceDefaults {
   }
 };
 
-// Decoupled KD (Zhao et al., CVPR 2022): alpha * TCKD + beta * NCKD (dkd_row in kd_math.h).
+// Decoupled KD (Zhao et al., CVPR 2022): alpha * TCKD + beta * NCKD (dkd_row in kd_math.h; its row dots, for the
+// temperature's and the standardization's gradients: dkd_row_dots in row_options.h).
 struct DkdDivergence : DivergenceDefaults {
   static constexpr const char* kName = "dkd";
   static constexpr Family kFamily = Family::Decoupled;
@@ -329,9 +330,9 @@ FASTKD_HOST_DEVICE KlGradScalars dkd_grad_scalars(const DkdRow& r, double alpha,
   KlGradScalars g;
   g.c_q = coef * (beta + alpha * (r.p_y - r.q_y));
   g.c_p = g.c_t = coef * beta;
-  g.k_t = coef * (beta * r.nckd + alpha * r.g * r.p_y * (1.0 - r.p_y));
+  g.k_t = coef * (beta * r.nckd + alpha * r.h);
   g.student_target = coef * alpha * (r.q_y - r.p_y);
-  g.teacher_target = coef * alpha * r.g * r.p_y * (1.0 - r.p_y);
+  g.teacher_target = coef * alpha * r.h;
   return g;
 }
 

@@ -325,10 +325,6 @@ KdCall kd_prepare(const at::Tensor& student, const at::Tensor& teacher, const st
                    "standardization needs at least 2 classes (an unbiased std), got ", student.size(1));
   FASTKD_CHECK_ARG(!ro.grad_temperature || ro.temperature.has_value(), "temperature",
                    "its gradient needs the temperature as a tensor");
-  // DKD's row math (dkd_row) takes one temperature for both sides and has no row dots
-  FASTKD_CHECK_ARG(div != Divergence::DKD || !cfg.standardize, "standardize", "'dkd' does not support standardize");
-  FASTKD_CHECK_ARG(div != Divergence::DKD || !ro.grad_temperature, "temperature",
-                   "'dkd' does not support a temperature that requires grad");
 
   KdCall c;
   c.student_dtype = student.scalar_type();

@@ -211,35 +211,39 @@ FASTKD_HOST_DEVICE bool kd_row_counted(const int64_t* labels, int64_t row, int64
 
 // ---- per-row scalars of decoupled KD (DKD), from log-sum-exps only ----
 //
-// Sweeps give, over the non-target classes j != y, the maxima m_s, m_t of the raw logits and, with
-// a_j = (t_j - m_t) / T and b_j = (s_j - m_s) / T, Z_s = sum e^b, Z_t = sum e^a and dot = sum e^a (a - b).
-// Then (LSE = log-sum-exp at temperature T)
-//   LSE'_s = m_s / T + log Z_s,  LSE_s = logaddexp(LSE'_s, s_y / T)
-//   log q_y = s_y / T - LSE_s,   log(1 - q_y) = LSE'_s - LSE_s     (and the same for the teacher)
+// Sweeps give, over the non-target classes j != y, the maxima m_s, m_t of the raw logits and, with the
+// logit multipliers inv_s, inv_t (1 / T, or scale / T when standardized: row_options.h),
+// a_j = (t_j - m_t) inv_t and b_j = (s_j - m_s) inv_s, Z_s = sum e^b, Z_t = sum e^a and dot = sum e^a (a - b);
+// b_y, a_y are the target's shifted logits in the same coordinates. Then (LSE = log-sum-exp, shifted)
+//   LSE_s = logaddexp(log Z_s, b_y),  log q_y = b_y - LSE_s,  log(1 - q_y) = log Z_s - LSE_s   (likewise p)
 //   TCKD = KL([p_y, 1 - p_y] || [q_y, 1 - q_y]),  NCKD = KL(p^ || q^) = dot / Z_t - log Z_t + log Z_s
 // with no log of a probability and no cancellation: finite for any finite logits.
 struct DkdRow {
   double tckd, nckd;
-  double p_y, q_y;      // target probabilities
-  double g;             // d TCKD / d logit(p_y) = log(p_y / q_y) - log((1 - p_y) / (1 - q_y))
+  double p_y, q_y;        // target probabilities
+  double g;               // d TCKD / d logit(p_y) = log(p_y / q_y) - log((1 - p_y) / (1 - q_y))
+  double h;               // g p_y (1 - p_y) = d TCKD / d a_y (0 where p_y (1 - p_y) is 0)
   double log_zs, log_zt;  // log of the non-target sums (shifted by the non-target maxima)
+  double b_y, a_y;        // the target's shifted logits
 };
 
-FASTKD_HOST_DEVICE DkdRow dkd_row(double max_s, double max_t, double z_s, double z_t, double dot, double s_y,
-                                  double t_y, double inv_t) {
+FASTKD_HOST_DEVICE DkdRow dkd_row(double z_s, double z_t, double dot, double b_y, double a_y) {
   DkdRow r;
   r.log_zs = ::log(z_s);
   r.log_zt = ::log(z_t);
-  const double lse_s_nt = max_s * inv_t + r.log_zs, lse_t_nt = max_t * inv_t + r.log_zt;
-  const double lse_s = kd_logaddexp(lse_s_nt, s_y * inv_t), lse_t = kd_logaddexp(lse_t_nt, t_y * inv_t);
-  const double lqy = s_y * inv_t - lse_s, lqn = lse_s_nt - lse_s;
-  const double lpy = t_y * inv_t - lse_t, lpn = lse_t_nt - lse_t;
+  r.b_y = b_y;
+  r.a_y = a_y;
+  const double lse_s = kd_logaddexp(r.log_zs, b_y), lse_t = kd_logaddexp(r.log_zt, a_y);
+  const double lqy = b_y - lse_s, lqn = r.log_zs - lse_s;
+  const double lpy = a_y - lse_t, lpn = r.log_zt - lse_t;
   r.p_y = ::exp(lpy);
   r.q_y = ::exp(lqy);
-  const double p_n = ::exp(lpn);
+  const double p_n = ::exp(lpn);  // 1 - p_y, without the cancellation where p_y is near 1
   r.tckd = fk_select_nonzero(r.p_y, r.p_y * (lpy - lqy)) + fk_select_nonzero(p_n, p_n * (lpn - lqn));
   r.nckd = dot / z_t - r.log_zt + r.log_zs;
   r.g = (lpy - lqy) - (lpn - lqn);
+  const double w = r.p_y * p_n;
+  r.h = fk_select_nonzero(w, r.g * w);
   return r;
 }
 

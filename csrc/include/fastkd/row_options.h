@@ -6,8 +6,9 @@
 // L = f(T) div(a, b), f = T^2 or 1. Its temperature gradient needs only the two row dots
 //   D_s = sum_j b_j d div / d b_j,   D_t = sum_j a_j d div / d a_j
 // (shift-invariant: every divergence's gradient sums to 0 over the row), dL/dT = f'(T) div - f(T) / T (D_s + D_t),
-// and the kernels get both from sums of the sweeps that precede the gradient sweep (kl_row_dots, psi_row_dot),
-// so that the standardization's own gradient term (standardize_grad_factor) is written in that same sweep.
+// and the kernels get both from sums of the sweeps that precede the gradient sweep (kl_row_dots, dkd_row_dots,
+// psi_row_dot), so that the standardization's own gradient term (standardize_grad_factor) is written in that same
+// sweep.
 #pragma once
 
 #include <cmath>
@@ -90,6 +91,22 @@ struct KlDotSums {
 FASTKD_HOST_DEVICE void kl_row_dots(const KlDotSums& k, double z_p, double z_o, double dot, double& d_p, double& d_o) {
   d_p = k.pd / z_p - (k.pp / z_p) * (dot / z_p);
   d_o = k.oo / z_o - k.po / z_p;
+}
+
+// A DKD row (kd_math.h dkd_row; gradients divergences.h dkd_grad_scalars), alpha TCKD + beta NCKD, whose sweeps
+// gather the KL sums above over the non-target classes (P = the teacher's p^, O = the student's q^). With
+// d div / d b_j = (beta + alpha (p_y - q_y)) q^_j - beta p^_j (j != y), alpha (q_y - p_y) at y, and
+// d div / d a_j = beta p^_j (log p^_j - log q^_j - NCKD) - alpha h p^_j (j != y), alpha h at y (h = DkdRow::h):
+//   D_s = beta (E_q^[b] - E_p^[b]) + alpha (p_y - q_y) (E_q^[b] - b_y),
+//   D_t = beta Cov_p^(a, a - b) + alpha h (a_y - E_p^[a])
+// (the NCKD parts are kl_row_dots'; a target term whose weight is 0 is 0, also where b_y or a_y is -inf).
+FASTKD_HOST_DEVICE void dkd_row_dots(const KlDotSums& k, const DkdRow& r, double z_s, double z_t, double dot,
+                                     double alpha, double beta, double& d_s, double& d_t) {
+  double d_p = 0.0, d_o = 0.0;
+  kl_row_dots(k, z_t, z_s, dot, d_p, d_o);
+  const double dq = r.p_y - r.q_y;
+  d_s = beta * d_o + fk_select_nonzero(dq, alpha * dq * (k.oo / z_s - r.b_y));
+  d_t = beta * d_p + fk_select_nonzero(r.h, alpha * r.h * (r.a_y - k.pp / z_t));
 }
 
 // The entry terms of those sums (a term whose weight e is 0 is 0, also where x is -inf).
