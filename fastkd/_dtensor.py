@@ -39,12 +39,13 @@ The fused head, by the placements of ``student_hidden`` ``[..., H]`` and ``stude
   ``student_bias`` ``Shard(0)``, a dense teacher ``Shard(-1)``, a :class:`fastkd.TeacherHead` with a
   ``Replicate()`` hidden and a ``Shard(0)`` weight (and bias), or a :class:`fastkd.TopKTeacher` replicated
   (global indices); the result is ``Replicate()``; gradients: weight and bias ``Shard(0)``, hidden
-  ``Replicate()`` (all-reduced by that function).
+  ``Replicate()`` (all-reduced by that function). ``token_weights`` (placed as the labels: ``Replicate()`` or a
+  plain tensor identical on every rank), a tensor ``temperature`` and ``standardize`` are passed on.
 * hidden ``Shard(d)`` of a row dimension, weight ``Replicate()``: local chunks with the global divisor as
   above; the bias and the teacher's weight are ``Replicate()``, the teacher's rows (dense logits, TeacherHead
   hidden, TopKTeacher values and indices) ``Shard(d)``. The weight's and bias's gradients are ``Partial()``
   DTensors (each rank's local rows' share; ``full_tensor()`` or a redistribution sums them), as DTensor's own
-  matmul gives them.
+  matmul gives them. ``token_weights`` are placed as the labels (``Shard(d)``, or this rank's local rows).
 * everything ``Replicate()``: local, ``Replicate()`` result.
 
 Any other layout raises a ValueError naming the argument, its placements and the ones accepted: a mesh with
@@ -482,13 +483,10 @@ def _route_fused(fn: Callable, bound: inspect.BoundArguments):
     if mode == _VOCAB:
         from fastkd import distributed
 
-        # every keyword of the fused head is passed on; its bias is the shard's
+        # every keyword of the fused head is passed on (token_weights, standardize and a tensor temperature
+        # included); its bias is the shard's
         kwargs = dict(bound.kwargs)
         kwargs["student_bias_shard"] = kwargs.pop("student_bias", None)
-        weights, standardize = kwargs.pop("token_weights", None), kwargs.pop("standardize", False)
-        if weights is not None or standardize:
-            raise ValueError("token_weights and standardize are not supported with a vocabulary-sharded head "
-                             "(vocab_parallel_fused_linear_kd_loss has no per-row options yet)")
         out = distributed.vocab_parallel_fused_linear_kd_loss(*bound.args, group=call.group(), **kwargs)
         return call.wrap(out, ("R",))
     if mode == _REPLICATE:

@@ -65,7 +65,8 @@ with the spec's formula as the fallback where the kernels are not compiled.
 
 :func:`vocab_parallel_fused_linear_kd_loss` (fastkd/_vocab_parallel_head.py) runs the same phases per chunk of
 rows of a vocabulary-sharded lm_head (the logits slices computed by a local GEMM, never whole), with the fused
-cross-entropy, a top-k teacher of global indices and the softcap / logit-scale transforms.
+cross-entropy, a top-k teacher of global indices, the softcap / logit-scale transforms and the per-row options
+(``token_weights``, a tensor temperature, ``standardize``).
 """
 
 from __future__ import annotations
@@ -271,15 +272,17 @@ def _global_log_normalizers(
     return shift, log_s, sum_exp[1] > 0, vocab
 
 
-def _row_shift(xs: torch.Tensor, xt: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+def _row_shift(xs: torch.Tensor, xt: torch.Tensor, group: Optional[dist.ProcessGroup],
+               *more: torch.Tensor) -> torch.Tensor:
     """The statistics phase, part 1 (one all-reduce MAX of ``[2, rows]``): ``shift [2, rows]``, the global row
     maxima of the raw student and teacher logits ``[rows, V_r]``, 0 for a row with no finite maximum (an all
-    ``-inf`` row stays ``-inf``, not NaN; ``+inf`` and NaN stay in the shift and make the row NaN)."""
+    ``-inf`` row stays ``-inf``, not NaN; ``+inf`` and NaN stay in the shift and make the row NaN). Each of
+    ``more`` (``[rows, V_r]`` as well) adds its row maxima to the same all-reduce: ``[2 + len(more), rows]``."""
     rows, width = xs.shape
-    maxima = torch.full((2, rows), -math.inf, dtype=xs.dtype, device=xs.device)
+    maxima = torch.full((2 + len(more), rows), -math.inf, dtype=xs.dtype, device=xs.device)
     if width > 0:
-        maxima[0] = xs.amax(dim=-1)
-        maxima[1] = xt.amax(dim=-1)
+        for i, x in enumerate((xs, xt) + more):
+            maxima[i] = x.amax(dim=-1)
     dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
     return torch.where(maxima == -math.inf, torch.zeros_like(maxima), maxima)
 
@@ -433,13 +436,25 @@ def _standardized_shards(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Both shards ``[..., V_r]`` standardized over the global vocabulary, ``(x - mean) / (eps + std)`` per row
     (unbiased std), in the compute dtype; the student's through :class:`_Standardize` (its exact gradient), the
-    teacher's a constant. Two all-reduces SUM (float64): ``[2 * rows + 1]`` row sums and shard widths, then
-    ``[2, rows]`` sums of squares about the mean. A row with a NaN or infinite logit is NaN (as single-device)."""
+    teacher's a constant (:func:`_row_standardization`: two all-reduces)."""
     _, cdtype = _dtypes(student, teacher)
     lead, width = student.shape[:-1], student.shape[-1]
     rows = math.prod(lead)
     xs = student.detach().reshape(rows, width).to(cdtype)
     xt = teacher.detach().reshape(rows, width).to(cdtype)
+    mean, std, scale, vocab = _row_standardization(xs, xt, group)
+    zt = _standardized(xt, mean[1], scale[1]).reshape(teacher.shape)
+    zs = _Standardize.apply(student, xs, mean[0], std[0], scale[0], vocab, keep, group)
+    return zs, zt
+
+
+def _row_standardization(xs: torch.Tensor, xt: torch.Tensor, group: Optional[dist.ProcessGroup]):
+    """The row statistics of the standardization of two shards ``[rows, V_r]`` (student, teacher) over the
+    global vocabulary: ``(mean, std, scale, V)``, each ``[2, rows]`` float64 (``scale = 1 / (eps + std)``,
+    unbiased std). Two all-reduces SUM (float64): ``[2 * rows + 1]`` row sums and shard widths, then
+    ``[2, rows]`` sums of squares about the mean (two passes: well conditioned). A row with a NaN or infinite
+    logit is NaN (as single-device). Raises the same ValueError on every rank for ``V < 2``."""
+    rows, width = xs.shape
     sums = torch.empty(2 * rows + 1, dtype=torch.float64, device=xs.device)
     sums[:rows] = xs.sum(dim=-1, dtype=torch.float64)
     sums[rows : 2 * rows] = xt.sum(dim=-1, dtype=torch.float64)
@@ -452,10 +467,7 @@ def _standardized_shards(
                            _centered(xt, mean[1]).square().sum(dim=-1, dtype=torch.float64)])
     dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=group)
     std = (squares / (vocab - 1)).sqrt()
-    scale = 1.0 / (_STANDARDIZE_EPS + std)
-    zt = (_centered(xt, mean[1]) * scale[1].to(cdtype).unsqueeze(-1)).reshape(teacher.shape)
-    zs = _Standardize.apply(student, xs, mean[0], std[0], scale[0], vocab, keep, group)
-    return zs, zt
+    return mean, std, 1.0 / (_STANDARDIZE_EPS + std), vocab
 
 
 def _centered(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -463,34 +475,46 @@ def _centered(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     return x - mean.to(x.dtype).unsqueeze(-1)
 
 
+def _standardized(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``(x - mean) * scale`` per row of ``[rows, V_r]``, in x's dtype."""
+    return _centered(x, mean) * scale.to(x.dtype).unsqueeze(-1)
+
+
+def _standardize_grad(g: torch.Tensor, xs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                      scale: torch.Tensor, vocab: int, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """The gradient of the standardization ``z = (x - mean) * scale`` over the global vocabulary of ``vocab``
+    entries, given ``g = dL/dz`` of this rank's ``[rows, V_r]`` and the row statistics (``[rows]``):
+    ``dL/dx = scale (g - mean(g)) + f (x - mean)``, ``f = -scale^2 sum_j g_j (x_j - mean) / ((n - 1) std)`` (the
+    term through the std; none for a constant row, std 0, where torch's autograd of std gives NaN). One
+    all-reduce SUM of ``[2, rows]`` (float64): the row sums of ``g`` and of ``g (x - mean)``."""
+    d = _centered(xs, mean)
+    sums = torch.stack([g.sum(dim=-1, dtype=torch.float64), (g * d).sum(dim=-1, dtype=torch.float64)])
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    g_mean = sums[0] / vocab
+    factor = torch.where(std > 0, -scale * scale * sums[1] / ((vocab - 1) * std), torch.zeros_like(std))
+    cdtype = xs.dtype
+    return (g - g_mean.to(cdtype).unsqueeze(-1)) * scale.to(cdtype).unsqueeze(-1) + factor.to(cdtype).unsqueeze(-1) * d
+
+
 class _Standardize(torch.autograd.Function):
     """``z = (x - mean) * scale`` of the student shard given its row statistics (``scale = 1 / (eps + std)``),
-    with the gradient of the standardization over the global vocabulary of ``n`` entries:
-    ``dL/dx = scale (g - mean(g)) + f (x - mean)``, ``f = -scale^2 sum_j g_j (x_j - mean) / ((n - 1) std)``
-    (the term through the std; none for a constant row, std 0, where torch's autograd of std gives NaN), the
-    row sums all-reduced. Masked rows (``keep`` False) get exactly 0 whatever they hold."""
+    with the gradient of the standardization over the global vocabulary (:func:`_standardize_grad`, one
+    all-reduce). Masked rows (``keep`` False) get exactly 0 whatever they hold."""
 
     @staticmethod
     def forward(ctx, student, xs, mean, std, scale, vocab: int, keep, group):
         ctx.save_for_backward(xs, mean, std, scale, keep)
         ctx.config = (student.shape, student.dtype, vocab, group)
-        return (_centered(xs, mean) * scale.to(xs.dtype).unsqueeze(-1)).reshape(student.shape)
+        return _standardized(xs, mean, scale).reshape(student.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_z: torch.Tensor):
         xs, mean, std, scale, keep = ctx.saved_tensors
         shape, dtype, vocab, group = ctx.config
-        g = grad_z.reshape(xs.shape).to(xs.dtype)
-        d = _centered(xs, mean)
-        sums = torch.stack([g.sum(dim=-1, dtype=torch.float64), (g * d).sum(dim=-1, dtype=torch.float64)])
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        g_mean = sums[0] / vocab
-        factor = torch.where(std > 0, -scale * scale * sums[1] / ((vocab - 1) * std), torch.zeros_like(std))
-        cdtype = xs.dtype
-        grad = (g - g_mean.to(cdtype).unsqueeze(-1)) * scale.to(cdtype).unsqueeze(-1) + factor.to(cdtype).unsqueeze(-1) * d
+        grad = _standardize_grad(grad_z.reshape(xs.shape).to(xs.dtype), xs, mean, std, scale, vocab, group)
         if keep is not None:
-            grad = torch.where(keep.unsqueeze(-1), grad, torch.zeros((), dtype=cdtype, device=grad.device))
+            grad = torch.where(keep.unsqueeze(-1), grad, torch.zeros((), dtype=xs.dtype, device=grad.device))
         return (grad.reshape(shape).to(dtype),) + (None,) * 7
 
 

@@ -1,7 +1,9 @@
 """fastkd.distributed.vocab_parallel_fused_linear_kd_loss on 2 and 3 gloo ranks against the single-process
 fused head (fastkd.fused_linear_kd_loss) on the gathered weight, bias and teacher: value, and the gradients of
-the hidden states, of each rank's weight shard and bias shard. Softcap / logit-scale cases against the eager
-composition with torch.tanh (fastkd.reference's losses on the transformed logits), float64.
+the hidden states, of each rank's weight shard and bias shard (and of a tensor temperature). Softcap /
+logit-scale cases against the eager composition with torch.tanh (fastkd.reference's losses on the transformed
+logits), float64; the per-row options (token_weights, a 0-dim or per-row tensor temperature, standardize) against
+the single-process fused head, with the transforms too.
 
 As tests/test_distributed.py: one group of processes per world size (spawned once per module), every worker
 runs all the scenarios, saves its results with torch.save, and the tests compare them in the parent.
@@ -57,6 +59,15 @@ class Case:
     k: int = K
     frozen: bool = False  # the weight shard (and bias) do not require grad
     transforms: Tuple[Tuple[str, float], ...] = ()  # softcaps / logit scales: checked against the eager tanh
+    # the per-row options, checked against the single-process fused head (also with transforms)
+    weights: bool = False  # token_weights (one per row, in [-0.5, 2.5), one row 0)
+    t_tensor: str = ""  # "" (the float), "scalar" (0-dim, requires grad), "rows" (per row, requires grad),
+    #                     "rows-const" (per row, no grad)
+    standardize: bool = False
+
+    @property
+    def options(self) -> bool:
+        return self.weights or bool(self.t_tensor) or self.standardize
 
 
 def _cases(world: int) -> Dict[str, Case]:
@@ -133,7 +144,107 @@ def _cases(world: int) -> Dict[str, Case]:
     for teacher in ("topk", "bucket"):
         cases.append(Case(f"{teacher}-ce0.4-student-softcap-scale", teacher, reduction="none", hard=0.4,
                           transforms=(("student_softcap", 3.0), ("student_logit_scale", 0.7))))
+    cases += _option_cases() + _random_option_cases(world)
     return {c.name: c for c in cases}
+
+
+def _random_option_cases(world: int, count: int = 16):
+    """A seeded sweep over the class of inputs the row options take (the same list in the workers and the
+    parent): teacher kind, divergence, reduction, cross-entropy, chunk size, rows, labels, vocabulary split
+    (empty slices included) and any subset of the options."""
+    g = torch.Generator().manual_seed(1000 + world)
+    fused = sorted(spec.name for spec in fastkd.divergences.REGISTRY.values() if spec.fused_head)
+
+    def pick(seq):
+        return seq[int(torch.randint(len(seq), (), generator=g))]
+
+    cases = []
+    for i in range(count):
+        teacher = pick(("dense", "head", "dense", "head", "topk", "topk_lp", "bucket"))
+        loss = "kl" if teacher not in ("dense", "head") else pick(fused)
+        spec = fastkd.divergences.get(loss)
+        params = tuple(sorted(spec.test_params[0].items())) if spec.test_params else ()
+        cuts = sorted(int(c) for c in torch.randint(0, VOCAB + 1, (world - 1,), generator=g))
+        split = tuple(b - a for a, b in zip([0] + cuts, cuts + [VOCAB]))
+        options = dict(weights=bool(torch.rand((), generator=g) < 0.6),
+                       t_tensor=pick(("", "scalar", "rows", "rows", "rows-const")),
+                       standardize=teacher in ("dense", "head") and bool(torch.rand((), generator=g) < 0.5))
+        if not (options["weights"] or options["t_tensor"] or options["standardize"]):
+            options["weights"] = True
+        rows = int(torch.randint(1, 12, (), generator=g))
+        labels = pick(("none", "some", "first_chunk"))
+        hard = 0.0 if labels == "none" else pick((0.0, 0.4, 1.0))  # the cross-entropy needs the labels
+        cases.append(Case(f"random{i}-{teacher}-{loss}", teacher, loss, params,
+                          pick(("batchmean", "none", "sum", "mean")), hard=hard, chunk=pick((1, 2, 5, None)),
+                          lead=(rows,), labels=labels, split=split, **options))
+    return cases
+
+
+def _option_cases():
+    """The per-row options: token_weights, the tensor temperature, standardize; every teacher kind where
+    supported (standardize: not a TopKTeacher), every reduction, the cross-entropy on and off."""
+    cases = []
+    teachers = ("dense", "head", "topk", "topk_lp", "bucket")
+    divs = {"dense": ("jsd", (("beta", 0.3),)), "head": ("kl", ())}
+    for teacher in teachers:
+        loss, params = divs.get(teacher, ("kl", ()))
+        for red in ("batchmean", "none", "sum", "mean"):
+            for hard in (0.0, 0.4):
+                k = f"{teacher}-{red}-ce{hard}"
+                cases.append(Case(f"{k}-weights", teacher, loss, params, red, hard=hard, weights=True))
+                cases.append(Case(f"{k}-T-rows", teacher, loss, params, red, hard=hard, t_tensor="rows"))
+                if teacher in ("dense", "head"):
+                    cases.append(Case(f"{k}-standardize", teacher, loss, params, red, hard=hard, standardize=True))
+        cases.append(Case(f"{teacher}-ce0.4-T-scalar", teacher, loss, params, hard=0.4, t_tensor="scalar"))
+        cases.append(Case(f"{teacher}-none-T-rows-const", teacher, loss, params, "none", t_tensor="rows-const"))
+        cases.append(Case(f"{teacher}-ce0.4-weights-T-rows-float32", teacher, loss, params, hard=0.4, weights=True,
+                          t_tensor="rows", dtype=torch.float32))
+        cases.append(Case(f"{teacher}-ce0.4-weights-T-rows-all-ignored", teacher, loss, params, hard=0.4,
+                          weights=True, t_tensor="rows", labels="all"))
+        cases.append(Case(f"{teacher}-weights-T-scalar-no-labels", teacher, loss, params, labels="none",
+                          weights=True, t_tensor="scalar"))
+    for spec in fastkd.divergences.REGISTRY.values():  # every divergence of the fused head with every option
+        if spec.fused_head:
+            params = tuple(sorted(spec.test_params[0].items()))
+            cases.append(Case(f"dense-{spec.name}-ce0.4-all-options", "dense", spec.name, params, hard=0.4,
+                              weights=True, t_tensor="rows", standardize=True))
+            cases.append(Case(f"head-{spec.name}-none-all-options", "head", spec.name, params, "none",
+                              weights=True, t_tensor="scalar", standardize=True))
+    both = (("student_softcap", 3.0), ("teacher_softcap", 2.5), ("student_logit_scale", 0.7),
+            ("teacher_logit_scale", 1.3))
+    for teacher in ("dense", "head"):
+        for red in ("batchmean", "none"):
+            cases.append(Case(f"{teacher}-kl-ce0.4-{red}-all-options-softcap-scale", teacher, reduction=red, hard=0.4,
+                              transforms=both, weights=True, t_tensor="rows", standardize=True))
+    for teacher in ("topk", "bucket"):
+        cases.append(Case(f"{teacher}-ce0.4-weights-T-rows-student-softcap", teacher, reduction="none", hard=0.4,
+                          weights=True, t_tensor="rows",
+                          transforms=(("student_softcap", 3.0), ("student_logit_scale", 0.7))))
+    for chunk in (1, None):
+        cases.append(Case(f"head-kl-ce0.4-all-options-chunk{chunk}", "head", hard=0.4, chunk=chunk, weights=True,
+                          t_tensor="rows", standardize=True))
+        cases.append(Case(f"topk-ce0.4-weights-T-rows-chunk{chunk}", "topk", hard=0.4, chunk=chunk, weights=True,
+                          t_tensor="rows"))
+    cases.append(Case("dense-kl-ce0.4-all-options-num-items", hard=0.4, num_items=3.0, weights=True,
+                      t_tensor="rows", standardize=True))
+    cases.append(Case("head-kl-all-options-3d", "head", hard=0.4, lead=(2, 4), weights=True, t_tensor="rows",
+                      standardize=True))
+    cases.append(Case("head-kl-all-options-T-scalar-3d", "head", lead=(2, 4), weights=True, t_tensor="scalar",
+                      standardize=True))
+    cases.append(Case("dense-kl-ce0.4-standardize-scale-off", hard=0.4, standardize=True, t_tensor="rows",
+                      params=(("scale_by_temperature", False),)))
+    cases.append(Case("dense-kl-ce0.4-all-options-float32", hard=0.4, standardize=True, weights=True,
+                      t_tensor="rows", dtype=torch.float32))
+    cases.append(Case("head-kl-none-standardize-float32", "head", reduction="none", standardize=True,
+                      dtype=torch.float32))
+    cases.append(Case("head-kl-ce0.4-all-options-frozen-head", "head", hard=0.4, frozen=True, weights=True,
+                      t_tensor="rows", standardize=True))
+    # (a temperature without grad: the single-process head refuses one that requires grad for empty input)
+    cases.append(Case("dense-kl-ce0.4-all-options-empty-input", lead=(0,), hard=0.4, weights=True,
+                      t_tensor="rows-const", standardize=True))
+    cases.append(Case("head-kl-ce0.4-all-options-bfloat16", "head", hard=0.4, dtype=torch.bfloat16, weights=True,
+                      t_tensor="rows", standardize=True))
+    return cases
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -201,11 +312,42 @@ def _shard_teacher(teacher, lo: int, hi: int):
     return teacher  # global indices, the same on every rank
 
 
-def _kwargs(case: Case, labels):
+def _row_options(case: Case, dtype: torch.dtype):
+    """``(keywords, temperature leaf or None)``: the case's token_weights, temperature (a fresh tensor in
+    ``dtype``, requiring grad unless "rows-const") and standardize, rebuilt identically everywhere."""
+    g = torch.Generator().manual_seed(zlib.crc32(case.name.encode()) + 1)
+    kw, leaf = {}, None
+    if case.weights:
+        w = torch.rand(case.lead, generator=g, dtype=torch.float64) * 3.0 - 0.5
+        if w.numel():
+            w.view(-1)[-1] = 0.0  # a counted row of weight 0
+            if case.labels != "none":
+                w.view(-1)[0] = math.nan  # an ignored row (label ignore_index): dropped whatever its weight
+        kw["token_weights"] = w.to(dtype)
+    if case.t_tensor:
+        shape = () if case.t_tensor == "scalar" else case.lead
+        t = (torch.rand(shape, generator=g, dtype=torch.float64) * 2.5 + 0.5).to(dtype)
+        leaf = t.requires_grad_(case.t_tensor != "rows-const")
+        kw["temperature"] = leaf
+    if case.standardize:
+        kw["standardize"] = True
+    return kw, (leaf if leaf is not None and leaf.requires_grad else None)
+
+
+def _options_dtype(case: Case) -> torch.dtype:
+    """The row options' dtype on the ranks: the input's, float32 for bf16 input (the temperature's gradient comes
+    back in its own dtype)."""
+    return torch.float32 if case.dtype == torch.bfloat16 else case.dtype
+
+
+def _kwargs(case: Case, labels, dtype: torch.dtype = torch.float64):
+    """The keywords of both calls (the row options' tensors in ``dtype``) and the temperature leaf."""
     kw = dict(loss=case.loss, temperature=case.temperature, labels=labels, reduction=case.reduction,
               hard_label_weight=case.hard, soft_weight=case.soft, num_items_in_batch=case.num_items,
               chunk_size=case.chunk, **dict(case.params))
-    return kw
+    options, leaf = _row_options(case, dtype)
+    kw.update(options)
+    return kw, leaf
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -218,12 +360,13 @@ def _run_case(case: Case, world: int, rank: int):
     w = weight[lo:hi].to(case.dtype).requires_grad_(not case.frozen)
     b = None if bias is None else bias[lo:hi].to(case.dtype).requires_grad_(not case.frozen)
     t = _shard_teacher(_cast_teacher(teacher, case.dtype), lo, hi)
-    out = vp_head(h, w, t, student_bias_shard=b, **_kwargs(case, labels), **dict(case.transforms),
-                  return_parts=True)
+    kw, t_leaf = _kwargs(case, labels, _options_dtype(case))
+    out = vp_head(h, w, t, student_bias_shard=b, **kw, **dict(case.transforms), return_parts=True)
     out.loss.backward(grad_out.to(out.loss.dtype))
     return {"loss": out.loss.detach(), "soft": out.soft, "hard": out.hard, "grad_hidden": h.grad,
             "grad_weight": w.grad, "grad_bias": None if b is None else b.grad,
-            "teacher_grad": t.grad if isinstance(t, torch.Tensor) else None}
+            "teacher_grad": t.grad if isinstance(t, torch.Tensor) else None,
+            "grad_temperature": None if t_leaf is None else t_leaf.grad}
 
 
 def _expect_error(fn) -> Optional[str]:
@@ -262,6 +405,32 @@ def _bad_runs(world: int, rank: int) -> Dict[str, Optional[str]]:
         out["second-backward"] = f"RuntimeError: {e}"
     big = torch.randn(7, VOCAB + 1, dtype=torch.float64)
     out["topk-k>V"] = _expect_error(lambda: vp_head(hidden, w, fastkd.TopKTeacher(big, big.argsort(-1))))
+    # the per-row options: the global vocabulary of one class, ranks that disagree
+    one = 1 if rank == 0 else 0
+    out["standardize-one-class"] = _expect_error(lambda: vp_head(hidden, weight[:one], teacher[..., :one],
+                                                                 standardize=True))
+    out["standardize-differs"] = _expect_error(lambda: vp_head(hidden, w, t, standardize=rank == 0))
+    temperature = torch.tensor(2.0, dtype=torch.float64, requires_grad=rank == 0)
+    out["temperature-grad-differs"] = _expect_error(lambda: vp_head(hidden, w, t, temperature=temperature))
+    return out
+
+
+def _nan_runs(world: int, rank: int) -> Dict[str, torch.Tensor]:
+    """NaN propagates through the token weights: a NaN weight of a counted row makes that row's loss and hidden-state
+    gradient NaN; in an ignored row it is dropped. (A NaN temperature is refused before any communication.)"""
+    case = Case("nan", hard=0.4)
+    hidden, weight, bias, teacher, labels, _ = _inputs(case)  # rows 0 and 4 ignored
+    lo, hi = _bounds(case, world, rank)
+    w, b, t = weight[lo:hi], bias[lo:hi], teacher[..., lo:hi]
+    out = {}
+    for name, row in (("counted", 2), ("ignored", 0)):
+        weights = torch.ones(7, dtype=torch.float64)
+        weights[row] = math.nan
+        h = hidden.clone().requires_grad_(True)
+        rows = vp_head(h, w, t, student_bias_shard=b, labels=labels, hard_label_weight=0.4, reduction="none",
+                       standardize=True, token_weights=weights, temperature=torch.full((7,), 2.0).double())
+        rows.sum().backward()
+        out[name] = (rows.detach(), h.grad)
     return out
 
 
@@ -271,7 +440,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str):
                             timeout=datetime.timedelta(seconds=120))
     try:
         results = {"cases": {name: _run_case(c, world, rank) for name, c in _cases(world).items()},
-                   "bad": _bad_runs(world, rank)}
+                   "bad": _bad_runs(world, rank), "nan": _nan_runs(world, rank)}
         # after the errors, the group still works
         results["after"] = _run_case(Case("after-errors"), world, rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -309,9 +478,18 @@ def _single_process(case: Case):
     w = weight.to(case.dtype).double().requires_grad_(True)
     b = None if bias is None else bias.to(case.dtype).double().requires_grad_(True)
     t = _cast_teacher(_cast_teacher(teacher, case.dtype), torch.float64)
-    out = fastkd.fused_linear_kd_loss(h, w, t, student_bias=b, **_kwargs(case, labels), return_parts=True)
+    kw, t_leaf = _kwargs(case, labels, _options_dtype(case))
+    for key in ("token_weights", "temperature"):  # the row options as the ranks have them, in float64
+        if isinstance(kw.get(key), torch.Tensor):
+            kw[key] = kw[key].detach().double()
+    if "token_weights" in kw:  # an ignored row's weight does not matter: 0 for the NaN the ranks get (the
+        # single-process head propagates a NaN weight of an ignored row; kd_loss and fastkd.reference drop it)
+        kw["token_weights"] = kw["token_weights"].nan_to_num(0.0)
+    if t_leaf is not None:
+        t_leaf = kw["temperature"].requires_grad_(True)
+    out = fastkd.fused_linear_kd_loss(h, w, t, student_bias=b, **kw, **dict(case.transforms), return_parts=True)
     out.loss.backward(grad_out)
-    return out, h.grad, w.grad, None if b is None else b.grad
+    return out, h.grad, w.grad, None if b is None else b.grad, None if t_leaf is None else t_leaf.grad
 
 
 def _eager(case: Case):
@@ -378,10 +556,11 @@ def test_vocab_parallel_head_matches_single_process(world, name, tmp_path_factor
     # bf16: the loss as float32 (its logits are float32 from the bf16 operands); the gradients are returned in
     # bf16, each rounded once (relative 2^-9)
     grad_tol = dict(rtol=2.0**-8, atol=1e-6) if case.dtype == torch.bfloat16 else tol
-    if case.transforms:
+    g_temp = None
+    if case.transforms and not case.options:
         loss, g_hidden, g_weight, g_bias = _eager(case)
     else:
-        out, g_hidden, g_weight, g_bias = _single_process(case)
+        out, g_hidden, g_weight, g_bias, g_temp = _single_process(case)
         loss = out.loss.detach()
         assert_close(res["soft"], out.soft, **tol, what="soft part")
         assert_close(res["hard"], out.hard, **tol, what="hard part")
@@ -391,6 +570,14 @@ def test_vocab_parallel_head_matches_single_process(world, name, tmp_path_factor
         assert_close(torch.cat([r["grad_weight"] for r in per_rank]), g_weight, **grad_tol, what="weight gradient")
         if case.bias:
             assert_close(torch.cat([r["grad_bias"] for r in per_rank]), g_bias, **grad_tol, what="bias gradient")
+    if case.t_tensor in ("scalar", "rows"):
+        for r in per_rank:  # every rank gets the full gradient of the replicated loss
+            torch.testing.assert_close(r["grad_temperature"], res["grad_temperature"], rtol=0, atol=0)
+        assert res["grad_temperature"].dtype == _options_dtype(case)
+        assert res["grad_temperature"].shape == (() if case.t_tensor == "scalar" else case.lead)
+        assert_close(res["grad_temperature"], g_temp, **tol, what="temperature gradient")
+    else:
+        assert res["grad_temperature"] is None
     if case.labels == "all":
         assert (res["loss"] == 0).all() and (res["grad_hidden"] == 0).all()
     if math.prod(case.lead) == 0:
@@ -410,6 +597,11 @@ def test_errors_that_need_the_group(world, tmp_path_factory):
         "topk-index-range": f"ValueError: teacher_topk_indices must be in [0, {VOCAB})",
         "topk-k>V": f"ValueError: k (the last dimension of teacher_topk_values) must be in [1, V={VOCAB}]",
         "second-backward": "RuntimeError: vocab_parallel_fused_linear_kd_loss: backward ran a second time",
+        "standardize-one-class": "ValueError: standardize needs at least 2 classes (an unbiased std), got V=1",
+        "standardize-differs": "ValueError: vocab_parallel_fused_linear_kd_loss: every rank of the group must pass "
+                               "the same standardize",
+        "temperature-grad-differs": "ValueError: vocab_parallel_fused_linear_kd_loss: every rank of the group must "
+                                    "pass the same temperature.requires_grad",
     }
     for rank, r in enumerate(ranks):
         for key, start in expected.items():
@@ -418,6 +610,19 @@ def test_errors_that_need_the_group(world, tmp_path_factory):
     case = Case("after-errors")
     out, *_ = _single_process(case)
     assert_close(ranks[0]["after"]["loss"], out.loss, rtol=1e-10, atol=1e-12, what="loss after the errors")
+
+
+@needs_gloo
+@pytest.mark.parametrize("world", [2, 3])
+def test_nan_in_the_row_options(world, tmp_path_factory):
+    ranks = _results(world, tmp_path_factory)
+    for r in ranks:
+        rows, g_hidden = r["nan"]["counted"]
+        assert rows[2].isnan() and not rows[torch.arange(7) != 2].isnan().any(), rows
+        assert g_hidden[2].isnan().all() and not g_hidden[torch.arange(7) != 2].isnan().any()
+        rows, g_hidden = r["nan"]["ignored"]
+        assert rows[0] == 0 and not rows.isnan().any() and (g_hidden[0] == 0).all(), rows
+        assert not g_hidden.isnan().any()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -475,6 +680,23 @@ def test_requires_initialized_process_group():
         (dict(student_logit_scale=math.inf), ValueError, "student_logit_scale must be"),
         (dict(teacher_logit_scale="2"), TypeError, "teacher_logit_scale must be"),
         (dict(return_parts=1), TypeError, "return_parts must be a bool"),
+        # the per-row options: one message per rule, fastkd/_validation.py's
+        (dict(token_weights=[1.0] * 4), TypeError, "token_weights must be a tensor or None"),
+        (dict(token_weights=torch.ones(4, dtype=torch.long)), TypeError,
+         "token_weights must be a floating-point tensor"),
+        (dict(token_weights=torch.ones(5)), ValueError, r"token_weights must have the logits' leading shape \[4\]"),
+        (dict(token_weights=torch.ones(4, 1)), ValueError, r"token_weights must have the logits' leading shape"),
+        (dict(temperature=torch.ones(4, dtype=torch.long)), TypeError,
+         "temperature must be a float or a floating-point tensor"),
+        (dict(temperature=torch.ones(5)), ValueError,
+         r"temperature as a tensor must be 0-dim or have the logits' leading shape \[4\]"),
+        (dict(temperature=torch.tensor([1.0, 0.0, 1.0, 1.0])), ValueError,
+         r"argument 'temperature': every entry must be a finite value in \[2\*\*-63, 2\*\*63\]"),
+        (dict(temperature=torch.tensor(math.nan)), ValueError, "argument 'temperature': every entry must be a finite"),
+        (dict(temperature="2"), TypeError, "temperature must be"),
+        (dict(standardize=1), TypeError, "standardize must be a bool"),
+        (dict(teacher=fastkd.TopKTeacher(torch.randn(4, 2), torch.zeros(4, 2, dtype=torch.long)), standardize=True),
+         ValueError, "standardize: a top-k teacher has no full row to standardize"),
     ],
 )
 def test_bad_arguments_before_any_communication(change, error, match):

@@ -1,7 +1,8 @@
 """DTensor inputs (fastkd/_dtensor.py) on a 1-D CPU gloo device mesh of 2 processes: every placement
 (Shard(-1) vocabulary-parallel, Shard(0) / Shard(1) rows, Replicate) of the response losses (kd, jsd, skew_kl,
 tvd, reverse_kl, symmetric_kl, dkd, topk, the hard-label mix, return_parts, the nn.Module forms) and of the fused
-head (dense, TeacherHead and TopKTeacher teachers), against the single-process loss on the gathered tensors
+head (dense, TeacherHead and TopKTeacher teachers; token_weights placed as the labels, standardize and a tensor
+temperature on every layout, the vocabulary-sharded head's included), against the single-process loss on the gathered tensors
 (float64): the value (``full_tensor()``), the placement of the result, and the gradients of the DTensor inputs
 (``.grad.full_tensor()``) and their placements; labels chosen so that the counted rows differ between the ranks
 (the global divisor), all rows ignored, a rank with no row; every reduction; ``num_items_in_batch``; unsupported
@@ -160,11 +161,24 @@ def _cases() -> Dict[str, Case]:
         cases.append(Case(f"fused-{placement}-head-sum-parts", "fused", placement, "sum", lead=(2, 3),
                           teacher="head", labels="none", fused=(("loss", "skew_kl"), ("skew", 0.2),
                                                                 ("return_parts", True))))
+        # the per-row options: token_weights placed as the labels, standardize, a tensor temperature
+        for red in ("batchmean", "none"):
+            cases.append(Case(f"fused-{placement}-weights-{red}", "fused", placement, red, lead=(2, 3),
+                              fused=(("loss", "jsd"), ("beta", 0.3), ("chunk_size", 2), ("weights", True))))
+            cases.append(Case(f"fused-{placement}-head-standardize-weights-T-ce-{red}", "fused", placement, red,
+                              lead=(2, 3), teacher="head",
+                              fused=(("loss", "kl"), ("hard_label_weight", 0.4), ("chunk_size", 4),
+                                     ("standardize", True), ("weights", True), ("temperature_tensor", 1.7))))
+        cases.append(Case(f"fused-{placement}-dense-standardize-mean", "fused", placement, "mean", lead=(2, 3),
+                          fused=(("loss", "kl"), ("standardize", True))))
+        cases.append(Case(f"fused-{placement}-topk-weights-T-parts", "fused", placement, "batchmean", lead=(2, 3),
+                          teacher="topk", fused=(("loss", "kl"), ("weights", True), ("temperature_tensor", 1.3),
+                                                 ("hard_label_weight", 0.4), ("return_parts", True))))
         if placement != "vocab":
             for red in ("batchmean", "none"):
                 cases.append(Case(f"fused-{placement}-head-{red}-weighted", "fused", placement, red, lead=(2, 3),
                                   teacher="head", fused=(("loss", "kl"), ("hard_label_weight", 0.4),
-                                                         ("chunk_size", 2), ("weighted", True))))
+                                                         ("chunk_size", 2), ("weights", True))))
     return {c.name: c for c in cases}
 
 
@@ -200,8 +214,10 @@ def _inputs(case: Case):
 
 def _fused_call(case: Case, h, w, b, teacher, labels, num_items=None):
     kw = dict(case.fused)
-    if kw.pop("weighted", False):  # token_weights derived from the labels, with their placement
+    if kw.pop("weights", False):  # token_weights placed as the labels (derived from them)
         kw["token_weights"] = _weights_of(labels)
+    if "temperature_tensor" in kw:  # a plain 0-dim tensor, the same on every rank
+        kw["temperature"] = torch.tensor(kw.pop("temperature_tensor"), dtype=torch.float64)
     if num_items is not None:
         kw["num_items_in_batch"] = num_items
     return fastkd.fused_linear_kd_loss(h, w, teacher, student_bias=b, labels=labels, reduction=case.reduction, **kw)

@@ -94,6 +94,7 @@ def _bad_cases():
     h, w = _feat((4, 3), 8), _feat((5, 3), 9)
     f_s, f_t = _feat((4, 3), 10), _feat((4, 2), 11)
     m_s, m_t = _feat((2, 2, 4, 4), 12), _feat((2, 3, 4, 4), 13)
+    from fastkd.distributed import vocab_parallel_fused_linear_kd_loss as vp_head
     from fastkd.distributed import vocab_parallel_kd_loss as vp
 
     calls = {  # name -> callable(**bad kwarg)
@@ -108,6 +109,7 @@ def _bad_cases():
         "fused_linear_kd_loss": lambda **kw: fastkd.fused_linear_kd_loss(h, w, t, **kw),
         "reference.fused_linear_kd_loss": lambda **kw: R.fused_linear_kd_loss(h, w, t, **kw),
         "vocab_parallel_kd_loss": lambda **kw: vp(s, t, **kw),  # checked before any communication
+        "vocab_parallel_fused_linear_kd_loss": lambda **kw: vp_head(h, w, t, **kw),  # likewise
         "KDLoss": lambda **kw: fastkd.KDLoss(**kw),
         "ReverseKLLoss": lambda **kw: fastkd.ReverseKLLoss(**kw),
         "JSDLoss": lambda **kw: fastkd.JSDLoss(**kw),
@@ -121,7 +123,7 @@ def _bad_cases():
     # the response functions take a tensor temperature (0-dim or one per row): a wrong shape is a ValueError
     tensor_takers = {"kd_loss", "reference.kd_loss", "reverse_kl_loss", "jsd_loss", "tvd_loss", "dkd_loss",
                      "reference.dkd_loss", "topk_kd_loss", "fused_linear_kd_loss", "reference.fused_linear_kd_loss",
-                     "vocab_parallel_kd_loss"}
+                     "vocab_parallel_kd_loss", "vocab_parallel_fused_linear_kd_loss"}
     for name in tensor_takers:
         bad.append((name, calls[name], {"temperature": torch.ones(3)}, ValueError, "temperature as a tensor"))
         bad.append((name, calls[name], {"temperature": torch.ones(4, dtype=torch.long)}, TypeError, "temperature"))
@@ -134,8 +136,10 @@ def _bad_cases():
     flags = {
         "scale_by_temperature": ["kd_loss", "reference.kd_loss", "reverse_kl_loss", "topk_kd_loss",
                                  "fused_linear_kd_loss", "reference.fused_linear_kd_loss", "vocab_parallel_kd_loss",
-                                 "KDLoss", "ReverseKLLoss", "TopKKDLoss", "FusedLinearKDLoss"],
-        "return_parts": ["kd_loss", "reference.kd_loss", "fused_linear_kd_loss", "KDLoss", "FusedLinearKDLoss"],
+                                 "vocab_parallel_fused_linear_kd_loss", "KDLoss", "ReverseKLLoss", "TopKKDLoss",
+                                 "FusedLinearKDLoss"],
+        "return_parts": ["kd_loss", "reference.kd_loss", "fused_linear_kd_loss", "vocab_parallel_fused_linear_kd_loss",
+                         "KDLoss", "FusedLinearKDLoss"],
     }
     for flag, names in flags.items():
         for name in names:
