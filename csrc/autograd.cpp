@@ -68,8 +68,12 @@ std::optional<at::Tensor> undefined_to_opt(const at::Tensor& t) {
 }
 
 // The gradient of a per-row temperature from the saved d loss / d row temperature [rows]: times the upstream (a
-// scalar, or one value per row for reduction "none").
-at::Tensor row_temperature_grad(const at::Tensor& saved, const at::Tensor& g) {
+// scalar, or one value per row for reduction "none"). `computed`: the op ran with grad_temperature=True (the
+// saved gradient then is real even when empty: no rows).
+at::Tensor row_temperature_grad(const at::Tensor& saved, const at::Tensor& g, bool computed) {
+  TORCH_CHECK(computed, "fastkd: the op was called with grad_temperature=False but its temperature input needs a "
+              "gradient; use the fastkd loss functions, which set these flags");
+  if (saved.sym_numel() == 0) return saved;
   return g.dim() == 0 ? grad_from(saved, g, "temperature") : saved * g.to(saved.scalar_type());
 }
 
@@ -122,6 +126,7 @@ class ResponseForward : public torch::autograd::Function<ResponseForward> {
     ctx->saved_data["divergence"] = std::string(divergence.data(), divergence.size());
     ctx->saved_data["row_temperature_edge"] =
         row_temperature.has_value() ? int64_t(2 + labels.has_value() + num_items.has_value()) : int64_t(-1);
+    ctx->saved_data["grad_temperature"] = grad_temperature;
     return {loss, soft, hard, gs, gt, g_temp};
   }
 
@@ -140,7 +145,9 @@ class ResponseForward : public torch::autograd::Function<ResponseForward> {
     const int64_t row_temperature_edge = ctx->saved_data["row_temperature_edge"].toInt();
     // d loss / d row temperature, per row: times the upstream (a scalar, or one value per row for "none")
     if (row_temperature_edge >= 0 && ctx->needs_input_grad(row_temperature_edge)) {
-      out[kRowTemperatureArg] = row_temperature_grad(saved[2], grads[0]);  // [] or [rows] upstream
+      // [] or [rows] upstream
+      out[kRowTemperatureArg] =
+          row_temperature_grad(saved[2], grads[0], ctx->saved_data["grad_temperature"].toBool());
     }
     refuse_double_backward(response_loss_name(divergence));
     return out;
@@ -219,6 +226,7 @@ class TopkForward : public torch::autograd::Function<TopkForward> {
         row_temperature.has_value()
             ? int64_t(3 + labels.has_value() + num_items.has_value() + row_weight.has_value())
             : int64_t(-1);
+    ctx->saved_data["grad_temperature"] = grad_temperature;
     return {loss, gs, g_temp};
   }
 
@@ -229,7 +237,8 @@ class TopkForward : public torch::autograd::Function<TopkForward> {
     const auto saved = ctx->get_saved_variables();
     const int64_t row_temperature_edge = ctx->saved_data["row_temperature_edge"].toInt();
     if (row_temperature_edge >= 0 && ctx->needs_input_grad(row_temperature_edge)) {
-      out[kTopkRowTemperatureArg] = row_temperature_grad(saved[1], grads[0]);
+      out[kTopkRowTemperatureArg] =
+          row_temperature_grad(saved[1], grads[0], ctx->saved_data["grad_temperature"].toBool());
     }
     if (ctx->needs_input_grad(0)) {
       if (ctx->saved_data["recompute"].toBool() && recompute_for(grads[0])) {
@@ -341,6 +350,7 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
       edge += t->has_value();
     }
     ctx->saved_data["row_temperature_edge"] = row_temperature.has_value() ? edge : int64_t(-1);
+    ctx->saved_data["grad_temperature"] = grad_temperature;
     // float16 under a loss scale (see needs_fp16_recompute): the op runs again in backward, with the upstream
     // gradient in its weights.
     const bool recompute = !per_row && (needs_fp16_recompute(grad_hidden, hidden) ||
@@ -388,7 +398,8 @@ class FusedLinearForward : public torch::autograd::Function<FusedLinearForward> 
     const int64_t row_temperature_edge = d["row_temperature_edge"].toInt();
     if (row_temperature_edge >= 0 && ctx->needs_input_grad(row_temperature_edge)) {
       out[kFusedRowTemperatureArg] =
-          row_temperature_grad(saved[short_form ? kShortGradTemperature : kLongGradTemperature], grads[0]);
+          row_temperature_grad(saved[short_form ? kShortGradTemperature : kLongGradTemperature], grads[0],
+                               d["grad_temperature"].toBool());
     }
     if (!per_row && !(d["recompute"].toBool() && recompute_for(grads[0]))) {
       const size_t g0 = short_form ? 0 : kLongGrads;  // where gh, gw, gb are among the saved tensors

@@ -432,3 +432,82 @@ def test_topk_token_weights(values_are, tail, reduction):
     rows = fastkd.topk_kd_loss(s, vals, idx, 2.0, values_are=values_are, tail=tail, reduction="none", labels=y)
     if reduction == "none":
         torch.testing.assert_close(got[0], rows * w, rtol=1e-12, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# every entry point: no rows, and a NaN weight in an ignored row
+# --------------------------------------------------------------------------------------------------------
+VOCAB = 9  # of the entry-point tests below
+
+
+def _entry_points():
+    """name -> call(student_logits [..., V], teacher_logits [..., V], labels, temperature, **options): every
+    response entry point on logits, and the fused head (hidden = the logits, an identity head)."""
+    eye = torch.eye(VOCAB, dtype=torch.float64)
+
+    def topk(s, t, y, T, **k):
+        vals, idx = t.topk(4, dim=-1)
+        return fastkd.topk_kd_loss(s, vals, idx, T, labels=y, **k)
+
+    def head(kind):
+        def call(s, t, y, T, **k):
+            teacher = {"dense": t, "head": fastkd.TeacherHead(t, eye),
+                       "topk": fastkd.TopKTeacher(*t.topk(4, dim=-1))}[kind]
+            return fastkd.fused_linear_kd_loss(s, eye, teacher, temperature=T, labels=y, chunk_size=3, **k)
+        return call
+
+    return {
+        "kd": lambda s, t, y, T, **k: fastkd.kd_loss(s, t, T, labels=y, **k),
+        "reverse_kl": lambda s, t, y, T, **k: fastkd.reverse_kl_loss(s, t, T, labels=y, **k),
+        "jsd": lambda s, t, y, T, **k: fastkd.jsd_loss(s, t, 0.3, T, labels=y, **k),
+        "tvd": lambda s, t, y, T, **k: fastkd.tvd_loss(s, t, T, labels=y, **k),
+        "skew_kl": lambda s, t, y, T, **k: fastkd.divergence_loss(s, t, "skew_kl", T, skew=0.2, labels=y, **k),
+        "dkd": lambda s, t, y, T, **k: fastkd.dkd_loss(s, t, y, 1.0, 4.0, T, **k),
+        "topk": topk,
+        "fused-dense": head("dense"),
+        "fused-head": head("head"),
+        "fused-topk": head("topk"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_entry_points()))
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+@pytest.mark.parametrize("per_row", [False, True], ids=["T-scalar", "T-row"])
+def test_no_rows_with_a_learnable_temperature(name, reduction, per_row):
+    """Empty input with a temperature that requires grad: loss 0 (or empty), and a zero (or empty) temperature
+    gradient, at every entry point (the op's saved temperature gradient of no rows is real, not 'not computed')."""
+    call = _entry_points()[name]
+    s = torch.randn(0, VOCAB, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(0, VOCAB, dtype=torch.float64)
+    y = torch.zeros(0, dtype=torch.long)
+    T = (torch.full((0,), 2.0, dtype=torch.float64) if per_row else torch.tensor(2.0, dtype=torch.float64))
+    T.requires_grad_(True)
+    out = call(s, t, y, T, reduction=reduction)
+    assert out.shape == ((0,) if reduction == "none" else ())
+    assert (out == 0).all()
+    out.sum().backward()
+    assert T.grad is not None and T.grad.shape == T.shape and (T.grad == 0).all()
+
+
+@pytest.mark.parametrize("name", list(_entry_points()))
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_nan_token_weight_in_an_ignored_row_is_dropped(name, reduction):
+    """An ignored row is dropped whatever it holds, its weight included: a NaN weight there changes nothing (value,
+    student gradient, temperature gradient), at every entry point."""
+    call = _entry_points()[name]
+    g = torch.Generator().manual_seed(90)
+    s = torch.randn(5, VOCAB, generator=g, dtype=torch.float64) * 2.0
+    t = torch.randn(5, VOCAB, generator=g, dtype=torch.float64) * 2.0
+    y = torch.randint(0, VOCAB, (5,), generator=g)
+    y[2] = -100
+    w = torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+    outs = []
+    for weight in (w, torch.where(y == -100, torch.full((), torch.nan, dtype=torch.float64), w)):
+        a = s.clone().requires_grad_(True)
+        T = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+        out = call(a, t, y, T, reduction=reduction, token_weights=weight)
+        out.sum().backward()
+        outs.append((out.detach(), a.grad, T.grad))
+    for x, z in zip(*outs):
+        assert torch.isfinite(z).all()
+        torch.testing.assert_close(z, x, rtol=0, atol=0)

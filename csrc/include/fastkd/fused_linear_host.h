@@ -279,9 +279,14 @@ Tensor7 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
                      grad_rows->device());
     row_weights = grad_rows->to(logit_dtype);
   }
-  // token_weights: each row's loss times its weight (its gradient too: with the upstream ones above)
-  const at::Tensor token_weights64 =
+  // token_weights: each row's loss times its weight (its gradient too: with the upstream ones above); an
+  // uncounted row's weight is 0, so that it is dropped whatever its weight holds (NaN included), as kd_loss does
+  at::Tensor token_weights64 =
       row_weight.has_value() ? prepare_row_values(*row_weight, "token_weights", rows, device, false) : at::Tensor();
+  if (token_weights64.defined() && labels_l.defined()) {
+    token_weights64 = at::where(labels_l.eq(o.loss.ignore_index), at::zeros({}, token_weights64.options()),
+                                token_weights64);
+  }
   const at::Tensor token_weights = token_weights64.defined() ? token_weights64.to(logit_dtype) : at::Tensor();
   if (token_weights.defined()) row_weights = row_weights.defined() ? row_weights.mul(token_weights) : token_weights;
   // Per-row temperatures, and their gradient: the kernels see each row with weight 1 (the weights above apply
