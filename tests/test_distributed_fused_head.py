@@ -239,8 +239,9 @@ def _option_cases():
                       dtype=torch.float32))
     cases.append(Case("head-kl-ce0.4-all-options-frozen-head", "head", hard=0.4, frozen=True, weights=True,
                       t_tensor="rows", standardize=True))
-    # (a temperature without grad: the single-process head refuses one that requires grad for empty input)
     cases.append(Case("dense-kl-ce0.4-all-options-empty-input", lead=(0,), hard=0.4, weights=True,
+                      t_tensor="rows", standardize=True))
+    cases.append(Case("dense-kl-ce0.4-all-options-empty-input-const-T", lead=(0,), hard=0.4, weights=True,
                       t_tensor="rows-const", standardize=True))
     cases.append(Case("head-kl-ce0.4-all-options-bfloat16", "head", hard=0.4, dtype=torch.bfloat16, weights=True,
                       t_tensor="rows", standardize=True))
@@ -482,9 +483,6 @@ def _single_process(case: Case):
     for key in ("token_weights", "temperature"):  # the row options as the ranks have them, in float64
         if isinstance(kw.get(key), torch.Tensor):
             kw[key] = kw[key].detach().double()
-    if "token_weights" in kw:  # an ignored row's weight does not matter: 0 for the NaN the ranks get (the
-        # single-process head propagates a NaN weight of an ignored row; kd_loss and fastkd.reference drop it)
-        kw["token_weights"] = kw["token_weights"].nan_to_num(0.0)
     if t_leaf is not None:
         t_leaf = kw["temperature"].requires_grad_(True)
     out = fastkd.fused_linear_kd_loss(h, w, t, student_bias=b, **kw, **dict(case.transforms), return_parts=True)
