@@ -48,6 +48,10 @@ The fused head, by the placements of ``student_hidden`` ``[..., H]`` and ``stude
   matmul gives them. ``token_weights`` are placed as the labels (``Shard(d)``, or this rank's local rows).
 * everything ``Replicate()``: local, ``Replicate()`` result.
 
+A ``temperature`` DTensor (every path): one per row is placed as the labels; a 0-dim one is ``Replicate()``,
+and with row-sharded rows its gradient is ``Partial()`` (each rank's rows' share, as the replicated head
+weight's). A plain tensor temperature is used as given on every rank.
+
 Any other layout raises a ValueError naming the argument, its placements and the ones accepted: a mesh with
 more than one dimension, a ``Partial`` input, a ``Shard`` of another dimension (the hidden or the top-k
 dimension, the weight's columns), placements of the teacher, labels or bias that do not match the student's,
@@ -329,6 +333,7 @@ def _route_response(fn: Callable, bound: inspect.BoundArguments):
             call.expect(a[name], name, label_layout if mode == _ROWS else ("R",), label_why)
     call.expect(a.get(label_name), label_name, label_layout, label_why, plain_ok=True)
     call.expect(a.get("token_weights"), "token_weights", label_layout, label_why, plain_ok=True)  # one per row
+    _place_temperature(call, a, label_layout, label_why, mode)
     a["num_items_in_batch"] = _num_items(call, a["num_items_in_batch"])
 
     if mode == _VOCAB:
@@ -461,6 +466,7 @@ def _route_fused(fn: Callable, bound: inspect.BoundArguments):
         call.expect(teacher, "teacher", dense, why)
     call.expect(a["labels"], "labels", rows_l, why, plain_ok=True)
     call.expect(a.get("token_weights"), "token_weights", rows_l, why, plain_ok=True)  # placed as the labels
+    _place_temperature(call, a, rows_l, why, mode)
     a["num_items_in_batch"] = _num_items(call, a["num_items_in_batch"])
 
     # local tensors; a replicated weight used with row-sharded hidden states gets each rank's share of its
@@ -498,6 +504,17 @@ def _route_fused(fn: Callable, bound: inspect.BoundArguments):
         a["num_items_in_batch"] = _global_count(call, a["labels"], a["ignore_index"], math.prod(lead), None)
     out = fn(*bound.args, **bound.kwargs)
     return call.wrap(out, ("S", row_dim) if reduction == "none" else ("P",), lead)
+
+
+def _place_temperature(call: "_Call", a: Dict[str, Any], rows_layout: Layout, why: str, mode: str) -> None:
+    """A DTensor ``temperature``: one per row placed as the labels, or a 0-dim ``Replicate()`` one, replaced by
+    its local tensor. With row-sharded rows a replicated temperature's gradient is ``Partial()`` (each rank's
+    rows' share), as the replicated head weight's."""
+    T = a.get("temperature")
+    if not isinstance(T, call.cls):
+        return
+    call.expect(T, "temperature", rows_layout if T.dim() > 0 else ("R",), why)
+    a["temperature"] = call.local(T, [_partial()] if mode == _ROWS and T.dim() == 0 else None)
 
 
 def _partial():

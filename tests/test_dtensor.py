@@ -93,6 +93,10 @@ def _response(fn):
         "kd_std": lambda s, t, y, r, n: fastkd.kd_loss(s, t, 2.0, standardize=True, **kw(y, r, n)),
         "jsd_std_w": lambda s, t, y, r, n: fastkd.jsd_loss(s, t, 0.3, 1.5, standardize=True,
                                                            token_weights=_weights_of(y), **kw(y, r, n)),
+        # a DTensor temperature: one per row placed as the labels (derived from them), or a learnable 0-dim one
+        # (Replicate(); a leaf "T" of the case: row-sharded, its gradient is each rank's share, Partial())
+        "kd_Trow": lambda s, t, y, r, n: fastkd.kd_loss(s, t, 1.0 + 0.5 * _weights_of(y), **kw(y, r, n)),
+        "kd_Tlearn": lambda s, t, y, r, n, T: fastkd.kd_loss(s, t, T, **kw(y, r, n)),
         # the nn.Module losses call the functions
         "KDLoss": lambda s, t, y, r, n: fastkd.KDLoss(temperature=2.0, reduction=r)(s, t, y, num_items_in_batch=n),
         "JSDLoss": lambda s, t, y, r, n: fastkd.JSDLoss(beta=0.3, reduction=r)(s, t, y, num_items_in_batch=n),
@@ -142,7 +146,8 @@ def _cases() -> Dict[str, Case]:
             cases.append(Case(f"kd-{placement}-none-teacher-grad", "kd", placement, "none", lead=lead,
                               teacher_grad=True))
     for placement in ("vocab", "rows", "replicate"):
-        for fn in ("kd_T", "jsd_T", "kd_w", "kd_std", "jsd_std_w") + (() if placement == "vocab" else ("topk_T",)):
+        for fn in (("kd_T", "jsd_T", "kd_w", "kd_std", "jsd_std_w", "kd_Trow", "kd_Tlearn")
+                   + (() if placement == "vocab" else ("topk_T",))):
             for red in ("batchmean", "none"):
                 cases.append(Case(f"{fn}-{placement}-{red}", fn, placement, red))
     # one row on 2 ranks: rank 1 holds no row
@@ -252,9 +257,12 @@ def _single_process(case: Case):
         s = x["s"].clone().requires_grad_(True)
         t = x["t"].clone().requires_grad_(case.teacher_grad)
         teacher = (x["vals"], x["idx"]) if case.fn in ("topk", "topk_T") else t
-        out = _response(case.fn)(s, teacher, x["labels"], case.reduction, case.num_items)
+        extra = {"T": torch.tensor(1.7, dtype=torch.float64, requires_grad=True)} if _learns_T(case) else {}
+        out = _response(case.fn)(s, teacher, x["labels"], case.reduction, case.num_items, **extra)
         _backward(case, out, x["w_none"])
         grads = {"s": s.grad}
+        if extra:
+            grads["T"] = extra["T"].grad
         if case.teacher_grad:
             grads["t"] = t.grad
     values = list(out) if isinstance(out, fastkd.LossParts) else [out]
@@ -323,7 +331,10 @@ def _run_case(case: Case, mesh):
         if case.teacher_grad:
             leaves["t"] = t
         teacher = (dt(x["vals"], rows_only), dt(x["idx"], rows_only)) if case.fn in ("topk", "topk_T") else t
-        out = _response(case.fn)(leaves["s"], teacher, labels, case.reduction, case.num_items)
+        extra = {}
+        if _learns_T(case):
+            leaves["T"] = extra["T"] = dt(torch.tensor(1.7, dtype=torch.float64), Replicate(), True)
+        out = _response(case.fn)(leaves["s"], teacher, labels, case.reduction, case.num_items, **extra)
     values = list(out) if isinstance(out, fastkd.LossParts) else [out]
     assert all(isinstance(o, DTensor) for o in values), [type(o) for o in values]
     result = {
@@ -445,8 +456,14 @@ def _expected_placement(case: Case, i: int) -> str:
     return "(Partial(sum),)"
 
 
+def _learns_T(case: Case) -> bool:
+    return case.fn == "kd_Tlearn"
+
+
 def _expected_grad_placement(case: Case, key: str) -> str:
     vocab = case.placement == "vocab"
+    if key == "T":  # a replicated temperature: each rank's rows' share with row-sharded logits
+        return "(Partial(sum),)" if case.placement.startswith("rows") else "(Replicate(),)"
     if case.fn != "fused":  # the logits' own placement
         return {"vocab": f"(Shard(dim={len(case.lead)}),)", "rows": "(Shard(dim=0),)", "rows1": "(Shard(dim=1),)",
                 "replicate": "(Replicate(),)"}[case.placement]
