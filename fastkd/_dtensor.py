@@ -28,8 +28,8 @@ Response losses, by the placement of ``student_logits`` ``[..., V]`` (the teache
   Each rank's loss is its local sum over that global divisor, returned as a ``Partial()`` (sum) DTensor for a
   scalar reduction (``full_tensor()`` all-reduces it into the global loss; ``.backward()`` works on it
   directly) and as a ``Shard(d)`` DTensor of the global shape ``[...]`` for ``reduction="none"``. Labels are a
-  ``Shard(d)`` DTensor or a plain tensor holding this rank's local rows, and so are ``token_weights``. Uneven shards (``torch.chunk`` sizes,
-  a rank with no row included) are fine.
+  ``Shard(d)`` DTensor or a plain tensor holding this rank's local rows, and so are ``token_weights``. Uneven
+  shards (``torch.chunk`` sizes, a rank with no row included) are fine.
 * ``Replicate()``: computed locally on every rank (the same value), returned as a ``Replicate()`` DTensor.
 
 The fused head, by the placements of ``student_hidden`` ``[..., H]`` and ``student_weight`` ``[V, H]``:
@@ -56,8 +56,8 @@ Any other layout raises a ValueError naming the argument, its placements and the
 more than one dimension, a ``Partial`` input, a ``Shard`` of another dimension (the hidden or the top-k
 dimension, the weight's columns), placements of the teacher, labels or bias that do not match the student's,
 DTensors on different meshes. A plain tensor mixed with DTensors is a TypeError, except ``labels`` /
-``target`` (read as this rank's local labels) and ``num_items_in_batch`` (a number, a plain 0-dim tensor or a
-``Replicate()`` DTensor). Results are always DTensors (``return_parts`` gives a :class:`fastkd.LossParts`
+``target`` and ``token_weights`` (read as this rank's local rows), a ``temperature`` tensor (used as given on
+every rank) and ``num_items_in_batch`` (a number, a plain 0-dim tensor or a ``Replicate()`` DTensor). Results are always DTensors (``return_parts`` gives a :class:`fastkd.LossParts`
 of DTensors). Eager mode only: under ``torch.compile`` the arguments are passed through unchanged.
 """
 

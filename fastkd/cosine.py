@@ -120,6 +120,7 @@ def cosine_loss(
         rows = cosine_loss(student_logits, teacher_logits, b, reduction="none", labels=labels,
                            ignore_index=ignore_index, alpha=a, eps=e, return_parts=True)
         _, counted = reference._keep_rows(labels, ignore_index, rows.loss.shape, rows.loss.device)
+        w = reference.counted_weights(w, labels, ignore_index)  # an ignored row is dropped, its weight too
         parts = [reference.reduce_rows(x * w.to(x.dtype), reduction, counted, 1, n) for x in rows]
         return LossParts(*parts) if return_parts else parts[0]
     vocab = student_logits.shape[-1]

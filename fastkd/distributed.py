@@ -47,7 +47,9 @@ sums that the forward already has, so the backward is purely local (no communica
 (times ``T^2`` with ``scale_by_temperature`` and the reduction's weight of the row). Each rank's gradient is
 its slice of the gradient of the full logits.
 
-Communication per call: three all-reduces, on the logits' device (any backend: gloo, NCCL):
+Communication per call: three all-reduces, on the logits' device (any backend: gloo, NCCL), after a MAX of 4
+numbers that checks that the ranks agree on the options that change the collectives (``standardize``, whether
+the temperature requires grad; a ValueError on every rank otherwise, instead of a hang):
 a MAX of ``[2, rows]`` row maxima, a SUM of ``[2 * rows + 1]`` row sum-exps and shard widths (the global ``V``
 for ``reduction="mean"``), a SUM of ``[2, rows]``: the partial divergences and the partial sums of
 ``psi_q = q dphi/dq`` (``[7, rows]`` for a temperature tensor that requires grad: also the partial sums of its
@@ -197,6 +199,10 @@ def vocab_parallel_kd_loss(
     spec.check_ranges(values)
     v.check_bool("standardize", standardize)
     _check_distributed()
+    # the options that change the collectives: a rank that disagrees would hang or abort them
+    t_grad = row_t is not None and row_t.requires_grad and torch.is_grad_enabled()
+    _check_ranks_agree({"standardize": standardize, "temperature.requires_grad": t_grad}, student_logits_shard.device,
+                       group, "vocab_parallel_kd_loss")
 
     keep = None if labels is None else labels.reshape(-1) != ignore_index
     out_dtype = _dtypes(student_logits_shard, teacher_logits_shard)[0]
@@ -213,6 +219,19 @@ def vocab_parallel_kd_loss(
 # --------------------------------------------------------------------------------------------------------
 # checks
 # --------------------------------------------------------------------------------------------------------
+def _check_ranks_agree(flags: dict, device: torch.device, group: Optional[dist.ProcessGroup], where: str) -> None:
+    """Every rank of ``group`` has the same value of each flag (one all-reduce MAX of ``2 * len(flags)`` numbers:
+    each flag and its negation); raises the same ValueError on every rank otherwise."""
+    both = torch.tensor([x for f in flags.values() for x in (float(f), -float(f))], dtype=torch.float32,
+                        device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    got = both.tolist()
+    for i, name in enumerate(flags):
+        if got[2 * i] != -got[2 * i + 1]:  # the largest value is not the smallest one
+            raise ValueError(f"{where}: every rank of the group must pass the same {name}, got True on some ranks "
+                             f"and False on others")
+
+
 def _check_shards(student: torch.Tensor, teacher: torch.Tensor) -> None:
     """Float tensors of the same shape ``[..., V_r]`` on the same device; ``V_r = 0`` is allowed."""
     v._check_logits_tensor(student, "student_logits_shard")

@@ -419,8 +419,8 @@ class FusedLinearKDLoss(nn.Module):
             student.config))`` reads the student's from its config.
 
     ``forward(student_hidden, student_weight, teacher, labels=None, *, student_bias=None,
-    num_items_in_batch=None, token_weights=None)`` where ``teacher`` is dense teacher logits, a :class:`fastkd.TeacherHead` or a
-    :class:`fastkd.TopKTeacher`. For a Hugging Face causal LM::
+    num_items_in_batch=None, token_weights=None)`` where ``teacher`` is dense teacher logits, a
+    :class:`fastkd.TeacherHead` or a :class:`fastkd.TopKTeacher`. For a Hugging Face causal LM::
 
         criterion = fastkd.FusedLinearKDLoss(loss="jsd", beta=0.5, hard_label_weight=0.5)
         out_s = student(input_ids, output_hidden_states=True)

@@ -168,9 +168,22 @@ def standardized(z: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return (z - z.mean(dim=-1, keepdim=True)) / (eps + z.std(dim=-1, keepdim=True))
 
 
-def _weighted(rows: torch.Tensor, token_weights: Optional[torch.Tensor]) -> torch.Tensor:
-    v_ = token_weights
-    return rows if v_ is None else rows * v_.to(rows.dtype)
+def counted_weights(token_weights: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                    ignore_index: int) -> Optional[torch.Tensor]:
+    """The token weights with an ignored row's (``labels == ignore_index``) set to 0: an ignored row is dropped
+    whatever it holds, its weight included (a NaN weight there would otherwise make ``0 * NaN`` in the value or,
+    through the mask's backward, in the gradients)."""
+    if token_weights is None or labels is None:
+        return token_weights
+    return torch.where(labels == ignore_index, torch.zeros((), dtype=token_weights.dtype,
+                                                           device=token_weights.device), token_weights)
+
+
+def _weighted(rows: torch.Tensor, token_weights: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+              ignore_index: int) -> torch.Tensor:
+    """Each row's loss times its weight (:func:`counted_weights`)."""
+    w = counted_weights(token_weights, labels, ignore_index)
+    return rows if w is None else rows * w.to(rows.dtype)
 
 
 def _log_softmaxes(student_logits, teacher_logits, t, cdtype, standardize: bool = False):
@@ -222,7 +235,7 @@ def kd_loss(
     soft_rows = _drop_masked(_plogp_ratio(log_p.exp(), log_p, log_q).sum(-1), empty)
     if scale_by_temperature:
         soft_rows = soft_rows * (t * t)
-    soft_rows = _weighted(soft_rows, token_weights)
+    soft_rows = _weighted(soft_rows, token_weights, labels, ignore_index)
     keep, counted = _keep_rows(labels, ignore_index, soft_rows.shape, soft_rows.device)
     soft_rows = _mask(soft_rows, keep)
     soft = reduce_rows(soft_rows, reduction, counted, vocab, num)
@@ -230,7 +243,8 @@ def kd_loss(
         s = student_logits.to(cdtype)
         y = torch.where(keep, labels, torch.zeros((), dtype=labels.dtype, device=labels.device)).long()
         s_y = s.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        hard_rows = _mask(_weighted(_drop_masked(torch.logsumexp(s, dim=-1) - s_y, empty), token_weights), keep)
+        hard_rows = _mask(_weighted(_drop_masked(torch.logsumexp(s, dim=-1) - s_y, empty), token_weights, labels,
+                                    ignore_index), keep)
         # CE is per row, never per vocabulary entry: "mean" divides it by the counted rows, as "batchmean".
         hard = reduce_rows(hard_rows, "batchmean" if reduction == "mean" else reduction, counted, vocab, num)
         loss = a * hard + w * soft
@@ -271,7 +285,7 @@ def reverse_kl_loss(
     rows = _drop_masked(_plogp_ratio(log_q.exp(), log_q, log_p).sum(-1), empty)
     if scale_by_temperature:
         rows = rows * (t * t)
-    rows = _weighted(rows, token_weights)
+    rows = _weighted(rows, token_weights, labels, ignore_index)
     keep, counted = _keep_rows(labels, ignore_index, rows.shape, rows.device)
     return reduce_rows(_mask(rows, keep), reduction, counted, student_logits.shape[-1], num).to(out_dtype)
 
@@ -310,7 +324,7 @@ def jsd_loss(
     else:
         log_m = _safe_logaddexp(log_p + math.log(b), log_q + math.log1p(-b))
         elems = b * _plogp_ratio(p, log_p, log_m) + (1.0 - b) * _plogp_ratio(q, log_q, log_m)
-    rows = _weighted(_drop_masked(elems.sum(-1), empty), token_weights)
+    rows = _weighted(_drop_masked(elems.sum(-1), empty), token_weights, labels, ignore_index)
     keep, counted = _keep_rows(labels, ignore_index, rows.shape, rows.device)
     if reduction == "batchmean" and keep is None and len(shape) >= 2:
         counted = shape[0]  # TRL: jsd.sum() / jsd.size(0); "mean" is jsd.mean() over all rows
@@ -338,7 +352,7 @@ def tvd_loss(
     student_logits, teacher_logits, empty = _fully_masked(student_logits, teacher_logits)
     log_q, log_p = _log_softmaxes(student_logits, teacher_logits, t, cdtype, standardize)
     q, p = log_q.exp(), log_p.exp()
-    rows = _weighted(_drop_masked(0.5 * (p - q).abs().sum(-1), empty), token_weights)
+    rows = _weighted(_drop_masked(0.5 * (p - q).abs().sum(-1), empty), token_weights, labels, ignore_index)
     keep, counted = _keep_rows(labels, ignore_index, rows.shape, rows.device)
     return reduce_rows(_mask(rows, keep), reduction, counted, student_logits.shape[-1], num).to(out_dtype)
 
@@ -403,7 +417,7 @@ def dkd_loss(
     lp_y, lp_nt, lp_hat = _dkd_logs(zt, y, is_target)
     tckd = _plogp_ratio(lp_y.exp(), lp_y, lq_y) + _plogp_ratio(lp_nt.exp(), lp_nt, lq_nt)
     nckd = _plogp_ratio(lp_hat.exp(), lp_hat, lq_hat).sum(-1)
-    rows = _weighted(_drop_masked((t * t) * (a * tckd + b * nckd), empty), token_weights)
+    rows = _weighted(_drop_masked((t * t) * (a * tckd + b * nckd), empty), token_weights, target, ignore_index)
     rows = torch.where(keep, rows, _zero(rows))
     return reduce_rows(rows, reduction, keep.sum(), student_logits.shape[-1], num).to(out_dtype)
 
@@ -434,7 +448,7 @@ def _divergence(spec, where: str, student_logits, teacher_logits, params, temper
     rows = _drop_masked(spec.formula(log_p.exp(), log_q.exp(), log_p, log_q, **named).sum(-1), empty)
     if scale:
         rows = rows * (t * t)
-    rows = _weighted(rows, token_weights)
+    rows = _weighted(rows, token_weights, labels, ignore_index)
     keep, counted = _keep_rows(labels, ignore_index, rows.shape, rows.device)
     return reduce_rows(_mask(rows, keep), reduction, counted, student_logits.shape[-1], num).to(out_dtype)
 
@@ -515,7 +529,7 @@ def topk_kd_loss(
     rows = _drop_masked(rows, empty)
     if scale_by_temperature:
         rows = rows * (t * t)
-    rows = _weighted(rows, v.check_token_weights(token_weights, student_logits))
+    rows = _weighted(rows, v.check_token_weights(token_weights, student_logits), labels, ignore_index)
     return reduce_rows(_mask(rows, keep), reduction, counted, vocab, num).to(out_dtype)
 
 
@@ -594,9 +608,10 @@ def fused_linear_kd_loss(
         soft_loss = topk_kd_loss(logits, teacher.values.reshape(-1, k), teacher.indices.reshape(-1, k), t,
                                  values_are=teacher.values_are, tail=teacher.tail,
                                  scale_by_temperature=scale_by_temperature, **topk_common)
-        if w is not None:  # weighted rows, then the reduction (ignored rows are 0 already)
+        if w is not None:  # weighted rows (an ignored row's weight 0: counted_weights), then the reduction
             counted = rows_labels.ne(ignore_index).sum() if rows_labels is not None else soft_loss.numel()
-            soft_loss = reduce_rows(soft_loss * w.to(soft_loss.dtype), reduction, counted, vocab, num)
+            soft_loss = reduce_rows(_weighted(soft_loss, w, rows_labels, ignore_index), reduction, counted,
+                                    vocab, num)
     else:
         if kind == "head":
             t_logits = F.linear(teacher.hidden, teacher.weight, teacher.bias)
@@ -695,14 +710,14 @@ def cosine_loss(
     zero = _zero(s)
     s0, t0 = torch.where(both, zero, s), torch.where(both, zero, t)
     norms = torch.linalg.vector_norm(s0, dim=-1).clamp_min(e) * torch.linalg.vector_norm(t0, dim=-1).clamp_min(e)
-    soft_rows = _weighted(_drop_masked(1.0 - (s0 * t0).sum(-1) / norms, empty), w)
+    soft_rows = _weighted(_drop_masked(1.0 - (s0 * t0).sum(-1) / norms, empty), w, labels, ignore_index)
     keep, counted = _keep_rows(labels, ignore_index, soft_rows.shape, soft_rows.device)
     soft = reduce_rows(_mask(soft_rows, keep), reduction, counted, 1, num)
     if a != 0.0:
         y = torch.where(labels == ignore_index, torch.zeros_like(labels), labels).long()
         s_safe = torch.where(empty.unsqueeze(-1), zero, s)
         ce_rows = _weighted(_drop_masked(torch.logsumexp(s_safe, -1) - s_safe.gather(-1, y.unsqueeze(-1)).squeeze(-1),
-                                         empty), w)
+                                         empty), w, labels, ignore_index)
         hard = reduce_rows(_mask(ce_rows, keep), reduction, counted, 1, num)
     else:
         hard = torch.zeros_like(soft)

@@ -371,13 +371,29 @@ def _one_class_error(world: int, rank: int) -> str:
     return "no error"
 
 
+def _disagreement_errors(rank: int) -> Dict[str, str]:
+    """The errors when rank 0 alone passes standardize=True, or a temperature that requires grad: raised alike
+    on every rank (before the collectives that would otherwise hang or abort)."""
+    out = {}
+    s, t = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    for name, kw in (("standardize", dict(standardize=rank == 0)),
+                     ("temperature", dict(temperature=torch.tensor(2.0, dtype=torch.float64)
+                                          .requires_grad_(rank == 0)))):
+        try:
+            vocab_parallel_kd_loss(s, t, **kw)
+            out[name] = "no error"
+        except ValueError as e:
+            out[name] = str(e)
+    return out
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str, with_ddp: bool):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
         results = {"cases": {name: _run_case(c, world, rank) for name, c in _cases(world).items()},
-                   "one_class": _one_class_error(world, rank)}
+                   "one_class": _one_class_error(world, rank), "disagree": _disagreement_errors(rank)}
         if with_ddp:
             results["ddp"] = _ddp_run(rank, world)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -503,6 +519,18 @@ def test_vocab_parallel_matches_single_process(world, name, tmp_path_factory):
 def test_standardize_needs_two_classes_globally(world, tmp_path_factory):
     for res in _results(world, tmp_path_factory):
         assert res["one_class"] == "standardize needs at least 2 classes (an unbiased std), got V=1"
+
+
+@needs_gloo
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_must_agree_on_the_options_that_change_the_collectives(world, tmp_path_factory):
+    for res in _results(world, tmp_path_factory):
+        assert res["disagree"] == {
+            "standardize": "vocab_parallel_kd_loss: every rank of the group must pass the same standardize, got True "
+                           "on some ranks and False on others",
+            "temperature": "vocab_parallel_kd_loss: every rank of the group must pass the same "
+                           "temperature.requires_grad, got True on some ranks and False on others",
+        }
 
 
 @needs_gloo

@@ -489,12 +489,43 @@ def test_no_rows_with_a_learnable_temperature(name, reduction, per_row):
     assert T.grad is not None and T.grad.shape == T.shape and (T.grad == 0).all()
 
 
-@pytest.mark.parametrize("name", list(_entry_points()))
+def _weighted_entry_points():
+    """_entry_points, the plain-PyTorch references and the cosine losses (no temperature: T unused)."""
+    R = fastkd.reference
+    eye = torch.eye(VOCAB, dtype=torch.float64)
+
+    def ref_head(kind):
+        def call(s, t, y, T, **k):
+            teacher = t if kind == "dense" else fastkd.TopKTeacher(*t.topk(4, dim=-1))
+            return R.fused_linear_kd_loss(s, eye, teacher, temperature=T, labels=y, hard_label_weight=0.2, **k)
+        return call
+
+    return {
+        **_entry_points(),
+        "reference.kd": lambda s, t, y, T, **k: R.kd_loss(s, t, T, labels=y, alpha=0.2, **k),
+        "reference.jsd": lambda s, t, y, T, **k: R.jsd_loss(s, t, 0.3, T, labels=y, **k),
+        "reference.dkd": lambda s, t, y, T, **k: R.dkd_loss(s, t, y, 1.0, 4.0, T, **k),
+        "reference.topk": lambda s, t, y, T, **k: R.topk_kd_loss(s, *t.topk(4, dim=-1), T, labels=y, **k),
+        "reference.skew_kl": lambda s, t, y, T, **k: R.divergence_loss(s, t, "skew_kl", T, skew=0.2, labels=y, **k),
+        "reference.fused-dense": ref_head("dense"),
+        "reference.fused-topk": ref_head("topk"),
+        "cosine": lambda s, t, y, T, **k: fastkd.cosine_loss(s, t, 0.7, labels=y, alpha=0.2, **k),
+        "reference.cosine": lambda s, t, y, T, **k: R.cosine_loss(s, t, 0.7, labels=y, alpha=0.2, **k),
+        "CosineLoss": lambda s, t, y, T, reduction, **k: fastkd.CosineLoss(alpha=0.2, reduction=reduction)(
+            s, t, y, **k),
+        "fused-cosine": lambda s, t, y, T, **k: fastkd.fused_linear_kd_loss(s, eye, t, loss="cosine", labels=y,
+                                                                          hard_label_weight=0.2, **k),
+        "fused-cosine-unfused": lambda s, t, y, T, **k: fastkd.cosine.fused_linear_cosine_loss(
+            s, eye, t, labels=y, hard_label_weight=0.2, fused=False, **k),
+    }
+
+
+@pytest.mark.parametrize("name", list(_weighted_entry_points()))
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_nan_token_weight_in_an_ignored_row_is_dropped(name, reduction):
     """An ignored row is dropped whatever it holds, its weight included: a NaN weight there changes nothing (value,
-    student gradient, temperature gradient), at every entry point."""
-    call = _entry_points()[name]
+    student gradient, temperature gradient), at every entry point and in the plain-PyTorch references."""
+    call = _weighted_entry_points()[name]
     g = torch.Generator().manual_seed(90)
     s = torch.randn(5, VOCAB, generator=g, dtype=torch.float64) * 2.0
     t = torch.randn(5, VOCAB, generator=g, dtype=torch.float64) * 2.0
@@ -509,5 +540,8 @@ def test_nan_token_weight_in_an_ignored_row_is_dropped(name, reduction):
         out.sum().backward()
         outs.append((out.detach(), a.grad, T.grad))
     for x, z in zip(*outs):
+        if x is None:  # no temperature (cosine)
+            assert z is None
+            continue
         assert torch.isfinite(z).all()
         torch.testing.assert_close(z, x, rtol=0, atol=0)
