@@ -471,7 +471,7 @@ class _Run:
             xt = self._teacher_logits(r0, r1)
             zs, std = xs, None
             if cfg.standardize:  # the divergence of the standardized rows; the cross-entropy of the raw ones
-                mean, std_, scale, _ = _row_standardization(xs, xt, self.group)
+                mean, std_, scale, _ = _row_standardization(xs, xt, self.group, self.vocab)
                 zs, xt = _standardized(xs, mean[0], scale[0]), _standardized(xt, mean[1], scale[1])
                 std = (mean[0], std_[0], scale[0])
             # the cross-entropy's origin: the raw student's row maximum (in the same all-reduce)

@@ -467,20 +467,23 @@ def _standardized_shards(
     return zs, zt
 
 
-def _row_standardization(xs: torch.Tensor, xt: torch.Tensor, group: Optional[dist.ProcessGroup]):
+def _row_standardization(xs: torch.Tensor, xt: torch.Tensor, group: Optional[dist.ProcessGroup],
+                         vocab: Optional[int] = None):
     """The row statistics of the standardization of two shards ``[rows, V_r]`` (student, teacher) over the
     global vocabulary: ``(mean, std, scale, V)``, each ``[2, rows]`` float64 (``scale = 1 / (eps + std)``,
     unbiased std). Two all-reduces SUM (float64): ``[2 * rows + 1]`` row sums and shard widths, then
     ``[2, rows]`` sums of squares about the mean (two passes: well conditioned). A row with a NaN or infinite
-    logit is NaN (as single-device). Raises the same ValueError on every rank for ``V < 2``."""
+    logit is NaN (as single-device). Raises the same ValueError on every rank for ``V < 2``; a caller that knows
+    ``V`` (checked) passes it, and no host sync reads it back."""
     rows, width = xs.shape
     sums = torch.empty(2 * rows + 1, dtype=torch.float64, device=xs.device)
     sums[:rows] = xs.sum(dim=-1, dtype=torch.float64)
     sums[rows : 2 * rows] = xt.sum(dim=-1, dtype=torch.float64)
     sums[2 * rows] = width
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    vocab = int(sums[2 * rows].item())  # the same on every rank: every rank raises alike
-    v.check_standardize_classes(vocab)
+    if vocab is None:
+        vocab = int(sums[2 * rows].item())  # the same on every rank: every rank raises alike
+        v.check_standardize_classes(vocab)
     mean = (sums[: 2 * rows] / vocab).view(2, rows)
     squares = torch.stack([_centered(xs, mean[0]).square().sum(dim=-1, dtype=torch.float64),
                            _centered(xt, mean[1]).square().sum(dim=-1, dtype=torch.float64)])

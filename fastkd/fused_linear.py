@@ -223,7 +223,7 @@ def fused_linear_kd_loss(
     if loss == "cosine":  # cosine distillation (issue 14): fastkd/cosine.py
         from fastkd.cosine import fused_linear_cosine_loss
 
-        if standardize is not False:
+        if v.check_bool("standardize", standardize):
             raise ValueError("standardize: 'cosine' compares the raw logits: no standardization")
         return fused_linear_cosine_loss(
             student_hidden, student_weight, teacher, student_bias=student_bias, beta=beta, temperature=temperature,
@@ -245,9 +245,10 @@ def fused_linear_kd_loss(
         if kind == "topk":
             raise ValueError("standardize: a top-k teacher has no full row to standardize")
         t_vocab = teacher.shape[-1] if kind == "dense" else teacher.weight.shape[0]
-        if t_vocab != student_weight.shape[0] or t_vocab < 2:
-            raise ValueError(f"standardize: standardization needs teacher and student rows of one vocabulary of at "
-                             f"least 2 entries, got {t_vocab} and {student_weight.shape[0]}")
+        if t_vocab != student_weight.shape[0]:
+            raise ValueError(f"standardize: standardization needs teacher and student rows of one vocabulary, got "
+                             f"{t_vocab} and {student_weight.shape[0]}")
+        v.check_standardize_classes(t_vocab)
     if not _use_kernels():
         return reference.fused_linear_kd_loss(
             student_hidden, student_weight, teacher, student_bias=student_bias, loss=loss, temperature=t,

@@ -400,6 +400,10 @@ def test_fused_head_row_option_errors():
         fastkd.fused_linear_kd_loss(h, W, fastkd.TopKTeacher(vals, idx), standardize=True)
     with pytest.raises(ValueError, match="standardization needs teacher and student rows of one vocabulary"):
         fastkd.fused_linear_kd_loss(h, W, t[:, :9], standardize=True)
+    with pytest.raises(ValueError, match=r"standardize needs at least 2 classes \(an unbiased std\), got V=1"):
+        fastkd.fused_linear_kd_loss(h, W[:1], t[:, :1], standardize=True)
+    with pytest.raises(TypeError, match="standardize must be a bool"):
+        fastkd.fused_linear_kd_loss(h, W, t, loss="cosine", standardize=0)
     with pytest.raises(ValueError, match="token_weights must have the logits' leading shape"):
         fastkd.fused_linear_kd_loss(h, W, t, token_weights=torch.ones(5))
     with pytest.raises(ValueError, match="temperature as a tensor must be 0-dim or have the logits' leading shape"):

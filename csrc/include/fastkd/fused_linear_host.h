@@ -231,9 +231,11 @@ Tensor7 fused_linear_kd(const at::Tensor& hidden, const at::Tensor& weight, cons
                    "the teacher's vocabulary must not be larger than the student's (", vocab, "), got ", teacher_vocab);
 
   FASTKD_CHECK_ARG(!o.loss.standardize || !topk, "standardize", "a top-k teacher has no full row to standardize");
-  FASTKD_CHECK_ARG(!o.loss.standardize || (teacher_vocab == vocab && vocab >= 2), "standardize",
-                   "standardization needs teacher and student rows of one vocabulary of at least 2 entries, got ",
-                   teacher_vocab, " and ", vocab);
+  FASTKD_CHECK_ARG(!o.loss.standardize || teacher_vocab == vocab, "standardize",
+                   "standardization needs teacher and student rows of one vocabulary, got ", teacher_vocab, " and ",
+                   vocab);
+  FASTKD_CHECK_ARG(!o.loss.standardize || vocab >= 2, "standardize",
+                   "standardization needs at least 2 classes (an unbiased std), got ", vocab);
   FASTKD_CHECK_ARG(!o.cosine || (!topk && teacher_vocab == vocab), "teacher",
                    "'cosine' needs dense teacher logits or a teacher head with the student's vocabulary (", vocab,
                    "), got ", topk ? "a top-k teacher" : "a smaller vocabulary");
