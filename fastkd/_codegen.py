@@ -107,9 +107,9 @@ class DivergenceModule(nn.Module):
 
     def extra_repr(self) -> str:
         params = "".join(f"{k}={v!r}, " for k, v in self._params.items())
-        return (f"{params}temperature={self.temperature}, reduction={self.reduction!r}, "
-                f"scale_by_temperature={self.scale_by_temperature}"
-                + (", standardize=True" if self.standardize else ""))
+        return (f"{params}temperature={self.temperature!r}, reduction={self.reduction!r}, "
+                f"ignore_index={self.ignore_index!r}, scale_by_temperature={self.scale_by_temperature!r}, "
+                f"standardize={self.standardize!r}")
 
 
 def _check_params(module: nn.Module, spec: DivergenceSpec, params: Dict[str, object], where: str) -> None:

@@ -194,7 +194,8 @@ class CosineLoss(nn.Module):
                            token_weights=token_weights)
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, alpha={self.alpha}, reduction={self.reduction!r}"
+        return (f"beta={self.beta!r}, alpha={self.alpha!r}, reduction={self.reduction!r}, "
+                f"ignore_index={self.ignore_index!r}, eps={self.eps!r}, return_parts={self.return_parts!r}")
 
 
 def fused_linear_cosine_loss(student_hidden, student_weight, teacher, *, student_bias=None, beta=None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -123,11 +123,8 @@ class KDLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, alpha={self.alpha}, beta={self.beta}, reduction={self.reduction!r}, "
-            f"ignore_index={self.ignore_index}, scale_by_temperature={self.scale_by_temperature}"
-            + _standardize_repr(self)
-        )
+        return _repr_of(self, "temperature", "alpha", "beta", "reduction", "ignore_index", "scale_by_temperature",
+                        "return_parts", "standardize")
 
 
 class DistillKL(KDLoss):
@@ -143,8 +140,9 @@ class DistillKL(KDLoss):
         return super().forward(y_s, y_t)
 
 
-def _standardize_repr(module: nn.Module) -> str:
-    return ", standardize=True" if getattr(module, "standardize", False) else ""
+def _repr_of(module: nn.Module, *names: str) -> str:
+    """``name=value, ...`` of a module's constructor arguments (every module shows all of its own)."""
+    return ", ".join(f"{n}={getattr(module, n)!r}" for n in names)
 
 
 class _ResponseLoss(nn.Module):
@@ -158,9 +156,10 @@ class _ResponseLoss(nn.Module):
         self.ignore_index = v.check_ignore_index(ignore_index)
         self.standardize = v.check_bool("standardize", standardize)
 
+    _repr_args: Tuple[str, ...] = ("temperature", "reduction", "ignore_index", "standardize")
+
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
-                + _standardize_repr(self))
+        return _repr_of(self, *self._repr_args)
 
 
 class ReverseKLLoss(_ResponseLoss):
@@ -180,6 +179,8 @@ class ReverseKLLoss(_ResponseLoss):
     ) -> None:
         super().__init__(temperature, reduction, ignore_index, standardize)
         self.scale_by_temperature = v.check_bool("scale_by_temperature", scale_by_temperature)
+
+    _repr_args = ("temperature", "reduction", "ignore_index", "scale_by_temperature", "standardize")
 
     def forward(
         self,
@@ -223,8 +224,7 @@ class JSDLoss(_ResponseLoss):
                         labels=labels, ignore_index=self.ignore_index, num_items_in_batch=num_items_in_batch,
                         token_weights=token_weights, standardize=self.standardize)
 
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}, " + super().extra_repr()
+    _repr_args = ("beta",) + _ResponseLoss._repr_args
 
 
 class TVDLoss(_ResponseLoss):
@@ -305,8 +305,7 @@ class DKDLoss(_ResponseLoss):
                         num_items_in_batch=num_items_in_batch, token_weights=token_weights,
                         standardize=self.standardize)
 
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}, warmup={self.warmup}, " + super().extra_repr()
+    _repr_args = ("alpha", "beta", "warmup") + _ResponseLoss._repr_args
 
 
 class TopKKDLoss(_ResponseLoss):
@@ -349,8 +348,7 @@ class TopKKDLoss(_ResponseLoss):
                             ignore_index=self.ignore_index, scale_by_temperature=self.scale_by_temperature,
                             num_items_in_batch=num_items_in_batch, token_weights=token_weights)
 
-    def extra_repr(self) -> str:
-        return f"values_are={self.values_are!r}, tail={self.tail!r}, " + super().extra_repr()
+    _repr_args = ("temperature", "values_are", "tail", "reduction", "ignore_index", "scale_by_temperature")
 
 
 class DivergenceLoss(nn.Module):
@@ -384,9 +382,9 @@ class DivergenceLoss(nn.Module):
                                    standardize=self.standardize, **self.params)
 
     def extra_repr(self) -> str:
-        params = "".join(f", {k}={x}" for k, x in self.params.items())
-        return (f"{self.divergence!r}, temperature={self.temperature}{params}, reduction={self.reduction!r}"
-                + _standardize_repr(self))
+        params = "".join(f", {k}={x!r}" for k, x in self.params.items())
+        return (f"{self.divergence!r}, temperature={self.temperature!r}{params}, "
+                + _repr_of(self, "reduction", "ignore_index", "scale_by_temperature", "standardize"))
 
 
 def _generate_modules() -> List[str]:
@@ -498,8 +496,8 @@ class FusedLinearKDLoss(nn.Module):
         return (f"loss={self.loss!r}, {params}temperature={self.temperature}, "
                 f"hard_label_weight={self.hard_label_weight}, soft_weight={self.soft_weight}, "
                 f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, "
-                f"scale_by_temperature={self.scale_by_temperature}, return_parts={self.return_parts}"
-                + _standardize_repr(self))
+                f"ignore_index={self.ignore_index}, scale_by_temperature={self.scale_by_temperature}, "
+                f"return_parts={self.return_parts}, standardize={self.standardize}")
 
 
 # Cosine distillation (issue 14): defined in fastkd/cosine.py, re-exported here.

@@ -78,7 +78,7 @@ def test_hand_written_modules(name, reduction):
     plain = make(False)
     plain.reduction = reduction
     _differs(got, _vg(lambda a, b: plain(a, b, y), s, t))
-    assert "standardize=True" in repr(module) and "standardize" not in repr(plain)
+    assert "standardize=True" in repr(module) and "standardize=False" in repr(plain)
 
 
 @pytest.mark.parametrize("spec,params", list(_generated()))
@@ -137,3 +137,30 @@ def test_bad_module_arguments():
         fastkd.KDLoss()(s, t, token_weights=torch.ones(3))
     with pytest.raises(ValueError, match="standardize needs at least 2 classes"):
         fastkd.KDLoss(standardize=True)(s[..., :1], t[..., :1])
+
+
+def _response_modules():
+    """Every response loss module, built with its defaults (required arguments given)."""
+    mods = [fastkd.KDLoss(), fastkd.ReverseKLLoss(), fastkd.JSDLoss(), fastkd.TVDLoss(), fastkd.DKDLoss(),
+            fastkd.TopKKDLoss(), fastkd.DivergenceLoss("skew_kl", skew=0.2), fastkd.CosineLoss(),
+            fastkd.FusedLinearKDLoss()]
+    for param in _generated():
+        spec, params = param.values
+        mods.append(getattr(fastkd, spec.module)(**params))
+    return mods
+
+
+@pytest.mark.parametrize("module", _response_modules(), ids=lambda m: type(m).__name__)
+def test_repr_shows_every_constructor_argument(module):
+    """A module's repr names each of its constructor's arguments (those without a None default), so two modules
+    that compute differently never print alike."""
+    import inspect
+
+    text = repr(module)
+    for p in inspect.signature(type(module).__init__).parameters.values():
+        if p.name == "self" or p.kind is p.VAR_KEYWORD or p.default is None:
+            continue
+        if p.name == "divergence":  # DivergenceLoss: the name itself, first
+            assert repr(module.divergence) in text
+            continue
+        assert f"{p.name}=" in text, f"{type(module).__name__}: {p.name} missing from {text}"
